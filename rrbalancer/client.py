@@ -1,0 +1,548 @@
+"""
+The client side of the proxy: HTTP/1.1 to backends, over kept-alive
+connections.
+
+L{twisted.web.client.Agent} is correct but costs as much per request as the
+connections its pool saves; L{twisted.web.proxy.ProxyClient} is cheap but
+speaks HTTP/1.0 with a connection per request and misreads several
+responses.  This module is the small thing in between: one exchange at a
+time per connection, a response head parsed once into plain values, the
+body handed on as it arrives, and connections handed back to a
+L{ConnectionPool} when the exchange leaves them clean.
+
+Whoever starts an exchange gives a I{receiver} with four methods, called in
+this order: C{responseHead(code, reason, headers, contentLength)} once,
+C{responseBody(data)} any number of times, then exactly one of
+C{responseDone()} or C{responseFailed(error)} (C{responseFailed} may also
+come before any head).
+"""
+
+from typing import Callable, List, Optional, Tuple
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IReactorTime, ITCPTransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.web.http import _ChunkedTransferDecoder
+
+# A response head larger than this is refused (NGINX's default buffers
+# allow 4-8 KiB; be generous, but bounded).
+MAX_HEAD_SIZE = 64 * 1024
+# Request bodies up to this size go out in the same write as the head.
+INLINE_BODY_SIZE = 64 * 1024
+BODY_CHUNK_SIZE = 64 * 1024
+
+_TOKEN_CHARS = frozenset(
+    b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+)
+_NO_BODY_STATUS = (204, 304)
+
+
+class BackendError(Exception):
+    """
+    An exchange with a backend did not complete.
+
+    @ivar requestSent: the request may have reached the backend, so the
+        backend may have acted on it.
+    @ivar responseStarted: part of the response was already handed on.
+    @ivar gotBytes: the backend had sent something (if only an interim
+        response), so it has certainly seen the request.
+    @ivar reused: the exchange ran on a connection kept from an earlier one.
+    """
+
+    requestSent = True
+    responseStarted = False
+    gotBytes = False
+    reused = False
+
+    def __init__(self, message: str, **flags) -> None:
+        super().__init__(message)
+        for name, value in flags.items():
+            setattr(self, name, value)
+
+
+class ConnectError(BackendError):
+    """
+    No connection could be opened: nothing was sent.
+    """
+
+    requestSent = False
+
+
+class ResponseTimeout(BackendError):
+    """
+    The backend did not answer in time.
+    """
+
+
+Headers = List[Tuple[bytes, bytes]]
+
+
+def _parseHead(head: bytes) -> Tuple[bytes, int, bytes, Headers]:
+    """
+    Parse a response head (status line and header lines, CRLF-separated,
+    without the blank line).
+
+    @raise ValueError: the head is not one a proxy can pass on safely.
+    """
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2:
+        raise ValueError("malformed status line")
+    version, code = parts[0], parts[1]
+    reason = parts[2] if len(parts) == 3 else b""
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise ValueError("unsupported HTTP version")
+    if len(code) != 3 or not code.isdigit() or code[0:1] == b"0":
+        raise ValueError("malformed status code")
+    if b"\n" in reason or b"\x00" in reason:
+        raise ValueError("malformed reason phrase")
+    headers = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or not _TOKEN_CHARS.issuperset(name):
+            # Also refuses obsolete line folding (RFC 9112 section 5.2).
+            raise ValueError("malformed header line")
+        value = value.strip(b" \t")
+        if b"\n" in value or b"\x00" in value or b"\r" in value:
+            raise ValueError("malformed header value")
+        headers.append((name, value))
+    return version, int(code), reason, headers
+
+
+def _tokens(headers: Headers, name: bytes) -> List[bytes]:
+    found = []
+    for key, value in headers:
+        if key.lower() == name:
+            found.extend(t.strip().lower() for t in value.split(b","))
+    return [t for t in found if t]
+
+
+class BackendConnection(Protocol):
+    """
+    One connection to a backend, carrying one exchange at a time.
+
+    It is also the push producer of the response body: a consumer that
+    cannot keep up pauses it, which stops reading from the backend, so that
+    a slow client holds back a fast backend instead of filling memory.
+    """
+
+    reused = False
+    _receiver = None
+    _decoder = None
+    _responseStarted = False
+    _paused = False
+    _timeoutCall = None
+
+    def __init__(self, pool: "ConnectionPool", clock: IReactorTime) -> None:
+        self.pool = pool
+        self._clock = clock
+        self._buffer = b""
+        self._open = False
+        self.idleSince = 0.0
+
+    # -- Protocol -----------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._open = True
+        transport = self.transport
+        if ITCPTransport.providedBy(transport):
+            transport.setTcpNoDelay(True)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._receiver is None:
+            # Nothing is being asked: bytes now mean the backend is
+            # confused or closing; either way the connection is spent.
+            self._open = False
+            self.transport.abortConnection()
+            return
+        self._responseStarted = True
+        if self._timeoutCall is not None:
+            self._timeoutCall.reset(self._timeout)
+        if self._decoder is None:
+            self._buffer += data
+            self._readHead()
+        else:
+            self._decoder(data)
+
+    def connectionLost(self, reason=ConnectionDone) -> None:
+        self._open = False
+        self.pool.lost(self)
+        if self._receiver is None:
+            return
+        if self._decoder == self._readToClose:
+            self._finish()
+            return
+        if self._decoder is not None:
+            message = "backend closed the connection in the middle of the body"
+        else:
+            message = "backend closed the connection before a complete response"
+        self._fail(BackendError(message, reused=self.reused))
+
+    # -- IPushProducer, for the response body --------------------------------
+
+    def pauseProducing(self) -> None:
+        if not self._paused and self._open:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self._paused:
+            self._paused = False
+            if self._open:
+                self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.abort()
+
+    # -- the exchange -------------------------------------------------------
+
+    @property
+    def isOpen(self) -> bool:
+        return self._open
+
+    def request(
+        self,
+        head: bytes,
+        body,
+        bodyLength: int,
+        isHead: bool,
+        receiver,
+        timeout: float,
+    ) -> None:
+        """
+        Send a request and hand its response to C{receiver}.
+
+        @param head: the request line and headers, framing included, ending
+            with the blank line.
+        @param body: a file positioned at the start of the body, or L{None}.
+        """
+        self._receiver = receiver
+        self._isHead = isHead
+        self._decoder = None
+        self._buffer = b""
+        self._keepAlive = True
+        self._responseStarted = False
+        self._timeout = timeout
+        self._timeoutCall = self._clock.callLater(timeout, self._timedOut)
+        self._bodySent = body is None or bodyLength == 0
+        if self._bodySent:
+            self.transport.write(head)
+        elif bodyLength <= INLINE_BODY_SIZE:
+            self.transport.write(head + body.read(bodyLength))
+            self._bodySent = True
+        else:
+            self.transport.write(head)
+            self.transport.registerProducer(_BodyProducer(self, body, bodyLength), False)
+
+    def _bodyDone(self) -> None:
+        self._bodySent = True
+        self.transport.unregisterProducer()
+
+    def abort(self) -> None:
+        """
+        Give up the exchange (the client went away): the connection cannot
+        be reused, since the rest of the response would still arrive on it.
+        """
+        self._receiver = None
+        self._cancelTimeout()
+        if self._open:
+            self._open = False
+            self.transport.abortConnection()
+
+    def _timedOut(self) -> None:
+        self._timeoutCall = None
+        receiver = self._receiver
+        self.abort()
+        if receiver is not None:
+            receiver.responseFailed(
+                ResponseTimeout(
+                    "backend did not answer in time",
+                    responseStarted=self._decoder is not None,
+                    gotBytes=self._responseStarted,
+                    reused=self.reused,
+                )
+            )
+
+    def _cancelTimeout(self) -> None:
+        if self._timeoutCall is not None:
+            if self._timeoutCall.active():
+                self._timeoutCall.cancel()
+            self._timeoutCall = None
+
+    def _fail(self, error: BackendError) -> None:
+        receiver = self._receiver
+        error.responseStarted = self._decoder is not None
+        error.gotBytes = self._responseStarted
+        self.abort()
+        if receiver is not None:
+            receiver.responseFailed(error)
+
+    def _readHead(self) -> None:
+        while True:
+            end = self._buffer.find(b"\r\n\r\n")
+            if end == -1:
+                if len(self._buffer) > MAX_HEAD_SIZE:
+                    self._fail(BackendError("response head too large"))
+                return
+            head = self._buffer[:end]
+            rest = self._buffer[end + 4 :]
+            try:
+                version, code, reason, headers = _parseHead(head)
+            except ValueError as e:
+                self._fail(BackendError(f"invalid response: {e}"))
+                return
+            if code < 200:
+                if code == 101:
+                    self._fail(BackendError("unexpected protocol switch"))
+                    return
+                # An interim answer (100 Continue, 103 Early Hints): the
+                # final one follows on the same connection.
+                self._buffer = rest
+                continue
+            self._buffer = b""
+            self._startBody(version, code, reason, headers, rest)
+            return
+
+    def _startBody(self, version, code, reason, headers, rest: bytes) -> None:
+        connection = _tokens(headers, b"connection")
+        if b"close" in connection or (
+            version == b"HTTP/1.0" and b"keep-alive" not in connection
+        ):
+            self._keepAlive = False
+        transferCodings = _tokens(headers, b"transfer-encoding")
+        lengths = [v for k, v in headers if k.lower() == b"content-length"]
+        contentLength = None
+        if lengths and not transferCodings:
+            values = {v.strip() for value in lengths for v in value.split(b",")}
+            if len(values) != 1 or not next(iter(values)).isdigit():
+                self._fail(BackendError("invalid Content-Length"))
+                return
+            contentLength = int(values.pop())
+
+        receiver = self._receiver
+        if self._isHead or code in _NO_BODY_STATUS:
+            self._decoder = self._noBody
+            receiver.responseHead(code, reason, headers, contentLength)
+            if self._receiver is receiver:
+                self._finish(extra=rest)
+            return
+        if transferCodings:
+            if transferCodings[-1] == b"chunked":
+                chunked = _ChunkedTransferDecoder(self._deliver, self._chunkedDone)
+                self._decoder = self._dechunker(chunked)
+            else:
+                self._decoder = self._readToClose
+                self._keepAlive = False
+        elif contentLength is not None:
+            self._remaining = contentLength
+            self._decoder = self._readLength
+        else:
+            self._decoder = self._readToClose
+            self._keepAlive = False
+        receiver.responseHead(code, reason, headers, contentLength)
+        if self._receiver is not receiver:
+            return
+        if contentLength == 0 and self._decoder == self._readLength:
+            self._finish(extra=rest)
+        elif rest:
+            self._decoder(rest)
+
+    def _deliver(self, data: bytes) -> None:
+        if data and self._receiver is not None:
+            self._receiver.responseBody(data)
+
+    def _noBody(self, data: bytes) -> None:
+        raise AssertionError("no exchange is reading a body")  # pragma: no cover
+
+    def _readLength(self, data: bytes) -> None:
+        remaining = self._remaining
+        if len(data) < remaining:
+            self._remaining = remaining - len(data)
+            self._deliver(data)
+            return
+        self._remaining = 0
+        self._deliver(data[:remaining])
+        if self._receiver is not None:
+            self._finish(extra=data[remaining:])
+
+    def _readToClose(self, data: bytes) -> None:
+        self._deliver(data)
+
+    def _dechunker(self, chunked: _ChunkedTransferDecoder) -> Callable[[bytes], None]:
+        def decode(data: bytes) -> None:
+            try:
+                chunked.dataReceived(data)
+            except Exception as e:
+                self._fail(BackendError(f"invalid chunked body: {e}"))
+
+        return decode
+
+    def _chunkedDone(self, extra: bytes) -> None:
+        if self._receiver is not None:
+            self._finish(extra=extra)
+
+    def _finish(self, extra: bytes = b"") -> None:
+        receiver = self._receiver
+        self._receiver = None
+        self._decoder = None
+        self._cancelTimeout()
+        reusable = self._keepAlive and self._bodySent and not extra and self._open
+        if reusable:
+            self.resumeProducing()
+            self.pool.release(self)
+        elif self._open:
+            self._open = False
+            self.transport.loseConnection()
+        if receiver is not None:
+            receiver.responseDone()
+
+
+class _BodyProducer:
+    """
+    Pulls a large request body from its spool file as the backend takes it.
+    """
+
+    def __init__(self, connection: BackendConnection, body, length: int) -> None:
+        self._connection = connection
+        self._body = body
+        self._left = length
+
+    def resumeProducing(self) -> None:
+        if self._left <= 0:
+            return
+        chunk = self._body.read(min(BODY_CHUNK_SIZE, self._left))
+        if not chunk:
+            self._left = 0
+            self._connection.abort()
+            return
+        self._left -= len(chunk)
+        self._connection.transport.write(chunk)
+        if self._left <= 0:
+            self._connection._bodyDone()
+
+    def stopProducing(self) -> None:
+        self._left = 0
+
+
+class ConnectionPool:
+    """
+    Connections to one backend, kept alive between exchanges.
+
+    Idle connections are reused most-recently-used first (the warmest, and
+    the least likely to have been closed by the backend's idle timer), at
+    most C{maxIdle} are kept, and none longer than C{idleTimeout} seconds.
+    A kept connection that the backend closes is dropped at once, since
+    L{BackendConnection.connectionLost} reports it here.
+
+    @param connect: opens a new connection; fires with a connected
+        L{BackendConnection} made by L{buildProtocol}.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[["ConnectionPool"], Deferred],
+        clock: IReactorTime,
+        maxIdle: int = 32,
+        idleTimeout: float = 60.0,
+    ) -> None:
+        self._connect = connect
+        self._clock = clock
+        self.maxIdle = maxIdle
+        self.idleTimeout = idleTimeout
+        self._idle: List[BackendConnection] = []
+        self._sweepCall = None
+        self.opened = 0
+
+    def buildProtocol(self) -> BackendConnection:
+        return BackendConnection(self, self._clock)
+
+    def acquire(self) -> Deferred:
+        """
+        A connection for one exchange: a kept one if any, else a new one.
+        """
+        idle = self._idle
+        while idle:
+            connection = idle.pop()
+            if connection.isOpen:
+                connection.reused = True
+                return succeed(connection)
+        return self.connect()
+
+    def connect(self) -> Deferred:
+        """
+        A new connection, never a kept one (for retrying after a kept
+        connection turned out to be closed).
+        """
+        self.opened += 1
+
+        def failed(failure):
+            raise ConnectError(
+                f"cannot connect: {failure.getErrorMessage()}"
+            )
+
+        return self._connect(self).addErrback(failed)
+
+    def release(self, connection: BackendConnection) -> None:
+        if len(self._idle) >= self.maxIdle:
+            connection.abort()
+            return
+        connection.idleSince = self._clock.seconds()
+        self._idle.append(connection)
+        if self._sweepCall is None:
+            self._sweepCall = self._clock.callLater(self.idleTimeout, self._sweep)
+
+    def lost(self, connection: BackendConnection) -> None:
+        try:
+            self._idle.remove(connection)
+        except ValueError:
+            pass
+
+    def _sweep(self) -> None:
+        self._sweepCall = None
+        cutoff = self._clock.seconds() - self.idleTimeout
+        for connection in [c for c in self._idle if c.idleSince <= cutoff]:
+            self._idle.remove(connection)
+            connection.abort()
+        if self._idle:
+            oldest = min(c.idleSince for c in self._idle)
+            self._sweepCall = self._clock.callLater(
+                max(oldest + self.idleTimeout - self._clock.seconds(), 0.01), self._sweep
+            )
+
+    def closeIdle(self) -> None:
+        """
+        Close every kept connection (the backend is being removed, or the
+        balancer is stopping).
+        """
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.abort()
+        if self._sweepCall is not None and self._sweepCall.active():
+            self._sweepCall.cancel()
+        self._sweepCall = None
+
+    @property
+    def idleCount(self) -> int:
+        return len(self._idle)
+
+
+class _PoolFactory(Factory):
+    noisy = False
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+
+    def buildProtocol(self, addr) -> BackendConnection:
+        return self.pool.buildProtocol()
+
+
+def connectorFor(endpoint) -> Callable[[ConnectionPool], Deferred]:
+    """
+    The C{connect} argument of L{ConnectionPool} for a client endpoint.
+    """
+
+    def connect(pool: ConnectionPool) -> Deferred:
+        return endpoint.connect(_PoolFactory(pool))
+
+    return connect

@@ -1,0 +1,167 @@
+"""
+What a proxy must change in the headers it passes on (RFC 9110 section 7.6),
+and nothing more.
+
+Hop-by-hop headers describe one connection, so they stop here in both
+directions, together with every header that C{Connection} names.  The
+message framing (C{Content-Length}, C{Transfer-Encoding}) is the proxy's to
+decide on each side, never copied.  The forwarding headers tell the backend
+who asked and how.
+"""
+
+from typing import Iterable, List, Optional, Sequence, Set, Tuple
+
+HOP_BY_HOP = frozenset(
+    [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    ]
+)
+
+# Not copied from the client: framing is recomputed, and these are set by
+# the proxy itself.
+_SET_BY_PROXY = frozenset(
+    [b"host", b"content-length", b"x-forwarded-proto", b"x-forwarded-host"]
+)
+
+# Methods whose requests carry a body by definition, so an empty one is sent
+# with an explicit Content-Length: 0.
+_BODY_METHODS = frozenset([b"POST", b"PUT", b"PATCH"])
+
+
+def connectionTokens(values: Optional[Iterable[bytes]]) -> Set[bytes]:
+    """
+    The header names a C{Connection} header lists, lowercased.
+    """
+    tokens = set()
+    for value in values or ():
+        for token in value.split(b","):
+            token = token.strip().lower()
+            if token:
+                tokens.add(token)
+    return tokens
+
+
+def requestHead(
+    method: bytes,
+    target: bytes,
+    headers: Iterable[Tuple[bytes, Sequence[bytes]]],
+    host: bytes,
+    clientAddress: bytes,
+    proto: bytes,
+    bodyLength: int,
+    hadBody: bool,
+) -> bytes:
+    """
+    The request head to send a backend.
+
+    @param headers: the client's headers as (name, values) pairs, repeated
+        headers kept (L{twisted.web.http_headers.Headers.getAllRawHeaders}).
+    @param host: the C{Host} to send.
+    @param clientAddress: appended to C{X-Forwarded-For}.
+    @param proto: C{http} or C{https}, as the client connected.
+    @param hadBody: the client framed a body (even an empty one).
+    """
+    lines = [method + b" " + target + b" HTTP/1.1", b"Host: " + host]
+    forwardedFor = []
+    clientHost = None
+    headers = list(headers)
+    drop = HOP_BY_HOP
+    for name, values in headers:
+        if name.lower() == b"connection":
+            drop = HOP_BY_HOP | connectionTokens(values)
+            break
+    for name, values in headers:
+        lower = name.lower()
+        if lower in drop:
+            continue
+        if lower in _SET_BY_PROXY:
+            if lower == b"host":
+                clientHost = values[0]
+            continue
+        if lower == b"x-forwarded-for":
+            forwardedFor.extend(values)
+            continue
+        for value in values:
+            lines.append(name + b": " + value)
+    forwardedFor.append(clientAddress)
+    lines.append(b"X-Forwarded-For: " + b", ".join(forwardedFor))
+    lines.append(b"X-Forwarded-Proto: " + proto)
+    if clientHost is not None:
+        lines.append(b"X-Forwarded-Host: " + clientHost)
+    if bodyLength or hadBody or method in _BODY_METHODS:
+        lines.append(b"Content-Length: %d" % (bodyLength,))
+    lines.append(b"")
+    lines.append(b"")
+    return b"\r\n".join(lines)
+
+
+def responseHeaders(
+    headers: Iterable[Tuple[bytes, bytes]],
+    rewrite: "LocationRewriter",
+    clientBase: Optional[bytes],
+) -> List[Tuple[bytes, bytes]]:
+    """
+    The end-to-end headers of a backend's response, in order, repeats kept,
+    with C{Location} and C{Content-Location} pointing back at the balancer.
+    C{Content-Length} is dropped here: the caller sets it from the framing
+    it checked.
+    """
+    drop = HOP_BY_HOP
+    for name, value in headers:
+        if name.lower() == b"connection":
+            drop = drop | connectionTokens([value])
+    kept = []
+    for name, value in headers:
+        lower = name.lower()
+        if lower in drop or lower == b"content-length":
+            continue
+        if lower == b"location" or lower == b"content-location":
+            value = rewrite(value, clientBase)
+        kept.append((name, value))
+    return kept
+
+
+class LocationRewriter:
+    """
+    Rewrites a URL that points at a backend so that it points at the address
+    the client used instead, as NGINX's default C{proxy_redirect} does: the
+    backend stays hidden, and the redirect still works from outside.
+    """
+
+    def __init__(self, backendURL: str) -> None:
+        self._prefixes = _urlForms(backendURL)
+
+    def __call__(self, value: bytes, clientBase: Optional[bytes]) -> bytes:
+        """
+        @param clientBase: C{scheme://host} as the client asked, or L{None}
+            when the client named no host (the value is left alone).
+        """
+        if clientBase is None:
+            return value
+        lower = value.lower()
+        for prefix in self._prefixes:
+            if lower.startswith(prefix):
+                rest = value[len(prefix) :]
+                if not rest or rest[:1] in (b"/", b"?", b"#"):
+                    return clientBase + rest
+        return value
+
+
+def _urlForms(url: str) -> Tuple[bytes, ...]:
+    """
+    The spellings of a backend's base URL: with and without its default port.
+    """
+    base = url.lower().encode("ascii")
+    scheme, _, netloc = base.partition(b"://")
+    default = b":443" if scheme == b"https" else b":80"
+    if netloc.endswith(default):
+        return (base, scheme + b"://" + netloc[: -len(default)])
+    if netloc.endswith(b"]") or b":" not in netloc:
+        return (base, base + default)
+    return (base,)

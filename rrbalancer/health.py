@@ -1,0 +1,114 @@
+"""
+Active health checks: every interval, one GET per backend with treq.
+
+A check passes on a 2xx or 3xx answer within the timeout; anything else,
+whatever form the failure takes (status, timeout, refused, reset, a
+cancelled request), fails it.  The rise/fall counting is the backend's own
+(L{rrbalancer.backends.Backend.recordCheck}).
+"""
+
+from typing import Set
+
+import treq
+from twisted.internet.defer import CancelledError, TimeoutError
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from .backends import DISABLED, Backend, BackendGroup
+from .config import HealthConfig
+
+USER_AGENT = b"rrbalancer-health-check"
+
+
+def describeFailure(failure, timeout: float) -> str:
+    """
+    One short reason for the log and the admin API.
+    """
+    if failure.check(CancelledError, TimeoutError):
+        return f"no answer within {timeout:g}s"
+    reasons = getattr(failure.value, "reasons", None)
+    if reasons:  # treq/Agent wrap the real cause in a list of failures
+        return describeFailure(reasons[0], timeout)
+    return failure.getErrorMessage() or failure.type.__name__
+
+
+class HealthChecker:
+    """
+    Runs the checks on a L{LoopingCall}.
+
+    @param http: a treq C{HTTPClient} (or L{treq.testing.StubTreq}) whose
+        C{get} reaches the backends.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        group: BackendGroup,
+        http,
+        clock: IReactorTime,
+        config: HealthConfig,
+    ) -> None:
+        self._group = group
+        self._http = http
+        self._clock = clock
+        self._config = config
+        self._pending: Set[Backend] = set()
+        self._loop = LoopingCall(self.checkAll)
+        self._loop.clock = clock
+
+    def start(self) -> None:
+        self._loop.start(self._config.interval, now=True)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    def checkAll(self) -> None:
+        """
+        Check every backend that is not disabled and has no check under way
+        (a check can outlive an interval when the timeout is longer).
+        It never raises: a L{LoopingCall} stops for good when its function
+        does.
+        """
+        for backend in self._group:
+            if backend.adminState == DISABLED or backend in self._pending:
+                continue
+            try:
+                self.check(backend)
+            except Exception:
+                self.log.failure("health check of {url} could not start", url=backend.url)
+
+    def check(self, backend: Backend):
+        """
+        Check one backend now; the Deferred fires with whether it passed.
+        """
+        self._pending.add(backend)
+        timeout = self._config.timeout
+        url = backend.url + self._config.path
+        d = self._http.get(url, headers={b"User-Agent": [USER_AGENT]})
+
+        def answered(response):
+            code = response.code
+            ok = 200 <= code < 400
+            # Read the body, so that the connection is freed.
+            return treq.collect(response, lambda data: None).addCallback(
+                lambda _: (ok, f"HTTP {code}")
+            )
+
+        def failed(failure):
+            return (False, describeFailure(failure, timeout))
+
+        def record(result):
+            self._pending.discard(backend)
+            ok, reason = result
+            if self._group.get(backend.id) is backend:
+                backend.recordCheck(ok, reason)
+            return ok
+
+        d.addCallback(answered)
+        d.addTimeout(timeout, self._clock)
+        d.addErrback(failed)
+        d.addCallback(record)
+        return d

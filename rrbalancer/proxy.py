@@ -1,0 +1,375 @@
+"""
+The proxying resources.
+
+L{BalancerResource} is what the site serves: for each request it asks the
+L{BackendGroup} for the next backend and hands the request to that
+backend's L{BackendProxyResource}.  If the backend cannot be used and
+trying another one is safe, the request moves on to the next backend, at
+most once per backend.
+
+The rules for trying again (RFC 9110 section 9.2.2):
+ - no connection could be opened: nothing was sent, so any method moves on;
+ - the connection broke after the request was sent but before any response
+   byte: only idempotent methods move on, since the backend may have acted;
+ - a kept-alive connection found closed that way is first retried once on a
+   fresh connection to the same backend (idempotent methods only);
+ - once the response has started, nothing is retried: the client's
+   connection is aborted so that it cannot take a truncated body for a
+   whole one.
+"""
+
+from typing import List, Optional
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from twisted.web.proxy import ReverseProxyResource
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from .backends import Backend, BackendGroup
+from .client import BackendError, ConnectError, ResponseTimeout
+from .config import Config
+from .headers import LocationRewriter, requestHead, responseHeaders
+
+IDEMPOTENT_METHODS = frozenset(
+    [b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"]
+)
+RETRY_AFTER_SECONDS = b"5"
+
+
+def bodyLength(content) -> int:
+    """
+    The size of a request's spooled body (a BytesIO, or a temporary file
+    for large bodies).
+    """
+    if content is None:
+        return 0
+    getbuffer = getattr(content, "getbuffer", None)
+    if getbuffer is not None:
+        return getbuffer().nbytes
+    position = content.tell()
+    content.seek(0, 2)
+    size = content.tell()
+    content.seek(position)
+    return size
+
+
+def requestTarget(uri: bytes) -> bytes:
+    """
+    The request target to send on: the client's own bytes, not re-encoded,
+    except that an absolute-form target is reduced to its path and query.
+    """
+    if uri[:1] == b"/" or uri == b"*":
+        return uri
+    scheme, sep, rest = uri.partition(b"://")
+    if sep and scheme.lower() in (b"http", b"https"):
+        slash = rest.find(b"/")
+        return rest[slash:] if slash != -1 else b"/"
+    return uri
+
+
+def respondWithError(request, code: int, message: bytes, retryAfter=None) -> None:
+    """
+    A short plain-text error from the balancer itself; it never names a
+    backend.
+    """
+    if request.finished or request._disconnected or request.startedWriting:
+        return
+    request.setResponseCode(code)
+    body = message + b"\n"
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    request.setHeader(b"content-length", b"%d" % (len(body),))
+    if retryAfter is not None:
+        request.setHeader(b"retry-after", retryAfter)
+    request.write(body)
+    request.finish()
+
+
+class _Forwarding:
+    """
+    One client request on its way through the backends.
+    """
+
+    log = Logger()
+
+    def __init__(self, group, request) -> None:
+        self.group = group
+        self.request = request
+        self.tried: List[Backend] = []
+        self.attempt: Optional["_Attempt"] = None
+        self.clientGone = False
+        request.notifyFinish().addErrback(self._clientGone)
+
+    def _clientGone(self, reason: Failure) -> None:
+        self.clientGone = True
+        if self.attempt is not None:
+            self.attempt.cancel()
+
+    def next(self) -> None:
+        backend = self.group.pick(exclude=self.tried)
+        if backend is None:
+            if self.tried:
+                respondWithError(self.request, 502, b"Bad Gateway")
+            else:
+                respondWithError(
+                    self.request,
+                    503,
+                    b"Service Unavailable: no backend is up",
+                    retryAfter=RETRY_AFTER_SECONDS,
+                )
+            return
+        self.tried.append(backend)
+        backend.resource.forward(self)
+
+    def failed(self, backend: Backend, error: BackendError, retryable: bool) -> None:
+        """
+        An attempt on C{backend} failed before any response byte reached
+        the client.
+        """
+        self.attempt = None
+        if self.clientGone:
+            return
+        if retryable:
+            self.log.info(
+                "retrying {method} on another backend after {url}: {error}",
+                method=self.request.method,
+                url=backend.url,
+                error=str(error),
+            )
+            self.next()
+        elif isinstance(error, ResponseTimeout):
+            respondWithError(self.request, 504, b"Gateway Timeout")
+        else:
+            respondWithError(self.request, 502, b"Bad Gateway")
+
+
+class _Attempt:
+    """
+    One try of a request on one backend: the receiver of the backend's
+    response (see L{rrbalancer.client}).
+    """
+
+    log = Logger()
+
+    connection = None
+
+    def __init__(self, resource: "BackendProxyResource", forwarding: _Forwarding) -> None:
+        self.resource = resource
+        self.backend = resource.backend
+        self.forwarding = forwarding
+        self.request = forwarding.request
+        self.cancelled = False
+        self.started = False
+        self.freshRetried = False
+
+    def start(self, fresh: bool = False) -> None:
+        pool = self.backend.pool
+        d = pool.connect() if fresh else pool.acquire()
+        d.addCallbacks(self._connected, self._connectFailed)
+
+    def cancel(self) -> None:
+        """
+        The client went away: stop the exchange and free the backend.
+        """
+        self.cancelled = True
+        if self.connection is not None:
+            connection, self.connection = self.connection, None
+            if self.started:
+                self.request.unregisterProducer()
+            connection.abort()
+            self._end()
+
+    def _end(self) -> None:
+        self.backend.active -= 1
+
+    def _connected(self, connection) -> None:
+        if self.cancelled:
+            self.backend.pool.release(connection)
+            self._end()
+            return
+        self.connection = connection
+        request = self.request
+        content = request.content
+        length = bodyLength(content)
+        if content is not None:
+            content.seek(0)
+        resource = self.resource
+        headers = request.requestHeaders
+        hostHeader = resource.hostHeader
+        if hostHeader is None:
+            hostHeader = headers.getRawHeaders(b"host", [resource.backendHost])[0]
+        address = request.getClientAddress()
+        clientAddress = getattr(address, "host", None)
+        clientAddress = clientAddress.encode("ascii") if clientAddress else b"unix"
+        head = requestHead(
+            request.method,
+            requestTarget(request.uri),
+            headers.getAllRawHeaders(),
+            hostHeader,
+            clientAddress,
+            b"https" if request.isSecure() else b"http",
+            length,
+            headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding"),
+        )
+        connection.request(
+            head,
+            content,
+            length,
+            request.method == b"HEAD",
+            self,
+            resource.timeout,
+        )
+
+    def _connectFailed(self, failure: Failure) -> None:
+        self._end()
+        if self.cancelled:
+            return
+        error = failure.value
+        if not isinstance(error, BackendError):
+            error = ConnectError(failure.getErrorMessage())
+        self.backend.recordPassiveFailure(str(error))
+        self.forwarding.failed(self.backend, error, retryable=True)
+
+    # -- receiver -----------------------------------------------------------
+
+    def responseHead(self, code, reason, headers, contentLength) -> None:
+        self.started = True
+        request = self.request
+        request.setResponseCode(code, reason)
+        out = Headers()
+        host = request.requestHeaders.getRawHeaders(b"host")
+        clientBase = None
+        if host is not None:
+            clientBase = (b"https://" if request.isSecure() else b"http://") + host[0]
+        for name, value in responseHeaders(headers, self.resource.rewriteLocation, clientBase):
+            out.addRawHeader(name, value)
+        if contentLength is not None and code != 204:
+            out.setRawHeaders(b"content-length", [b"%d" % (contentLength,)])
+        request.responseHeaders = out
+        request.registerProducer(self.connection, True)
+        request.write(b"")
+
+    def responseBody(self, data: bytes) -> None:
+        self.request.write(data)
+
+    def responseDone(self) -> None:
+        self.connection = None
+        self._end()
+        request = self.request
+        request.unregisterProducer()
+        if not request._disconnected:
+            request.finish()
+
+    def responseFailed(self, error: BackendError) -> None:
+        self.connection = None
+        request = self.request
+        if self.started:
+            self._end()
+            request.unregisterProducer()
+            self.log.warn(
+                "backend {url} failed mid-response: {error}",
+                url=self.backend.url,
+                error=str(error),
+            )
+            transport = request.channel.transport if request.channel else None
+            if transport is not None:
+                transport.abortConnection()
+            return
+        idempotent = request.method in IDEMPOTENT_METHODS
+        if (
+            error.reused
+            and not error.gotBytes
+            and not isinstance(error, ResponseTimeout)
+            and not self.freshRetried
+            and idempotent
+        ):
+            # A kept connection the backend had closed: not the backend's
+            # fault, so try it again on a fresh connection.
+            self.freshRetried = True
+            self.start(fresh=True)
+            return
+        self._end()
+        self.backend.recordPassiveFailure(str(error))
+        retryable = (not error.requestSent) or (
+            idempotent and not error.gotBytes and not isinstance(error, ResponseTimeout)
+        )
+        self.forwarding.failed(self.backend, error, retryable)
+
+
+class BackendProxyResource(ReverseProxyResource):
+    """
+    A reverse proxy to one backend.
+
+    It keeps L{ReverseProxyResource}'s face (host, port and path of the
+    backend) but none of its client: requests go out as HTTP/1.1 on kept
+    connections from the backend's pool, with the forwarding headers set,
+    the client's framing never copied, and the response streamed back with
+    backpressure.  Rendered on its own it proxies to its backend only; the
+    L{BalancerResource} uses L{forward}, which can move on to another
+    backend.
+    """
+
+    isLeaf = True
+
+    def __init__(self, backend: Backend, config: Config, clock: IReactorTime) -> None:
+        ReverseProxyResource.__init__(
+            self, backend.config.host, backend.config.port, b"", reactor=clock
+        )
+        self.backend = backend
+        self.timeout = config.backendTimeout
+        self.backendHost = backend.url.split("://", 1)[1].encode("ascii")
+        self.hostHeader = self.backendHost if config.hostHeader == "backend" else None
+        self.rewriteLocation = LocationRewriter(backend.url)
+
+    def getChild(self, path, request):
+        return self
+
+    def render(self, request):
+        _Forwarding(_SingleBackend(self.backend), request).next()
+        return NOT_DONE_YET
+
+    def forward(self, forwarding: _Forwarding) -> None:
+        self.backend.active += 1
+        self.backend.requests += 1
+        attempt = _Attempt(self, forwarding)
+        forwarding.attempt = attempt
+        attempt.start()
+
+
+class _SingleBackend:
+    """
+    A group of one, for a L{BackendProxyResource} rendered on its own.
+    """
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    def pick(self, exclude=()):
+        if self.backend in exclude or not self.backend.available:
+            return None
+        return self.backend
+
+
+class BalancerResource(Resource):
+    """
+    The site's only resource: every request, whatever its path, goes to the
+    next backend in round robin.
+    """
+
+    isLeaf = True
+
+    def __init__(self, group: BackendGroup) -> None:
+        Resource.__init__(self)
+        self.group = group
+
+    def getChild(self, path, request):
+        return self
+
+    def render(self, request):
+        if request.method == b"CONNECT":
+            respondWithError(request, 405, b"Method Not Allowed")
+            return NOT_DONE_YET
+        _Forwarding(self.group, request).next()
+        return NOT_DONE_YET

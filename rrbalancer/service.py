@@ -1,0 +1,226 @@
+"""
+Service wiring: the one function that builds the whole balancer from a
+L{Config} and a reactor.  The twistd plugin and C{balancer.tac} are thin
+layers over L{makeService}.
+"""
+
+import ipaddress
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService, Service
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    serverFromString,
+    wrapClientTLS,
+)
+from twisted.internet.error import CannotListenError
+from twisted.internet.ssl import optionsForClientTLS, platformTrust
+from twisted.logger import Logger
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from zope.interface import implementer
+
+from treq.client import HTTPClient
+
+from .backends import Backend, BackendGroup
+from .client import ConnectionPool, connectorFor
+from .config import BackendConfig, Config, ConfigError
+from .demo import DemoBackends
+from .health import HealthChecker
+from .proxy import BalancerResource, BackendProxyResource
+from .site import BalancerSite
+
+# The interface that trustRoot= accepts; Twisted exports no public name for it.
+from twisted.internet._sslverify import IOpenSSLTrustRoot
+
+
+@implementer(IOpenSSLTrustRoot)
+class SystemTrustPlus:
+    """
+    The system's trust store plus the CAs of one PEM bundle (C{--backend-ca}),
+    for backends whose certificates come from a private CA.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def _addCACertsToContext(self, context) -> None:
+        context.set_default_verify_paths()
+        context.load_verify_locations(self.path)
+
+
+def trustRoot(config: Config):
+    if config.backendCA is not None:
+        return SystemTrustPlus(config.backendCA)
+    return platformTrust()
+
+
+def backendEndpoint(reactor, backend: BackendConfig, trust, timeout: float):
+    """
+    How to reach a backend: plain TCP to an address, name resolution for a
+    host name, and TLS verified with service-identity for https.
+    """
+    host, port = backend.host, backend.port
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
+    else:
+        endpointType = TCP4ClientEndpoint if address.version == 4 else TCP6ClientEndpoint
+        endpoint = endpointType(reactor, host, port, timeout=timeout)
+    if backend.scheme == "https":
+        endpoint = wrapClientTLS(optionsForClientTLS(host, trustRoot=trust), endpoint)
+    return endpoint
+
+
+class _Listener(StreamServerEndpointService):
+    """
+    A listening port that fails the start at once, with one line, when it
+    cannot listen (the port is taken, the address is not ours).
+    """
+
+    _raiseSynchronously = True
+
+    def __init__(self, description: str, endpoint, factory) -> None:
+        StreamServerEndpointService.__init__(self, endpoint, factory)
+        self.description = description
+        self.setName(f"listener {description}")
+
+    def privilegedStartService(self):
+        try:
+            StreamServerEndpointService.privilegedStartService(self)
+        except CannotListenError as e:
+            reason = e.socketError
+            reason = getattr(reason, "strerror", None) or str(reason)
+            raise SystemExit(f"rrbalancer: cannot listen on {self.description}: {reason}")
+        except Exception as e:
+            raise SystemExit(f"rrbalancer: cannot listen on {self.description}: {e}")
+
+
+class _QuietPool(HTTPConnectionPool):
+    """
+    A pool for health checks that does not log two lines per check.
+    """
+
+    class _factory(HTTPConnectionPool._factory):
+        noisy = False
+
+
+class _HealthService(Service):
+    def __init__(self, checker: HealthChecker) -> None:
+        self.checker = checker
+
+    def startService(self):
+        Service.startService(self)
+        self.checker.start()
+
+    def stopService(self):
+        Service.stopService(self)
+        self.checker.stop()
+
+
+class BalancerService(MultiService):
+    """
+    The balancer: listeners, health checks and (with C{--demo}) the demo
+    backends, stopped gracefully.
+
+    Stopping closes the listening ports first, then waits for the requests
+    in flight to finish, for at most C{shutdownGrace} seconds.
+    """
+
+    log = Logger()
+
+    def __init__(self, config: Config, reactor, group: BackendGroup, site: BalancerSite) -> None:
+        MultiService.__init__(self)
+        self.config = config
+        self.group = group
+        self.site = site
+        self._clock = reactor
+
+    @property
+    def listeners(self):
+        return [s for s in self if isinstance(s, _Listener)]
+
+    def stopService(self):
+        d = MultiService.stopService(self)
+        d.addCallback(lambda _: self._drain())
+        return d
+
+    def _drain(self):
+        site = self.site
+        if site.inFlight:
+            self.log.info(
+                "stopping: waiting up to {grace}s for {n} requests in flight",
+                grace=self.config.shutdownGrace,
+                n=site.inFlight,
+            )
+        d = site.whenIdle()
+        d.addTimeout(self.config.shutdownGrace, self._clock)
+
+        def late(failure):
+            self.log.warn(
+                "stopping: {n} requests still in flight after {grace}s",
+                n=site.inFlight,
+                grace=self.config.shutdownGrace,
+            )
+
+        def closePools(_):
+            for backend in self.group:
+                backend.pool.closeIdle()
+
+        d.addErrback(late)
+        d.addCallback(closePools)
+        return d
+
+
+def makeService(config: Config, reactor) -> BalancerService:
+    """
+    Build the balancer described by C{config}, running on C{reactor}.
+
+    Nothing listens until the service starts.
+
+    @raise ConfigError: a listening endpoint description is malformed.
+    """
+    trust = trustRoot(config)
+
+    def prepare(backend: Backend) -> None:
+        endpoint = backendEndpoint(reactor, backend.config, trust, config.connectTimeout)
+        backend.pool = ConnectionPool(
+            connectorFor(endpoint),
+            reactor,
+            maxIdle=config.maxIdlePerBackend,
+            idleTimeout=config.poolIdleTimeout,
+        )
+        backend.resource = BackendProxyResource(backend, config, reactor)
+
+    group = BackendGroup(config.health, reactor, prepare)
+    for backend in config.backends:
+        group.add(backend)
+
+    site = BalancerSite(
+        BalancerResource(group),
+        reactor,
+        accessLog=config.accessLog,
+        maxBodySize=config.maxBodySize,
+        timeout=config.clientTimeout,
+    )
+    service = BalancerService(config, reactor, group, site)
+    if config.demo:
+        DemoBackends(group, reactor).setServiceParent(service)
+    for description in config.ports:
+        try:
+            endpoint = serverFromString(reactor, description)
+        except Exception as e:
+            raise ConfigError(f"port: bad endpoint {description!r}: {e}") from None
+        _Listener(description, endpoint, site).setServiceParent(service)
+    if config.health.enabled:
+        agent = Agent(
+            reactor,
+            contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trust),
+            connectTimeout=config.health.timeout,
+            pool=_QuietPool(reactor, persistent=False),
+        )
+        checker = HealthChecker(group, HTTPClient(agent), reactor, config.health)
+        _HealthService(checker).setServiceParent(service)
+    return service
