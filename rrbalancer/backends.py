@@ -100,6 +100,20 @@ class Backend:
             if self.healthy and self._fails >= self._health.fall:
                 self._setHealthy(False, reason)
 
+    def recordResponse(
+        self, code: int, seconds: float, bytesIn: int, bytesOut: int
+    ) -> None:
+        """
+        A response from this backend reached the client whole.
+
+        @param code: its status; C{0} for an exchange that failed after the
+            response had started.
+        @param seconds: from the request's arrival at this backend's turn to
+            the response's end.
+        @param bytesIn: request body bytes sent to the backend.
+        @param bytesOut: response body bytes sent to the client.
+        """
+
     def recordPassiveFailure(self, reason: str) -> None:
         """
         The proxy could not use this backend; with health checks on, that

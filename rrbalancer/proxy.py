@@ -155,8 +155,13 @@ class _Attempt:
 
     connection = None
 
+    code = 0
+    bytesIn = 0
+    bytesOut = 0
+
     def __init__(self, resource: "BackendProxyResource", forwarding: _Forwarding) -> None:
         self.resource = resource
+        self.startedAt = resource.clock.seconds()
         self.backend = resource.backend
         self.forwarding = forwarding
         self.request = forwarding.request
@@ -182,7 +187,15 @@ class _Attempt:
             self._end()
 
     def _end(self) -> None:
-        self.backend.active -= 1
+        backend = self.backend
+        backend.active -= 1
+        if self.started:
+            backend.recordResponse(
+                self.code,
+                self.resource.clock.seconds() - self.startedAt,
+                self.bytesIn,
+                self.bytesOut,
+            )
 
     def _connected(self, connection) -> None:
         if self.cancelled:
@@ -213,6 +226,7 @@ class _Attempt:
             length,
             headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding"),
         )
+        self.bytesIn = length
         connection.request(
             head,
             content,
@@ -236,6 +250,7 @@ class _Attempt:
 
     def responseHead(self, code, reason, headers, contentLength) -> None:
         self.started = True
+        self.code = code
         request = self.request
         request.setResponseCode(code, reason)
         out = Headers()
@@ -252,6 +267,7 @@ class _Attempt:
         request.write(b"")
 
     def responseBody(self, data: bytes) -> None:
+        self.bytesOut += len(data)
         self.request.write(data)
 
     def responseDone(self) -> None:
@@ -266,6 +282,7 @@ class _Attempt:
         self.connection = None
         request = self.request
         if self.started:
+            self.code = 0
             self._end()
             request.unregisterProducer()
             self.log.warn(
@@ -318,6 +335,7 @@ class BackendProxyResource(ReverseProxyResource):
             self, backend.config.host, backend.config.port, b"", reactor=clock
         )
         self.backend = backend
+        self.clock = clock
         self.timeout = config.backendTimeout
         self.backendHost = backend.url.split("://", 1)[1].encode("ascii")
         self.hostHeader = self.backendHost if config.hostHeader == "backend" else None
