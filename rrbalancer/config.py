@@ -83,6 +83,7 @@ class Config:
     maxIdlePerBackend: int = 32
     poolIdleTimeout: float = 60.0
     demo: bool = False
+    workers: int = 1
 
 
 # The settings a file or the command line may carry, with the parser that
@@ -102,6 +103,7 @@ TOP_LEVEL_KEYS = (
     "pool_idle_timeout",
     "demo",
     "health",
+    "workers",
 )
 HEALTH_KEYS = ("enabled", "path", "interval", "timeout", "rise", "fall")
 BACKEND_KEYS = ("url", "weight", "backup")
@@ -155,6 +157,15 @@ def _string(name: str, value: Any) -> str:
     if any(c in value for c in "\r\n\x00"):
         raise ConfigError(f"{name}: must not contain CR, LF or NUL")
     return value
+
+
+def parseWorkers(value: Any) -> int:
+    """
+    A number of worker processes; C{auto} is one per CPU.
+    """
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return os.cpu_count() or 1
+    return _integer("workers", value, minimum=1)
 
 
 def parsePort(value: Any) -> str:
@@ -358,6 +369,7 @@ def buildConfig(settings: Mapping[str, Any], baseDir: str = ".") -> Config:
             positive=True,
         ),
         demo=demo,
+        workers=parseWorkers(settings.get("workers", d.workers)),
     )
 
 

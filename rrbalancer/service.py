@@ -74,6 +74,13 @@ def backendEndpoint(reactor, backend: BackendConfig, trust, timeout: float):
     return endpoint
 
 
+def _serverEndpoint(reactor, description: str):
+    try:
+        return serverFromString(reactor, description)
+    except Exception as e:
+        raise ConfigError(f"port: bad endpoint {description!r}: {e}") from None
+
+
 class _Listener(StreamServerEndpointService):
     """
     A listening port that fails the start at once, with one line, when it
@@ -174,14 +181,25 @@ class BalancerService(MultiService):
         return d
 
 
-def makeService(config: Config, reactor) -> BalancerService:
+def makeService(config: Config, reactor, listeners=None):
     """
     Build the balancer described by C{config}, running on C{reactor}.
 
-    Nothing listens until the service starts.
+    Nothing listens until the service starts.  With more than one worker,
+    this process only holds the ports and looks after the workers
+    (L{rrbalancer.workers}), each of which builds its own balancer here.
+
+    @param listeners: (description, endpoint) pairs to serve on instead of
+        C{config.ports} (a worker's adopted sockets).
 
     @raise ConfigError: a listening endpoint description is malformed.
     """
+    if config.workers > 1:
+        from .workers import WorkerPool
+
+        parent = MultiService()
+        WorkerPool(config, reactor, config.workers).setServiceParent(parent)
+        return parent
     trust = trustRoot(config)
 
     def prepare(backend: Backend) -> None:
@@ -208,11 +226,9 @@ def makeService(config: Config, reactor) -> BalancerService:
     service = BalancerService(config, reactor, group, site)
     if config.demo:
         DemoBackends(group, reactor).setServiceParent(service)
-    for description in config.ports:
-        try:
-            endpoint = serverFromString(reactor, description)
-        except Exception as e:
-            raise ConfigError(f"port: bad endpoint {description!r}: {e}") from None
+    if listeners is None:
+        listeners = [(d, _serverEndpoint(reactor, d)) for d in config.ports]
+    for description, endpoint in listeners:
         _Listener(description, endpoint, site).setServiceParent(service)
     if config.health.enabled:
         agent = Agent(

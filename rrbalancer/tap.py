@@ -53,6 +53,8 @@ class Options(usage.Options):
                                         "[default: 60]."],
         ["max-body-size", None, None, "Largest request body in bytes, 0 for no limit "
                                        "[default: 104857600]."],
+        ["workers", None, None, "Processes sharing the listening ports; 'auto' is one "
+                                 "per CPU [default: 1]."],
     ]
 
     def __init__(self) -> None:
@@ -124,6 +126,7 @@ class Options(usage.Options):
             "shutdown-grace",
             "client-timeout",
             "max-body-size",
+            "workers",
         ]:
             if self[flag] is not None:
                 settings[flag.replace("-", "_")] = self[flag]

@@ -1,0 +1,277 @@
+"""
+Every core: C{--workers N} runs N balancer processes on the same listening
+sockets.
+
+The parent binds each listening port once, stops accepting on it, and
+hands the sockets to its workers, which adopt them
+(L{IReactorSocket.adoptStreamPort}) and accept connections in turn, as the
+kernel spreads them.  Each worker is a whole balancer with its own health
+view.  The parent restarts a worker that dies, forwards SIGHUP, and on
+SIGTERM stops its workers gracefully before exiting.
+
+Run as C{python -m rrbalancer.workers}, this module is a worker: it reads
+its L{Config} and the sockets' description from the environment.
+"""
+
+import base64
+import os
+import pickle
+import signal
+import socket
+import sys
+from dataclasses import replace
+from typing import Dict, List, Optional, Tuple
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
+from twisted.internet.error import ProcessDone
+from twisted.internet.protocol import Factory, Protocol, ProcessProtocol
+from twisted.logger import Logger
+
+from .config import Config, ConfigError
+
+ENVIRONMENT_KEY = "RRBALANCER_WORKER"
+FIRST_SOCKET_FD = 3
+RESTART_DELAY = 1.0
+
+
+def _kind(description: str) -> Tuple[bool, str]:
+    """
+    Whether a port description asks for the PROXY protocol, and its
+    transport (C{tcp}, C{tcp6}, C{unix}).
+
+    @raise ConfigError: a kind of port that workers cannot share (TLS is
+        set up per process, and an adopted socket carries none).
+    """
+    proxied = description.startswith("haproxy:")
+    inner = description[len("haproxy:") :] if proxied else description
+    kind = inner.split(":", 1)[0]
+    if kind not in ("tcp", "tcp6", "unix"):
+        raise ConfigError(
+            f"port: {description!r} cannot be shared by several workers "
+            "(use tcp:, tcp6:, unix: or haproxy: over those, or --workers 1)"
+        )
+    return proxied, kind
+
+
+def checkShareable(config: Config) -> None:
+    for description in config.ports:
+        _kind(description)
+
+
+class _NoConnections(Factory):
+    """
+    The parent's own factory on the shared ports: it never accepts.
+    """
+
+    noisy = False
+
+    def buildProtocol(self, addr):  # pragma: no cover - the parent never reads
+        return None
+
+
+class _WorkerProtocol(ProcessProtocol):
+    def __init__(self, pool: "WorkerPool", index: int) -> None:
+        self.pool = pool
+        self.index = index
+        self._partial = {1: b"", 2: b""}
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        lines = (self._partial.get(fd, b"") + data).split(b"\n")
+        self._partial[fd] = lines.pop()
+        for line in lines:
+            self.pool.log.info(
+                "worker {index}: {line}",
+                index=self.index,
+                line=line.decode("utf-8", "replace"),
+            )
+
+    def processEnded(self, reason) -> None:
+        self.pool._ended(self, reason)
+
+
+class WorkerPool(Service):
+    """
+    The parent of C{count} workers.
+
+    @param spawn: how to start a worker; L{IReactorProcess.spawnProcess}.
+    """
+
+    log = Logger()
+
+    def __init__(self, config: Config, reactor, count: int) -> None:
+        checkShareable(config)
+        self.config = config
+        self._reactor = reactor
+        self.count = count
+        self._ports: List = []
+        self._sockets: List[Tuple[str, bool, int, int]] = []
+        self.workers: Dict[int, _WorkerProtocol] = {}
+        self._stopping = False
+        self._stopped: Optional[Deferred] = None
+        self._previousHangup = None
+
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
+        if self._ports:
+            return
+        for description in self.config.ports:
+            proxied, kind = _kind(description)
+            inner = description[len("haproxy:") :] if proxied else description
+            d = serverFromString(self._reactor, inner).listen(_NoConnections())
+            result = []
+            d.addBoth(result.append)
+            outcome = result[0]
+            if not hasattr(outcome, "fileno"):
+                reason = outcome.value
+                reason = getattr(getattr(reason, "socketError", None), "strerror", None) or reason
+                raise SystemExit(f"rrbalancer: cannot listen on {description}: {reason}")
+            outcome.stopReading()
+            self._ports.append(outcome)
+            family = socket.AF_UNIX if kind == "unix" else (
+                socket.AF_INET6 if ":" in outcome.getHost().host else socket.AF_INET
+            )
+            self._sockets.append((description, proxied, int(family), outcome.fileno()))
+
+    def startService(self) -> None:
+        self.privilegedStartService()
+        Service.startService(self)
+        for index in range(1, self.count + 1):
+            self._spawn(index)
+        if hasattr(signal, "SIGHUP"):
+            self._previousHangup = signal.signal(signal.SIGHUP, self._hangup)
+
+    def _hangup(self, signum, frame) -> None:
+        self._reactor.callFromThread(self.signalAll, "HUP")
+
+    def signalAll(self, name: str) -> None:
+        for worker in list(self.workers.values()):
+            try:
+                worker.transport.signalProcess(name)
+            except Exception:
+                pass
+
+    def _spawn(self, index: int) -> None:
+        protocol = _WorkerProtocol(self, index)
+        sockets = [
+            (description, proxied, family, FIRST_SOCKET_FD + n)
+            for n, (description, proxied, family, _) in enumerate(self._sockets)
+        ]
+        payload = base64.b64encode(pickle.dumps((self.config, index, sockets)))
+        env = dict(os.environ)
+        env[ENVIRONMENT_KEY] = payload.decode("ascii")
+        # The workers run the very code the parent runs.
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(
+            [here] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        )
+        childFDs = {0: "w", 1: "r", 2: "r"}
+        for n, (_, _, _, fd) in enumerate(self._sockets):
+            childFDs[FIRST_SOCKET_FD + n] = fd
+        self._reactor.spawnProcess(
+            protocol,
+            sys.executable,
+            [sys.executable, "-m", "rrbalancer.workers"],
+            env=env,
+            childFDs=childFDs,
+        )
+        self.workers[index] = protocol
+        self.log.info("started worker {index} (pid {pid})", index=index, pid=protocol.transport.pid)
+
+    def _ended(self, protocol: _WorkerProtocol, reason) -> None:
+        if self.workers.get(protocol.index) is protocol:
+            del self.workers[protocol.index]
+        if self._stopping:
+            if not self.workers and self._stopped is not None:
+                d, self._stopped = self._stopped, None
+                d.callback(None)
+            return
+        how = "exited" if reason.check(ProcessDone) else reason.getErrorMessage()
+        self.log.warn(
+            "worker {index} {how}; restarting it in {delay}s",
+            index=protocol.index,
+            how=how,
+            delay=RESTART_DELAY,
+        )
+        self._reactor.callLater(RESTART_DELAY, self._restart, protocol.index)
+
+    def _restart(self, index: int) -> None:
+        if not self._stopping and index not in self.workers:
+            self._spawn(index)
+
+    def stopService(self):
+        Service.stopService(self)
+        self._stopping = True
+        if self._previousHangup is not None:
+            signal.signal(signal.SIGHUP, self._previousHangup)
+        for port in self._ports:
+            port.stopListening()
+        self._ports = []
+        if not self.workers:
+            return None
+        self._stopped = Deferred()
+        self.signalAll("TERM")
+        grace = self.config.shutdownGrace + 5
+        killer = self._reactor.callLater(grace, self.signalAll, "KILL")
+
+        def done(result):
+            if killer.active():
+                killer.cancel()
+            return result
+
+        return self._stopped.addBoth(done)
+
+
+class _ParentWatch(Protocol):
+    """
+    A worker's standard input is a pipe from its parent: when it closes,
+    the parent is gone, and so the worker stops instead of lingering.
+    """
+
+    def __init__(self, reactor) -> None:
+        self._reactor = reactor
+
+    def connectionLost(self, reason) -> None:
+        if self._reactor.running:
+            self._reactor.stop()
+
+
+def listenersFor(reactor, sockets) -> List[Tuple[str, object]]:
+    """
+    The endpoints of a worker's adopted sockets.
+    """
+    from twisted.protocols.haproxy import proxyEndpoint
+
+    endpoints = []
+    for description, proxied, family, fd in sockets:
+        endpoint = AdoptedStreamServerEndpoint(reactor, fd, family)
+        if proxied:
+            endpoint = proxyEndpoint(endpoint)
+        endpoints.append((description, endpoint))
+    return endpoints
+
+
+def main() -> None:  # pragma: no cover - run in worker processes
+    from twisted.internet import reactor
+    from twisted.internet.stdio import StandardIO
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    from .service import makeService
+
+    config, index, sockets = pickle.loads(base64.b64decode(os.environ.pop(ENVIRONMENT_KEY)))
+    globalLogBeginner.beginLoggingTo(
+        [textFileLogObserver(sys.stdout, timeFormat="")], redirectStandardIO=False
+    )
+    service = makeService(
+        replace(config, workers=1), reactor, listeners=listenersFor(reactor, sockets)
+    )
+    StandardIO(_ParentWatch(reactor), stdout=os.open(os.devnull, os.O_WRONLY))
+    service.privilegedStartService()
+    reactor.callWhenRunning(service.startService)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.run()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
