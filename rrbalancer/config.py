@@ -79,6 +79,7 @@ class Config:
     accessLog: Optional[str] = None
     shutdownGrace: float = 10.0
     clientTimeout: float = 60.0
+    headerTimeout: float = 10.0
     maxBodySize: int = 100 * 1024 * 1024
     maxIdlePerBackend: int = 32
     poolIdleTimeout: float = 60.0
@@ -98,6 +99,7 @@ TOP_LEVEL_KEYS = (
     "access_log",
     "shutdown_grace",
     "client_timeout",
+    "header_timeout",
     "max_body_size",
     "max_idle_per_backend",
     "pool_idle_timeout",
@@ -234,7 +236,7 @@ def parseBackendSpec(spec: Any) -> BackendConfig:
         url, *rest = [part.strip() for part in text.split(",")]
         options = {}
         for part in rest:
-            key, sep, val = part.partition("=")
+            key, sep, val = (p.strip() for p in part.partition("="))
             if key == "backup" and not sep:
                 options["backup"] = True
             elif key == "weight" and sep:
@@ -299,11 +301,14 @@ def buildConfig(settings: Mapping[str, Any], baseDir: str = ".") -> Config:
         raise ConfigError(
             "no backend: give at least one --backend URL (or try --demo)"
         )
-    seen = set()
+    seen = {}
     for b in backends:
-        if b.url in seen:
-            raise ConfigError(f"backend: {b.url} is listed twice")
-        seen.add(b.url)
+        # http://a and http://a:80 are one server: compare what is dialled.
+        server = (b.scheme, b.host, b.port)
+        if server in seen:
+            also = "" if seen[server] == b.url else f" (also as {seen[server]})"
+            raise ConfigError(f"backend: {b.url} is listed twice{also}")
+        seen[server] = b.url
     ports = tuple(parsePort(p) for p in _asList(settings.get("port", "8000")))
     if not ports:
         raise ConfigError("port: at least one listening port is needed")
@@ -353,6 +358,11 @@ def buildConfig(settings: Mapping[str, Any], baseDir: str = ".") -> Config:
         clientTimeout=_number(
             "client_timeout",
             settings.get("client_timeout", d.clientTimeout),
+            positive=True,
+        ),
+        headerTimeout=_number(
+            "header_timeout",
+            settings.get("header_timeout", d.headerTimeout),
             positive=True,
         ),
         maxBodySize=_integer(

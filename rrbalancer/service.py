@@ -222,6 +222,7 @@ def makeService(config: Config, reactor, listeners=None):
         accessLog=config.accessLog,
         maxBodySize=config.maxBodySize,
         timeout=config.clientTimeout,
+        headerTimeout=config.headerTimeout,
     )
     service = BalancerService(config, reactor, group, site)
     if config.demo:

@@ -1,15 +1,15 @@
 """
 The client-facing HTTP server: a L{Site} whose requests enforce the body
 size limit, count themselves in flight (for a graceful stop), and are
-logged in NCSA combined format only when an access log is asked for.
+logged in NCSA combined format only when an access log is asked for; and
+whose connections bound the time and size of a request head.
 """
 
 import sys
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
-
-_TOO_LARGE_BODY = b"Content Too Large: the request body exceeds the limit\n"
 
 
 class BalancerRequest(Request):
@@ -57,14 +57,11 @@ class BalancerRequest(Request):
         if self._refused:
             return
         self._refused = True
-        channel = self.channel
-        channel.transport.write(
-            b"HTTP/1.1 413 Content Too Large\r\n"
-            b"Content-Type: text/plain; charset=utf-8\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-            % (len(_TOO_LARGE_BODY), _TOO_LARGE_BODY)
+        _refuseConnection(
+            self.channel,
+            b"413 Content Too Large",
+            b"Content Too Large: the request body exceeds the limit",
         )
-        channel.loseConnection()
 
     def process(self):
         if self._refused:
@@ -85,6 +82,84 @@ class BalancerRequest(Request):
     def connectionLost(self, reason):
         Request.connectionLost(self, reason)
         self._uncount()
+
+
+def _refuseConnection(channel, status: bytes, message: bytes) -> None:
+    """
+    Answer a request that cannot be read any further, and close.
+    """
+    body = message + b"\n"
+    channel.transport.write(
+        b"HTTP/1.1 %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+        % (status, len(body), body)
+    )
+    channel.loseConnection()
+
+
+class BalancerChannel(HTTPChannel):
+    """
+    An L{HTTPChannel} that will not wait forever for a request head.
+
+    The channel's idle timeout restarts at every byte, so a client sending
+    its head one byte at a time (slowloris) could hold a connection for
+    ever; here the whole head must arrive within C{headerTimeout} seconds
+    of its first byte (408 otherwise), and a head over the size or count
+    limits gets 431 rather than a bare 400.
+    """
+
+    headerTimeout = 10.0
+    _headTimer = None
+    _refusedHead = False
+
+    def dataReceived(self, data):
+        if self._headTimer is None and not self._handlingRequest and not self._refusedHead:
+            self._headTimer = self.callLater(self.headerTimeout, self._headTimedOut)
+        HTTPChannel.dataReceived(self, data)
+
+    def lineReceived(self, line):
+        if self._refusedHead:
+            return
+        # The same accounting HTTPChannel does, a line early, to answer 431.
+        if (
+            self._receivedHeaderSize + len(line) > self.totalHeadersSize
+            or self._receivedHeaderCount >= self.maxHeaders
+        ):
+            self._refuseHead(
+                b"431 Request Header Fields Too Large",
+                b"Request Header Fields Too Large",
+            )
+            return
+        HTTPChannel.lineReceived(self, line)
+
+    def lineLengthExceeded(self, line):
+        self._refuseHead(
+            b"431 Request Header Fields Too Large", b"Request Header Fields Too Large"
+        )
+
+    def allHeadersReceived(self):
+        self._stopHeadTimer()
+        HTTPChannel.allHeadersReceived(self)
+
+    def _headTimedOut(self):
+        self._headTimer = None
+        if not self._handlingRequest:
+            self._refuseHead(b"408 Request Timeout", b"Request Timeout")
+
+    def _refuseHead(self, status: bytes, message: bytes) -> None:
+        self._refusedHead = True
+        self._stopHeadTimer()
+        _refuseConnection(self, status, message)
+
+    def _stopHeadTimer(self):
+        if self._headTimer is not None:
+            if self._headTimer.active():
+                self._headTimer.cancel()
+            self._headTimer = None
+
+    def connectionLost(self, reason):
+        self._stopHeadTimer()
+        HTTPChannel.connectionLost(self, reason)
 
 
 class _Stdout:
@@ -110,6 +185,7 @@ class BalancerSite(Site):
     """
 
     requestFactory = BalancerRequest
+    protocol = BalancerChannel
     displayTracebacks = False
 
     def __init__(
@@ -119,6 +195,7 @@ class BalancerSite(Site):
         accessLog=None,
         maxBodySize: int = 0,
         timeout: float = 60.0,
+        headerTimeout: float = 10.0,
     ) -> None:
         Site.__init__(
             self,
@@ -128,8 +205,14 @@ class BalancerSite(Site):
             reactor=reactor,
         )
         self.maxBodySize = maxBodySize
+        self.headerTimeout = headerTimeout
         self.inFlight = 0
         self._idleWaiters = []
+
+    def buildProtocol(self, addr):
+        channel = Site.buildProtocol(self, addr)
+        channel.headerTimeout = self.headerTimeout
+        return channel
 
     def _openLogFile(self, path):
         if path == "-":

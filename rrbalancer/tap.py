@@ -51,6 +51,8 @@ class Options(usage.Options):
                                         "SIGTERM [default: 10]."],
         ["client-timeout", None, None, "Seconds an idle client connection is kept "
                                         "[default: 60]."],
+        ["header-timeout", None, None, "Seconds a client gets to send a whole request "
+                                        "head [default: 10]."],
         ["max-body-size", None, None, "Largest request body in bytes, 0 for no limit "
                                        "[default: 104857600]."],
         ["workers", None, None, "Processes sharing the listening ports; 'auto' is one "
@@ -125,6 +127,7 @@ class Options(usage.Options):
             "host-header",
             "shutdown-grace",
             "client-timeout",
+            "header-timeout",
             "max-body-size",
             "workers",
         ]:

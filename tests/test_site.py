@@ -1,0 +1,121 @@
+"""
+Tests for L{rrbalancer.site}: limits on the request head, in-flight
+counting.
+"""
+
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from rrbalancer.site import BalancerSite
+
+
+class Held(Resource):
+    """
+    Keeps every request open until the test finishes it.
+    """
+
+    isLeaf = True
+
+    def __init__(self):
+        Resource.__init__(self)
+        self.requests = []
+
+    def render(self, request):
+        self.requests.append(request)
+        return NOT_DONE_YET
+
+
+class ChannelTests(SynchronousTestCase):
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.resource = Held()
+        self.site = BalancerSite(self.resource, self.reactor, headerTimeout=10, timeout=60)
+        self.site.startFactory()
+        self.addCleanup(self.site.stopFactory)
+
+    def connect(self):
+        channel = self.site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def test_slowHeadGets408(self):
+        """
+        A head trickling in a byte at a time is cut off once the header
+        timeout has passed since its first byte, though bytes keep coming.
+        """
+        channel, transport = self.connect()
+        head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 40
+        for byte in head:
+            channel.dataReceived(bytes([byte]))
+            self.reactor.advance(0.3)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 408 "))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.resource.requests, [])
+
+    def test_prompt(self):
+        """
+        A whole head in time is served, and the head timer does not fire
+        later on the request in progress.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.reactor.advance(30)
+        self.assertEqual(len(self.resource.requests), 1)
+        self.assertEqual(transport.value(), b"")
+        self.assertFalse(transport.disconnecting)
+
+    def test_timerRestartsPerRequest(self):
+        """
+        On a kept-alive connection, each request gets the full time for its
+        head, counted from its own first byte.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        request = self.resource.requests[0]
+        request.write(b"ok")
+        request.finish()
+        self.reactor.advance(9)
+        channel.dataReceived(b"GET /2 HTTP/1.1\r\n")
+        self.reactor.advance(9)
+        channel.dataReceived(b"Host: x\r\n\r\n")
+        self.assertEqual(len(self.resource.requests), 2)
+        self.assertNotIn(b"408", transport.value())
+
+    def test_hugeHeadGets431(self):
+        channel, transport = self.connect()
+        channel.dataReceived(
+            b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n"
+        )
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 "))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.resource.requests, [])
+
+    def test_tooManyHeadersGets431(self):
+        channel, transport = self.connect()
+        headers = b"".join(b"X-H%d: v\r\n" % i for i in range(channel.maxHeaders + 1))
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 "))
+        self.assertEqual(self.resource.requests, [])
+
+    def test_inFlight(self):
+        """
+        A request counts as in flight from its arrival to its end, and
+        whenIdle fires when none is left.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(self.site.inFlight, 1)
+        idle = self.site.whenIdle()
+        self.assertNoResult(idle)
+        self.resource.requests[0].finish()
+        self.assertEqual(self.site.inFlight, 0)
+        self.successResultOf(idle)
+
+    def test_inFlightClientGone(self):
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        channel.connectionLost(Exception("gone"))
+        self.assertEqual(self.site.inFlight, 0)
