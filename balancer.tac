@@ -9,6 +9,7 @@ from twisted.internet import reactor
 
 from rrbalancer.config import ConfigError, loadConfig
 from rrbalancer.service import makeService
+from rrbalancer.tap import exitCleanlyOnSignals
 
 path = os.environ.get(
     "RRBALANCER_CONFIG",
@@ -18,6 +19,8 @@ try:
     service = makeService(loadConfig(path), reactor)
 except ConfigError as e:
     raise SystemExit(f"rrbalancer: {e}")
+# SIGTERM/SIGINT: stop gracefully, then exit 0 (not by the signal).
+exitCleanlyOnSignals(reactor)
 
 application = Application("rrbalancer")
 service.setServiceParent(application)

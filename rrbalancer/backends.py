@@ -5,10 +5,23 @@ A L{Backend} keeps what the balancer knows of one server: whether checks
 think it is healthy, what the operator wants of it, and its counters.  The
 L{BackendGroup} owns the backends and answers the one question the proxy
 asks per request: which backend next?
+
+What the operator wants (C{adminState}):
+ - C{up}: takes traffic while healthy;
+ - C{draining}: takes no new request, the ones in flight finish; still
+   checked, so that its health is known when it comes back;
+ - C{disabled}: no traffic and no health checks.
+
+Removing a backend (L{BackendGroup.retire}) drains it first: it is
+forgotten once its last request in flight has ended, so that no request is
+cut.
 """
 
-from typing import Callable, Collection, Dict, Iterator, List, Optional
+import math
+from collections import deque
+from typing import Callable, Collection, Deque, Dict, Iterator, List, Optional
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -19,6 +32,174 @@ UP = "up"
 DOWN = "down"
 DRAINING = "draining"
 DISABLED = "disabled"
+ADMIN_STATES = (UP, DRAINING, DISABLED)
+
+# Recent statistics: latency percentiles and the error rate are over the
+# last WINDOW seconds, requests per second over the last RATE_WINDOW, and
+# the history keeps HISTORY_POINTS steps of HISTORY_STEP seconds.
+WINDOW = 60.0
+RATE_WINDOW = 10.0
+HISTORY_STEP = 10.0
+HISTORY_POINTS = 30
+# At most this many latency samples are kept for the percentiles (the most
+# recent ones): enough for a p99 that means something, bounded in memory.
+MAX_SAMPLES = 4096
+
+# Upper bounds, in seconds, of the request duration histogram's buckets
+# (the Prometheus client's defaults, and 30 s: the default backend timeout).
+DURATION_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+    7.5, 10.0, 30.0, math.inf,
+)
+
+
+def statusClass(code: int) -> str:
+    """
+    C{"2xx"} for 204 and so on; C{"error"} for an exchange that broke after
+    its response had started (code 0).
+    """
+    if 100 <= code <= 599:
+        return f"{code // 100}xx"
+    return "error"
+
+
+def percentile(ordered: List[float], fraction: float) -> Optional[float]:
+    """
+    The nearest-rank percentile of sorted values, or None without any.
+    """
+    if not ordered:
+        return None
+    rank = max(1, math.ceil(fraction * len(ordered)))
+    return ordered[rank - 1]
+
+
+class BackendStats:
+    """
+    What a backend's responses looked like: counters since start (for
+    Prometheus) and recent figures (for the admin API and the dashboard).
+
+    Recent counts are kept in one-second slots for the last
+    C{HISTORY_STEP * HISTORY_POINTS} seconds; latencies as samples for the
+    last C{WINDOW} seconds.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self.started = clock.seconds()
+        # Since start.
+        self.responses: Dict[str, int] = {}
+        self.buckets = [0] * len(DURATION_BUCKETS)
+        self.durationSum = 0.0
+        self.durationCount = 0
+        self.bytesIn = 0
+        self.bytesOut = 0
+        # Recent: [second, requests, errors, latency sum, latency count]
+        self._slots: Deque[list] = deque()
+        self._samples: Deque[tuple] = deque()
+
+    def _slot(self, now: float) -> list:
+        second = math.floor(now)
+        slots = self._slots
+        if not slots or slots[-1][0] != second:
+            slots.append([second, 0, 0, 0.0, 0])
+            horizon = second - HISTORY_STEP * (HISTORY_POINTS + 1)
+            while slots and slots[0][0] < horizon:
+                slots.popleft()
+        return slots[-1]
+
+    def recordResponse(self, code: int, seconds: float, bytesIn: int, bytesOut: int) -> None:
+        kind = statusClass(code)
+        self.responses[kind] = self.responses.get(kind, 0) + 1
+        seconds = max(0.0, seconds)
+        for i, bound in enumerate(DURATION_BUCKETS):
+            if seconds <= bound:
+                self.buckets[i] += 1
+                break
+        self.durationSum += seconds
+        self.durationCount += 1
+        self.bytesIn += bytesIn
+        self.bytesOut += bytesOut
+        now = self._clock.seconds()
+        slot = self._slot(now)
+        slot[1] += 1
+        if kind in ("5xx", "error"):
+            slot[2] += 1
+        slot[3] += seconds
+        slot[4] += 1
+        samples = self._samples
+        samples.append((now, seconds))
+        if len(samples) > MAX_SAMPLES:
+            samples.popleft()
+
+    def recordFailure(self) -> None:
+        """
+        A request this backend could not take (no connection, no answer):
+        it counts as a request and an error in the recent figures.
+        """
+        slot = self._slot(self._clock.seconds())
+        slot[1] += 1
+        slot[2] += 1
+
+    def _recent(self, seconds: float):
+        since = self._clock.seconds() - seconds
+        return [s for s in self._slots if s[0] >= since]
+
+    def requestsPerSecond(self) -> float:
+        now = self._clock.seconds()
+        span = min(RATE_WINDOW, max(1.0, now - self.started))
+        return sum(s[1] for s in self._recent(span)) / span
+
+    def errorRate(self) -> float:
+        """
+        The share of the last minute's requests that failed (5xx, broken or
+        never answered); 0 without requests.
+        """
+        slots = self._recent(WINDOW)
+        total = sum(s[1] for s in slots)
+        return sum(s[2] for s in slots) / total if total else 0.0
+
+    def latency(self) -> Dict[str, Optional[float]]:
+        """
+        p50 and p99 in milliseconds over the last minute (None without any
+        response in it).
+        """
+        since = self._clock.seconds() - WINDOW
+        samples = self._samples
+        while samples and samples[0][0] < since:
+            samples.popleft()
+        ordered = sorted(s for _, s in samples)
+        result = {}
+        for name, fraction in (("p50", 0.5), ("p99", 0.99)):
+            value = percentile(ordered, fraction)
+            result[name] = None if value is None else round(value * 1000, 3)
+        return result
+
+    def history(self) -> List[dict]:
+        """
+        The last C{HISTORY_POINTS} whole steps, oldest first: requests per
+        second, errors per second and mean latency (ms) in each.
+        """
+        now = self._clock.seconds()
+        current = math.floor(now / HISTORY_STEP) * HISTORY_STEP
+        first = current - HISTORY_STEP * HISTORY_POINTS
+        steps = [[0, 0, 0.0, 0] for _ in range(HISTORY_POINTS)]
+        for second, requests, errors, latency, count in self._slots:
+            index = int((second - first) // HISTORY_STEP)
+            if 0 <= index < HISTORY_POINTS:
+                step = steps[index]
+                step[0] += requests
+                step[1] += errors
+                step[2] += latency
+                step[3] += count
+        return [
+            {
+                "t": first + i * HISTORY_STEP,
+                "rps": round(requests / HISTORY_STEP, 3),
+                "errors": round(errors / HISTORY_STEP, 3),
+                "latency_ms": round(latency / count * 1000, 3) if count else None,
+            }
+            for i, (requests, errors, latency, count) in enumerate(steps)
+        ]
 
 
 class Backend:
@@ -29,11 +210,15 @@ class Backend:
     healthy backend out, C{rise} passes in a row bring it back, and a
     failure or pass resets the other count.  Active checks and passive
     failures (a connection the proxy could not open) feed the same counts.
+    A backend added at run time waits for its first passing check instead
+    (see L{BackendGroup.add}).
 
     @ivar pool: the connections to this backend, kept alive between
         requests (see L{rrbalancer.client.ConnectionPool}).
     @ivar resource: the L{rrbalancer.proxy.BackendProxyResource} that
         forwards requests to it.
+    @ivar active: requests in flight on it; the proxy counts them.
+    @ivar removing: it is draining on its way out of the group.
     """
 
     log = Logger()
@@ -56,18 +241,46 @@ class Backend:
         self._clock = clock
         self.healthy = True
         self.adminState = UP
-        self.active = 0
+        self._active = 0
+        self._idleWaiters: List[Deferred] = []
+        self.removing = False
         self.requests = 0
         self.failures = 0
+        self.checksPassed = 0
+        self.checksFailed = 0
         self.lastCheck: Optional[float] = None
         self.lastError: Optional[str] = None
         self.lastChange = clock.seconds()
         self.lastChangeReason = "configured"
+        self.stats = BackendStats(clock)
         self._passes = 0
         self._fails = 0
+        self._awaitingFirstPass = False
 
     def __repr__(self) -> str:
         return f"<Backend {self.id} {self.url} {self.state}>"
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    @active.setter
+    def active(self, value: int) -> None:
+        self._active = value
+        if value <= 0 and self._idleWaiters:
+            waiters, self._idleWaiters = self._idleWaiters, []
+            for d in waiters:
+                d.callback(self)
+
+    def whenIdle(self) -> Deferred:
+        """
+        Fires (with this backend) once no request is in flight on it.
+        """
+        if self._active <= 0:
+            return succeed(self)
+        d = Deferred()
+        self._idleWaiters.append(d)
+        return d
 
     @property
     def state(self) -> str:
@@ -82,22 +295,81 @@ class Backend:
         """
         return self.healthy and self.adminState == UP
 
+    def awaitFirstCheck(self, reason: str) -> None:
+        """
+        Take no traffic until a health check passes; one passing check is
+        enough (not C{rise}), so that a new backend is used at once.
+        """
+        self.healthy = False
+        self._passes = 0
+        self._fails = 0
+        self._awaitingFirstPass = True
+        self._changed(reason)
+
+    def setAdminState(self, state: str, reason: str) -> None:
+        """
+        Drain, disable or enable this backend.
+        """
+        if state not in ADMIN_STATES:
+            raise ValueError(f"unknown state {state!r}")
+        if state == self.adminState:
+            return
+        previous, self.adminState = self.adminState, state
+        if (
+            previous == DISABLED
+            and state != DISABLED
+            and self._health.enabled
+            and self.healthy
+        ):
+            # Unchecked while disabled: its health is a guess until checked.
+            self.awaitFirstCheck(reason)
+        else:
+            self._changed(reason)
+        self.log.info(
+            "backend {url} is {state} (was {previous}): {reason}",
+            url=self.url,
+            state=self.state,
+            previous=previous,
+            reason=reason,
+        )
+
+    def _changed(self, reason: str) -> None:
+        self.lastChange = self._clock.seconds()
+        self.lastChangeReason = reason
+
     def recordCheck(self, ok: bool, reason: str) -> None:
         """
-        Count one check result, and change state when the rise or fall
-        threshold is reached.
+        Count one active check's result, and change state when the rise or
+        fall threshold is reached.
         """
+        if ok:
+            self.checksPassed += 1
+        else:
+            self.checksFailed += 1
+        self._count(ok, reason)
+
+    def _count(self, ok: bool, reason: str) -> None:
         self.lastCheck = self._clock.seconds()
         if ok:
             self._fails = 0
             self._passes += 1
-            if not self.healthy and self._passes >= self._health.rise:
+            if not self.healthy and (
+                self._awaitingFirstPass or self._passes >= self._health.rise
+            ):
                 self._setHealthy(True, reason)
         else:
             self.lastError = reason
             self._passes = 0
             self._fails += 1
-            if self.healthy and self._fails >= self._health.fall:
+            if self._awaitingFirstPass:
+                # Its first check failed: from now on the usual rule applies.
+                self._awaitingFirstPass = False
+                self.log.warn(
+                    "backend {url} failed its first check: {reason}",
+                    url=self.url,
+                    reason=reason,
+                )
+            elif self.healthy and self._fails >= self._health.fall:
                 self._setHealthy(False, reason)
 
     def recordResponse(
@@ -113,6 +385,7 @@ class Backend:
         @param bytesIn: request body bytes sent to the backend.
         @param bytesOut: response body bytes sent to the client.
         """
+        self.stats.recordResponse(code, seconds, bytesIn, bytesOut)
 
     def recordPassiveFailure(self, reason: str) -> None:
         """
@@ -121,15 +394,16 @@ class Backend:
         backend back, so it only counts as a failure).
         """
         self.failures += 1
+        self.stats.recordFailure()
         if self._health.enabled:
-            self.recordCheck(False, reason)
+            self._count(False, reason)
         else:
             self.lastError = reason
 
     def _setHealthy(self, healthy: bool, reason: str) -> None:
         self.healthy = healthy
-        self.lastChange = self._clock.seconds()
-        self.lastChangeReason = reason
+        self._awaitingFirstPass = False
+        self._changed(reason)
         if healthy:
             self.log.info(
                 "backend {url} is up: {reason}", url=self.url, reason=reason
@@ -149,7 +423,11 @@ class BackendGroup:
 
     @param prepare: called with each new backend before it takes traffic, to
         give it its connection pool and proxy resource.
+    @ivar retries: requests that moved on to another backend after one
+        failed them.
     """
+
+    log = Logger()
 
     def __init__(
         self,
@@ -165,6 +443,7 @@ class BackendGroup:
             lambda backend: backend.weight
         )
         self._nextID = 1
+        self.retries = 0
 
     def __iter__(self) -> Iterator[Backend]:
         return iter(list(self._backends.values()))
@@ -181,15 +460,75 @@ class BackendGroup:
                 return backend
         return None
 
-    def add(self, config: BackendConfig) -> Backend:
+    def add(
+        self,
+        config: BackendConfig,
+        awaitCheck: bool = False,
+        reason: Optional[str] = None,
+    ) -> Backend:
+        """
+        Add a backend.
+
+        @param awaitCheck: (for a backend added at run time) with health
+            checks on, it takes no traffic until its first check passes.
+        @param reason: why it was added, as its last state change.
+        """
         if self.byURL(config.url) is not None:
             raise ValueError(f"backend {config.url} is already in the group")
         backendID = str(self._nextID)
         self._nextID += 1
         backend = Backend(backendID, config, self.health, self._clock)
+        if awaitCheck and self.health.enabled:
+            backend.awaitFirstCheck(
+                f"{reason or 'added'}; waiting for its first health check"
+            )
+        elif reason is not None:
+            backend._changed(reason)
         self._prepare(backend)
         self._backends[backendID] = backend
         return backend
+
+    def reconfigure(self, backend: Backend, weight: int, backup: bool) -> None:
+        """
+        Change a backend's weight or backup role; it keeps its connections
+        and its requests in flight.
+        """
+        backend.weight = weight
+        backend.backup = backup
+        backend.config = BackendConfig(url=backend.url, weight=weight, backup=backup)
+
+    def retire(self, backend: Backend, reason: str) -> Deferred:
+        """
+        Drain C{backend}, then forget it once no request is in flight on it.
+
+        @return: fires when it is forgotten.
+        """
+        if not backend.removing:
+            backend.removing = True
+            if backend.adminState != DRAINING:
+                backend.setAdminState(DRAINING, reason)
+            self.log.info(
+                "backend {url} is being removed ({n} in flight): {reason}",
+                url=backend.url,
+                n=backend.active,
+                reason=reason,
+            )
+
+        def forget(_):
+            if backend.removing and self._backends.get(backend.id) is backend:
+                self.remove(backend)
+                self.log.info("backend {url} removed", url=backend.url)
+            return backend
+
+        return backend.whenIdle().addCallback(forget)
+
+    def keep(self, backend: Backend, reason: str) -> None:
+        """
+        Call off a pending removal: the backend takes traffic again.
+        """
+        if backend.removing:
+            backend.removing = False
+            backend.setAdminState(UP, reason)
 
     def remove(self, backend: Backend) -> None:
         del self._backends[backend.id]
@@ -206,9 +545,13 @@ class BackendGroup:
             b for b in backends if not b.backup and b.available
         ]
         choice = self._selector.pick(primaries, exclude)
-        if choice is None and not primaries:
+        if choice is None:
+            # No primary is up, or every one already failed this request
+            # (NGINX moves on to the backups in both cases).
             backups = [b for b in backends if b.backup and b.available]
             choice = self._selector.pick(backups, exclude)
+        if choice is not None and exclude:
+            self.retries += 1
         return choice
 
     def anyAvailable(self) -> bool:

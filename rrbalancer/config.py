@@ -9,10 +9,11 @@ L{ConfigError} whose message names the setting, so that the plugin and the
 .tac file can print one line and exit instead of a traceback.
 """
 
+import ipaddress
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
 
@@ -85,6 +86,17 @@ class Config:
     poolIdleTimeout: float = 60.0
     demo: bool = False
     workers: int = 1
+    # The admin listener (API, dashboard, metrics): an endpoint description,
+    # or None for none.  buildConfig's default is ADMIN_DEFAULT; a Config
+    # made in code has none unless asked.
+    admin: Optional[str] = None
+    adminTokenFile: Optional[str] = None
+    # The file this came from, and the command line's settings laid over
+    # it, so that a reload (SIGHUP) can build the same way again.
+    configPath: Optional[str] = None
+    configOverrides: Mapping[str, Any] = field(
+        default_factory=dict, compare=False, hash=False, repr=False
+    )
 
 
 # The settings a file or the command line may carry, with the parser that
@@ -106,6 +118,8 @@ TOP_LEVEL_KEYS = (
     "demo",
     "health",
     "workers",
+    "admin",
+    "admin_token_file",
 )
 HEALTH_KEYS = ("enabled", "path", "interval", "timeout", "rise", "fall")
 BACKEND_KEYS = ("url", "weight", "backup")
@@ -380,7 +394,125 @@ def buildConfig(settings: Mapping[str, Any], baseDir: str = ".") -> Config:
         ),
         demo=demo,
         workers=parseWorkers(settings.get("workers", d.workers)),
+        **_adminSettings(settings, path),
     )
+
+
+ADMIN_DEFAULT = "tcp:8001:interface=127.0.0.1"
+
+
+def parseAdmin(value: Any) -> Optional[str]:
+    """
+    The admin listener setting: C{none} for none, a bare port number for
+    that port on 127.0.0.1, or a server endpoint description.
+    """
+    if value is None or value is False:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    text = _string("admin", value).strip()
+    if text.lower() in ("none", "off", "false", "no", ""):
+        return None
+    if text.isdigit():
+        port = int(text)
+        if not 0 < port < 65536:
+            raise ConfigError(f"admin: {text} is not a TCP port number (1-65535)")
+        return f"tcp:{port}:interface=127.0.0.1"
+    if ":" not in text:
+        raise ConfigError(
+            f"admin: {value!r} is neither 'none', a port number nor an endpoint "
+            "description such as tcp:8001:interface=127.0.0.1"
+        )
+    return text
+
+
+def _endpointParts(description: str):
+    """
+    A server endpoint description's positional and keyword arguments
+    (colons escaped with a backslash do not split).
+    """
+    parts, current, escaped = [], "", False
+    for c in description:
+        if escaped:
+            current += c
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif c == ":":
+            parts.append(current)
+            current = ""
+        else:
+            current += c
+    parts.append(current)
+    args = [p for p in parts if "=" not in p]
+    kwargs = dict(p.split("=", 1) for p in parts if "=" in p)
+    return args, kwargs
+
+
+def isLoopbackEndpoint(description: str) -> bool:
+    """
+    Can only this host reach a listener on C{description}?  True for a
+    UNIX socket and for TCP bound to a loopback address; False for every
+    other interface, and for kinds of endpoint this cannot judge.
+    """
+    args, kwargs = _endpointParts(description)
+    kind = args[0].lower() if args else ""
+    if kind == "unix":
+        return True
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return False
+    interface = kwargs.get("interface", "").strip("[]")
+    if interface.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return False
+
+
+def readAdminToken(path: str) -> bytes:
+    """
+    The admin token: the file's content without surrounding whitespace.
+    """
+    try:
+        with open(path, "rb") as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise ConfigError(
+            f"admin_token_file: cannot read {path}: {e.strerror}"
+        ) from None
+    if not token:
+        raise ConfigError(f"admin_token_file: {path} is empty")
+    if any(c in token for c in b"\r\n\x00"):
+        raise ConfigError(f"admin_token_file: {path} holds more than one line")
+    return token
+
+
+def _adminSettings(settings: Mapping[str, Any], path) -> Dict[str, Any]:
+    """
+    The admin listener's settings.  It is refused on an address other hosts
+    can reach unless a token guards it; with several workers (each with its
+    own backends) there is none, and asking for one is a mistake.
+    """
+    admin = parseAdmin(settings.get("admin", ADMIN_DEFAULT))
+    workers = parseWorkers(settings.get("workers", 1))
+    if workers > 1 and admin is not None:
+        if "admin" in settings:
+            raise ConfigError(
+                "admin: the admin listener needs --workers 1 (every worker has "
+                "its own backends); give --admin none"
+            )
+        admin = None
+    tokenFile = path("admin_token_file")
+    if tokenFile is not None:
+        readAdminToken(tokenFile)
+    if admin is not None and tokenFile is None and not isLoopbackEndpoint(admin):
+        raise ConfigError(
+            f"admin: {admin} can be reached from other hosts: give "
+            "--admin-token-file, or listen on a loopback interface "
+            "(tcp:8001:interface=127.0.0.1)"
+        )
+    return {"admin": admin, "adminTokenFile": tokenFile}
 
 
 def readConfigFile(path: str) -> Dict[str, Any]:
@@ -417,7 +549,10 @@ def loadConfig(path: str, overrides: Mapping[str, Any] = {}) -> Config:
     Read, merge and validate: the one way from a file to a L{Config}.
     """
     settings = readConfigFile(path)
-    return buildConfig(
+    config = buildConfig(
         mergeSettings(settings, overrides),
         baseDir=os.path.dirname(os.path.abspath(path)),
+    )
+    return replace(
+        config, configPath=os.path.abspath(path), configOverrides=dict(overrides)
     )

@@ -5,6 +5,7 @@ layers over L{makeService}.
 """
 
 import ipaddress
+import sys
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
@@ -23,6 +24,7 @@ from zope.interface import implementer
 
 from treq.client import HTTPClient
 
+from .admin import addOperations
 from .backends import Backend, BackendGroup
 from .client import ConnectionPool, connectorFor
 from .config import BackendConfig, Config, ConfigError
@@ -74,6 +76,16 @@ def backendEndpoint(reactor, backend: BackendConfig, trust, timeout: float):
     return endpoint
 
 
+def cannotStart(message: str) -> SystemExit:
+    """
+    Say why the balancer cannot start, in one line, where the operator will
+    see it: once twistd runs the services, C{sys.stderr} goes to its log,
+    and the terminal is only C{sys.__stderr__}.
+    """
+    print(f"rrbalancer: {message}", file=sys.__stderr__, flush=True)
+    return SystemExit(1)
+
+
 def _serverEndpoint(reactor, description: str):
     try:
         return serverFromString(reactor, description)
@@ -100,9 +112,9 @@ class _Listener(StreamServerEndpointService):
         except CannotListenError as e:
             reason = e.socketError
             reason = getattr(reason, "strerror", None) or str(reason)
-            raise SystemExit(f"rrbalancer: cannot listen on {self.description}: {reason}")
+            raise cannotStart(f"cannot listen on {self.description}: {reason}")
         except Exception as e:
-            raise SystemExit(f"rrbalancer: cannot listen on {self.description}: {e}")
+            raise cannotStart(f"cannot listen on {self.description}: {e}")
 
 
 class _QuietPool(HTTPConnectionPool):
@@ -229,7 +241,12 @@ def makeService(config: Config, reactor, listeners=None):
         DemoBackends(group, reactor).setServiceParent(service)
     if listeners is None:
         listeners = [(d, _serverEndpoint(reactor, d)) for d in config.ports]
+    seen = set()
     for description, endpoint in listeners:
+        # Two listeners of one name would be a RuntimeError (a traceback).
+        if description in seen:
+            raise ConfigError(f"port: {description} is listed twice")
+        seen.add(description)
         _Listener(description, endpoint, site).setServiceParent(service)
     if config.health.enabled:
         agent = Agent(
@@ -240,4 +257,7 @@ def makeService(config: Config, reactor, listeners=None):
         )
         checker = HealthChecker(group, HTTPClient(agent), reactor, config.health)
         _HealthService(checker).setServiceParent(service)
+        service.healthChecker = checker
+    # The admin API, dashboard and metrics (--admin), and reload on SIGHUP.
+    addOperations(service, config, reactor)
     return service

@@ -57,6 +57,11 @@ class Options(usage.Options):
                                        "[default: 104857600]."],
         ["workers", None, None, "Processes sharing the listening ports; 'auto' is one "
                                  "per CPU [default: 1]."],
+        ["admin", None, None, "The admin API, dashboard and metrics listen here: an "
+                               "endpoint description, or 'none' "
+                               "[default: tcp:8001:interface=127.0.0.1]."],
+        ["admin-token-file", None, None, "Every admin request must then carry "
+                                          "'Authorization: Bearer <this file's token>'."],
     ]
 
     def __init__(self) -> None:
@@ -130,10 +135,11 @@ class Options(usage.Options):
             "header-timeout",
             "max-body-size",
             "workers",
+            "admin",
         ]:
             if self[flag] is not None:
                 settings[flag.replace("-", "_")] = self[flag]
-        for flag in ["backend-ca", "access-log"]:
+        for flag in ["backend-ca", "access-log", "admin-token-file"]:
             value = self[flag]
             if value is not None:
                 if value != "-":
@@ -161,7 +167,50 @@ def makeService(options: Options):
     from .service import makeService as build
 
     try:
-        return build(options.config, reactor)
+        service = build(options.config, reactor)
     except ConfigError as e:
         print(f"rrbalancer: {e}", file=sys.stderr)
         raise SystemExit(1)
+    exitCleanlyOnSignals(reactor)
+    return service
+
+
+def exitCleanlyOnSignals(reactor) -> None:
+    """
+    Make SIGTERM and SIGINT stop the balancer gracefully and then exit with
+    status 0, as the README promises.
+
+    twistd's own handlers stop the reactor too, but then make the process
+    kill itself with the same signal (status 143, or -15 to a parent), so
+    that a clean, drained stop looks like a crash to service managers.
+    The handlers are replaced once the reactor runs (it installs its own as
+    it starts); they only ask the reactor to stop: stopping, and its
+    logging, happen in the reactor's thread, not in the signal handler.
+    """
+    import signal
+
+    from twisted.logger import Logger
+
+    log = Logger(namespace="rrbalancer")
+    stopping = []
+
+    def stop(name: str) -> None:
+        if stopping:
+            log.info("Received {signal} again; already stopping.", signal=name)
+            return
+        stopping.append(name)
+        log.info("Received {signal}, shutting down.", signal=name)
+        if reactor.running:
+            reactor.stop()
+
+    def handler(signum, frame) -> None:
+        reactor.callFromThread(stop, signal.Signals(signum).name)
+
+    def install() -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                signal.signal(signum, handler)
+            except ValueError:  # not the main thread: leave twistd's alone
+                return
+
+    reactor.callWhenRunning(install)

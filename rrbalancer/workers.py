@@ -126,7 +126,9 @@ class WorkerPool(Service):
             if not hasattr(outcome, "fileno"):
                 reason = outcome.value
                 reason = getattr(getattr(reason, "socketError", None), "strerror", None) or reason
-                raise SystemExit(f"rrbalancer: cannot listen on {description}: {reason}")
+                from .service import cannotStart
+
+                raise cannotStart(f"cannot listen on {description}: {reason}")
             outcome.stopReading()
             self._ports.append(outcome)
             family = socket.AF_UNIX if kind == "unix" else (

@@ -1,0 +1,338 @@
+"""
+Tests for L{rrbalancer.backends}: which backend the group picks, and the
+rise/fall rule that takes backends down and brings them back.
+"""
+
+from collections import Counter
+
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from rrbalancer.backends import DISABLED, DOWN, DRAINING, UP, BackendGroup
+from rrbalancer.config import BackendConfig, HealthConfig
+
+
+def captureStateLogs(testCase):
+    """
+    Collect the backends' "is up"/"is down" log lines as (level, text).
+    """
+    events = []
+
+    def observer(event):
+        if event.get("log_namespace", "").startswith("rrbalancer.backends"):
+            events.append((event.get("log_level"), formatEvent(event)))
+
+    globalLogPublisher.addObserver(observer)
+    testCase.addCleanup(globalLogPublisher.removeObserver, observer)
+    return events
+
+
+class GroupMixin:
+    def makeGroup(self, *specs, rise=2, fall=3, enabled=True):
+        """
+        A group of backends named by their URLs' hosts: C{("a", 5)} is
+        http://a with weight 5, C{("z", 1, True)} a backup.
+        """
+        self.clock = Clock()
+        self.clock.advance(1000)
+        group = BackendGroup(
+            HealthConfig(rise=rise, fall=fall, enabled=enabled), self.clock
+        )
+        backends = {}
+        for spec in specs:
+            if not isinstance(spec, tuple):
+                spec = (spec,)
+            name, weight, backup = spec + (1, False)[len(spec) - 1 :]
+            backends[name] = group.add(
+                BackendConfig(url=f"http://{name}", weight=weight, backup=backup)
+            )
+        return group, backends
+
+    def picks(self, group, n, exclude=()):
+        names = []
+        for _ in range(n):
+            backend = group.pick(exclude)
+            names.append(None if backend is None else backend.url[len("http://"):])
+        return names
+
+    def down(self, backend):
+        for _ in range(backend._health.fall):
+            backend.recordCheck(False, "HTTP 500")
+        self.assertFalse(backend.available)
+
+
+class PickTests(GroupMixin, TestCase):
+    def test_roundRobin(self):
+        group, _ = self.makeGroup("a", "b", "c")
+        self.assertEqual("".join(self.picks(group, 9)), "abcabcabc")
+
+    def test_weights(self):
+        group, _ = self.makeGroup(("a", 5), "b", "c")
+        self.assertEqual("".join(self.picks(group, 14)), "aabacaa" * 2)
+
+    def test_emptyGroup(self):
+        group, _ = self.makeGroup()
+        self.assertIsNone(group.pick())
+        self.assertFalse(group.anyAvailable())
+
+    def test_downSkipped(self):
+        """
+        A backend that is down is skipped; the others keep rotating.
+        """
+        group, b = self.makeGroup("a", "b", "c")
+        self.down(b["b"])
+        self.assertEqual("".join(self.picks(group, 6)), "acacac")
+        self.assertTrue(group.anyAvailable())
+
+    def test_allDown(self):
+        group, b = self.makeGroup("a", "b")
+        self.down(b["a"])
+        self.down(b["b"])
+        self.assertIsNone(group.pick())
+        self.assertFalse(group.anyAvailable())
+
+    def test_adminStatesSkipped(self):
+        """
+        A draining or disabled backend takes no new request.
+        """
+        group, b = self.makeGroup("a", "b", "c")
+        b["a"].adminState = DRAINING
+        b["c"].adminState = DISABLED
+        self.assertEqual(self.picks(group, 3), ["b", "b", "b"])
+        self.assertEqual(b["a"].state, DRAINING)
+        self.assertEqual(b["c"].state, DISABLED)
+
+    def test_backupsUnusedWhilePrimaryUp(self):
+        group, b = self.makeGroup("a", "b", ("z", 1, True))
+        self.assertNotIn("z", self.picks(group, 20))
+        self.down(b["a"])
+        self.assertEqual(self.picks(group, 4), ["b"] * 4)
+
+    def test_backupsWhenNoPrimary(self):
+        """
+        Backups take the traffic, in turn, only once every primary is
+        unavailable, and hand it back when one primary returns.
+        """
+        group, b = self.makeGroup("a", "b", ("y", 1, True), ("z", 1, True))
+        self.down(b["a"])
+        self.down(b["b"])
+        self.assertEqual(sorted(self.picks(group, 4)), ["y", "y", "z", "z"])
+        b["a"].recordCheck(True, "HTTP 200")
+        b["a"].recordCheck(True, "HTTP 200")
+        self.assertEqual(self.picks(group, 3), ["a", "a", "a"])
+
+    def test_backupAfterEveryPrimaryFailedTheRequest(self):
+        """
+        A request that every up primary has failed moves on to a backup, as
+        in NGINX; other requests still go to the primaries.
+        """
+        group, b = self.makeGroup("a", "b", ("z", 1, True))
+        self.assertEqual(self.picks(group, 1, exclude=[b["a"], b["b"]]), ["z"])
+        self.assertNotIn("z", self.picks(group, 6))
+
+    def test_backupsWhenPrimaryDisabled(self):
+        group, b = self.makeGroup("a", ("z", 1, True))
+        b["a"].adminState = DISABLED
+        self.assertEqual(self.picks(group, 2), ["z", "z"])
+
+    def test_backupDownToo(self):
+        group, b = self.makeGroup("a", ("y", 1, True), ("z", 1, True))
+        self.down(b["a"])
+        self.down(b["y"])
+        self.assertEqual(self.picks(group, 3), ["z", "z", "z"])
+        self.down(b["z"])
+        self.assertIsNone(group.pick())
+
+    def test_onlyBackups(self):
+        """
+        A group of backups only still serves (there is no primary up).
+        """
+        group, _ = self.makeGroup(("y", 1, True), ("z", 1, True))
+        self.assertEqual(sorted(self.picks(group, 2)), ["y", "z"])
+
+    def test_exclude(self):
+        """
+        A retry skips the backends this request already tried.
+        """
+        group, b = self.makeGroup("a", "b", "c")
+        for _ in range(6):
+            self.assertNotIn(group.pick(exclude=[b["a"], b["b"]]), (b["a"], b["b"]))
+        self.assertIsNone(group.pick(exclude=list(b.values())))
+
+    def test_weightChange(self):
+        group, b = self.makeGroup("a", "b")
+        b["a"].weight = 3
+        counts = Counter(self.picks(group, 40))
+        self.assertEqual(counts, Counter({"a": 30, "b": 10}))
+
+    def test_addAndRemove(self):
+        group, b = self.makeGroup("a", "b")
+        c = group.add(BackendConfig(url="http://c"))
+        self.assertEqual(sorted(self.picks(group, 3)), ["a", "b", "c"])
+        group.remove(b["a"])
+        self.assertEqual(sorted(self.picks(group, 4)), ["b", "b", "c", "c"])
+        self.assertIsNone(group.get(b["a"].id))
+        self.assertIs(group.byURL("http://c"), c)
+        self.assertEqual(len(group), 2)
+        self.assertRaises(ValueError, group.add, BackendConfig(url="http://c"))
+
+
+class RiseFallTests(GroupMixin, TestCase):
+    def setUp(self):
+        self.logs = captureStateLogs(self)
+
+    def test_startsUp(self):
+        _, b = self.makeGroup("a")
+        self.assertTrue(b["a"].available)
+        self.assertEqual(b["a"].state, UP)
+        self.assertEqual(self.logs, [])
+
+    def test_fall(self):
+        """
+        C{fall} failed checks in a row take a backend down, and that is
+        logged once, however many more failures follow.
+        """
+        _, b = self.makeGroup("a", fall=3)
+        a = b["a"]
+        a.recordCheck(False, "HTTP 500")
+        a.recordCheck(False, "HTTP 500")
+        self.assertTrue(a.healthy)
+        self.assertEqual(a.state, UP)
+        self.assertEqual(self.logs, [])
+        self.clock.advance(5)
+        a.recordCheck(False, "connection refused")
+        self.assertFalse(a.healthy)
+        self.assertEqual(a.state, DOWN)
+        self.assertEqual(a.lastChange, 1005)
+        self.assertEqual(a.lastChangeReason, "connection refused")
+        self.assertEqual(a.lastError, "connection refused")
+        for _ in range(5):
+            a.recordCheck(False, "connection refused")
+        self.assertEqual(
+            self.logs,
+            [(LogLevel.warn, "backend http://a is down: connection refused")],
+        )
+
+    def test_rise(self):
+        """
+        C{rise} passing checks in a row bring a down backend back, logged
+        once.
+        """
+        _, b = self.makeGroup("a", rise=2, fall=1)
+        a = b["a"]
+        a.recordCheck(False, "HTTP 503")
+        self.assertFalse(a.available)
+        a.recordCheck(True, "HTTP 200")
+        self.assertFalse(a.available)
+        a.recordCheck(True, "HTTP 204")
+        self.assertTrue(a.available)
+        self.assertEqual(a.lastChangeReason, "HTTP 204")
+        for _ in range(5):
+            a.recordCheck(True, "HTTP 200")
+        self.assertEqual(
+            self.logs,
+            [
+                (LogLevel.warn, "backend http://a is down: HTTP 503"),
+                (LogLevel.info, "backend http://a is up: HTTP 204"),
+            ],
+        )
+
+    def test_interleavedFailuresDoNotFall(self):
+        """
+        A pass resets the failure count: failures that are not consecutive
+        never take a backend down.
+        """
+        _, b = self.makeGroup("a", fall=3)
+        a = b["a"]
+        for _ in range(10):
+            a.recordCheck(False, "timeout")
+            a.recordCheck(False, "timeout")
+            a.recordCheck(True, "HTTP 200")
+        self.assertTrue(a.available)
+        self.assertEqual(self.logs, [])
+
+    def test_interleavedPassesDoNotRise(self):
+        """
+        A failure resets the pass count: passes that are not consecutive
+        never bring a backend back.
+        """
+        _, b = self.makeGroup("a", rise=3, fall=1)
+        a = b["a"]
+        a.recordCheck(False, "HTTP 500")
+        for _ in range(10):
+            a.recordCheck(True, "HTTP 200")
+            a.recordCheck(True, "HTTP 200")
+            a.recordCheck(False, "HTTP 500")
+        self.assertFalse(a.available)
+        self.assertEqual(len(self.logs), 1)
+        a.recordCheck(True, "HTTP 200")
+        a.recordCheck(True, "HTTP 200")
+        a.recordCheck(True, "HTTP 200")
+        self.assertTrue(a.available)
+        self.assertEqual(len(self.logs), 2)
+
+    def test_riseAndFallOfOne(self):
+        _, b = self.makeGroup("a", rise=1, fall=1)
+        a = b["a"]
+        a.recordCheck(False, "x")
+        self.assertFalse(a.available)
+        a.recordCheck(True, "y")
+        self.assertTrue(a.available)
+        self.assertEqual(
+            [text for _, text in self.logs],
+            ["backend http://a is down: x", "backend http://a is up: y"],
+        )
+
+    def test_eachChangeLoggedOnce(self):
+        """
+        Several round trips: exactly one line per state change.
+        """
+        _, b = self.makeGroup("a", rise=2, fall=2)
+        a = b["a"]
+        results = [False, False, False, True, True, True, False, True, False, False, True, True]
+        for ok in results:
+            a.recordCheck(ok, "ok" if ok else "bad")
+        self.assertEqual(
+            [text for _, text in self.logs],
+            [
+                "backend http://a is down: bad",
+                "backend http://a is up: ok",
+                "backend http://a is down: bad",
+                "backend http://a is up: ok",
+            ],
+        )
+
+    def test_passiveFailures(self):
+        """
+        With health checks on, a failure the proxy saw counts as a failed
+        check.
+        """
+        group, b = self.makeGroup("a", "b", fall=2)
+        b["a"].recordPassiveFailure("connection refused")
+        self.assertTrue(b["a"].available)
+        b["a"].recordPassiveFailure("connection refused")
+        self.assertFalse(b["a"].available)
+        self.assertEqual(b["a"].failures, 2)
+        self.assertEqual(self.picks(group, 2), ["b", "b"])
+        self.assertEqual(len(self.logs), 1)
+
+    def test_passiveFailuresWithoutHealthChecks(self):
+        """
+        With health checks off nothing could bring a backend back, so
+        passive failures never take it down.
+        """
+        group, b = self.makeGroup("a", fall=1, enabled=False)
+        for _ in range(5):
+            b["a"].recordPassiveFailure("connection refused")
+        self.assertTrue(b["a"].available)
+        self.assertEqual(b["a"].failures, 5)
+        self.assertEqual(b["a"].lastError, "connection refused")
+        self.assertEqual(self.logs, [])
+
+    def test_lastCheck(self):
+        _, b = self.makeGroup("a")
+        self.assertIsNone(b["a"].lastCheck)
+        self.clock.advance(3)
+        b["a"].recordCheck(True, "HTTP 200")
+        self.assertEqual(b["a"].lastCheck, 1003)
