@@ -5,6 +5,7 @@ rotation at once with nothing else to start.
 """
 
 from twisted.application.service import Service
+from twisted.internet.defer import gatherResults, maybeDeferred
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -67,5 +68,5 @@ class DemoBackends(Service):
     def stopService(self):
         Service.stopService(self)
         ports, self.ports = self.ports, []
-        for port in ports:
-            port.stopListening()
+        # Fires once every port is closed, so a stop waits for them.
+        return gatherResults([maybeDeferred(port.stopListening) for port in ports])

@@ -10,7 +10,9 @@ cancelled request), fails it.  The rise/fall counting is the backend's own
 from typing import Set
 
 import treq
-from twisted.internet.defer import CancelledError, TimeoutError
+from twisted.internet.defer import CancelledError, TimeoutError, maybeDeferred
+from twisted.internet.error import ConnectingCancelledError
+from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -25,7 +27,11 @@ def describeFailure(failure, timeout: float) -> str:
     """
     One short reason for the log and the admin API.
     """
-    if failure.check(CancelledError, TimeoutError):
+    # The client's own connect timeout, and the timeout cancelling a
+    # connection attempt (whose message would only be the address).
+    if failure.check(
+        CancelledError, TimeoutError, ConnectTimeoutError, ConnectingCancelledError
+    ):
         return f"no answer within {timeout:g}s"
     reasons = getattr(failure.value, "reasons", None)
     if reasons:  # treq/Agent wrap the real cause in a list of failures
@@ -87,7 +93,16 @@ class HealthChecker:
         self._pending.add(backend)
         timeout = self._config.timeout
         url = backend.url + self._config.path
-        d = self._http.get(url, headers={b"User-Agent": [USER_AGENT]})
+        # A client that raises instead of failing its Deferred fails the
+        # check like any error (and does not leave it pending for ever).
+        # Redirects are not followed: a 3xx passes as it is, and its
+        # Location may name another server entirely.
+        d = maybeDeferred(
+            self._http.get,
+            url,
+            headers={b"User-Agent": [USER_AGENT]},
+            allow_redirects=False,
+        )
 
         def answered(response):
             code = response.code

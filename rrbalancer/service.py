@@ -162,8 +162,17 @@ class BalancerService(MultiService):
         return [s for s in self if isinstance(s, _Listener)]
 
     def stopService(self):
+        # The site stops (closing its access log) with its last port; hold
+        # it started until the requests in flight are done, so that they
+        # are logged too.
+        site = self.site
+        holding = site.numPorts > 0
+        if holding:
+            site.doStart()
         d = MultiService.stopService(self)
         d.addCallback(lambda _: self._drain())
+        if holding:
+            d.addBoth(lambda result: (site.doStop(), result)[1])
         return d
 
     def _drain(self):
@@ -174,8 +183,10 @@ class BalancerService(MultiService):
                 grace=self.config.shutdownGrace,
                 n=site.inFlight,
             )
+        grace = self.config.shutdownGrace
+        deadline = self._clock.seconds() + grace
         d = site.whenIdle()
-        d.addTimeout(self.config.shutdownGrace, self._clock)
+        d.addTimeout(grace, self._clock)
 
         def late(failure):
             self.log.warn(
@@ -188,7 +199,15 @@ class BalancerService(MultiService):
             for backend in self.group:
                 backend.pool.closeIdle()
 
+        def closeConnections(_):
+            # Finished responses may still sit in buffers: let them out
+            # before the reactor stops and drops every connection.
+            closed = site.closeConnections()
+            remaining = max(deadline - self._clock.seconds(), 0.1)
+            return closed.addTimeout(remaining, self._clock).addErrback(lambda _: None)
+
         d.addErrback(late)
+        d.addCallback(closeConnections)
         d.addCallback(closePools)
         return d
 

@@ -7,6 +7,7 @@ whose connections bound the time and size of a request head.
 
 import sys
 
+from twisted.internet import address
 from twisted.internet.defer import Deferred, succeed
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
@@ -160,6 +161,39 @@ class BalancerChannel(HTTPChannel):
     def connectionLost(self, reason):
         self._stopHeadTimer()
         HTTPChannel.connectionLost(self, reason)
+        self.site._channelClosed(self)
+
+
+def _escape(value: bytes) -> str:
+    """
+    A header value or request target as it may appear inside double quotes
+    in an access log line (no raw control characters, no bare quote).
+    """
+    text = value.decode("latin-1").encode("unicode_escape").decode("ascii")
+    return text.replace('"', '\\"')
+
+
+def combinedLogFormatter(timestamp: str, request) -> str:
+    """
+    An NCSA combined log line, as Apache and NGINX write it (Twisted's own
+    quotes the client address, which log analysers do not expect).
+    """
+    clientAddress = request.getClientAddress()
+    if isinstance(clientAddress, (address.IPv4Address, address.IPv6Address)):
+        host = clientAddress.host
+    else:
+        host = "-"
+    return '%s - - %s "%s %s %s" %d %s "%s" "%s"' % (
+        host,
+        timestamp,
+        _escape(request.method),
+        _escape(request.uri),
+        _escape(request.clientproto),
+        request.code,
+        request.sentLength or "-",
+        _escape(request.getHeader(b"referer") or b"-"),
+        _escape(request.getHeader(b"user-agent") or b"-"),
+    )
 
 
 class _Stdout:
@@ -200,28 +234,54 @@ class BalancerSite(Site):
         Site.__init__(
             self,
             resource,
-            logPath=accessLog,
+            logPath=None if accessLog == "-" else accessLog,
             timeout=timeout,
+            logFormatter=combinedLogFormatter,
             reactor=reactor,
         )
+        self._logToStdout = accessLog == "-"
         self.maxBodySize = maxBodySize
         self.headerTimeout = headerTimeout
         self.inFlight = 0
         self._idleWaiters = []
+        self._channels = set()
+        self._closedWaiters = []
 
     def buildProtocol(self, addr):
         channel = Site.buildProtocol(self, addr)
         channel.headerTimeout = self.headerTimeout
+        self._channels.add(channel)
         return channel
 
-    def _openLogFile(self, path):
-        if path == "-":
-            return _Stdout()
-        return Site._openLogFile(self, path)
+    def startFactory(self):
+        Site.startFactory(self)
+        if self._logToStdout:
+            self._logFile = _Stdout()
 
     def log(self, request):
-        if self.logPath is not None:
+        if self.logPath is not None or self._logToStdout:
             Site.log(self, request)
+
+    def _channelClosed(self, channel) -> None:
+        self._channels.discard(channel)
+        if not self._channels and self._closedWaiters:
+            waiters, self._closedWaiters = self._closedWaiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def closeConnections(self) -> Deferred:
+        """
+        Close every client connection once what is buffered for it has been
+        written, and fire when all are closed: a stopping balancer must not
+        let the reactor drop the end of a response it has already finished.
+        """
+        if not self._channels:
+            return succeed(None)
+        d = Deferred()
+        self._closedWaiters.append(d)
+        for channel in list(self._channels):
+            channel.loseConnection()
+        return d
 
     def _requestDone(self) -> None:
         self.inFlight -= 1

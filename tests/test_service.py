@@ -1,0 +1,927 @@
+"""
+Tests for L{rrbalancer.service}: the wiring of L{makeService} (on a
+L{MemoryReactorClock}), the listeners' failure to listen, the graceful stop,
+the backend endpoints, and the access log of the site it builds.
+"""
+
+import re
+from typing import List
+
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP4ServerEndpoint,
+    TCP6ClientEndpoint,
+    TCP6ServerEndpoint,
+    UNIXServerEndpoint,
+    connectProtocol,
+)
+from twisted.internet.error import (
+    CannotListenError,
+    ConnectionLost,
+    ConnectionRefusedError,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.internet.testing import StringTransportWithDisconnection, MemoryReactorClock, StringTransport
+from twisted.protocols.policies import WrappingFactory
+from twisted.python import log as legacyLog
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+from rrbalancer import service as serviceModule
+from rrbalancer.backends import DOWN
+from rrbalancer.client import ConnectionPool
+from rrbalancer.config import BackendConfig, Config, ConfigError, HealthConfig, buildConfig
+from rrbalancer.demo import DemoBackends
+from rrbalancer.proxy import BackendProxyResource
+from rrbalancer.service import (
+    BalancerService,
+    SystemTrustPlus,
+    _HealthService,
+    _Listener,
+    backendEndpoint,
+    makeService,
+    trustRoot,
+)
+from rrbalancer.site import BalancerSite
+
+NO_HEALTH = HealthConfig(enabled=False)
+
+
+def config(**kwargs) -> Config:
+    kwargs.setdefault("backends", (BackendConfig(url="http://127.0.0.1:8081"),))
+    kwargs.setdefault("health", NO_HEALTH)
+    return Config(**kwargs)
+
+
+# -- helpers for tests on the real reactor --------------------------------
+
+
+@inlineCallbacks
+def waitUntil(predicate, what: str, limit: float = 5.0):
+    """
+    Poll C{predicate} every few milliseconds of reactor time, for at most
+    C{limit} seconds.
+    """
+    for i in range(int(limit / 0.005)):
+        if predicate():
+            return
+        yield deferLater(reactor, 0.005, lambda: None)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class RawClient(Protocol):
+    """
+    Collects everything the server sends until the connection closes.
+    """
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.done = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason=None) -> None:
+        self.done.callback(self.data)
+
+
+@inlineCallbacks
+def rawRequest(port: int, request: bytes):
+    """
+    Open a connection to 127.0.0.1:C{port}, send C{request}; the returned
+    L{RawClient}'s C{done} fires with the bytes received once closed.
+    """
+    client = yield connectProtocol(
+        TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5), RawClient()
+    )
+    client.transport.write(request)
+    return client
+
+
+def parseResponse(data: bytes):
+    """
+    Status line, headers (lower-cased names) and body of one response with
+    a Content-Length (or none, for HEAD).
+    """
+    head, sep, body = data.partition(b"\r\n\r\n")
+    assert sep, f"no complete response head in {data!r}"
+    lines = head.split(b"\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    return lines[0], headers, body
+
+
+class SlowBackend(Resource):
+    """
+    A backend that answers only when the test says so.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        Resource.__init__(self)
+        self.waiting = []
+        self.arrived = Deferred()
+
+    def render(self, request):
+        self.waiting.append(request)
+        if not self.arrived.called:
+            self.arrived.callback(request)
+        return NOT_DONE_YET
+
+    def answer(self, body: bytes = b"slow answer\n") -> None:
+        request = self.waiting.pop(0)
+        request.setHeader(b"content-type", b"text/plain")
+        request.setHeader(b"content-length", b"%d" % (len(body),))
+        request.write(body)
+        request.finish()
+
+
+class FastBackend(Resource):
+    isLeaf = True
+
+    def render(self, request):
+        body = b"hello from the backend\n"
+        request.setHeader(b"content-type", b"text/plain")
+        request.setHeader(b"content-length", b"%d" % (len(body),))
+        return body
+
+
+class RealNetworkMixin:
+    """
+    Start backends and balancers on the real reactor, on loopback ports the
+    system picks, and clean everything up without leaving the reactor dirty.
+    """
+
+    timeout = 10
+
+    def startBackend(self, resource) -> int:
+        site = Site(resource)
+        site.noisy = False
+        site.log = lambda request: None
+        tracking = WrappingFactory(site)
+        tracking.noisy = False
+        port = reactor.listenTCP(0, tracking, interface="127.0.0.1")
+
+        @inlineCallbacks
+        def cleanup():
+            yield port.stopListening()
+            for protocol in list(tracking.protocols):
+                protocol.transport.abortConnection()
+            yield waitUntil(lambda: not tracking.protocols, "backend connections to close")
+
+        self.addCleanup(cleanup)
+        self.backendConnections = tracking.protocols
+        return port.getHost().port
+
+    def startBalancer(self, conf: Config) -> BalancerService:
+        service = makeService(conf, reactor)
+        service.startService()
+
+        def cleanup():
+            if service.running:
+                return service.stopService()
+
+        self.addCleanup(cleanup)
+        return service
+
+    def listeningPort(self, listener: _Listener):
+        ports = []
+
+        def got(port):
+            ports.append(port)
+            return port
+
+        listener._waitingForPort.addCallback(got)
+        return ports[0]
+
+    def balancerPort(self, service: BalancerService) -> int:
+        [listener] = service.listeners
+        return self.listeningPort(listener).getHost().port
+
+    def trackServerConnections(self, site):
+        """
+        Record the balancer's server-side protocols as the site builds them.
+        """
+        built = []
+        original = site.buildProtocol
+
+        def buildProtocol(addr):
+            protocol = original(addr)
+            built.append(protocol)
+            return protocol
+
+        site.buildProtocol = buildProtocol
+        return built
+
+
+# -- makeService on a memory reactor --------------------------------------
+
+
+class MakeServiceTests(SynchronousTestCase):
+    def test_listenersForEachPort(self):
+        """
+        Every port gets its listener, with the endpoint its description
+        names (a bare number is TCP on every interface); nothing listens
+        before the service starts.
+        """
+        conf = buildConfig(
+            {
+                "port": [
+                    8000,
+                    "8001",
+                    "tcp:8002:interface=127.0.0.1",
+                    "tcp6:8003:interface=\\:\\:1",
+                    "unix:/nonexistent/rrbalancer.sock",
+                ],
+                "backend": ["http://127.0.0.1:8081"],
+                "admin": "none",
+            }
+        )
+        memory = MemoryReactorClock()
+        service = makeService(conf, memory)
+        listeners = service.listeners
+        self.assertEqual(
+            [l.description for l in listeners],
+            [
+                "tcp:8000",
+                "tcp:8001",
+                "tcp:8002:interface=127.0.0.1",
+                "tcp6:8003:interface=\\:\\:1",
+                "unix:/nonexistent/rrbalancer.sock",
+            ],
+        )
+        self.assertEqual(
+            [type(l.endpoint) for l in listeners],
+            [
+                TCP4ServerEndpoint,
+                TCP4ServerEndpoint,
+                TCP4ServerEndpoint,
+                TCP6ServerEndpoint,
+                UNIXServerEndpoint,
+            ],
+        )
+        self.assertEqual(memory.tcpServers, [])
+        self.assertEqual(memory.unixServers, [])
+
+        service.startService()
+        site = service.site
+        self.assertIsInstance(site, BalancerSite)
+        self.assertEqual(
+            [(port, factory, interface) for port, factory, backlog, interface in memory.tcpServers],
+            [
+                (8000, site, ""),
+                (8001, site, ""),
+                (8002, site, "127.0.0.1"),
+                (8003, site, "::1"),
+            ],
+        )
+        self.assertEqual(
+            [(path, factory) for path, factory, *rest in memory.unixServers],
+            [("/nonexistent/rrbalancer.sock", site)],
+        )
+        self.successResultOf(service.stopService())
+
+    def test_malformedEndpoint(self):
+        for bad in ["tcp:notaport", "bogus:1", "tcp:8000:backlog=x", "ssl:8443:privateKey=/nonexistent"]:
+            with self.assertRaises(ConfigError) as raised:
+                makeService(config(ports=(bad,)), MemoryReactorClock())
+            message = str(raised.exception)
+            self.assertTrue(message.startswith("port: bad endpoint"), message)
+            self.assertIn(repr(bad), message)
+            self.assertNotIn("\n", message)
+
+    def test_samePortTwice(self):
+        """
+        A port listed twice is a configuration mistake, reported as such
+        (not a traceback from the service hierarchy).
+        """
+        conf = buildConfig(
+            {"port": ["8000", "tcp:8000"], "backend": ["http://127.0.0.1:8081"], "admin": "none"}
+        )
+        with self.assertRaises(ConfigError) as raised:
+            makeService(conf, MemoryReactorClock())
+        self.assertIn("tcp:8000", str(raised.exception))
+
+    def test_healthServiceOnlyWhenEnabled(self):
+        memory = MemoryReactorClock()
+        service = makeService(config(health=HealthConfig(enabled=False)), memory)
+        self.assertEqual([s for s in service if isinstance(s, _HealthService)], [])
+
+        health = HealthConfig(enabled=True, interval=3.0)
+        service = makeService(config(health=health), memory)
+        [healthService] = [s for s in service if isinstance(s, _HealthService)]
+        self.assertIs(healthService.checker._config, health)
+        self.assertIs(healthService.checker._clock, memory)
+        self.assertIs(healthService.checker._group, service.group)
+
+    def test_healthChecksRunOnTheServiceReactor(self):
+        """
+        Started, the health service checks every backend through the
+        reactor it was given; a backend that does not answer goes down
+        after C{fall} timeouts; stopped, the checks stop.
+        """
+        memory = MemoryReactorClock()
+        health = HealthConfig(interval=2.0, timeout=1.0, fall=1, rise=1)
+        service = makeService(config(health=health), memory)
+        [backend] = service.group
+        [healthService] = [s for s in service if isinstance(s, _HealthService)]
+        service.startService()
+        self.assertTrue(healthService.checker._loop.running)
+        [(host, port, factory, timeout, bind)] = memory.tcpClients
+        self.assertEqual((host, port), ("127.0.0.1", 8081))
+        self.assertEqual(timeout, 1.0, "the check's connect timeout")
+        memory.advance(1.0)
+        self.assertEqual(backend.state, DOWN)
+        self.assertEqual(backend.lastError, "no answer within 1s")
+        self.successResultOf(service.stopService())
+        self.assertFalse(healthService.checker._loop.running)
+
+    def test_demoOnlyWhenAsked(self):
+        memory = MemoryReactorClock()
+        service = makeService(config(), memory)
+        self.assertEqual([s for s in service if isinstance(s, DemoBackends)], [])
+        service = makeService(config(backends=(), demo=True), memory)
+        self.assertEqual(len([s for s in service if isinstance(s, DemoBackends)]), 1)
+
+    def test_backendsPrepared(self):
+        """
+        Each backend gets its pool, whose connections go to its endpoint,
+        and its proxy resource.
+        """
+        memory = MemoryReactorClock()
+        conf = config(
+            backends=(
+                BackendConfig(url="http://127.0.0.1:8081"),
+                BackendConfig(url="http://127.0.0.1:8082", weight=3),
+            ),
+            maxIdlePerBackend=7,
+            poolIdleTimeout=12.0,
+            connectTimeout=2.5,
+        )
+        service = makeService(conf, memory)
+        backends = list(service.group)
+        self.assertEqual([b.url for b in backends], ["http://127.0.0.1:8081", "http://127.0.0.1:8082"])
+        for backend in backends:
+            self.assertIsInstance(backend.pool, ConnectionPool)
+            self.assertEqual(backend.pool.maxIdle, 7)
+            self.assertEqual(backend.pool.idleTimeout, 12.0)
+            self.assertIsInstance(backend.resource, BackendProxyResource)
+            self.assertIs(backend.resource.backend, backend)
+        backends[1].pool.connect()
+        [(host, port, factory, timeout, bind)] = memory.tcpClients
+        self.assertEqual((host, port, timeout), ("127.0.0.1", 8082, 2.5))
+
+    def test_siteSettings(self):
+        conf = config(maxBodySize=1234, clientTimeout=7.0, accessLog=None)
+        service = makeService(conf, MemoryReactorClock())
+        self.assertEqual(service.site.maxBodySize, 1234)
+        self.assertEqual(service.site.timeOut, 7.0)
+        self.assertIsNone(service.site.logPath)
+
+
+class CannotListenReactor(MemoryReactorClock):
+    def __init__(self, exception) -> None:
+        MemoryReactorClock.__init__(self)
+        self.exception = exception
+
+    def listenTCP(self, *args, **kwargs):
+        raise self.exception
+
+
+class StderrMixin:
+    """
+    Capture what the balancer tells the operator on the real standard
+    error (C{sys.__stderr__}, the terminal even once twistd logs).
+    """
+
+    def captureStderr(self):
+        import io
+        import sys
+
+        stderr = io.StringIO()
+        self.patch(sys, "__stderr__", stderr)
+        return stderr
+
+    def assertOneLineExit(self, raised, stderr, message: str) -> None:
+        self.assertEqual(raised.exception.code, 1)
+        self.assertEqual(stderr.getvalue(), f"rrbalancer: {message}\n")
+
+
+class CannotListenTests(StderrMixin, SynchronousTestCase):
+    """
+    A listener that cannot listen ends the start with one line.
+    """
+
+    def test_cannotListen(self):
+        stderr = self.captureStderr()
+        error = CannotListenError("127.0.0.1", 80, OSError(13, "Permission denied"))
+        service = makeService(config(ports=("tcp:80",)), CannotListenReactor(error))
+        with self.assertRaises(SystemExit) as raised:
+            service.privilegedStartService()
+        self.assertOneLineExit(raised, stderr, "cannot listen on tcp:80: Permission denied")
+
+    def test_otherError(self):
+        stderr = self.captureStderr()
+        service = makeService(
+            config(ports=("tcp:80",)), CannotListenReactor(RuntimeError("no sockets today"))
+        )
+        with self.assertRaises(SystemExit) as raised:
+            service.startService()
+        self.assertOneLineExit(raised, stderr, "cannot listen on tcp:80: no sockets today")
+
+
+class PortInUseTests(StderrMixin, RealNetworkMixin, TestCase):
+    """
+    With the real reactor: a port already bound on 127.0.0.1.
+    """
+
+    def setUp(self):
+        self.taken = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+        self.addCleanup(self.taken.stopListening)
+        self.description = f"tcp:{self.taken.getHost().port}:interface=127.0.0.1"
+        self.stderr = self.captureStderr()
+
+    def assertInUse(self, raised) -> None:
+        self.assertOneLineExit(
+            raised,
+            self.stderr,
+            f"cannot listen on {self.description}: Address already in use",
+        )
+
+    def test_startService(self):
+        service = makeService(config(ports=(self.description,)), reactor)
+        with self.assertRaises(SystemExit) as raised:
+            service.startService()
+        self.assertInUse(raised)
+        return service.stopService()
+
+    def test_privilegedStartService(self):
+        """
+        twistd listens in privilegedStartService, before dropping
+        privileges; the failure is the same one line there.
+        """
+        service = makeService(
+            config(ports=("tcp:0:interface=127.0.0.1", self.description)), reactor
+        )
+        with self.assertRaises(SystemExit) as raised:
+            service.privilegedStartService()
+        self.assertInUse(raised)
+        # The listener that did start is stopped with the service.
+        service.startService()
+        return service.stopService()
+
+
+# -- the graceful stop ----------------------------------------------------
+
+
+class GracefulStopClockTests(SynchronousTestCase):
+    """
+    The stop, on a memory reactor: requests in flight are driven by hand.
+    """
+
+    def setUp(self):
+        self.memory = MemoryReactorClock()
+        self.service = makeService(config(shutdownGrace=5.0), self.memory)
+        self.service.startService()
+        self.site = self.service.site
+        self.client = StringTransportWithDisconnection(
+            peerAddress=IPv4Address("TCP", "10.0.0.9", 50000)
+        )
+        channel = self.site.buildProtocol(IPv4Address("TCP", "10.0.0.9", 50000))
+        self.client.protocol = channel
+        channel.makeConnection(self.client)
+        channel.dataReceived(b"GET /slow HTTP/1.1\r\nHost: balancer\r\n\r\n")
+        self.assertEqual(self.site.inFlight, 1)
+        # The balancer is connecting to the backend.
+        [(host, port, self.backendFactory, timeout, bind)] = self.memory.tcpClients
+        self.assertEqual((host, port), ("127.0.0.1", 8081))
+
+    def backendAnswers(self, response: bytes) -> StringTransport:
+        protocol = self.backendFactory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8081))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.assertTrue(transport.value().startswith(b"GET /slow HTTP/1.1\r\n"))
+        protocol.dataReceived(response)
+        return transport
+
+    def test_waitsForRequestInFlight(self):
+        d = self.service.stopService()
+        self.assertNoResult(d)
+        self.memory.advance(4.9)
+        self.assertNoResult(d)
+        self.backendAnswers(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.site.inFlight, 0)
+        response = self.client.value()
+        self.assertTrue(response.startswith(b"HTTP/1.1 200 OK\r\n"), response)
+        self.assertTrue(response.endswith(b"\r\n\r\nok"), response)
+
+    def test_gracePeriodEnds(self):
+        """
+        A request that does not finish within C{shutdownGrace} does not
+        hold the stop any longer.
+        """
+        d = self.service.stopService()
+        self.memory.advance(4.999)
+        self.assertNoResult(d)
+        self.memory.advance(0.001)
+        self.assertIsNone(self.successResultOf(d))
+        # Past the grace, the client's connection is closed.
+        self.assertEqual(self.site.inFlight, 0)
+        self.assertFalse(self.client.connected)
+
+    def test_idleStopsAtOnce(self):
+        self.backendAnswers(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(self.site.inFlight, 0)
+        [backend] = self.service.group
+        self.assertEqual(backend.pool.idleCount, 1)
+        self.assertIsNone(self.successResultOf(self.service.stopService()))
+        self.assertEqual(backend.pool.idleCount, 0, "kept connections are closed")
+
+    def test_zeroGrace(self):
+        service = makeService(config(shutdownGrace=0.0), self.memory)
+        service.startService()
+        service.site.inFlight = 1  # as if a request were in flight
+        d = service.stopService()
+        self.memory.advance(0)
+        self.successResultOf(d)
+
+
+class GracefulStopTests(RealNetworkMixin, TestCase):
+    """
+    The stop on the real reactor, with a backend that answers when told.
+    """
+
+    @inlineCallbacks
+    def test_inFlightRequestCompletes(self):
+        backend = SlowBackend()
+        backendPort = self.startBackend(backend)
+        service = self.startBalancer(
+            config(
+                backends=(BackendConfig(url=f"http://127.0.0.1:{backendPort}"),),
+                ports=("tcp:0:interface=127.0.0.1",),
+                shutdownGrace=10.0,
+            )
+        )
+        port = self.balancerPort(service)
+        client = yield rawRequest(
+            port, b"GET /slow HTTP/1.1\r\nHost: balancer\r\nConnection: close\r\n\r\n"
+        )
+        yield backend.arrived
+        self.assertEqual(service.site.inFlight, 1)
+
+        stopped = service.stopService()
+        events: List[str] = []
+        stopped.addCallback(lambda _: events.append("stopped"))
+
+        # The listening port closes at once: new connections are refused
+        # while the request in flight is still waiting.
+        refused = []
+
+        @inlineCallbacks
+        def tryConnect():
+            try:
+                extra = yield connectProtocol(
+                    TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=1), Protocol()
+                )
+            except ConnectionRefusedError:
+                refused.append(True)
+            else:
+                extra.transport.abortConnection()
+
+        for attempt in range(50):
+            yield tryConnect()
+            if refused:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(refused, [True], "the listening port is still open")
+        self.assertEqual(events, [])
+        self.assertFalse(client.done.called)
+
+        backend.answer(b"worth the wait\n")
+        data = yield client.done
+        status, headers, body = parseResponse(data)
+        self.assertEqual(status, b"HTTP/1.1 200 OK")
+        self.assertEqual(body, b"worth the wait\n")
+        yield stopped
+        self.assertEqual(events, ["stopped"])
+        self.assertEqual(service.site.inFlight, 0)
+        [b] = service.group
+        self.assertEqual(b.pool.idleCount, 0)
+        yield waitUntil(lambda: not self.backendConnections, "pool connections to close")
+
+    @inlineCallbacks
+    def test_graceExpires(self):
+        """
+        With a backend that never answers, the stop completes once the
+        grace period is over.
+        """
+        backend = SlowBackend()
+        backendPort = self.startBackend(backend)
+        service = self.startBalancer(
+            config(
+                backends=(BackendConfig(url=f"http://127.0.0.1:{backendPort}"),),
+                ports=("tcp:0:interface=127.0.0.1",),
+                shutdownGrace=0.2,
+            )
+        )
+        port = self.balancerPort(service)
+        client = yield rawRequest(port, b"GET /never HTTP/1.1\r\nHost: balancer\r\n\r\n")
+        yield backend.arrived
+        yield service.stopService()
+        # Past the grace, the client's connection is closed, which frees
+        # the backend too.
+        yield client.done
+        yield waitUntil(lambda: not self.backendConnections, "backend connection to close")
+        self.assertEqual(service.site.inFlight, 0)
+
+    @inlineCallbacks
+    def test_responseWrittenBeforeStopCompletes(self):
+        """
+        When the stop completes, twistd's reactor shuts down at once and
+        drops every connection without writing what is still buffered; so
+        the in-flight response must have been written out by then.
+        """
+        backend = SlowBackend()
+        backendPort = self.startBackend(backend)
+        service = self.startBalancer(
+            config(
+                backends=(BackendConfig(url=f"http://127.0.0.1:{backendPort}"),),
+                ports=("tcp:0:interface=127.0.0.1",),
+                shutdownGrace=10.0,
+            )
+        )
+        serverSide = self.trackServerConnections(service.site)
+        port = self.balancerPort(service)
+        client = yield rawRequest(port, b"GET /slow HTTP/1.1\r\nHost: balancer\r\n\r\n")
+        yield backend.arrived
+        stopped = service.stopService()
+
+        def shutdownLikeTheReactor(result):
+            # What reactor.disconnectAll does to every connection.
+            for protocol in serverSide:
+                transport = protocol.transport
+                if transport is not None and not transport.disconnected:
+                    reactor.removeReader(transport)
+                    reactor.removeWriter(transport)
+                    transport.connectionLost(Failure(ConnectionLost()))
+            return result
+
+        stopped.addCallback(shutdownLikeTheReactor)
+        yield waitUntil(lambda: serverSide, "the balancer to accept")
+        backend.answer(b"x" * 100000)
+        yield stopped
+        data = yield client.done
+        status, headers, body = parseResponse(data)
+        self.assertEqual(status, b"HTTP/1.1 200 OK")
+        self.assertEqual(len(body), 100000)
+
+
+
+# -- backend endpoints ----------------------------------------------------
+
+
+class BackendEndpointTests(SynchronousTestCase):
+    def setUp(self):
+        self.memory = MemoryReactorClock()
+        self.tlsCalls = []
+        realOptions = serviceModule.optionsForClientTLS
+
+        def optionsForClientTLS(hostname, trustRoot=None, **kwargs):
+            self.tlsCalls.append((hostname, trustRoot))
+            return realOptions(hostname, trustRoot=trustRoot, **kwargs)
+
+        self.patch(serviceModule, "optionsForClientTLS", optionsForClientTLS)
+        self.trust = serviceModule.platformTrust()
+
+    def endpoint(self, url):
+        return backendEndpoint(self.memory, BackendConfig(url=url), self.trust, 4.0)
+
+    def test_ipv4Literal(self):
+        endpoint = self.endpoint("http://10.1.2.3:8081")
+        self.assertIsInstance(endpoint, TCP4ClientEndpoint)
+        self.assertEqual((endpoint._host, endpoint._port, endpoint._timeout), ("10.1.2.3", 8081, 4.0))
+        self.assertEqual(self.tlsCalls, [])
+
+    def test_ipv6Literal(self):
+        endpoint = self.endpoint("http://[::1]:8081")
+        self.assertIsInstance(endpoint, TCP6ClientEndpoint)
+        self.assertEqual((endpoint._host, endpoint._port, endpoint._timeout), ("::1", 8081, 4.0))
+
+    def test_hostName(self):
+        endpoint = self.endpoint("http://backend.example")
+        self.assertIsInstance(endpoint, HostnameEndpoint)
+        self.assertEqual(
+            (endpoint._hostText, endpoint._port, endpoint._timeout), ("backend.example", 80, 4.0)
+        )
+        self.assertEqual(self.tlsCalls, [])
+
+    def test_httpsHostName(self):
+        endpoint = self.endpoint("https://backend.example")
+        self.assertNotIsInstance(endpoint, HostnameEndpoint)
+        inner = endpoint._wrappedEndpoint
+        self.assertIsInstance(inner, HostnameEndpoint)
+        self.assertEqual((inner._hostText, inner._port), ("backend.example", 443))
+        self.assertEqual(self.tlsCalls, [("backend.example", self.trust)])
+        # The wrapper makes TLS client connections.
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        wrapped = endpoint._wrapperFactory(Factory())
+        self.assertIsInstance(wrapped, TLSMemoryBIOFactory)
+
+    def test_httpsIPLiterals(self):
+        endpoint = self.endpoint("https://10.1.2.3:8443")
+        self.assertIsInstance(endpoint._wrappedEndpoint, TCP4ClientEndpoint)
+        self.assertEqual(endpoint._wrappedEndpoint._port, 8443)
+        endpoint = self.endpoint("https://[2001:db8::1]")
+        self.assertIsInstance(endpoint._wrappedEndpoint, TCP6ClientEndpoint)
+        self.assertEqual(endpoint._wrappedEndpoint._port, 443)
+        self.assertEqual(
+            self.tlsCalls, [("10.1.2.3", self.trust), ("2001:db8::1", self.trust)]
+        )
+
+    def test_trustRoot(self):
+        self.assertIsInstance(trustRoot(Config()), type(serviceModule.platformTrust()))
+        root = trustRoot(Config(backendCA="/etc/rrbalancer/ca.pem"))
+        self.assertIsInstance(root, SystemTrustPlus)
+        self.assertEqual(root.path, "/etc/rrbalancer/ca.pem")
+
+    def test_makeServiceUsesBackendEndpoints(self):
+        service = makeService(
+            config(
+                backends=(BackendConfig(url="https://backend.example:8443"),),
+                connectTimeout=3.0,
+            ),
+            self.memory,
+        )
+        [backend] = service.group
+        backend.pool.connect()
+        self.assertEqual(self.tlsCalls[0][0], "backend.example")
+        # The name is resolved (synchronously by the memory reactor), then
+        # connected to.
+        [(host, port, factory, timeout, bind)] = self.memory.tcpClients
+        self.assertEqual((port, timeout), (8443, 3.0))
+
+
+# -- the access log -------------------------------------------------------
+
+# Twisted's formatter quotes the client address (see test_hostNotQuoted);
+# everything else is checked strictly.
+COMBINED = re.compile(
+    r'^(?P<q>"?)127\.0\.0\.1(?P=q) - - \[\d\d/[A-Z][a-z]{2}/\d{4}:\d\d:\d\d:\d\d \+0000\] '
+    r'"(?P<request>[^"]*)" (?P<code>\d{3}) (?P<length>\d+|-) '
+    r'"(?P<referer>[^"]*)" "(?P<agent>[^"]*)"$'
+)
+
+
+class AccessLogTests(RealNetworkMixin, TestCase):
+    @inlineCallbacks
+    def proxy(self, accessLog, requests):
+        backendPort = self.startBackend(FastBackend())
+        service = self.startBalancer(
+            config(
+                backends=(BackendConfig(url=f"http://127.0.0.1:{backendPort}"),),
+                ports=("tcp:0:interface=127.0.0.1",),
+                accessLog=accessLog,
+            )
+        )
+        port = self.balancerPort(service)
+        responses = []
+        for request in requests:
+            client = yield rawRequest(port, request)
+            responses.append(parseResponse((yield client.done)))
+        yield service.stopService()
+        return responses
+
+    @inlineCallbacks
+    def test_combinedLines(self):
+        path = self.mktemp()
+        responses = yield self.proxy(
+            path,
+            [
+                b"GET /a?b=c HTTP/1.1\r\nHost: balancer\r\nReferer: http://ref.example/\r\n"
+                b"User-Agent: test-agent/1.0\r\nConnection: close\r\n\r\n",
+                b"HEAD /b HTTP/1.0\r\nHost: balancer\r\n\r\n",
+            ],
+        )
+        self.assertEqual(
+            [status for status, headers, body in responses],
+            [b"HTTP/1.1 200 OK", b"HTTP/1.0 200 OK"],
+        )
+        with open(path) as f:
+            lines = f.read().splitlines()
+        self.assertEqual(len(lines), 2, lines)
+        first = COMBINED.match(lines[0])
+        self.assertIsNotNone(first, lines[0])
+        self.assertEqual(
+            first.group("request", "code", "length", "referer", "agent"),
+            ("GET /a?b=c HTTP/1.1", "200", str(len(b"hello from the backend\n")),
+             "http://ref.example/", "test-agent/1.0"),
+        )
+        second = COMBINED.match(lines[1])
+        self.assertIsNotNone(second, lines[1])
+        self.assertEqual(
+            second.group("request", "code", "referer", "agent"),
+            ("HEAD /b HTTP/1.0", "200", "-", "-"),
+        )
+
+    @inlineCallbacks
+    def test_hostNotQuoted(self):
+        """
+        NCSA combined lines start with the bare client address, as log
+        analysers (GoAccess, AWStats...) expect.
+        """
+        path = self.mktemp()
+        yield self.proxy(path, [b"GET / HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n"])
+        with open(path) as f:
+            [line] = f.read().splitlines()
+        self.assertTrue(line.startswith("127.0.0.1 - - ["), line)
+
+
+    @inlineCallbacks
+    def test_noAccessLog(self):
+        """
+        Without an access log, requests are logged nowhere: not in the
+        legacy log file, not on standard output, not as log events.
+        """
+        from io import StringIO
+        import sys
+
+        from twisted.logger import globalLogPublisher
+
+        legacy = StringIO()
+        stdout = StringIO()
+        self.patch(legacyLog, "logfile", legacy)
+        self.patch(sys, "stdout", stdout)
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        responses = yield self.proxy(
+            None, [b"GET /quiet HTTP/1.1\r\nHost: balancer\r\nConnection: close\r\n\r\n"]
+        )
+        self.assertEqual(responses[0][0], b"HTTP/1.1 200 OK")
+        self.assertEqual(legacy.getvalue(), "")
+        self.assertEqual(stdout.getvalue(), "")
+        from twisted.logger import formatEvent
+
+        self.assertEqual(
+            [formatEvent(e) for e in events if "GET /quiet" in formatEvent(e)], []
+        )
+
+    @inlineCallbacks
+    def test_stdout(self):
+        import sys
+        from io import StringIO
+
+        stdout = StringIO()
+        self.patch(sys, "stdout", stdout)
+        yield self.proxy("-", [b"GET /out HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n"])
+        [line] = stdout.getvalue().splitlines()
+        self.assertEqual(COMBINED.match(line).group("request"), "GET /out HTTP/1.1")
+
+
+    @inlineCallbacks
+    def test_requestFinishingDuringStopIsLogged(self):
+        """
+        A request still in flight when the stop begins is logged when it
+        ends, like any other.
+        """
+        path = self.mktemp()
+        backend = SlowBackend()
+        backendPort = self.startBackend(backend)
+        service = self.startBalancer(
+            config(
+                backends=(BackendConfig(url=f"http://127.0.0.1:{backendPort}"),),
+                ports=("tcp:0:interface=127.0.0.1",),
+                accessLog=path,
+            )
+        )
+        port = self.balancerPort(service)
+        client = yield rawRequest(
+            port, b"GET /late HTTP/1.1\r\nHost: balancer\r\nConnection: close\r\n\r\n"
+        )
+        yield backend.arrived
+        listening = self.listeningPort(service.listeners[0])
+        stopped = service.stopService()
+        yield waitUntil(lambda: listening.disconnected, "the port to close")
+        backend.answer()
+        yield client.done
+        yield stopped
+        with open(path) as f:
+            lines = f.read().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertEqual(COMBINED.match(lines[0]).group("request"), "GET /late HTTP/1.1")
+        # The log is closed once the stop is over.
+        self.assertIsNone(service.site._logFile)
+        self.assertEqual(service.site.numPorts, 0)
