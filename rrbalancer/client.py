@@ -21,8 +21,9 @@ from typing import Callable, List, Optional, Tuple
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IReactorTime, ITCPTransport
+from twisted.internet.interfaces import IReactorTime, ISSLTransport, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
 from twisted.web.http import _ChunkedTransferDecoder
 
 # A response head larger than this is refused (NGINX's default buffers
@@ -95,7 +96,8 @@ def _parseHead(head: bytes) -> Tuple[bytes, int, bytes, Headers]:
         raise ValueError("unsupported HTTP version")
     if len(code) != 3 or not code.isdigit() or code[0:1] == b"0":
         raise ValueError("malformed status code")
-    if b"\n" in reason or b"\x00" in reason:
+    if any((c < 0x20 and c != 0x09) or c == 0x7F for c in reason):
+        # A bare CR would end the status line for some clients.
         raise ValueError("malformed reason phrase")
     headers = []
     for line in lines[1:]:
@@ -171,9 +173,18 @@ class BackendConnection(Protocol):
         if self._receiver is None:
             return
         if self._decoder == self._readToClose:
-            self._finish()
-            return
-        if self._decoder is not None:
+            # Only a clean close ends such a body; a reset cut it short.
+            # (Over TLS, a close without close_notify looks like a reset, and
+            # is taken for an end, as NGINX does.)
+            if (
+                reason is ConnectionDone
+                or (isinstance(reason, Failure) and reason.check(ConnectionDone))
+                or ISSLTransport.providedBy(self.transport)
+            ):
+                self._finish()
+                return
+            message = "backend connection broke in the middle of the body"
+        elif self._decoder is not None:
             message = "backend closed the connection in the middle of the body"
         else:
             message = "backend closed the connection before a complete response"
@@ -185,12 +196,20 @@ class BackendConnection(Protocol):
         if not self._paused and self._open:
             self._paused = True
             self.transport.pauseProducing()
+            # From now on the wait is the client's: the same timeout runs
+            # on its reading, as NGINX's send_timeout does.
+            self._restartTimeout()
 
     def resumeProducing(self) -> None:
         if self._paused:
             self._paused = False
             if self._open:
                 self.transport.resumeProducing()
+                self._restartTimeout()
+
+    def _restartTimeout(self) -> None:
+        if self._timeoutCall is not None and self._timeoutCall.active():
+            self._timeoutCall.reset(self._timeout)
 
     def stopProducing(self) -> None:
         self.abort()
@@ -253,11 +272,14 @@ class BackendConnection(Protocol):
     def _timedOut(self) -> None:
         self._timeoutCall = None
         receiver = self._receiver
+        stalled = self._paused
         self.abort()
         if receiver is not None:
             receiver.responseFailed(
                 ResponseTimeout(
-                    "backend did not answer in time",
+                    "the client stopped reading"
+                    if stalled
+                    else "backend did not answer in time",
                     responseStarted=self._decoder is not None,
                     gotBytes=self._responseStarted,
                     reused=self.reused,
@@ -312,6 +334,11 @@ class BackendConnection(Protocol):
             self._keepAlive = False
         transferCodings = _tokens(headers, b"transfer-encoding")
         lengths = [v for k, v in headers if k.lower() == b"content-length"]
+        if transferCodings and lengths:
+            # Transfer-Encoding wins (RFC 9112 section 6.3), but the
+            # response may be an attempt at splitting: use the connection
+            # no more.
+            self._keepAlive = False
         contentLength = None
         if lengths and not transferCodings:
             values = {v.strip() for value in lengths for v in value.split(b",")}
@@ -328,12 +355,13 @@ class BackendConnection(Protocol):
                 self._finish(extra=rest)
             return
         if transferCodings:
-            if transferCodings[-1] == b"chunked":
-                chunked = _ChunkedTransferDecoder(self._deliver, self._chunkedDone)
-                self._decoder = self._dechunker(chunked)
-            else:
-                self._decoder = self._readToClose
-                self._keepAlive = False
+            if transferCodings != [b"chunked"]:
+                # Any other coding would reach the client still applied,
+                # without the (hop-by-hop) header that names it.
+                self._fail(BackendError("unsupported transfer coding"))
+                return
+            chunked = _ChunkedTransferDecoder(self._deliver, self._chunkedDone)
+            self._decoder = self._dechunker(chunked)
         elif contentLength is not None:
             self._remaining = contentLength
             self._decoder = self._readLength

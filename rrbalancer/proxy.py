@@ -181,7 +181,9 @@ class _Attempt:
         self.cancelled = True
         if self.connection is not None:
             connection, self.connection = self.connection, None
-            if self.started:
+            # A request whose connection is lost has no channel left to
+            # unregister from (Request.unregisterProducer would raise).
+            if self.started and self.request.channel is not None:
                 self.request.unregisterProducer()
             connection.abort()
             self._end()
@@ -254,6 +256,11 @@ class _Attempt:
         request = self.request
         request.setResponseCode(code, reason)
         out = Headers()
+        # The balancer's own answer to the client's "Connection: close" (set
+        # by Twisted) is about the client connection: keep it.
+        connection = request.responseHeaders.getRawHeaders(b"connection")
+        if connection:
+            out.setRawHeaders(b"connection", connection)
         host = request.requestHeaders.getRawHeaders(b"host")
         clientBase = None
         if host is not None:
@@ -264,6 +271,12 @@ class _Attempt:
             out.setRawHeaders(b"content-length", [b"%d" % (contentLength,)])
         request.responseHeaders = out
         request.registerProducer(self.connection, True)
+        # A client connection whose transport is already full (a pipelined
+        # request after a response that filled it) will not ask again: the
+        # new producer must start paused (Twisted's HTTPChannel keeps this
+        # state privately).
+        if getattr(request.channel, "_waitingForTransport", False):
+            self.connection.pauseProducing()
         request.write(b"")
 
     def responseBody(self, data: bytes) -> None:

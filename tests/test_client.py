@@ -1,0 +1,608 @@
+"""
+L{rrbalancer.client}: one exchange on a L{BackendConnection} driven byte by
+byte over a L{StringTransport}, with a L{Clock} for its timeout, and the
+L{ConnectionPool} that keeps such connections.
+"""
+
+from io import BytesIO
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import fail, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
+from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+from zope.interface import directlyProvides
+
+from rrbalancer.client import (
+    BODY_CHUNK_SIZE,
+    INLINE_BODY_SIZE,
+    MAX_HEAD_SIZE,
+    BackendConnection,
+    BackendError,
+    ConnectError,
+    ConnectionPool,
+    ResponseTimeout,
+    connectorFor,
+)
+
+HEAD = b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
+DONE = Failure(ConnectionDone())
+RESET = Failure(ConnectionLost())
+
+
+class Receiver:
+    """
+    Records what a connection hands on, in order.
+    """
+
+    def __init__(self) -> None:
+        self.events = []
+        self.head = None
+        self.body = b""
+        self.done = False
+        self.error = None
+
+    def responseHead(self, code, reason, headers, contentLength):
+        self.events.append("head")
+        self.head = (code, reason, headers, contentLength)
+
+    def responseBody(self, data):
+        self.events.append("body")
+        self.body += data
+
+    def responseDone(self):
+        self.events.append("done")
+        self.done = True
+
+    def responseFailed(self, error):
+        self.events.append("failed")
+        self.error = error
+
+
+class _Base(unittest.SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.opened = []
+        self.pool = ConnectionPool(self._connect, self.clock, maxIdle=4, idleTimeout=30)
+
+    def _connect(self, pool):
+        protocol = pool.buildProtocol()
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.opened.append((protocol, transport))
+        return succeed(protocol)
+
+    def connection(self):
+        connections = []
+        self.pool.acquire().addCallback(connections.append)
+        return connections[0]
+
+    def exchange(self, response=None, method=b"GET", head=HEAD, timeout=1000.0, connection=None):
+        connection = connection or self.connection()
+        receiver = Receiver()
+        connection.request(head, None, 0, method == b"HEAD", receiver, timeout)
+        if response is not None:
+            connection.dataReceived(response)
+        return connection, receiver
+
+
+class ResponseTests(_Base):
+    def test_contentLength(self):
+        connection, receiver = self.exchange(
+            b"HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 5\r\n\r\nhello"
+        )
+        self.assertEqual(connection.transport.value(), HEAD)
+        self.assertEqual(
+            receiver.head,
+            (200, b"OK", [(b"X-A", b"1"), (b"Content-Length", b"5")], 5),
+        )
+        self.assertEqual((receiver.body, receiver.events[-1]), (b"hello", "done"))
+        self.assertEqual(self.pool.idleCount, 1)
+        self.assertFalse(connection.transport.disconnecting)
+
+    def test_byteByByte(self):
+        """
+        Heads, chunk sizes and bodies split anywhere are read the same.
+        """
+        response = (
+            b"HTTP/1.1 100 Continue\r\n\r\n"
+            b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\nX-T: 1\r\n\r\n"
+        )
+        connection, receiver = self.exchange()
+        for i in range(len(response)):
+            connection.dataReceived(response[i : i + 1])
+        self.assertEqual(receiver.head[0], 201)
+        self.assertEqual(receiver.body, b"abc0123456789abcdef")
+        self.assertTrue(receiver.done)
+        self.assertEqual(self.pool.idleCount, 1)
+
+    def test_chunkedDecoded(self):
+        connection, receiver = self.exchange(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n"
+            b"5;x=y\r\nhello\r\n0\r\n\r\n"
+        )
+        self.assertEqual(receiver.head[3], None)
+        self.assertEqual(receiver.body, b"hello")
+        self.assertTrue(receiver.done)
+        self.assertEqual(self.pool.idleCount, 1)
+
+    def test_chunkedWinsOverContentLength(self):
+        """
+        Transfer-Encoding overrides Content-Length; but such a response may
+        be an attempt at splitting, so its connection is not used again.
+        """
+        connection, receiver = self.exchange(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\nhi\r\n0\r\n\r\n"
+        )
+        self.assertEqual((receiver.head[3], receiver.body, receiver.done), (None, b"hi", True))
+        self.assertEqual(self.pool.idleCount, 0)
+        self.assertTrue(connection.transport.disconnecting)
+
+    def test_readUntilClose(self):
+        connection, receiver = self.exchange(b"HTTP/1.1 200 OK\r\n\r\nsome")
+        connection.dataReceived(b" more")
+        self.assertFalse(receiver.done)
+        connection.connectionLost(DONE)
+        self.assertEqual((receiver.body, receiver.done), (b"some more", True))
+        self.assertEqual(self.pool.idleCount, 0)
+
+    def test_readUntilCloseReset(self):
+        """
+        A reset is no end for a close-delimited body: the exchange fails
+        after the response started.
+        """
+        connection, receiver = self.exchange(b"HTTP/1.1 200 OK\r\n\r\nsome")
+        connection.connectionLost(RESET)
+        self.assertFalse(receiver.done)
+        self.assertIsInstance(receiver.error, BackendError)
+        self.assertTrue(receiver.error.responseStarted)
+
+    def test_readUntilCloseTLS(self):
+        """
+        Over TLS a close without close_notify is reported like a reset; it
+        still ends a close-delimited body (as NGINX takes it).
+        """
+        connection, receiver = self.exchange()
+        directlyProvides(connection.transport, ISSLTransport)
+        connection.dataReceived(b"HTTP/1.1 200 OK\r\n\r\nsome")
+        connection.connectionLost(RESET)
+        self.assertEqual((receiver.body, receiver.done), (b"some", True))
+
+    def test_http10NotKept(self):
+        connection, receiver = self.exchange(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\nx")
+        self.assertTrue(receiver.done)
+        self.assertEqual(self.pool.idleCount, 0)
+        self.assertTrue(connection.transport.disconnecting)
+
+    def test_http10KeepAlive(self):
+        connection, receiver = self.exchange(
+            b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 1\r\n\r\nx"
+        )
+        self.assertEqual(self.pool.idleCount, 1)
+
+    def test_connectionCloseNotKept(self):
+        connection, receiver = self.exchange(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\nx"
+        )
+        self.assertTrue(receiver.done)
+        self.assertEqual(self.pool.idleCount, 0)
+        self.assertTrue(connection.transport.disconnecting)
+
+    def test_extraBytesNotKept(self):
+        """
+        Bytes after the end of a response mean the framing is not what it
+        seemed: the connection is not used again.
+        """
+        connection, receiver = self.exchange(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nxHTTP/1.1 200 OK\r\n"
+        )
+        self.assertEqual(receiver.body, b"x")
+        self.assertTrue(receiver.done)
+        self.assertEqual(self.pool.idleCount, 0)
+
+    def test_headKeepsLength(self):
+        connection, receiver = self.exchange(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n", method=b"HEAD"
+        )
+        self.assertEqual(receiver.head[3], 1234)
+        self.assertEqual(receiver.events, ["head", "done"])
+        self.assertEqual(self.pool.idleCount, 1)
+
+    def test_noBodyStatuses(self):
+        for status in (b"204 No Content", b"304 Not Modified"):
+            connection, receiver = self.exchange(
+                b"HTTP/1.1 " + status + b"\r\nContent-Length: 10\r\n\r\n"
+            )
+            self.assertEqual(receiver.events, ["head", "done"])
+        self.assertEqual(self.pool.idleCount, 1)
+        self.assertEqual(len(self.opened), 1)
+
+    def test_interimResponses(self):
+        connection, receiver = self.exchange(
+            b"HTTP/1.1 100 Continue\r\n\r\n"
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        )
+        self.assertEqual(receiver.events, ["head", "body", "done"])
+        self.assertEqual(receiver.head[:3], (200, b"OK", [(b"Content-Length", b"2")]))
+
+    def test_switchingProtocolsRefused(self):
+        connection, receiver = self.exchange(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+        self.assertEqual(receiver.events, ["failed"])
+        self.assertTrue(connection.transport.disconnected)
+
+    def test_reasonKept(self):
+        for line, reason in [
+            (b"HTTP/1.1 299 Some Reason\r\n", b"Some Reason"),
+            (b"HTTP/1.1 299 \r\n", b""),
+            (b"HTTP/1.1 299\r\n", b""),
+            (b"HTTP/1.1 299 tab\there\r\n", b"tab\there"),
+        ]:
+            connection, receiver = self.exchange(line + b"Content-Length: 0\r\n\r\n")
+            self.assertEqual(receiver.head[:2], (299, reason))
+
+
+class InvalidResponseTests(_Base):
+    """
+    Whatever a proxy could not pass on safely fails the exchange before any
+    head is handed on, and drops the connection.
+    """
+
+    def assertInvalid(self, response):
+        connection, receiver = self.exchange(response)
+        self.assertEqual(receiver.events, ["failed"], response)
+        self.assertIsInstance(receiver.error, BackendError)
+        self.assertTrue(receiver.error.gotBytes)
+        self.assertFalse(receiver.error.responseStarted)
+        self.assertTrue(connection.transport.disconnected)
+        self.assertFalse(connection.isOpen)
+        self.assertEqual(self.pool.idleCount, 0)
+
+    def test_statusLines(self):
+        for line in [
+            b"HTTP/1.1 2000 OK",
+            b"HTTP/1.1 20 OK",
+            b"HTTP/1.1 abc OK",
+            b"HTTP/1.1 099 OK",
+            b"HTTP/2 200 OK",
+            b"HTTP/1.1",
+            b"http/1.1 200 OK",
+            b"ICY 200 OK",
+            b"HTTP/1.1 200 O\x00K",
+            b"HTTP/1.1 200 OK\rX-Injected: 1",
+            b"HTTP/1.1 200 OK\nX-Injected: 1",
+            b"HTTP/1.1 200 OK\x1b[31m",
+        ]:
+            self.assertInvalid(line + b"\r\nContent-Length: 0\r\n\r\n")
+
+    def test_headerLines(self):
+        for line in [
+            b"No Colon",
+            b"Bad Name: x",
+            b"X-A : x",
+            b": empty name",
+            b" folded",
+            b"X-A: a\x00b",
+            b"X-A: a\rb",
+            b"X-A: a\nb",
+        ]:
+            self.assertInvalid(b"HTTP/1.1 200 OK\r\n" + line + b"\r\nContent-Length: 0\r\n\r\n")
+
+    def test_contentLengths(self):
+        for lengths in [
+            [b"5", b"6"],
+            [b"5, 6"],
+            [b"-1"],
+            [b"5a"],
+            [b""],
+            [b"0x10"],
+        ]:
+            self.assertInvalid(
+                b"HTTP/1.1 200 OK\r\n"
+                + b"".join(b"Content-Length: %s\r\n" % v for v in lengths)
+                + b"\r\nhello!"
+            )
+
+    def test_sameLengthRepeated(self):
+        connection, receiver = self.exchange(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2, 2\r\n\r\nhi"
+        )
+        self.assertEqual((receiver.head[3], receiver.body, receiver.done), (2, b"hi", True))
+
+    def test_transferCodings(self):
+        """
+        A coding other than chunked would reach the client still applied
+        once Transfer-Encoding (hop-by-hop) is dropped.
+        """
+        for codings in [b"gzip, chunked", b"gzip", b"chunked, chunked", b"identity"]:
+            self.assertInvalid(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: %s\r\n\r\n0\r\n\r\n" % (codings,)
+            )
+
+    def test_headTooLarge(self):
+        connection, receiver = self.exchange(
+            b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * MAX_HEAD_SIZE
+        )
+        self.assertEqual(receiver.events, ["failed"])
+        self.assertTrue(connection.transport.disconnected)
+
+    def test_invalidChunkAfterHead(self):
+        connection, receiver = self.exchange(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhiZZ"
+        )
+        self.assertEqual(receiver.events, ["head", "body", "failed"])
+        self.assertTrue(receiver.error.responseStarted)
+        self.assertTrue(connection.transport.disconnected)
+
+
+class BrokenExchangeTests(_Base):
+    def test_closedBeforeAnyByte(self):
+        connection, receiver = self.exchange()
+        connection.connectionLost(DONE)
+        error = receiver.error
+        self.assertIsInstance(error, BackendError)
+        self.assertEqual(
+            (error.requestSent, error.gotBytes, error.responseStarted, error.reused),
+            (True, False, False, False),
+        )
+
+    def test_closedInsideHead(self):
+        connection, receiver = self.exchange(b"HTTP/1.1 200 OK\r\nX-A")
+        connection.connectionLost(DONE)
+        self.assertEqual(receiver.events, ["failed"])
+        self.assertTrue(receiver.error.gotBytes)
+        self.assertFalse(receiver.error.responseStarted)
+
+    def test_closedInsideBody(self):
+        connection, receiver = self.exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc")
+        connection.connectionLost(DONE)
+        self.assertEqual(receiver.events, ["head", "body", "failed"])
+        self.assertTrue(receiver.error.responseStarted)
+
+    def test_closedInsideChunkedBody(self):
+        connection, receiver = self.exchange(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+        )
+        connection.connectionLost(DONE)
+        self.assertEqual(receiver.events, ["head", "body", "failed"])
+
+    def test_reusedFlag(self):
+        connection, receiver = self.exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        again, receiver = self.exchange(connection=self.connection())
+        self.assertIs(again, connection)
+        again.connectionLost(DONE)
+        self.assertTrue(receiver.error.reused)
+        self.assertFalse(receiver.error.gotBytes)
+
+    def test_bytesWhileIdle(self):
+        """
+        Bytes on an idle connection mean it is confused or closing: it is
+        dropped, never handed out again.
+        """
+        connection, receiver = self.exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(self.pool.idleCount, 1)
+        connection.dataReceived(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+        self.assertTrue(connection.transport.disconnected)
+        self.assertIsNot(self.connection(), connection)
+        self.assertEqual(len(self.opened), 2)
+
+
+class TimeoutTests(_Base):
+    def test_noAnswer(self):
+        connection, receiver = self.exchange(timeout=3)
+        self.clock.advance(2.9)
+        self.assertEqual(receiver.events, [])
+        self.clock.advance(0.1)
+        self.assertIsInstance(receiver.error, ResponseTimeout)
+        self.assertFalse(receiver.error.gotBytes)
+        self.assertTrue(connection.transport.disconnected)
+        # The loss that follows the abort reports nothing more.
+        connection.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(receiver.events, ["failed"])
+
+    def test_silenceInsideBody(self):
+        connection, receiver = self.exchange(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc", timeout=3
+        )
+        self.clock.advance(2)
+        connection.dataReceived(b"def")
+        self.clock.advance(2)
+        self.assertEqual(receiver.events, ["head", "body", "body"])
+        self.clock.advance(1)
+        self.assertIsInstance(receiver.error, ResponseTimeout)
+        self.assertTrue(receiver.error.responseStarted)
+
+    def test_cancelledWhenDone(self):
+        connection, receiver = self.exchange(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", timeout=3
+        )
+        self.assertEqual(
+            [c for c in self.clock.getDelayedCalls() if c.active() and c.func != self.pool._sweep],
+            [],
+        )
+        self.clock.advance(5)
+        self.assertEqual(receiver.events, ["head", "done"])
+
+
+class BodyTests(_Base):
+    def test_smallBodyInline(self):
+        connection = self.connection()
+        body = b"x" * INLINE_BODY_SIZE
+        connection.request(HEAD, BytesIO(body), len(body), False, Receiver(), 10)
+        self.assertEqual(connection.transport.value(), HEAD + body)
+        self.assertIsNone(connection.transport.producer)
+
+    def test_largeBodyPulled(self):
+        """
+        A large body is written as the transport asks for it, then the
+        producer goes away.
+        """
+        connection = self.connection()
+        transport = connection.transport
+        body = bytes(range(256)) * (INLINE_BODY_SIZE // 256 * 3) + b"tail"
+        receiver = Receiver()
+        connection.request(HEAD, BytesIO(body), len(body), False, receiver, 10)
+        self.assertEqual(transport.value(), HEAD)
+        self.assertFalse(transport.streaming)
+        pulls = 0
+        while transport.producer is not None:
+            transport.producer.resumeProducing()
+            pulls += 1
+        self.assertEqual(pulls, -(-len(body) // BODY_CHUNK_SIZE))
+        self.assertTrue(transport.value() == HEAD + body)
+        connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(self.pool.idleCount, 1)
+
+    def test_answeredBeforeBodySent(self):
+        """
+        A response that comes before the whole body was sent leaves the
+        connection unusable for another exchange.
+        """
+        connection = self.connection()
+        body = b"x" * (INLINE_BODY_SIZE + 1)
+        receiver = Receiver()
+        connection.request(HEAD, BytesIO(body), len(body), False, receiver, 10)
+        connection.dataReceived(
+            b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n\r\n"
+        )
+        self.assertTrue(receiver.done)
+        self.assertEqual(self.pool.idleCount, 0)
+
+
+class ProducerTests(_Base):
+    def test_pauseResume(self):
+        connection, receiver = self.exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+        connection.pauseProducing()
+        self.assertEqual(connection.transport.producerState, "paused")
+        connection.resumeProducing()
+        self.assertEqual(connection.transport.producerState, "producing")
+
+    def test_stalledClientTimesOut(self):
+        """
+        While paused, the backend cannot be late, but the client can: the
+        timeout restarts at the pause and, if the client never reads again,
+        ends the exchange naming the client.
+        """
+        connection, receiver = self.exchange(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab", timeout=10
+        )
+        self.clock.advance(9)
+        connection.pauseProducing()
+        self.clock.advance(9)
+        self.assertFalse(connection.transport.disconnected)
+        connection.resumeProducing()
+        self.clock.advance(9)
+        connection.pauseProducing()
+        self.clock.advance(10)
+        self.assertTrue(connection.transport.disconnected)
+        self.assertIn("client stopped reading", str(receiver.error))
+
+    def test_releasedResumed(self):
+        connection, receiver = self.exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+        connection.pauseProducing()
+        connection.dataReceived(b"cd")
+        self.assertTrue(receiver.done)
+        self.assertEqual(self.pool.idleCount, 1)
+        self.assertEqual(connection.transport.producerState, "producing")
+
+    def test_stopAborts(self):
+        connection, receiver = self.exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+        connection.stopProducing()
+        self.assertTrue(connection.transport.disconnected)
+        connection.connectionLost(Failure(ConnectionLost()))
+        # The receiver that gave up hears nothing more.
+        self.assertEqual(receiver.events, ["head", "body"])
+        self.assertEqual(self.pool.idleCount, 0)
+
+
+class PoolTests(_Base):
+    def test_reuseMostRecentFirst(self):
+        first, r = self.exchange()
+        second, r = self.exchange()
+        self.assertIsNot(first, second)
+        second.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        first.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(self.pool.idleCount, 2)
+        again = self.connection()
+        self.assertIs(again, first)
+        self.assertTrue(again.reused)
+        self.assertEqual(self.pool.opened, 2)
+
+    def test_lostWhileIdle(self):
+        connection, receiver = self.exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        connection.connectionLost(DONE)
+        self.assertEqual(self.pool.idleCount, 0)
+        fresh = self.connection()
+        self.assertIsNot(fresh, connection)
+        self.assertFalse(fresh.reused)
+
+    def test_maxIdle(self):
+        self.pool.maxIdle = 1
+        a, r = self.exchange()
+        b, r = self.exchange()
+        a.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        b.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(self.pool.idleCount, 1)
+        self.assertTrue(b.transport.disconnected)
+
+    def test_idleTimeout(self):
+        a, r = self.exchange()
+        b, r = self.exchange()
+        a.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.clock.advance(20)
+        b.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.clock.advance(10)
+        self.assertTrue(a.transport.disconnected)
+        self.assertFalse(b.transport.disconnecting)
+        self.assertEqual(self.pool.idleCount, 1)
+        self.clock.advance(20)
+        self.assertTrue(b.transport.disconnected)
+        self.assertEqual(self.pool.idleCount, 0)
+
+    def test_closeIdle(self):
+        a, r = self.exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.pool.closeIdle()
+        self.assertTrue(a.transport.disconnected)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_connectFailure(self):
+        pool = ConnectionPool(lambda pool: fail(ConnectionRefusedError()), self.clock)
+        error = self.failureResultOf(pool.acquire(), ConnectError).value
+        self.assertFalse(error.requestSent)
+
+
+class ConnectorTests(unittest.SynchronousTestCase):
+    """
+    L{connectorFor} through a real endpoint, on a memory reactor.
+    """
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        endpoint = TCP4ClientEndpoint(self.reactor, "127.0.0.1", 8081)
+        self.pool = ConnectionPool(connectorFor(endpoint), self.reactor)
+
+    def test_connected(self):
+        d = self.pool.acquire()
+        host, port, factory, timeout, bind = self.reactor.tcpClients[0]
+        self.assertEqual((host, port), ("127.0.0.1", 8081))
+        protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        connection = self.successResultOf(d)
+        self.assertIsInstance(connection, BackendConnection)
+        self.assertTrue(connection.isOpen)
+        self.assertIs(connection.pool, self.pool)
+
+    def test_refused(self):
+        d = self.pool.acquire()
+        host, port, factory, timeout, bind = self.reactor.tcpClients[0]
+        factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        error = self.failureResultOf(d, ConnectError).value
+        self.assertFalse(error.requestSent)
+        self.assertEqual(self.pool.opened, 1)
