@@ -17,9 +17,10 @@ C{responseDone()} or C{responseFailed(error)} (C{responseFailed} may also
 come before any head).
 """
 
-from typing import Callable, List, Optional, Tuple
+from collections import deque
+from typing import Callable, Deque, List, Optional, Set, Tuple
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime, ISSLTransport, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
@@ -68,6 +69,13 @@ class ConnectError(BackendError):
     """
 
     requestSent = False
+
+
+class BackendBusy(ConnectError):
+    """
+    The backend has its C{maxConnections} in use and its queue is full, or
+    the wait for a connection was too long: nothing was sent.
+    """
 
 
 class ResponseTimeout(BackendError):
@@ -463,6 +471,11 @@ class ConnectionPool:
     A kept connection that the backend closes is dropped at once, since
     L{BackendConnection.connectionLost} reports it here.
 
+    With C{maxConnections} set, no more connections than that are open at
+    once; an exchange that finds them all busy waits in a queue of at most
+    C{queueSize} for one to be released, for at most C{queueTimeout}
+    seconds, and fails with L{BackendBusy} otherwise.
+
     @param connect: opens a new connection; fires with a connected
         L{BackendConnection} made by L{buildProtocol}.
     """
@@ -473,21 +486,45 @@ class ConnectionPool:
         clock: IReactorTime,
         maxIdle: int = 32,
         idleTimeout: float = 60.0,
+        maxConnections: int = 0,
+        queueSize: int = 100,
+        queueTimeout: float = 5.0,
     ) -> None:
         self._connect = connect
         self._clock = clock
         self.maxIdle = maxIdle
         self.idleTimeout = idleTimeout
+        self.maxConnections = maxConnections
+        self.queueSize = queueSize
+        self.queueTimeout = queueTimeout
         self._idle: List[BackendConnection] = []
+        self._open: Set[BackendConnection] = set()
+        self._connecting = 0
+        self._waiting: Deque[Tuple[Deferred, object]] = deque()
         self._sweepCall = None
         self.opened = 0
 
     def buildProtocol(self) -> BackendConnection:
         return BackendConnection(self, self._clock)
 
+    @property
+    def openCount(self) -> int:
+        """
+        Connections open or being opened.
+        """
+        return len(self._open) + self._connecting
+
+    @property
+    def waitingCount(self) -> int:
+        return len(self._waiting)
+
+    def _full(self) -> bool:
+        return bool(self.maxConnections) and self.openCount >= self.maxConnections
+
     def acquire(self) -> Deferred:
         """
-        A connection for one exchange: a kept one if any, else a new one.
+        A connection for one exchange: a kept one if any, else a new one,
+        else (at the connection limit) the next one released.
         """
         idle = self._idle
         while idle:
@@ -495,6 +532,8 @@ class ConnectionPool:
             if connection.isOpen:
                 connection.reused = True
                 return succeed(connection)
+        if self._full():
+            return self._wait()
         return self.connect()
 
     def connect(self) -> Deferred:
@@ -503,15 +542,75 @@ class ConnectionPool:
         connection turned out to be closed).
         """
         self.opened += 1
+        self._connecting += 1
+
+        def connected(connection):
+            self._connecting -= 1
+            self._open.add(connection)
+            return connection
 
         def failed(failure):
+            self._connecting -= 1
+            self._serveWaiters()
             raise ConnectError(
                 f"cannot connect: {failure.getErrorMessage()}"
             )
 
-        return self._connect(self).addErrback(failed)
+        return self._connect(self).addCallbacks(connected, failed)
+
+    def _wait(self) -> Deferred:
+        if len(self._waiting) >= self.queueSize:
+            return fail(BackendBusy("backend busy: its queue is full"))
+
+        def cancel(d):
+            self._forget(d)
+
+        d = Deferred(cancel)
+        timer = self._clock.callLater(self.queueTimeout, self._waitedTooLong, d)
+        self._waiting.append((d, timer))
+        return d
+
+    def _forget(self, d: Deferred) -> None:
+        for entry in self._waiting:
+            if entry[0] is d:
+                self._waiting.remove(entry)
+                if entry[1].active():
+                    entry[1].cancel()
+                return
+
+    def stopWaiting(self, d: Deferred) -> None:
+        """
+        Take C{d}, from L{acquire}, out of the queue if it is waiting there
+        (it then fails with L{CancelledError}).
+        """
+        if any(entry[0] is d for entry in self._waiting):
+            d.cancel()
+
+    def _waitedTooLong(self, d: Deferred) -> None:
+        self._forget(d)
+        d.errback(BackendBusy("backend busy: no connection came free in time"))
+
+    def _nextWaiter(self) -> Optional[Deferred]:
+        if not self._waiting:
+            return None
+        d, timer = self._waiting.popleft()
+        if timer.active():
+            timer.cancel()
+        return d
+
+    def _serveWaiters(self) -> None:
+        """
+        Room was made under the limit: open connections for the waiters.
+        """
+        while self._waiting and not self._full():
+            self.connect().chainDeferred(self._nextWaiter())
 
     def release(self, connection: BackendConnection) -> None:
+        waiter = self._nextWaiter()
+        if waiter is not None:
+            connection.reused = True
+            waiter.callback(connection)
+            return
         if len(self._idle) >= self.maxIdle:
             connection.abort()
             return
@@ -521,10 +620,12 @@ class ConnectionPool:
             self._sweepCall = self._clock.callLater(self.idleTimeout, self._sweep)
 
     def lost(self, connection: BackendConnection) -> None:
+        self._open.discard(connection)
         try:
             self._idle.remove(connection)
         except ValueError:
             pass
+        self._serveWaiters()
 
     def _sweep(self) -> None:
         self._sweepCall = None

@@ -83,6 +83,9 @@ class Config:
     headerTimeout: float = 10.0
     maxBodySize: int = 100 * 1024 * 1024
     maxIdlePerBackend: int = 32
+    maxConnections: int = 0
+    queueSize: int = 100
+    queueTimeout: float = 5.0
     poolIdleTimeout: float = 60.0
     demo: bool = False
     workers: int = 1
@@ -114,6 +117,9 @@ TOP_LEVEL_KEYS = (
     "header_timeout",
     "max_body_size",
     "max_idle_per_backend",
+    "max_connections",
+    "queue_size",
+    "queue_timeout",
     "pool_idle_timeout",
     "demo",
     "health",
@@ -381,6 +387,19 @@ def buildConfig(settings: Mapping[str, Any], baseDir: str = ".") -> Config:
         ),
         maxBodySize=_integer(
             "max_body_size", settings.get("max_body_size", d.maxBodySize), minimum=0
+        ),
+        maxConnections=_integer(
+            "max_connections",
+            settings.get("max_connections", d.maxConnections),
+            minimum=0,
+        ),
+        queueSize=_integer(
+            "queue_size", settings.get("queue_size", d.queueSize), minimum=0
+        ),
+        queueTimeout=_number(
+            "queue_timeout",
+            settings.get("queue_timeout", d.queueTimeout),
+            positive=True,
         ),
         maxIdlePerBackend=_integer(
             "max_idle_per_backend",

@@ -29,7 +29,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from .backends import Backend, BackendGroup
-from .client import BackendError, ConnectError, ResponseTimeout
+from .client import BackendBusy, BackendError, ConnectError, ResponseTimeout
 from .config import Config
 from .headers import LocationRewriter, requestHead, responseHeaders
 
@@ -100,6 +100,7 @@ class _Forwarding:
         self.tried: List[Backend] = []
         self.attempt: Optional["_Attempt"] = None
         self.clientGone = False
+        self.onlyBusy = True
         request.notifyFinish().addErrback(self._clientGone)
 
     def _clientGone(self, reason: Failure) -> None:
@@ -110,7 +111,14 @@ class _Forwarding:
     def next(self) -> None:
         backend = self.group.pick(exclude=self.tried)
         if backend is None:
-            if self.tried:
+            if self.tried and self.onlyBusy:
+                respondWithError(
+                    self.request,
+                    503,
+                    b"Service Unavailable: every backend is busy",
+                    retryAfter=RETRY_AFTER_SECONDS,
+                )
+            elif self.tried:
                 respondWithError(self.request, 502, b"Bad Gateway")
             else:
                 respondWithError(
@@ -131,6 +139,8 @@ class _Forwarding:
         self.attempt = None
         if self.clientGone:
             return
+        if not isinstance(error, BackendBusy):
+            self.onlyBusy = False
         if retryable:
             self.log.info(
                 "retrying {method} on another backend after {url}: {error}",
@@ -154,6 +164,7 @@ class _Attempt:
     log = Logger()
 
     connection = None
+    _acquiring = None
 
     code = 0
     bytesIn = 0
@@ -172,6 +183,7 @@ class _Attempt:
     def start(self, fresh: bool = False) -> None:
         pool = self.backend.pool
         d = pool.connect() if fresh else pool.acquire()
+        self._acquiring = d
         d.addCallbacks(self._connected, self._connectFailed)
 
     def cancel(self) -> None:
@@ -179,6 +191,10 @@ class _Attempt:
         The client went away: stop the exchange and free the backend.
         """
         self.cancelled = True
+        if self.connection is None and self._acquiring is not None:
+            # Waiting in the backend's queue: leave it.  (A connection being
+            # opened is left to open, and kept for the next request.)
+            self.backend.pool.stopWaiting(self._acquiring)
         if self.connection is not None:
             connection, self.connection = self.connection, None
             # A request whose connection is lost has no channel left to
@@ -200,6 +216,7 @@ class _Attempt:
             )
 
     def _connected(self, connection) -> None:
+        self._acquiring = None
         if self.cancelled:
             self.backend.pool.release(connection)
             self._end()
@@ -239,13 +256,16 @@ class _Attempt:
         )
 
     def _connectFailed(self, failure: Failure) -> None:
+        self._acquiring = None
         self._end()
         if self.cancelled:
             return
         error = failure.value
         if not isinstance(error, BackendError):
             error = ConnectError(failure.getErrorMessage())
-        self.backend.recordPassiveFailure(str(error))
+        if not isinstance(error, BackendBusy):
+            # A busy backend is healthy, only full.
+            self.backend.recordPassiveFailure(str(error))
         self.forwarding.failed(self.backend, error, retryable=True)
 
     # -- receiver -----------------------------------------------------------

@@ -240,6 +240,9 @@ def makeService(config: Config, reactor, listeners=None):
             reactor,
             maxIdle=config.maxIdlePerBackend,
             idleTimeout=config.poolIdleTimeout,
+            maxConnections=config.maxConnections,
+            queueSize=config.queueSize,
+            queueTimeout=config.queueTimeout,
         )
         backend.resource = BackendProxyResource(backend, config, reactor)
 

@@ -55,6 +55,12 @@ class Options(usage.Options):
                                         "head [default: 10]."],
         ["max-body-size", None, None, "Largest request body in bytes, 0 for no limit "
                                        "[default: 104857600]."],
+        ["max-connections", None, None, "Most connections open to one backend; 0 for no "
+                                         "limit [default: 0]."],
+        ["queue-size", None, None, "Requests that may wait for a connection to a "
+                                    "backend at its limit [default: 100]."],
+        ["queue-timeout", None, None, "Seconds a request may wait in that queue "
+                                       "[default: 5]."],
         ["workers", None, None, "Processes sharing the listening ports; 'auto' is one "
                                  "per CPU [default: 1]."],
         ["admin", None, None, "The admin API, dashboard and metrics listen here: an "
@@ -134,6 +140,9 @@ class Options(usage.Options):
             "client-timeout",
             "header-timeout",
             "max-body-size",
+            "max-connections",
+            "queue-size",
+            "queue-timeout",
             "workers",
             "admin",
         ]:

@@ -698,6 +698,9 @@ class MemoryBalancer:
                 self.clock,
                 maxIdle=config.maxIdlePerBackend,
                 idleTimeout=config.poolIdleTimeout,
+                maxConnections=config.maxConnections,
+                queueSize=config.queueSize,
+                queueTimeout=config.queueTimeout,
             )
             backend.resource = BackendProxyResource(backend, config, self.clock)
 

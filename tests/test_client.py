@@ -7,7 +7,7 @@ L{ConnectionPool} that keeps such connections.
 from io import BytesIO
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import fail, succeed
+from twisted.internet.defer import CancelledError, fail, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.interfaces import ISSLTransport
@@ -19,6 +19,7 @@ from zope.interface import directlyProvides
 
 from rrbalancer.client import (
     BODY_CHUNK_SIZE,
+    BackendBusy,
     INLINE_BODY_SIZE,
     MAX_HEAD_SIZE,
     BackendConnection,
@@ -606,3 +607,80 @@ class ConnectorTests(unittest.SynchronousTestCase):
         error = self.failureResultOf(d, ConnectError).value
         self.assertFalse(error.requestSent)
         self.assertEqual(self.pool.opened, 1)
+
+
+class LimitTests(_Base):
+    """
+    C{maxConnections}: a bounded number of connections, and a short queue
+    for the exchanges that find them all busy.
+    """
+
+    OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+
+    def setUp(self):
+        _Base.setUp(self)
+        self.pool.maxConnections = 2
+        self.pool.queueSize = 1
+        self.pool.queueTimeout = 3
+
+    def test_queueThenBusy(self):
+        """
+        At the limit, one exchange waits; the next one is refused at once,
+        with nothing opened.
+        """
+        self.exchange()
+        self.exchange()
+        waiting = self.pool.acquire()
+        self.assertNoResult(waiting)
+        self.assertEqual(self.pool.waitingCount, 1)
+        self.failureResultOf(self.pool.acquire(), BackendBusy)
+        self.assertEqual(len(self.opened), 2)
+
+    def test_releasedConnectionGoesToTheQueue(self):
+        first, _ = self.exchange()
+        self.exchange()
+        waiting = self.pool.acquire()
+        first.dataReceived(self.OK)
+        self.assertIs(self.successResultOf(waiting), first)
+        self.assertTrue(first.reused)
+        self.assertEqual(self.pool.idleCount, 0)
+        self.assertEqual(len(self.opened), 2)
+
+    def test_closedConnectionMakesRoom(self):
+        first, _ = self.exchange()
+        self.exchange()
+        waiting = self.pool.acquire()
+        first.connectionLost(RESET)
+        connection = self.successResultOf(waiting)
+        self.assertIsNot(connection, first)
+        self.assertEqual(len(self.opened), 3)
+        self.assertEqual(self.pool.openCount, 2)
+
+    def test_waitTooLong(self):
+        self.exchange()
+        self.exchange()
+        waiting = self.pool.acquire()
+        self.clock.advance(2.9)
+        self.assertNoResult(waiting)
+        self.clock.advance(0.1)
+        self.failureResultOf(waiting, BackendBusy)
+        self.assertEqual(self.pool.waitingCount, 0)
+
+    def test_stopWaiting(self):
+        """
+        An exchange whose client left takes its place out of the queue.
+        """
+        self.exchange()
+        self.exchange()
+        timers = len(self.clock.getDelayedCalls())
+        waiting = self.pool.acquire()
+        self.pool.stopWaiting(waiting)
+        self.failureResultOf(waiting, CancelledError)
+        self.assertEqual(self.pool.waitingCount, 0)
+        self.assertEqual(len(self.clock.getDelayedCalls()), timers)
+
+    def test_noLimit(self):
+        self.pool.maxConnections = 0
+        for _ in range(5):
+            self.exchange()
+        self.assertEqual(len(self.opened), 5)

@@ -777,6 +777,49 @@ class MemoryTests(unittest.SynchronousTestCase):
         self.assertTrue(backend.disconnected)
         self.assertEqual(balancer.backends[0].active, 0)
 
+    def test_queueFull(self):
+        """
+        A backend at its connection limit with a full queue gets no more
+        requests: 503 with Retry-After, no failure counted against it, and
+        the request in progress is unaffected.
+        """
+        balancer = MemoryBalancer(maxConnections=1, queueSize=0)
+        first, firstTransport = self.request(balancer)
+        second, secondTransport = self.request(balancer)
+        response = self.response(secondTransport)
+        self.assertEqual(response.code, 503)
+        self.assertEqual(response.header(b"retry-after"), [b"5"])
+        [backend] = balancer.backends
+        self.assertEqual(backend.failures, 0)
+        self.assertTrue(backend.available)
+        protocol, _ = balancer.backendConnection()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(self.response(firstTransport).code, 200)
+        self.assertEqual(len(balancer.opened[backend.id]), 1)
+
+    def test_queued(self):
+        """
+        A request that finds the backend at its limit waits for the
+        connection to come free and goes out on it.
+        """
+        balancer = MemoryBalancer(maxConnections=1, queueSize=1)
+        first, firstTransport = self.request(balancer)
+        second, secondTransport = self.request(balancer, get(b"/second"))
+        self.assertEqual(secondTransport.value(), b"")
+        protocol, backend = balancer.backendConnection()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertIn(b"GET /second HTTP/1.1\r\n", backend.value())
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok2")
+        self.assertEqual(self.response(secondTransport).code, 200)
+        self.assertEqual(len(balancer.opened[balancer.backends[0].id]), 1)
+
+    def test_queueWaitTooLong(self):
+        balancer = MemoryBalancer(maxConnections=1, queueSize=1, queueTimeout=2)
+        self.request(balancer)
+        second, secondTransport = self.request(balancer)
+        balancer.clock.advance(2)
+        self.assertEqual(self.response(secondTransport).code, 503)
+
     def test_timeoutNotRetried(self):
         """
         A backend that timed out may still act on the request: it is not
