@@ -18,6 +18,7 @@ cut.
 """
 
 import math
+from bisect import bisect_left
 from collections import deque
 from typing import Callable, Collection, Deque, Dict, Iterator, List, Optional
 
@@ -111,10 +112,8 @@ class BackendStats:
         kind = statusClass(code)
         self.responses[kind] = self.responses.get(kind, 0) + 1
         seconds = max(0.0, seconds)
-        for i, bound in enumerate(DURATION_BUCKETS):
-            if seconds <= bound:
-                self.buckets[i] += 1
-                break
+        # The first bucket whose upper bound is at least C{seconds}.
+        self.buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
         self.durationSum += seconds
         self.durationCount += 1
         self.bytesIn += bytesIn
@@ -176,8 +175,9 @@ class BackendStats:
 
     def history(self) -> List[dict]:
         """
-        The last C{HISTORY_POINTS} whole steps, oldest first: requests per
-        second, errors per second and mean latency (ms) in each.
+        The last C{HISTORY_POINTS} whole steps, oldest first (fewer for a
+        backend that has not been there that long): requests per second,
+        errors per second and mean latency (ms) in each.
         """
         now = self._clock.seconds()
         current = math.floor(now / HISTORY_STEP) * HISTORY_STEP
@@ -199,6 +199,7 @@ class BackendStats:
                 "latency_ms": round(latency / count * 1000, 3) if count else None,
             }
             for i, (requests, errors, latency, count) in enumerate(steps)
+            if first + (i + 1) * HISTORY_STEP > self.started
         ]
 
 
@@ -364,6 +365,7 @@ class Backend:
             if self._awaitingFirstPass:
                 # Its first check failed: from now on the usual rule applies.
                 self._awaitingFirstPass = False
+                self._changed(f"first health check failed: {reason}")
                 self.log.warn(
                     "backend {url} failed its first check: {reason}",
                     url=self.url,

@@ -1,0 +1,372 @@
+// rrbalancer dashboard: polls the admin API every second and updates the
+// page in place (no reload, no framework, nothing fetched from elsewhere).
+"use strict";
+
+(function () {
+  const POLL_MS = 1000;
+  const TIMEOUT_MS = 3000;
+  const CONFIRM_MS = 4000;
+
+  const $ = (id) => document.getElementById(id);
+  const rows = new Map(); // backend id -> row elements
+  let serverSkew = 0; // server clock minus ours, in seconds
+  let timer = null;
+  let messageTimer = null;
+
+  // -- the API --------------------------------------------------------------
+
+  async function api(method, path, body) {
+    const controller = new AbortController();
+    const timeout = setTimeout(() => controller.abort(), TIMEOUT_MS);
+    const options = { method, cache: "no-store", credentials: "same-origin", signal: controller.signal, headers: {} };
+    if (body !== undefined) {
+      options.headers["Content-Type"] = "application/json";
+      options.body = JSON.stringify(body);
+    }
+    try {
+      const response = await fetch(path, options);
+      if (response.status === 204) return null;
+      let data = null;
+      try { data = await response.json(); } catch (e) { data = null; }
+      if (!response.ok) {
+        throw new Error((data && data.error) || `${response.status} ${response.statusText}`);
+      }
+      return data;
+    } catch (e) {
+      if (e.name === "AbortError") throw new Error("no answer from the balancer");
+      throw e;
+    } finally {
+      clearTimeout(timeout);
+    }
+  }
+
+  // -- formatting -----------------------------------------------------------
+
+  function fmtRate(value) {
+    if (value === null || value === undefined) return "–";
+    if (value === 0) return "0";
+    return value < 10 ? value.toFixed(1) : Math.round(value).toLocaleString();
+  }
+
+  function fmtMs(value) {
+    if (value === null || value === undefined) return "–";
+    if (value < 1) return value.toFixed(2) + " ms";
+    if (value < 100) return value.toFixed(1) + " ms";
+    if (value < 10000) return Math.round(value) + " ms";
+    return (value / 1000).toFixed(1) + " s";
+  }
+
+  function fmtPercent(fraction) {
+    if (!fraction) return "0%";
+    const p = fraction * 100;
+    return (p < 10 ? p.toFixed(1) : Math.round(p)) + "%";
+  }
+
+  function fmtDuration(seconds) {
+    seconds = Math.max(0, Math.floor(seconds));
+    if (seconds < 60) return seconds + "s";
+    const m = Math.floor(seconds / 60), s = seconds % 60;
+    if (m < 60) return m + "m " + s + "s";
+    const h = Math.floor(m / 60);
+    if (h < 48) return h + "h " + (m % 60) + "m";
+    return Math.floor(h / 24) + "d " + (h % 24) + "h";
+  }
+
+  function fmtClock(epoch) {
+    return new Date(epoch * 1000).toLocaleTimeString([], { hour12: false });
+  }
+
+  function serverNow() {
+    return Date.now() / 1000 + serverSkew;
+  }
+
+  function setText(element, text) {
+    if (element.textContent !== text) element.textContent = text;
+  }
+
+  // -- messages -------------------------------------------------------------
+
+  function showMessage(text, isError) {
+    const box = $("message");
+    box.textContent = text;
+    box.className = isError ? "message error" : "message";
+    box.hidden = false;
+    clearTimeout(messageTimer);
+    messageTimer = setTimeout(() => { box.hidden = true; }, isError ? 8000 : 4000);
+  }
+
+  function setLive(ok, detail) {
+    const live = $("live");
+    live.dataset.live = ok ? "ok" : "lost";
+    setText($("live-text"), ok ? "Live · updated " + fmtClock(Date.now() / 1000) : "Disconnected: " + detail + " · retrying");
+  }
+
+  // -- the backends table ---------------------------------------------------
+
+  const SVG = "http://www.w3.org/2000/svg";
+  const SPARK_W = 120, SPARK_H = 26;
+  const HISTORY_SLOTS = 30; // 5 minutes in 10-second steps, as the API keeps
+
+  function el(tag, className, text) {
+    const e = document.createElement(tag);
+    if (className) e.className = className;
+    if (text !== undefined) e.textContent = text;
+    return e;
+  }
+
+  function button(action, label, className) {
+    const b = el("button", className || "", label);
+    b.type = "button";
+    b.dataset.action = action;
+    return b;
+  }
+
+  function makeRow(backend) {
+    const tr = document.createElement("tr");
+    tr.dataset.backendId = backend.id;
+    const cells = {};
+    const add = (name, className) => { const td = el("td", className); td.dataset.col = name; tr.appendChild(td); cells[name] = td; return td; };
+
+    cells.pill = el("span", "pill state");
+    add("state").appendChild(cells.pill);
+
+    const who = add("backend", "backend");
+    cells.url = el("div", "url");
+    cells.sub = el("div", "sub");
+    who.append(cells.url, cells.sub);
+
+    for (const name of ["weight", "active", "rps", "errors", "p50", "p99"]) add(name, "num");
+
+    const spark = document.createElementNS(SVG, "svg");
+    spark.setAttribute("class", "spark");
+    spark.setAttribute("width", SPARK_W);
+    spark.setAttribute("height", SPARK_H);
+    spark.setAttribute("viewBox", `0 0 ${SPARK_W} ${SPARK_H}`);
+    spark.setAttribute("role", "img");
+    const base = document.createElementNS(SVG, "line");
+    base.setAttribute("class", "base");
+    base.setAttribute("x1", 0);
+    base.setAttribute("x2", SPARK_W);
+    base.setAttribute("y1", SPARK_H - 0.5);
+    base.setAttribute("y2", SPARK_H - 0.5);
+    spark.appendChild(base);
+    cells.sparkTitle = document.createElementNS(SVG, "title");
+    cells.sparkArea = document.createElementNS(SVG, "polygon");
+    cells.sparkArea.setAttribute("class", "area");
+    cells.sparkLine = document.createElementNS(SVG, "polyline");
+    cells.sparkLine.setAttribute("class", "line");
+    cells.sparkErrors = document.createElementNS(SVG, "g");
+    spark.append(cells.sparkTitle, cells.sparkArea, cells.sparkLine, cells.sparkErrors);
+    add("history").appendChild(spark);
+
+    const change = add("change", "change");
+    cells.when = el("div", "when");
+    cells.why = el("div", "why");
+    change.append(cells.when, cells.why);
+
+    const actions = add("actions", "actions");
+    cells.buttons = {
+      drain: button("drain", "Drain"),
+      disable: button("disable", "Disable"),
+      enable: button("enable", "Enable"),
+      remove: button("remove", "Remove", "danger"),
+    };
+    for (const b of Object.values(cells.buttons)) actions.appendChild(b);
+
+    return { tr, cells, backend };
+  }
+
+  function drawSpark(cells, history) {
+    const n = history.length;
+    if (!n) return;
+    // A fixed time axis: a backend newer than the chart fills its right end.
+    const step = SPARK_W / (HISTORY_SLOTS - 1);
+    const x0 = (HISTORY_SLOTS - n) * step;
+    const peak = Math.max(1, ...history.map((p) => p.rps));
+    const y = (v) => (SPARK_H - 2 - (v / peak) * (SPARK_H - 4)).toFixed(1);
+    const points = history.map((p, i) => `${(x0 + i * step).toFixed(1)},${y(p.rps)}`);
+    cells.sparkLine.setAttribute("points", points.join(" "));
+    cells.sparkArea.setAttribute("points", `${x0.toFixed(1)},${SPARK_H} ${points.join(" ")} ${SPARK_W},${SPARK_H}`);
+    const errorBars = [];
+    history.forEach((p, i) => {
+      if (p.errors > 0) {
+        const h = Math.max(2, (p.errors / peak) * (SPARK_H - 4));
+        errorBars.push([x0 + i * step - 1, SPARK_H - h, h]);
+      }
+    });
+    const g = cells.sparkErrors;
+    while (g.firstChild) g.removeChild(g.firstChild);
+    for (const [x, top, h] of errorBars) {
+      const r = document.createElementNS(SVG, "rect");
+      r.setAttribute("class", "err");
+      r.setAttribute("x", Math.max(0, x).toFixed(1));
+      r.setAttribute("y", top.toFixed(1));
+      r.setAttribute("width", "2");
+      r.setAttribute("height", h.toFixed(1));
+      g.appendChild(r);
+    }
+    const last = history[n - 1];
+    setText(cells.sparkTitle, `Requests/s over the last ${fmtDuration(n * 10)} (peak ${fmtRate(peak)}, last ${fmtRate(last.rps)})`);
+  }
+
+  function updateRow(row, b) {
+    const c = row.cells;
+    row.backend = b;
+    const stateText = b.removing ? "removing" : b.state;
+    c.pill.className = "pill state " + b.state;
+    setText(c.pill, stateText);
+    row.tr.dataset.state = b.state;
+
+    setText(c.url, b.url);
+    let sub = "#" + b.id;
+    if (b.backup) sub += " · backup";
+    if (b.last_error && b.state === "down") sub += " · " + b.last_error;
+    setText(c.sub, sub);
+    c.sub.title = b.last_error ? "Last error: " + b.last_error : "";
+
+    setText(c.weight, String(b.weight));
+    setText(c.active, String(b.active));
+    setText(c.rps, fmtRate(b.requests_per_second));
+    setText(c.errors, fmtPercent(b.error_rate));
+    c.errors.classList.toggle("bad", b.error_rate >= 0.05);
+    setText(c.p50, fmtMs(b.latency_ms.p50));
+    setText(c.p99, fmtMs(b.latency_ms.p99));
+    drawSpark(c, b.history || []);
+
+    setText(c.when, fmtDuration(serverNow() - b.last_change) + " ago");
+    c.when.title = new Date(b.last_change * 1000).toLocaleString();
+    setText(c.why, b.last_change_reason || "");
+    c.why.title = b.last_change_reason || "";
+
+    const admin = b.state === "draining" || b.state === "disabled" ? b.state : "up";
+    const busy = row.busy || b.removing;
+    const btn = c.buttons;
+    btn.drain.disabled = busy || admin === "draining";
+    btn.disable.disabled = busy || admin === "disabled";
+    btn.enable.disabled = busy || admin === "up";
+    btn.remove.disabled = busy;
+    for (const [action, element] of Object.entries(btn)) {
+      element.setAttribute("aria-label", `${element.textContent} backend ${b.url}`);
+      element.dataset.action = action;
+    }
+  }
+
+  function renderBackends(list) {
+    const tbody = $("backend-rows");
+    const seen = new Set();
+    for (const b of list) {
+      seen.add(b.id);
+      let row = rows.get(b.id);
+      if (!row) {
+        row = makeRow(b);
+        rows.set(b.id, row);
+      }
+      updateRow(row, b);
+      tbody.appendChild(row.tr); // keeps the API's order; a no-op when in place
+    }
+    for (const [id, row] of rows) {
+      if (!seen.has(id)) {
+        row.tr.remove();
+        rows.delete(id);
+      }
+    }
+    $("empty").hidden = list.length > 0;
+  }
+
+  function renderStatus(status) {
+    setText($("version"), "v" + status.version);
+    const t = status.totals;
+    setText($("t-up"), `${t.available} / ${t.backends}`);
+    setText($("t-rps"), fmtRate(t.requests_per_second));
+    setText($("t-active"), String(t.active));
+    setText($("t-requests"), t.requests.toLocaleString());
+    setText($("t-retries"), t.retries.toLocaleString());
+    setText($("t-uptime"), fmtDuration(status.uptime));
+    const h = status.health_checks;
+    setText($("health-note"), h.enabled
+      ? `Health checks: GET ${h.path} every ${h.interval}s (up after ${h.rise}, down after ${h.fall})`
+      : "Health checks are off");
+    const addresses = status.listeners.map((l) => l.address || l.description).join(", ");
+    setText($("listeners"), addresses ? "Balancing on " + addresses : "");
+    setText($("config-path"), status.config ? "Config: " + status.config : "");
+    document.title = `rrbalancer · ${t.available}/${t.backends} up`;
+  }
+
+  // -- polling --------------------------------------------------------------
+
+  async function refresh() {
+    clearTimeout(timer);
+    try {
+      const [status, list] = await Promise.all([api("GET", "api/status"), api("GET", "api/backends")]);
+      serverSkew = list.now - Date.now() / 1000;
+      renderStatus(status);
+      renderBackends(list.backends);
+      setLive(true);
+    } catch (e) {
+      setLive(false, e.message);
+    } finally {
+      timer = setTimeout(refresh, POLL_MS);
+    }
+  }
+
+  // -- actions --------------------------------------------------------------
+
+  const ACTIONS = {
+    drain: (id) => api("PATCH", `api/backends/${encodeURIComponent(id)}`, { state: "draining" }),
+    disable: (id) => api("PATCH", `api/backends/${encodeURIComponent(id)}`, { state: "disabled" }),
+    enable: (id) => api("PATCH", `api/backends/${encodeURIComponent(id)}`, { state: "up" }),
+    remove: (id) => api("DELETE", `api/backends/${encodeURIComponent(id)}`),
+  };
+  const DONE = { drain: "is draining", disable: "is disabled", enable: "is enabled", remove: "is being removed" };
+
+  async function act(row, action, element) {
+    const url = row.backend.url;
+    if (action === "remove" && !element.classList.contains("confirm")) {
+      element.classList.add("confirm");
+      element.textContent = "Confirm";
+      setTimeout(() => { element.classList.remove("confirm"); element.textContent = "Remove"; }, CONFIRM_MS);
+      return;
+    }
+    row.busy = true;
+    updateRow(row, row.backend);
+    try {
+      await ACTIONS[action](row.backend.id);
+      showMessage(`${url} ${DONE[action]}.`, false);
+    } catch (e) {
+      showMessage(`Could not ${action} ${url}: ${e.message}`, true);
+    } finally {
+      row.busy = false;
+      refresh();
+    }
+  }
+
+  $("backend-rows").addEventListener("click", (event) => {
+    const element = event.target.closest("button[data-action]");
+    if (!element || element.disabled) return;
+    const row = rows.get(element.closest("tr").dataset.backendId);
+    if (row) act(row, element.dataset.action, element);
+  });
+
+  $("add-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const url = $("add-url").value.trim();
+    const weight = Number($("add-weight").value);
+    const backup = $("add-backup").checked;
+    const submit = $("add-submit");
+    submit.disabled = true;
+    try {
+      const added = await api("POST", "api/backends", { url, weight, backup });
+      showMessage(`Added ${added.url} (#${added.id}).`, false);
+      $("add-url").value = "";
+      $("add-weight").value = "1";
+      $("add-backup").checked = false;
+    } catch (e) {
+      showMessage(`Could not add ${url || "the backend"}: ${e.message}`, true);
+    } finally {
+      submit.disabled = false;
+      refresh();
+    }
+  });
+
+  refresh();
+})();

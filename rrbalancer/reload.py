@@ -1,0 +1,202 @@
+"""
+Config reload: SIGHUP (or C{POST /api/reload}) re-reads the C{--config}
+file and applies its backends to the running group.
+
+Only the backends change.  Those the file lists are added (taking traffic
+once their first health check passes), changed in place (weight, backup:
+their connections and requests in flight stay), or, when the file no longer
+lists them, drained and removed without cutting a request.  Backends that
+did not come from the file (added through the API, or the demo ones) are
+left alone.  Every other setting needs a restart; a change to one is
+reported and not applied.  A file that does not validate changes nothing.
+"""
+
+import signal
+import threading
+from dataclasses import fields
+from typing import Callable, Dict, List, Optional
+
+from twisted.application.service import Service
+from twisted.logger import Logger
+
+from .backends import Backend, BackendGroup
+from .config import BackendConfig, Config, ConfigError, loadConfig
+
+# Settings a reload does not own: where the file is, and the backends.
+_RELOADED = {"backends", "configPath", "configOverrides"}
+
+
+def serverOf(config: BackendConfig):
+    """
+    What is dialled: http://a and http://a:80 are the same backend.
+    """
+    return (config.scheme, config.host, config.port)
+
+
+def findServer(group: BackendGroup, config: BackendConfig) -> Optional[Backend]:
+    wanted = serverOf(config)
+    for backend in group:
+        if serverOf(backend.config) == wanted:
+            return backend
+    return None
+
+
+class Reloader:
+    """
+    Applies a config file's backends to a running L{BackendGroup}.
+
+    @param load: builds the new L{Config}; by default the file the running
+        one came from, with the same command-line settings over it.
+    @param onAdded: called with each backend a reload adds (to check it at
+        once rather than at the next health check).
+    @ivar managed: the servers the file lists, as of the last reload.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: Config,
+        group: BackendGroup,
+        load: Optional[Callable[[], Config]] = None,
+        onAdded: Callable[[Backend], None] = lambda backend: None,
+    ) -> None:
+        self.config = config
+        self.group = group
+        self._load = load
+        self.onAdded = onAdded
+        self.managed = {serverOf(b) for b in config.backends}
+
+    @property
+    def canReload(self) -> bool:
+        return self._load is not None or self.config.configPath is not None
+
+    def load(self) -> Config:
+        if self._load is not None:
+            return self._load()
+        if self.config.configPath is None:
+            raise ConfigError(
+                "reload: the balancer was started without --config, so there "
+                "is no file to read again"
+            )
+        return loadConfig(self.config.configPath, self.config.configOverrides)
+
+    def reload(self, who: str = "SIGHUP") -> Dict[str, List]:
+        """
+        Read the file again and apply its backends.
+
+        @return: what changed: C{added}, C{removed} and C{changed} URLs, and
+            the C{ignored} settings that need a restart.
+        @raise ConfigError: the file does not validate; nothing changed.
+        """
+        try:
+            new = self.load()
+        except ConfigError as e:
+            self.log.error(
+                "reload ({who}) failed, the running configuration stays: {error}",
+                who=who,
+                error=str(e),
+            )
+            raise
+        result = self.apply(new, who)
+        self.log.info(
+            "reload ({who}): added {added}, removed {removed}, changed "
+            "{changed}{ignored}",
+            who=who,
+            added=result["added"] or "none",
+            removed=result["removed"] or "none",
+            changed=result["changed"] or "none",
+            ignored=(
+                "; needs a restart, not applied: " + ", ".join(result["ignored"])
+                if result["ignored"]
+                else ""
+            ),
+        )
+        return result
+
+    def apply(self, new: Config, who: str = "reload") -> Dict[str, List]:
+        group = self.group
+        reason = f"reload ({who})"
+        added, removed, changed = [], [], []
+        wanted = set()
+        for backendConfig in new.backends:
+            wanted.add(serverOf(backendConfig))
+            backend = findServer(group, backendConfig)
+            if backend is None:
+                backend = group.add(backendConfig, awaitCheck=True, reason=reason)
+                added.append(backend.url)
+                self.onAdded(backend)
+                continue
+            if backend.removing:
+                group.keep(backend, reason)
+                changed.append(backend.url)
+            if (backend.weight, backend.backup) != (
+                backendConfig.weight,
+                backendConfig.backup,
+            ):
+                group.reconfigure(backend, backendConfig.weight, backendConfig.backup)
+                if backend.url not in changed:
+                    changed.append(backend.url)
+        for backend in group:
+            server = serverOf(backend.config)
+            if server in self.managed and server not in wanted and not backend.removing:
+                group.retire(backend, f"{reason}: no longer in the file")
+                removed.append(backend.url)
+        self.managed = wanted
+        ignored = [
+            f.name
+            for f in fields(Config)
+            if f.name not in _RELOADED
+            and getattr(new, f.name) != getattr(self.config, f.name)
+        ]
+        self.config = new
+        return {"added": added, "removed": removed, "changed": changed, "ignored": ignored}
+
+
+class ReloadService(Service):
+    """
+    Reloads on SIGHUP.
+
+    The handler is installed when the service starts (in the main thread
+    only, where Python delivers signals) and the previous one put back when
+    it stops; the reload itself runs in the reactor's thread, between
+    events, never inside the signal handler.
+
+    @ivar handleSignal: install the handler at all (tests turn it off).
+    """
+
+    log = Logger()
+    handleSignal = True
+
+    def __init__(self, reloader: Reloader, reactor) -> None:
+        self.reloader = reloader
+        self._reactor = reactor
+        self._previous = None
+        self._installed = False
+
+    def startService(self):
+        Service.startService(self)
+        if (
+            self.handleSignal
+            and hasattr(signal, "SIGHUP")
+            and threading.current_thread() is threading.main_thread()
+        ):
+            self._previous = signal.signal(signal.SIGHUP, self._hangup)
+            self._installed = True
+
+    def stopService(self):
+        Service.stopService(self)
+        if self._installed:
+            signal.signal(signal.SIGHUP, self._previous or signal.SIG_DFL)
+            self._installed = False
+
+    def _hangup(self, signum, frame) -> None:
+        self._reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        try:
+            self.reloader.reload("SIGHUP")
+        except ConfigError:
+            pass  # logged by the reloader
+        except Exception:
+            self.log.failure("reload (SIGHUP) failed")

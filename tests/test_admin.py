@@ -1,0 +1,1005 @@
+"""
+Tests for L{rrbalancer.admin}: the JSON API in memory (L{StubTreq}, a
+L{Clock}), the token, the admin settings, and, on real loopback sockets, a
+slow request that outlives the removal of its backend and a balancer under
+load while backends are added and removed.
+
+The helpers at the top (real backends, a balancer on port 0, polling with a
+bound) are shared with the dashboard and reload tests.
+"""
+
+import base64
+import json
+import os
+
+from twisted.internet import reactor, tcp
+from twisted.internet.defer import inlineCallbacks, succeed
+from twisted.internet.task import Clock, deferLater
+from twisted.logger import Logger
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+import treq
+from treq.client import HTTPClient
+from treq.testing import StubTreq
+
+from rrbalancer.admin import AdminAPI, AdminResource, listeningAddress
+from rrbalancer.backends import DISABLED, DRAINING, UP, BackendGroup
+from rrbalancer.config import (
+    ADMIN_DEFAULT,
+    BackendConfig,
+    Config,
+    ConfigError,
+    HealthConfig,
+    buildConfig,
+    isLoopbackEndpoint,
+    parseAdmin,
+)
+from rrbalancer.health import USER_AGENT
+from rrbalancer.metrics import MetricsResource, makeRegistry
+from rrbalancer.service import makeService
+from rrbalancer.tap import Options
+
+CONTRACT_FIELDS = {
+    "id", "url", "weight", "backup", "state", "healthy", "active", "requests",
+    "failures", "last_check", "last_error", "latency_ms",
+}
+
+
+# -- in-memory helpers ----------------------------------------------------------
+
+
+class FakeChecker:
+    """
+    Stands for the L{HealthChecker}: records which backends were checked.
+    """
+
+    def __init__(self) -> None:
+        self.checked = []
+
+    def check(self, backend):
+        self.checked.append(backend)
+        return succeed(None)
+
+
+class InMemoryAdmin:
+    """
+    An admin resource over a group of backends on a L{Clock}, reached with
+    L{StubTreq}.
+    """
+
+    def __init__(self, urls=("http://127.0.0.1:8081", "http://127.0.0.1:8082"),
+                 health=HealthConfig(enabled=False), token=None, checker=None):
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.group = BackendGroup(health, self.clock)
+        for url in urls:
+            self.group.add(BackendConfig(url))
+        self.checker = checker
+        self.api = AdminAPI(self.group, self.clock, healthChecker=checker)
+        self.events = []
+        self.api.log = Logger(observer=self.events.append)
+        self.resource = AdminResource(
+            self.api, MetricsResource(makeRegistry(self.group)), token
+        )
+        self.stub = StubTreq(self.resource)
+
+    def request(self, method, path, body=None, raw=None, headers=None, host="127.0.0.1"):
+        """
+        @return: (status code, decoded JSON or None, response)
+        """
+        data = raw if raw is not None else (
+            json.dumps(body).encode("utf-8") if body is not None else None
+        )
+        headers = dict(headers or {})
+        headers[b"Host"] = [host.encode("ascii")]
+        d = self.stub.request(method, f"http://127.0.0.1{path}", data=data, headers=headers)
+        self.stub.flush()
+        results = []
+        d.addCallback(lambda r: self.stub.content(r).addCallback(lambda c: (r, c)))
+        d.addBoth(results.append)
+        self.stub.flush()
+        response, content = results[0]
+        try:
+            decoded = json.loads(content) if content else None
+        except ValueError:
+            decoded = None
+        return response.code, decoded, response, content
+
+    def snapshot(self):
+        return [
+            (b.id, b.url, b.weight, b.backup, b.adminState, b.healthy, b.removing)
+            for b in self.group
+        ]
+
+
+# -- real-socket helpers ---------------------------------------------------------
+
+
+@inlineCallbacks
+def poll(condition, timeout=15.0, interval=0.01, what="a condition"):
+    """
+    Wait, at most C{timeout} seconds, until C{condition()} is true.
+    """
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        yield deferLater(reactor, interval, lambda: None)
+
+
+def settleConnections(testCase):
+    """
+    At the end of a test (this cleanup runs last), abort the TCP
+    connections the test left open and wait until they are gone, so that
+    the reactor is clean without waiting on anybody's timer.
+    """
+    before = set(reactor.getReaders()) | set(reactor.getWriters())
+
+    @inlineCallbacks
+    def settle():
+        def extra():
+            now = set(reactor.getReaders()) | set(reactor.getWriters())
+            return [
+                s for s in now - before if isinstance(s, (tcp.Server, tcp.Client))
+            ]
+
+        for connection in extra():
+            connection.abortConnection()
+        yield poll(lambda: not extra(), timeout=5, what="connections to close")
+
+    testCase.addCleanup(settle)
+
+
+class TestBackend(Resource):
+    """
+    A real backend: answers C{"<name> <path>"}; a request for C{/slow...}
+    is held until L{release}.  Health checks are not counted as requests.
+    """
+
+    isLeaf = True
+
+    def __init__(self, name: str) -> None:
+        Resource.__init__(self)
+        self.name = name
+        self.served = 0
+        self.firstServedAt = None
+        self.held = []
+
+    def render(self, request):
+        if request.getHeader(b"user-agent") == USER_AGENT:
+            return b"ok\n"
+        body = f"{self.name} {request.path.decode()}\n".encode("utf-8")
+        if request.path.startswith(b"/slow"):
+            self.held.append((request, body))
+            return NOT_DONE_YET
+        self.served += 1
+        if self.firstServedAt is None:
+            self.firstServedAt = reactor.seconds()
+        return body
+
+    def release(self):
+        held, self.held = self.held, []
+        for request, body in held:
+            self.served += 1
+            request.write(body[: len(body) // 2])
+            request.write(body[len(body) // 2 :])
+            request.finish()
+
+
+def startBackend(testCase, name):
+    """
+    @return: (the L{TestBackend}, its URL)
+    """
+    resource = TestBackend(name)
+    site = Site(resource)
+    site.log = lambda request: None
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    testCase.addCleanup(port.stopListening)
+    return resource, f"http://127.0.0.1:{port.getHost().port}"
+
+
+@inlineCallbacks
+def startBalancer(testCase, config: Config):
+    """
+    Start a balancer on loopback port 0 with its admin listener; stopped at
+    the end of the test.
+
+    @return: fires with (service, balancer base URL, admin base URL)
+    """
+    service = makeService(config, reactor)
+    for child in service:
+        if type(child).__name__ == "ReloadService":
+            child.handleSignal = False
+    service.privilegedStartService()
+    service.startService()
+    testCase.addCleanup(service.stopService)
+    yield poll(
+        lambda: all(listeningAddress(l) for l in service.listeners)
+        and listeningAddress(service.adminListener),
+        what="the listeners",
+    )
+    balancer = "http://" + listeningAddress(service.listeners[0])
+    admin = "http://" + listeningAddress(service.adminListener)
+    return service, balancer, admin
+
+
+def balancerConfig(urls, health=None, **kwargs) -> Config:
+    return Config(
+        backends=tuple(BackendConfig(url) for url in urls),
+        ports=("tcp:0:interface=127.0.0.1",),
+        admin="tcp:0:interface=127.0.0.1",
+        health=health or HealthConfig(enabled=False),
+        shutdownGrace=5.0,
+        **kwargs,
+    )
+
+
+def makeClient(testCase):
+    """
+    A treq client whose connections close after each request.
+    """
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    testCase.addCleanup(pool.closeCachedConnections)
+    return HTTPClient(Agent(reactor, pool=pool))
+
+
+@inlineCallbacks
+def call(client, method, url, body=None, headers=None):
+    """
+    @return: fires with (status code, decoded JSON or None)
+    """
+    data = json.dumps(body).encode("utf-8") if body is not None else None
+    response = yield client.request(method, url, data=data, headers=headers)
+    content = yield treq.content(response)
+    return response.code, (json.loads(content) if content else None)
+
+
+# -- the API --------------------------------------------------------------------
+
+
+class ListTests(SynchronousTestCase):
+    def test_fields(self):
+        """
+        C{GET /api/backends} has every field of the contract.
+        """
+        admin = InMemoryAdmin()
+        code, body, response, _ = admin.request("GET", "/api/backends")
+        self.assertEqual(code, 200)
+        self.assertEqual(
+            response.headers.getRawHeaders(b"content-type"), [b"application/json"]
+        )
+        self.assertEqual([b["url"] for b in body["backends"]],
+                         ["http://127.0.0.1:8081", "http://127.0.0.1:8082"])
+        first = body["backends"][0]
+        self.assertEqual(CONTRACT_FIELDS - set(first), set())
+        self.assertEqual(first["id"], "1")
+        self.assertEqual(first["weight"], 1)
+        self.assertIs(first["backup"], False)
+        self.assertEqual(first["state"], "up")
+        self.assertIs(first["healthy"], True)
+        self.assertEqual(first["active"], 0)
+        self.assertEqual(first["latency_ms"], {"p50": None, "p99": None})
+        self.assertIsNone(first["last_check"])
+        self.assertIsNone(first["last_error"])
+
+    def test_figures(self):
+        """
+        The counters, in-flight count and latency of a backend show.
+        """
+        admin = InMemoryAdmin()
+        backend = admin.group.get("1")
+        backend.requests = 3
+        backend.active = 1
+        backend.recordPassiveFailure("connection refused")
+        for ms in (10, 20, 30):
+            backend.recordResponse(200, ms / 1000, 0, 10)
+        code, body, _, _ = admin.request("GET", "/api/backends/1")
+        self.assertEqual(code, 200)
+        self.assertEqual(body["requests"], 3)
+        self.assertEqual(body["active"], 1)
+        self.assertEqual(body["failures"], 1)
+        self.assertEqual(body["last_error"], "connection refused")
+        self.assertEqual(body["latency_ms"], {"p50": 20.0, "p99": 30.0})
+        self.assertEqual(body["error_rate"], 0.25)
+
+    def test_states(self):
+        admin = InMemoryAdmin(urls=("http://a:1", "http://b:1", "http://c:1", "http://d:1"))
+        a, b, c, d = admin.group
+        b.healthy = False
+        c.adminState = DRAINING
+        d.adminState = DISABLED
+        _, body, _, _ = admin.request("GET", "/api/backends")
+        self.assertEqual([x["state"] for x in body["backends"]],
+                         ["up", "down", "draining", "disabled"])
+
+
+class AddTests(SynchronousTestCase):
+    def test_add(self):
+        """
+        C{POST /api/backends} adds a backend, answers 201 with it, and (with
+        health checks off) it takes traffic at once.
+        """
+        admin = InMemoryAdmin()
+        code, body, response, _ = admin.request(
+            "POST", "/api/backends", {"url": "http://127.0.0.1:8083", "weight": 3}
+        )
+        self.assertEqual(code, 201)
+        self.assertEqual(body["url"], "http://127.0.0.1:8083")
+        self.assertEqual(body["weight"], 3)
+        self.assertIs(body["backup"], False)
+        self.assertEqual(body["state"], "up")
+        self.assertEqual(
+            response.headers.getRawHeaders(b"location"), [f"/api/backends/{body['id']}".encode()]
+        )
+        backend = admin.group.get(body["id"])
+        self.assertTrue(backend.available)
+        picks = {admin.group.pick().url for _ in range(5)}
+        self.assertIn("http://127.0.0.1:8083", picks)
+
+    def test_addBackup(self):
+        admin = InMemoryAdmin()
+        code, body, _, _ = admin.request(
+            "POST", "/api/backends", {"url": "http://127.0.0.1:8083", "backup": True}
+        )
+        self.assertEqual(code, 201)
+        self.assertIs(admin.group.get(body["id"]).backup, True)
+
+    def test_waitsForFirstCheck(self):
+        """
+        With health checks on, a new backend is checked at once and takes
+        no traffic until that check passes; one pass is enough.
+        """
+        checker = FakeChecker()
+        admin = InMemoryAdmin(health=HealthConfig(rise=3), checker=checker)
+        code, body, _, _ = admin.request(
+            "POST", "/api/backends", {"url": "http://127.0.0.1:8083"}
+        )
+        self.assertEqual(code, 201)
+        self.assertEqual(body["state"], "down")
+        backend = admin.group.get(body["id"])
+        self.assertEqual(checker.checked, [backend])
+        self.assertFalse(backend.available)
+        self.assertNotIn(backend, [admin.group.pick() for _ in range(6)])
+        backend.recordCheck(True, "HTTP 200")
+        self.assertTrue(backend.available)
+        self.assertEqual(admin.request("GET", f"/api/backends/{backend.id}")[1]["state"], "up")
+
+    def test_duplicate(self):
+        """
+        The same backend twice is a 409, even spelt another way.
+        """
+        admin = InMemoryAdmin()
+        before = admin.snapshot()
+        for url in ("http://127.0.0.1:8081", "http://127.0.0.1:8081/", "HTTP://127.0.0.1:8081"):
+            code, body, _, _ = admin.request("POST", "/api/backends", {"url": url})
+            self.assertEqual(code, 409, url)
+            self.assertIn("already exists", body["error"])
+        admin2 = InMemoryAdmin(urls=("http://example.com",))
+        code, _, _, _ = admin2.request("POST", "/api/backends", {"url": "http://example.com:80"})
+        self.assertEqual(code, 409)
+        self.assertEqual(admin.snapshot(), before)
+
+    def test_badInput(self):
+        """
+        Every bad input is a 400 naming the problem, and adds nothing.
+        """
+        admin = InMemoryAdmin()
+        before = admin.snapshot()
+        cases = [
+            (b"{not json", "not valid JSON"),
+            (b"", "empty"),
+            (b"\xff\xfe", "UTF-8"),
+            (b"[1, 2]", "JSON object"),
+            (b"[" * 30000 + b"]" * 30000, "nested too deeply"),
+            (b'"http://127.0.0.1:9"', "JSON object"),
+            (b"{}", "url: missing"),
+            (b'{"url": 5}', "url: expected a string"),
+            (b'{"url": "ftp://127.0.0.1:9"}', "http:// or https://"),
+            (b'{"url": "http://"}', "no host"),
+            (b'{"url": "http://127.0.0.1:9/path"}', "no path"),
+            (b'{"url": "http://127.0.0.1:99999"}', "url"),
+            (b'{"url": "not a url"}', "url"),
+            (b'{"url": "http://127.0.0.1:9", "weight": 0}', "weight"),
+            (b'{"url": "http://127.0.0.1:9", "weight": -2}', "weight"),
+            (b'{"url": "http://127.0.0.1:9", "weight": "2"}', "weight"),
+            (b'{"url": "http://127.0.0.1:9", "weight": 1.5}', "weight"),
+            (b'{"url": "http://127.0.0.1:9", "weight": true}', "weight"),
+            (b'{"url": "http://127.0.0.1:9", "backup": "yes"}', "backup"),
+            (b'{"url": "http://127.0.0.1:9", "colour": "red"}', "unknown field 'colour'"),
+        ]
+        for raw, expected in cases:
+            code, body, _, _ = admin.request("POST", "/api/backends", raw=raw)
+            self.assertEqual(code, 400, raw)
+            self.assertIn(expected, body["error"], raw)
+        self.assertEqual(admin.snapshot(), before)
+        self.assertEqual(admin.events, [])
+
+
+class ChangeTests(SynchronousTestCase):
+    def test_drain(self):
+        """
+        A draining backend gets no new request; the others do.
+        """
+        admin = InMemoryAdmin()
+        code, body, _, _ = admin.request("PATCH", "/api/backends/1", {"state": "draining"})
+        self.assertEqual(code, 200)
+        self.assertEqual(body["state"], "draining")
+        backend = admin.group.get("1")
+        self.assertEqual(backend.adminState, DRAINING)
+        self.assertEqual({admin.group.pick().id for _ in range(4)}, {"2"})
+
+    def test_disable(self):
+        """
+        A disabled backend gets no traffic and no health checks.
+        """
+        from rrbalancer.health import HealthChecker
+
+        admin = InMemoryAdmin()
+        code, body, _, _ = admin.request("PATCH", "/api/backends/2", {"state": "disabled"})
+        self.assertEqual(code, 200)
+        self.assertEqual(body["state"], "disabled")
+        self.assertEqual({admin.group.pick().id for _ in range(4)}, {"1"})
+        checker = HealthChecker(admin.group, None, admin.clock, HealthConfig())
+        checked = []
+        checker.check = checked.append
+        checker.checkAll()
+        self.assertEqual([b.id for b in checked], ["1"])
+
+    def test_enable(self):
+        """
+        C{"up"} brings a drained or disabled backend back; one that was
+        disabled is checked first (with health checks on).
+        """
+        checker = FakeChecker()
+        admin = InMemoryAdmin(health=HealthConfig(), checker=checker)
+        admin.request("PATCH", "/api/backends/1", {"state": "draining"})
+        code, body, _, _ = admin.request("PATCH", "/api/backends/1", {"state": "up"})
+        self.assertEqual((code, body["state"]), (200, "up"))
+        admin.request("PATCH", "/api/backends/2", {"state": "disabled"})
+        code, body, _, _ = admin.request("PATCH", "/api/backends/2", {"state": "up"})
+        self.assertEqual(code, 200)
+        backend = admin.group.get("2")
+        self.assertEqual(checker.checked, [backend])
+        self.assertEqual(backend.adminState, UP)
+        self.assertFalse(backend.available)
+        backend.recordCheck(True, "HTTP 200")
+        self.assertTrue(backend.available)
+
+    def test_weight(self):
+        admin = InMemoryAdmin()
+        code, body, _, _ = admin.request("PATCH", "/api/backends/1", {"weight": 3})
+        self.assertEqual((code, body["weight"]), (200, 3))
+        picks = [admin.group.pick().id for _ in range(8)]
+        self.assertEqual(picks.count("1"), 6)
+
+    def test_both(self):
+        admin = InMemoryAdmin()
+        code, body, _, _ = admin.request(
+            "PATCH", "/api/backends/1", {"weight": 2, "state": "draining"}
+        )
+        self.assertEqual((code, body["weight"], body["state"]), (200, 2, "draining"))
+
+    def test_badInput(self):
+        admin = InMemoryAdmin()
+        before = admin.snapshot()
+        cases = [
+            (b"{oops", "not valid JSON"),
+            (b"[]", "JSON object"),
+            (b"{}", "nothing to change"),
+            (b'{"state": "down"}', "state: expected one of draining, disabled, up"),
+            (b'{"state": 1}', "state"),
+            (b'{"weight": 0}', "weight"),
+            (b'{"weight": -1}', "weight"),
+            (b'{"weight": "3"}', "weight"),
+            (b'{"weight": 3, "state": "bogus"}', "state"),
+            (b'{"state": "up", "weight": 0}', "weight"),
+            (b'{"backup": true}', "unknown field 'backup'"),
+            (b'{"url": "http://x"}', "unknown field 'url'"),
+        ]
+        for raw, expected in cases:
+            code, body, _, _ = admin.request("PATCH", "/api/backends/1", raw=raw)
+            self.assertEqual(code, 400, raw)
+            self.assertIn(expected, body["error"], raw)
+        self.assertEqual(admin.snapshot(), before)
+
+    def test_unknownID(self):
+        admin = InMemoryAdmin()
+        before = admin.snapshot()
+        for method, body in [("GET", None), ("PATCH", {"state": "draining"}),
+                             ("PATCH", b"{bad"), ("DELETE", None)]:
+            raw = body if isinstance(body, bytes) else None
+            code, answer, _, _ = admin.request(
+                method, "/api/backends/42", None if raw else body, raw=raw
+            )
+            self.assertEqual(code, 404, method)
+            self.assertIn("no backend with id '42'", answer["error"])
+        self.assertEqual(admin.snapshot(), before)
+
+
+class RemoveTests(SynchronousTestCase):
+    def test_removeIdle(self):
+        """
+        A backend with nothing in flight is forgotten at once.
+        """
+        admin = InMemoryAdmin()
+        code, body, _, content = admin.request("DELETE", "/api/backends/1")
+        self.assertEqual((code, content), (204, b""))
+        self.assertIsNone(admin.group.get("1"))
+        self.assertEqual(admin.request("GET", "/api/backends/1")[0], 404)
+
+    def test_removeBusy(self):
+        """
+        A backend with requests in flight drains first: no new request, the
+        ones in flight go on, and it is forgotten when the last one ends.
+        """
+        admin = InMemoryAdmin()
+        backend = admin.group.get("1")
+        backend.active = 2
+        code, _, _, _ = admin.request("DELETE", "/api/backends/1")
+        self.assertEqual(code, 204)
+        self.assertIs(admin.group.get("1"), backend)
+        _, body, _, _ = admin.request("GET", "/api/backends/1")
+        self.assertEqual(body["state"], "draining")
+        self.assertIs(body["removing"], True)
+        self.assertEqual({admin.group.pick().id for _ in range(4)}, {"2"})
+        # Changing a backend on its way out is refused; removing it again is not.
+        code, body, _, _ = admin.request("PATCH", "/api/backends/1", {"state": "up"})
+        self.assertEqual(code, 409)
+        self.assertEqual(admin.request("DELETE", "/api/backends/1")[0], 204)
+        code, body, _, _ = admin.request(
+            "POST", "/api/backends", {"url": "http://127.0.0.1:8081"}
+        )
+        self.assertEqual(code, 409)
+        self.assertIn("being removed", body["error"])
+        backend.active -= 1
+        self.assertIs(admin.group.get("1"), backend)
+        backend.active -= 1
+        self.assertIsNone(admin.group.get("1"))
+
+
+class StatusTests(SynchronousTestCase):
+    def test_status(self):
+        admin = InMemoryAdmin()
+        admin.clock.advance(12.5)
+        backend = admin.group.get("1")
+        backend.requests = 4
+        backend.active = 1
+        backend.recordResponse(200, 0.01, 0, 0)
+        backend.recordResponse(503, 0.01, 0, 0)
+        code, body, _, _ = admin.request("GET", "/api/status")
+        self.assertEqual(code, 200)
+        from rrbalancer import __version__
+
+        self.assertEqual(body["version"], __version__)
+        self.assertEqual(body["uptime"], 12.5)
+        self.assertEqual(body["listeners"], [])
+        totals = body["totals"]
+        self.assertEqual(totals["backends"], 2)
+        self.assertEqual(totals["up"], 2)
+        self.assertEqual(totals["requests"], 4)
+        self.assertEqual(totals["active"], 1)
+        self.assertEqual(totals["responses"], {"2xx": 1, "5xx": 1})
+
+
+class RoutingTests(SynchronousTestCase):
+    def test_unknownPath(self):
+        admin = InMemoryAdmin()
+        for path in ("/api/nothing", "/api/backends/1/x", "/nothing.js"):
+            code, body, _, _ = admin.request("GET", path)
+            self.assertEqual(code, 404, path)
+            self.assertIn("no such", body["error"])
+
+    def test_wrongMethod(self):
+        admin = InMemoryAdmin()
+        before = admin.snapshot()
+        for method, path, allow in [
+            ("PUT", "/api/backends", b"GET, POST"),
+            ("POST", "/api/backends/1", b"GET, PATCH, DELETE"),
+            ("DELETE", "/api/status", b"GET"),
+            ("GET", "/api/reload", b"POST"),
+            ("POST", "/metrics", b"GET"),
+        ]:
+            code, body, response, _ = admin.request(method, path, raw=b"{}")
+            self.assertEqual(code, 405, (method, path))
+            self.assertEqual(response.headers.getRawHeaders(b"allow"), [allow])
+            self.assertIn("not allowed", body["error"])
+        self.assertEqual(admin.snapshot(), before)
+
+
+class LogTests(SynchronousTestCase):
+    def test_changesLogged(self):
+        """
+        Each change is logged: who (the peer), what, before and after.
+        """
+        admin = InMemoryAdmin()
+        admin.request("POST", "/api/backends", {"url": "http://127.0.0.1:8083"})
+        admin.request("PATCH", "/api/backends/1", {"state": "draining", "weight": 2})
+        admin.request("DELETE", "/api/backends/2")
+        from twisted.logger import formatEvent
+
+        lines = [formatEvent(e) for e in admin.events]
+        self.assertEqual(len(lines), 3, lines)
+        added, changed, removed = lines
+        self.assertIn("admin 127.0.0.1:31337: added backend 3 http://127.0.0.1:8083", added)
+        self.assertIn("absent ->", added)
+        self.assertIn("changed backend 1 http://127.0.0.1:8081", changed)
+        self.assertIn('{"backup": false, "state": "up", "weight": 1} -> '
+                      '{"backup": false, "state": "draining", "weight": 2}', changed)
+        self.assertIn("127.0.0.1:31337: removing backend 2", removed)
+        self.assertIn("-> removed", removed)
+        self.assertEqual(admin.events[0]["peer"], "127.0.0.1:31337")
+
+
+# -- the token and the guards ------------------------------------------------------
+
+
+class TokenTests(SynchronousTestCase):
+    token = b"s3cret-token"
+
+    def setUp(self):
+        self.admin = InMemoryAdmin(token=self.token)
+
+    def test_missing(self):
+        """
+        Without the token: 401, and nothing changes.
+        """
+        before = self.admin.snapshot()
+        for method, path, body in [
+            ("GET", "/api/backends", None),
+            ("GET", "/api/status", None),
+            ("GET", "/metrics", None),
+            ("GET", "/", None),
+            ("GET", "/dashboard.js", None),
+            ("POST", "/api/backends", {"url": "http://127.0.0.1:8083"}),
+            ("PATCH", "/api/backends/1", {"state": "disabled"}),
+            ("DELETE", "/api/backends/1", None),
+            ("POST", "/api/reload", None),
+        ]:
+            code, answer, response, _ = self.admin.request(method, path, body)
+            self.assertEqual(code, 401, (method, path))
+            self.assertIn("token", answer["error"])
+            self.assertTrue(response.headers.getRawHeaders(b"www-authenticate"))
+        self.assertEqual(self.admin.snapshot(), before)
+
+    def test_wrong(self):
+        before = self.admin.snapshot()
+        for header in [b"Bearer wrong", b"Bearer s3cret-toke", b"Bearer s3cret-token-and-more",
+                       b"bearer", b"Token s3cret-token", b"s3cret-token",
+                       b"Basic " + base64.b64encode(b"admin:wrong"), b"Basic !!!"]:
+            code, _, _, _ = self.admin.request(
+                "DELETE", "/api/backends/1", headers={b"Authorization": [header]}
+            )
+            self.assertEqual(code, 401, header)
+        self.assertEqual(self.admin.snapshot(), before)
+
+    def test_right(self):
+        headers = {b"Authorization": [b"Bearer " + self.token]}
+        code, body, _, _ = self.admin.request("GET", "/api/backends", headers=headers)
+        self.assertEqual(code, 200)
+        code, _, _, _ = self.admin.request(
+            "PATCH", "/api/backends/1", {"state": "draining"}, headers=headers
+        )
+        self.assertEqual(code, 200)
+        self.assertEqual(self.admin.group.get("1").adminState, DRAINING)
+        self.assertEqual(self.admin.request("GET", "/metrics", headers=headers)[0], 200)
+
+    def test_basicForBrowsers(self):
+        """
+        A browser may give the token as the password of HTTP Basic auth;
+        the dashboard asks for it that way.
+        """
+        code, _, response, _ = self.admin.request("GET", "/")
+        self.assertEqual(code, 401)
+        self.assertIn(b"Basic", response.headers.getRawHeaders(b"www-authenticate")[0])
+        basic = b"Basic " + base64.b64encode(b"anyone:" + self.token)
+        code, _, _, content = self.admin.request("GET", "/", headers={b"Authorization": [basic]})
+        self.assertEqual(code, 200)
+        self.assertIn(b"<html", content)
+
+    def test_apiChallengeIsBearer(self):
+        _, _, response, _ = self.admin.request("GET", "/api/status")
+        self.assertIn(b"Bearer", response.headers.getRawHeaders(b"www-authenticate")[0])
+
+    def test_hostNotCheckedWithToken(self):
+        headers = {b"Authorization": [b"Bearer " + self.token]}
+        code, _, _, _ = self.admin.request(
+            "GET", "/api/status", headers=headers, host="balancer.example.com:8001"
+        )
+        self.assertEqual(code, 200)
+
+
+class GuardTests(SynchronousTestCase):
+    def test_foreignHost(self):
+        """
+        Without a token, a request whose Host is not a loopback name (a page
+        reaching the API by DNS rebinding) is refused.
+        """
+        admin = InMemoryAdmin()
+        before = admin.snapshot()
+        code, body, _, _ = admin.request("DELETE", "/api/backends/1", host="evil.example:8001")
+        self.assertEqual(code, 403)
+        self.assertIn("loopback", body["error"])
+        self.assertEqual(admin.snapshot(), before)
+        for host in ("localhost:8001", "127.0.0.1", "[::1]:8001", "127.0.0.2:9"):
+            self.assertEqual(admin.request("GET", "/api/status", host=host)[0], 200, host)
+
+    def test_crossOrigin(self):
+        """
+        A change sent from another site's page is refused; one from the
+        dashboard itself is not.
+        """
+        admin = InMemoryAdmin()
+        before = admin.snapshot()
+        for origin in (b"http://evil.example", b"null", b"http://127.0.0.1:9999"):
+            code, body, _, _ = admin.request(
+                "POST", "/api/backends", {"url": "http://127.0.0.1:8083"},
+                headers={b"Origin": [origin]},
+            )
+            self.assertEqual(code, 403, origin)
+            self.assertIn("cross-origin", body["error"])
+        self.assertEqual(admin.snapshot(), before)
+        code, _, _, _ = admin.request(
+            "POST", "/api/backends", {"url": "http://127.0.0.1:8083"},
+            headers={b"Origin": [b"http://127.0.0.1"]},
+        )
+        self.assertEqual(code, 201)
+        # Reading is harmless from anywhere (and the browser keeps the answer
+        # from another site's page anyway).
+        code, _, _, _ = admin.request(
+            "GET", "/api/status", headers={b"Origin": [b"http://evil.example"]}
+        )
+        self.assertEqual(code, 200)
+
+
+# -- settings ----------------------------------------------------------------------
+
+
+class AdminSettingsTests(SynchronousTestCase):
+    def tokenFile(self, content=b"tok\n"):
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(content)
+        return path
+
+    def test_default(self):
+        config = buildConfig({"demo": True})
+        self.assertEqual(config.admin, ADMIN_DEFAULT)
+        self.assertEqual(ADMIN_DEFAULT, "tcp:8001:interface=127.0.0.1")
+        self.assertIsNone(config.adminTokenFile)
+
+    def test_none(self):
+        for value in ("none", "None", "off", False):
+            self.assertIsNone(buildConfig({"demo": True, "admin": value}).admin)
+
+    def test_portNumberIsLoopback(self):
+        self.assertEqual(parseAdmin("9001"), "tcp:9001:interface=127.0.0.1")
+        self.assertEqual(parseAdmin(9001), "tcp:9001:interface=127.0.0.1")
+        self.assertRaises(ConfigError, parseAdmin, "70000")
+        self.assertRaises(ConfigError, parseAdmin, "nonsense")
+
+    def test_loopback(self):
+        for description in ("tcp:8001:interface=127.0.0.1", r"tcp6:8001:interface=\:\:1",
+                            "tcp:8001:interface=localhost", "unix:/run/rr.sock",
+                            "tcp:interface=127.0.0.5:port=8001"):
+            self.assertTrue(isLoopbackEndpoint(description), description)
+        for description in ("tcp:8001", "tcp:8001:interface=0.0.0.0", r"tcp6:8001:interface=\:\:",
+                            "tcp:8001:interface=192.0.2.1", "ssl:8443:privateKey=k.pem",
+                            "systemd:domain=INET:index=0"):
+            self.assertFalse(isLoopbackEndpoint(description), description)
+
+    def test_notLoopbackNeedsToken(self):
+        """
+        A non-loopback admin endpoint without a token is refused, in one
+        line; with a token it is fine.
+        """
+        e = self.assertRaises(
+            ConfigError, buildConfig, {"demo": True, "admin": "tcp:8001:interface=0.0.0.0"}
+        )
+        self.assertIn("admin-token-file", str(e))
+        self.assertNotIn("\n", str(e))
+        config = buildConfig(
+            {"demo": True, "admin": "tcp:8001", "admin_token_file": self.tokenFile()}
+        )
+        self.assertEqual(config.admin, "tcp:8001")
+
+    def test_badTokenFile(self):
+        e = self.assertRaises(
+            ConfigError, buildConfig, {"demo": True, "admin_token_file": "/nonexistent/tok"}
+        )
+        self.assertIn("admin_token_file: cannot read", str(e))
+        e = self.assertRaises(
+            ConfigError, buildConfig, {"demo": True, "admin_token_file": self.tokenFile(b" \n")}
+        )
+        self.assertIn("is empty", str(e))
+
+    def test_workers(self):
+        """
+        Workers each have their own backends: no admin listener by default,
+        and asking for one is refused.
+        """
+        self.assertIsNone(buildConfig({"demo": True, "workers": 2}).admin)
+        e = self.assertRaises(
+            ConfigError, buildConfig, {"demo": True, "workers": 2, "admin": "9001"}
+        )
+        self.assertIn("--workers 1", str(e))
+        self.assertIsNone(buildConfig({"demo": True, "workers": 2, "admin": "none"}).admin)
+
+    def test_flags(self):
+        options = Options()
+        path = self.tokenFile()
+        options.parseOptions(["--demo", "--admin", "tcp:9001", "--admin-token-file", path])
+        self.assertEqual(options.config.admin, "tcp:9001")
+        self.assertEqual(options.config.adminTokenFile, os.path.abspath(path))
+        options = Options()
+        options.parseOptions(["--demo", "--admin", "none"])
+        self.assertIsNone(options.config.admin)
+
+    def test_flagRefusal(self):
+        """
+        The plugin refuses to start with a non-loopback admin endpoint and
+        no token: one line, non-zero exit.
+        """
+        options = Options()
+        e = self.assertRaises(
+            SystemExit, options.parseOptions, ["--demo", "--admin", "tcp:9001"]
+        )
+        self.assertTrue(str(e.code).startswith("rrbalancer: admin: tcp:9001 can be reached"))
+        self.assertNotIn("\n", str(e.code))
+
+    def test_fileKeys(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write('admin = "none"\ndemo = true\n')
+        from rrbalancer.config import loadConfig
+
+        self.assertIsNone(loadConfig(path).admin)
+        tokenPath = os.path.join(os.path.dirname(os.path.abspath(path)), "token")
+        with open(tokenPath, "w") as f:
+            f.write("t")
+        with open(path, "w") as f:
+            f.write('admin = "tcp:9001"\nadmin_token_file = "token"\ndemo = true\n')
+        config = loadConfig(path)
+        self.assertEqual((config.admin, config.adminTokenFile), ("tcp:9001", tokenPath))
+
+
+class WiringTests(SynchronousTestCase):
+    def test_adminListener(self):
+        service = makeService(balancerConfig(["http://127.0.0.1:9"]), reactor)
+        self.assertEqual(service.adminListener.description, "tcp:0:interface=127.0.0.1")
+        self.assertIn(service.adminListener, list(service))
+        self.assertNotIn(service.adminListener, service.listeners)
+
+    def test_noAdmin(self):
+        config = Config(backends=(BackendConfig("http://127.0.0.1:9"),),
+                        ports=("tcp:0:interface=127.0.0.1",), admin=None)
+        service = makeService(config, reactor)
+        self.assertIsNone(getattr(service, "adminListener", None))
+
+    def test_badEndpoint(self):
+        config = Config(backends=(BackendConfig("http://127.0.0.1:9"),),
+                        ports=("tcp:0:interface=127.0.0.1",), admin="bogus:1")
+        e = self.assertRaises(ConfigError, makeService, config, reactor)
+        self.assertIn("admin: bad endpoint", str(e))
+
+
+# -- on real sockets -------------------------------------------------------------
+
+
+class DrainWithoutCutTests(TestCase):
+    """
+    A slow request in flight while its backend is drained and removed
+    finishes whole; the backend is forgotten only then.
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_slowRequestSurvivesRemoval(self):
+        settleConnections(self)
+        one, oneURL = startBackend(self, "one")
+        two, twoURL = startBackend(self, "two")
+        service, balancer, admin = yield startBalancer(self, balancerConfig([oneURL, twoURL]))
+        client = makeClient(self)
+
+        slow = client.get(balancer + "/slow")
+        yield poll(lambda: one.held or two.held, what="the slow request to arrive")
+        holder, other = (one, two) if one.held else (two, one)
+        backend = service.group.byURL(oneURL if holder is one else twoURL)
+        self.assertEqual(backend.active, 1)
+
+        code, _ = yield call(client, "DELETE", f"{admin}/api/backends/{backend.id}")
+        self.assertEqual(code, 204)
+        # Still there, draining, with its request in flight.
+        self.assertIs(service.group.get(backend.id), backend)
+        code, body = yield call(client, "GET", f"{admin}/api/backends/{backend.id}")
+        self.assertEqual((code, body["state"], body["active"]), (200, "draining", 1))
+        # New requests go to the other backend only.
+        for n in range(4):
+            response = yield client.get(f"{balancer}/fast{n}")
+            content = yield treq.content(response)
+            self.assertEqual(response.code, 200)
+            self.assertEqual(content.decode(), f"{other.name} /fast{n}\n")
+
+        holder.release()
+        response = yield slow
+        content = yield treq.content(response)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(content.decode(), f"{holder.name} /slow\n")
+        yield poll(lambda: service.group.get(backend.id) is None, what="the removal")
+        code, _ = yield call(client, "GET", f"{admin}/api/backends/{backend.id}")
+        self.assertEqual(code, 404)
+
+
+class LoadTests(TestCase):
+    """
+    A balancer with two backends under steady load: a third backend added
+    through the API takes requests within one health interval, and one of
+    the first two is drained and removed while the load runs; the client
+    sees no error at any point.
+    """
+
+    timeout = 60
+    interval = 1.0
+    clients = 4
+
+    @inlineCallbacks
+    def test_addAndRemoveUnderLoad(self):
+        settleConnections(self)
+        one, oneURL = startBackend(self, "one")
+        two, twoURL = startBackend(self, "two")
+        three, threeURL = startBackend(self, "three")
+        health = HealthConfig(interval=self.interval, timeout=1.0, rise=2, fall=3)
+        service, balancer, admin = yield startBalancer(
+            self, balancerConfig([oneURL, twoURL], health=health)
+        )
+        client = makeClient(self)
+        results = []
+        running = [True]
+
+        @inlineCallbacks
+        def load(n):
+            count = 0
+            while running[0]:
+                count += 1
+                try:
+                    response = yield client.get(f"{balancer}/load/{n}/{count}")
+                    content = yield treq.content(response)
+                    results.append((response.code, content))
+                except Exception as e:  # the test fails on any of these
+                    results.append((None, repr(e)))
+
+        loops = [load(n) for n in range(self.clients)]
+        yield poll(lambda: one.served > 5 and two.served > 5, what="the load to start")
+
+        code, body = yield call(client, "POST", f"{admin}/api/backends", {"url": threeURL})
+        self.assertEqual(code, 201)
+        added = reactor.seconds()
+        yield poll(lambda: three.served > 0, timeout=5 * self.interval,
+                   what="the new backend's first request")
+        self.assertLessEqual(three.firstServedAt - added, self.interval)
+
+        removedID = service.group.byURL(oneURL).id
+        code, _ = yield call(client, "DELETE", f"{admin}/api/backends/{removedID}")
+        self.assertEqual(code, 204)
+        yield poll(lambda: service.group.get(removedID) is None, what="the removal")
+        servedByOne = one.served
+        seen = len(results)
+        yield poll(lambda: len(results) > seen + 50, what="more load")
+        running[0] = False
+        yield poll(lambda: sum(1 for l in loops if l.called) == len(loops), what="the load to stop")
+
+        self.assertEqual(one.served, servedByOne)
+        self.assertGreater(three.served, 5)
+        errors = [r for r in results if r[0] != 200]
+        self.assertEqual(errors, [])
+        names = {content.split()[0] for _, content in results}
+        self.assertEqual(names, {b"one", b"two", b"three"})
+
+        # The metrics saw the same traffic.
+        response = yield client.get(f"{admin}/metrics")
+        text = (yield treq.content(response)).decode()
+        self.assertIn(f'rrbalancer_backend_requests_total{{backend="{threeURL}",code="2xx"}}', text)
+        self.assertNotIn(oneURL, text)

@@ -1,0 +1,405 @@
+"""
+Tests for the dashboard: its assets as served, and the page itself in a
+real headless Chromium (Debian's C{chromium} package), driven over the
+DevTools protocol on a pipe (C{--remote-debugging-pipe}: no driver, no
+websocket, no network), against a real balancer on loopback.
+
+Without Chromium the browser test is skipped, except under CI (C{CI} set),
+where it fails: CI installs Chromium itself (see C{.ci/run}).
+"""
+
+import json
+import os
+import re
+import shutil
+import tempfile
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+
+from rrbalancer.backends import DRAINING, UP
+from rrbalancer.config import HealthConfig
+
+from .test_admin import (
+    InMemoryAdmin,
+    balancerConfig,
+    call,
+    makeClient,
+    poll,
+    settleConnections,
+    startBackend,
+    startBalancer,
+)
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--no-default-browser-check",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-extensions",
+    "--disable-dev-shm-usage",
+    "--mute-audio",
+    "--password-store=basic",
+    "--window-size=1280,900",
+    "--remote-debugging-pipe",
+]
+
+
+def findChromium():
+    for candidate in (os.environ.get("RRBALANCER_CHROMIUM"), "/usr/bin/chromium",
+                      shutil.which("chromium"), shutil.which("chromium-browser")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+class StaticTests(SynchronousTestCase):
+    """
+    The page and its assets are served by the admin listener, and nothing
+    in them comes from anywhere else.
+    """
+
+    def get(self, path, method="GET"):
+        code, _, response, content = InMemoryAdmin().request(method, path)
+        return code, response, content
+
+    def test_index(self):
+        code, response, content = self.get("/")
+        self.assertEqual(code, 200)
+        self.assertEqual(
+            response.headers.getRawHeaders(b"content-type"), [b"text/html; charset=utf-8"]
+        )
+        self.assertIn(b'<script src="dashboard.js" defer></script>', content)
+        self.assertIn(b'href="dashboard.css"', content)
+        csp = response.headers.getRawHeaders(b"content-security-policy")[0]
+        self.assertIn(b"default-src 'self'", csp)
+        self.assertIn(b"frame-ancestors 'none'", csp)
+
+    def test_assets(self):
+        for path, contentType in [
+            ("/dashboard.js", b"text/javascript; charset=utf-8"),
+            ("/dashboard.css", b"text/css; charset=utf-8"),
+            ("/favicon.svg", b"image/svg+xml"),
+        ]:
+            code, response, content = self.get(path)
+            self.assertEqual(code, 200, path)
+            self.assertEqual(response.headers.getRawHeaders(b"content-type"), [contentType])
+            self.assertTrue(content)
+
+    def test_head(self):
+        code, response, content = self.get("/", method="HEAD")
+        self.assertEqual((code, content), (200, b""))
+
+    def test_nothingFromElsewhere(self):
+        """
+        No URL in the page or its assets points off the balancer (the SVG
+        namespace is a name, not a fetch).
+        """
+        for path in ("/", "/dashboard.js", "/dashboard.css", "/favicon.svg"):
+            _, _, content = self.get(path)
+            urls = set(re.findall(rb"(?:https?:)?//[\w.-]+\.[a-z]{2,}[^\s\"')]*", content))
+            urls -= {b"http://www.w3.org/2000/svg"}
+            self.assertEqual(urls, set(), path)
+            self.assertNotIn(b"@import", content)
+
+
+class CDPError(Exception):
+    pass
+
+
+class Chromium(ProcessProtocol):
+    """
+    Headless Chromium and the DevTools protocol on its pipe: commands go to
+    its fd 3, answers and events come from its fd 4, each message JSON
+    ended by a NUL.
+    """
+
+    def __init__(self) -> None:
+        self.ended = Deferred()
+        self.events = []
+        self.stderr = b""
+        self._buffer = b""
+        self._pending = {}
+        self._nextID = 0
+
+    def childDataReceived(self, fd, data):
+        if fd != 4:
+            self.stderr = (self.stderr + data)[-20000:]
+            return
+        self._buffer += data
+        while b"\0" in self._buffer:
+            message, self._buffer = self._buffer.split(b"\0", 1)
+            self._received(json.loads(message))
+
+    def _received(self, message):
+        if "id" not in message:
+            self.events.append(message)
+            return
+        d = self._pending.pop(message["id"], None)
+        if d is None:
+            return
+        if "error" in message:
+            d.errback(CDPError(message["error"]))
+        else:
+            d.callback(message.get("result", {}))
+
+    def send(self, method, params=None, sessionId=None) -> Deferred:
+        self._nextID += 1
+        message = {"id": self._nextID, "method": method, "params": params or {}}
+        if sessionId is not None:
+            message["sessionId"] = sessionId
+        d = Deferred()
+        self._pending[self._nextID] = d
+        self.transport.writeToChild(3, json.dumps(message).encode("utf-8") + b"\0")
+        return d
+
+    def processEnded(self, reason):
+        pending, self._pending = self._pending, {}
+        for d in pending.values():
+            d.errback(CDPError(f"chromium ended: {reason.getErrorMessage()}"))
+        self.ended.callback(None)
+
+
+class Page:
+    """
+    One tab, and what a test does with it.
+    """
+
+    def __init__(self, browser: Chromium, sessionId: str) -> None:
+        self.browser = browser
+        self.sessionId = sessionId
+
+    def send(self, method, params=None):
+        return self.browser.send(method, params, self.sessionId)
+
+    @inlineCallbacks
+    def evaluate(self, expression):
+        result = yield self.send(
+            "Runtime.evaluate",
+            {"expression": expression, "returnByValue": True, "awaitPromise": True},
+        )
+        if "exceptionDetails" in result:
+            raise AssertionError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    @inlineCallbacks
+    def waitFor(self, expression, what, timeout=15.0):
+        """
+        Evaluate C{expression} until it is true; at most C{timeout} seconds.
+        """
+        deadline = reactor.seconds() + timeout
+        while True:
+            value = yield self.evaluate(expression)
+            if value:
+                return value
+            if reactor.seconds() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for the page to show {what}")
+            yield deferLater(reactor, 0.05, lambda: None)
+
+    @inlineCallbacks
+    def click(self, selector):
+        """
+        Click an element the way a person does: the mouse, at its centre.
+        """
+        box = yield self.evaluate(
+            "(() => { const e = document.querySelector(%s); if (!e) return null;"
+            " e.scrollIntoView({block: 'center'}); const r = e.getBoundingClientRect();"
+            " return {x: r.x + r.width / 2, y: r.y + r.height / 2, disabled: !!e.disabled}; })()"
+            % json.dumps(selector)
+        )
+        if box is None:
+            raise AssertionError(f"nothing on the page matches {selector}")
+        if box["disabled"]:
+            raise AssertionError(f"{selector} is disabled")
+        yield self.send("Input.dispatchMouseEvent",
+                        {"type": "mouseMoved", "x": box["x"], "y": box["y"]})
+        for kind in ("mousePressed", "mouseReleased"):
+            yield self.send("Input.dispatchMouseEvent", {
+                "type": kind, "x": box["x"], "y": box["y"], "button": "left", "clickCount": 1,
+            })
+
+    @inlineCallbacks
+    def type(self, selector, text):
+        yield self.click(selector)
+        yield self.send("Input.insertText", {"text": text})
+
+    def state(self, backendID):
+        return "document.querySelector('tr[data-backend-id=\"%s\"] .pill')?.textContent" % backendID
+
+
+@inlineCallbacks
+def openBrowser(testCase, url):
+    """
+    Start Chromium (stopped at the end of the test) and open C{url}.
+
+    @return: fires with (L{Chromium}, L{Page})
+    """
+    executable = findChromium()
+    if executable is None:
+        if os.environ.get("CI"):
+            raise AssertionError("chromium is missing: .ci/run should have installed it")
+        raise SkipTest("chromium is not installed (apt-get install chromium)")
+    profile = tempfile.mkdtemp(prefix="rrbalancer-chromium-")
+    testCase.addCleanup(shutil.rmtree, profile, True)
+    browser = Chromium()
+    reactor.spawnProcess(
+        browser,
+        executable,
+        [executable] + CHROMIUM_FLAGS + [f"--user-data-dir={profile}", "about:blank"],
+        env=dict(os.environ),
+        childFDs={0: "w", 1: "r", 2: "r", 3: "w", 4: "r"},
+    )
+
+    @inlineCallbacks
+    def stop():
+        if browser.ended.called:
+            return
+        try:
+            browser.send("Browser.close").addErrback(lambda f: None)
+        except Exception:
+            pass
+        killer = reactor.callLater(10, browser.transport.signalProcess, "KILL")
+        yield browser.ended
+        if killer.active():
+            killer.cancel()
+
+    testCase.addCleanup(stop)
+    try:
+        target = yield browser.send("Target.createTarget", {"url": "about:blank"})
+    except CDPError:
+        raise AssertionError("chromium did not start: " + browser.stderr.decode("utf-8", "replace"))
+    attached = yield browser.send(
+        "Target.attachToTarget", {"targetId": target["targetId"], "flatten": True}
+    )
+    page = Page(browser, attached["sessionId"])
+    yield page.send("Runtime.enable")
+    yield page.send("Log.enable")
+    yield page.send("Network.enable")
+    yield page.send("Page.enable")
+    yield page.send("Page.navigate", {"url": url})
+    return browser, page
+
+
+class BrowserTests(TestCase):
+    """
+    The dashboard in a real browser: it shows the backends, updates live,
+    and its buttons and form work.
+    """
+
+    timeout = 90
+
+    @inlineCallbacks
+    def test_dashboard(self):
+        settleConnections(self)
+        one, oneURL = startBackend(self, "one")
+        two, twoURL = startBackend(self, "two")
+        three, threeURL = startBackend(self, "three")
+        health = HealthConfig(interval=0.5, timeout=1.0)
+        service, balancer, admin = yield startBalancer(
+            self, balancerConfig([oneURL, twoURL], health=health)
+        )
+        group = service.group
+        client = makeClient(self)
+        for n in range(6):
+            yield client.get(f"{balancer}/warm/{n}")
+
+        browser, page = yield openBrowser(self, admin + "/")
+        yield page.waitFor(
+            "document.querySelectorAll('#backend-rows tr').length === 2"
+            " && document.getElementById('live').dataset.live === 'ok'",
+            "both backends, live",
+            timeout=30,
+        )
+        rows = yield page.evaluate(
+            "[...document.querySelectorAll('#backend-rows tr')].map(tr => ["
+            " tr.dataset.backendId, tr.querySelector('.url').textContent,"
+            " tr.querySelector('.pill').textContent, tr.querySelector('[data-col=weight]').textContent])"
+        )
+        self.assertEqual(rows, [["1", oneURL, "up", "1"], ["2", twoURL, "up", "1"]])
+        total = yield page.evaluate("document.getElementById('t-requests').textContent")
+        self.assertEqual(total, "6")
+
+        # The drain button drains backend 1, and the page shows it.
+        yield page.click('tr[data-backend-id="1"] button[data-action="drain"]')
+        yield poll(lambda: group.get("1").adminState == DRAINING, what="the drain")
+        yield page.waitFor(f"{page.state(1)} === 'draining'", "backend 1 draining")
+        pill = yield page.evaluate("document.querySelector('tr[data-backend-id=\"1\"] .pill').className")
+        self.assertIn("draining", pill)
+        reason = yield page.evaluate(
+            "document.querySelector('tr[data-backend-id=\"1\"] .why').textContent"
+        )
+        self.assertTrue(reason.startswith("drained by 127.0.0.1:"), reason)
+        disabled = yield page.evaluate(
+            "document.querySelector('tr[data-backend-id=\"1\"] button[data-action=drain]').disabled"
+        )
+        self.assertTrue(disabled)
+
+        # A change made elsewhere shows within 2 s, without a reload.
+        marker = yield page.evaluate("window.__sameDocument = true")
+        self.assertTrue(marker)
+        code, _ = yield call(client, "PATCH", f"{admin}/api/backends/2", {"state": "disabled"})
+        self.assertEqual(code, 200)
+        changed = reactor.seconds()
+        yield page.waitFor(f"{page.state(2)} === 'disabled'", "backend 2 disabled", timeout=5)
+        self.assertLessEqual(reactor.seconds() - changed, 2.0)
+        self.assertTrue((yield page.evaluate("window.__sameDocument === true")))
+
+        # Enable brings them back.
+        yield page.click('tr[data-backend-id="1"] button[data-action="enable"]')
+        yield page.click('tr[data-backend-id="2"] button[data-action="enable"]')
+        yield poll(lambda: group.get("1").adminState == UP and group.get("2").available,
+                   what="the backends to be enabled")
+        yield page.waitFor(f"{page.state(1)} === 'up' && {page.state(2)} === 'up'", "both up")
+
+        # The form adds a backend; it comes up once checked.
+        yield page.type("#add-url", threeURL)
+        yield page.click("#add-submit")
+        yield poll(lambda: group.byURL(threeURL) is not None, what="the new backend")
+        newID = group.byURL(threeURL).id
+        yield page.waitFor(f"{page.state(newID)} === 'up'", "the new backend up")
+        self.assertEqual((yield page.evaluate("document.getElementById('add-url').value")), "")
+
+        # Remove asks for a second click, then removes.
+        yield page.click('tr[data-backend-id="2"] button[data-action="remove"]')
+        self.assertIsNotNone(group.get("2"))
+        yield page.click('tr[data-backend-id="2"] button[data-action="remove"]')
+        yield poll(lambda: group.get("2") is None, what="the removal")
+        yield page.waitFor(
+            "document.querySelector('tr[data-backend-id=\"2\"]') === null", "backend 2 gone"
+        )
+        count = yield page.evaluate("document.querySelectorAll('#backend-rows tr').length")
+        self.assertEqual(count, 2)
+
+        # A bad URL is refused, and the page says why.
+        yield page.type("#add-url", "ftp://nowhere")
+        yield page.click("#add-submit")
+        message = yield page.waitFor(
+            "!document.getElementById('message').hidden"
+            " && document.getElementById('message').classList.contains('error')"
+            " && document.getElementById('message').textContent",
+            "the error",
+        )
+        self.assertIn("must start with http:// or https://", message)
+
+        # Nothing went wrong in the page, and it fetched nothing from elsewhere.
+        errors = [
+            e for e in browser.events
+            if e["method"] == "Runtime.exceptionThrown"
+            or (e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "error"
+                and "400" not in e["params"]["entry"].get("text", ""))
+        ]
+        self.assertEqual(errors, [])
+        fetched = {
+            e["params"]["request"]["url"] for e in browser.events
+            if e["method"] == "Network.requestWillBeSent"
+        }
+        self.assertTrue(fetched)
+        self.assertEqual({u for u in fetched if not u.startswith(admin + "/")}, set())
