@@ -521,17 +521,27 @@ class ConnectionPool:
     def _full(self) -> bool:
         return bool(self.maxConnections) and self.openCount >= self.maxConnections
 
-    def acquire(self) -> Deferred:
+    def idleConnection(self) -> Optional[BackendConnection]:
         """
-        A connection for one exchange: a kept one if any, else a new one,
-        else (at the connection limit) the next one released.
+        A kept connection, if one is open now (the common case, taken
+        without a Deferred).
         """
         idle = self._idle
         while idle:
             connection = idle.pop()
             if connection.isOpen:
                 connection.reused = True
-                return succeed(connection)
+                return connection
+        return None
+
+    def acquire(self) -> Deferred:
+        """
+        A connection for one exchange: a kept one if any, else a new one,
+        else (at the connection limit) the next one released.
+        """
+        connection = self.idleConnection()
+        if connection is not None:
+            return succeed(connection)
         if self._full():
             return self._wait()
         return self.connect()

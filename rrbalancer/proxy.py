@@ -23,6 +23,7 @@ from typing import List, Optional
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.proxy import ReverseProxyResource
 from twisted.web.resource import Resource
@@ -83,6 +84,7 @@ def respondWithError(request, code: int, message: bytes, retryAfter=None) -> Non
     request.setHeader(b"content-length", b"%d" % (len(body),))
     if retryAfter is not None:
         request.setHeader(b"retry-after", retryAfter)
+    request.setHeader(b"date", datetimeToString())
     request.write(body)
     request.finish()
 
@@ -182,6 +184,11 @@ class _Attempt:
 
     def start(self, fresh: bool = False) -> None:
         pool = self.backend.pool
+        if not fresh:
+            connection = pool.idleConnection()
+            if connection is not None:
+                self._connected(connection)
+                return
         d = pool.connect() if fresh else pool.acquire()
         self._acquiring = d
         d.addCallbacks(self._connected, self._connectFailed)

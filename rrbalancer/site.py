@@ -9,6 +9,7 @@ import sys
 
 from twisted.internet import address
 from twisted.internet.defer import Deferred, succeed
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
@@ -65,11 +66,28 @@ class BalancerRequest(Request):
         )
 
     def process(self):
+        """
+        Hand the request to the site's one resource.
+
+        L{Request.process} would also set default C{Server} and C{Date}
+        headers and traverse the resource tree; a proxied response carries
+        the backend's own headers, and the balancer's tree is one leaf, so
+        that work is skipped on this, the hottest path.  (Other sites, such
+        as the admin listener's, are processed as usual.)
+        """
         if self._refused:
             return
-        self._site = self.channel.site
-        self._site.inFlight += 1
-        Request.process(self)
+        self.site = self._site = site = self.channel.site
+        site.inFlight += 1
+        if not site.resource.isLeaf:
+            Request.process(self)
+            return
+        self.prepath = []
+        self.postpath = []
+        try:
+            self.render(site.resource)
+        except BaseException:
+            self.processingFailed(Failure())
 
     def _uncount(self) -> None:
         site, self._site = self._site, None
@@ -112,6 +130,14 @@ class BalancerChannel(HTTPChannel):
     headerTimeout = 10.0
     _headTimer = None
     _refusedHead = False
+    _host = None
+
+    def getHost(self):
+        # Every Request asks (Request.__init__), and each answer would be
+        # a getsockname call: the local address does not change.
+        if self._host is None:
+            self._host = self.transport.getHost()
+        return self._host
 
     def dataReceived(self, data):
         if self._headTimer is None and not self._handlingRequest and not self._refusedHead:
