@@ -542,15 +542,15 @@ class BackendGroup:
         """
         The next backend for a request, skipping those already tried.
         """
-        backends = self._backends.values()
-        primaries: List[Backend] = [
-            b for b in backends if not b.backup and b.available
-        ]
+        primaries: List[Backend] = []
+        backups: List[Backend] = []
+        for b in self._backends.values():
+            if b.healthy and b.adminState == UP:  # b.available, inlined
+                (backups if b.backup else primaries).append(b)
         choice = self._selector.pick(primaries, exclude)
         if choice is None:
             # No primary is up, or every one already failed this request
             # (NGINX moves on to the backups in both cases).
-            backups = [b for b in backends if b.backup and b.available]
             choice = self._selector.pick(backups, exclude)
         if choice is not None and exclude:
             self.retries += 1

@@ -120,12 +120,22 @@ def _parseHead(head: bytes) -> Tuple[bytes, int, bytes, Headers]:
     return version, int(code), reason, headers
 
 
-def _tokens(headers: Headers, name: bytes) -> List[bytes]:
-    found = []
+def _framing(headers: Headers) -> Tuple[List[bytes], List[bytes], List[bytes]]:
+    """
+    The response's C{Connection} options and transfer codings (lowercased
+    tokens) and its C{Content-Length} values, in one pass over the headers.
+    """
+    connection: List[bytes] = []
+    codings: List[bytes] = []
+    lengths: List[bytes] = []
     for key, value in headers:
-        if key.lower() == name:
-            found.extend(t.strip().lower() for t in value.split(b","))
-    return [t for t in found if t]
+        key = key.lower()
+        if key == b"content-length":
+            lengths.append(value)
+        elif key == b"connection" or key == b"transfer-encoding":
+            tokens = [t.strip().lower() for t in value.split(b",")]
+            (connection if key == b"connection" else codings).extend(t for t in tokens if t)
+    return connection, codings, lengths
 
 
 class BackendConnection(Protocol):
@@ -335,13 +345,11 @@ class BackendConnection(Protocol):
             return
 
     def _startBody(self, version, code, reason, headers, rest: bytes) -> None:
-        connection = _tokens(headers, b"connection")
+        connection, transferCodings, lengths = _framing(headers)
         if b"close" in connection or (
             version == b"HTTP/1.0" and b"keep-alive" not in connection
         ):
             self._keepAlive = False
-        transferCodings = _tokens(headers, b"transfer-encoding")
-        lengths = [v for k, v in headers if k.lower() == b"content-length"]
         if transferCodings and lengths:
             # Transfer-Encoding wins (RFC 9112 section 6.3), but the
             # response may be an attempt at splitting: use the connection

@@ -132,12 +132,26 @@ class BalancerChannel(HTTPChannel):
     _refusedHead = False
     _host = None
 
+    _peer = None
+    _secure = None
+
+    # Every request asks these of its connection, some several times, and
+    # the answers (a getsockname call, an adapter lookup) do not change.
+
     def getHost(self):
-        # Every Request asks (Request.__init__), and each answer would be
-        # a getsockname call: the local address does not change.
         if self._host is None:
             self._host = self.transport.getHost()
         return self._host
+
+    def getPeer(self):
+        if self._peer is None:
+            self._peer = self.transport.getPeer()
+        return self._peer
+
+    def isSecure(self):
+        if self._secure is None:
+            self._secure = HTTPChannel.isSecure(self)
+        return self._secure
 
     def dataReceived(self, data):
         if self._headTimer is None and not self._handlingRequest and not self._refusedHead:
