@@ -35,9 +35,7 @@ import os
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -45,6 +43,7 @@ from twisted.web.server import Site
 from . import __version__
 from .backends import DISABLED, DRAINING, UP, Backend, BackendGroup
 from .config import BackendConfig, Config, ConfigError, parseBackendURL, readAdminToken
+from .listeners import Listener, describeAddress
 from .metrics import MetricsResource, makeRegistry
 from .reload import Reloader, ReloadService, findServer
 from .site import BalancerSite
@@ -87,37 +86,11 @@ class APIError(Exception):
         self.message = message
 
 
-def describeAddress(address) -> Optional[str]:
-    """
-    C{127.0.0.1:8000}, C{[::1]:8000} or C{unix:/path}.
-    """
-    if address is None:
-        return None
-    host = getattr(address, "host", None)
-    if host is not None:
-        if ":" in host:
-            host = f"[{host}]"
-        return f"{host}:{address.port}"
-    name = getattr(address, "name", None)
-    if name is not None:
-        if isinstance(name, bytes):
-            name = name.decode("utf-8", "replace")
-        return f"unix:{name}"
-    return str(address)
-
-
 def listeningAddress(listener) -> Optional[str]:
     """
-    Where a started L{StreamServerEndpointService} listens (useful with
-    port 0), or None before it does.
+    Where a started L{Listener} listens (useful with port 0), or None.
     """
-    d = getattr(listener, "_waitingForPort", None)
-    if d is None or not d.called:
-        return None
-    port = d.result
-    if not hasattr(port, "getHost"):
-        return None
-    return describeAddress(port.getHost())
+    return listener.address()
 
 
 def backendJSON(backend: Backend) -> Dict[str, Any]:
@@ -578,30 +551,6 @@ class AdminResource(Resource):
         return self._json(request, code, {"error": message})
 
 
-class AdminListener(StreamServerEndpointService):
-    """
-    The admin listener: like the client listeners, it fails the start with
-    one line when it cannot listen.
-    """
-
-    _raiseSynchronously = True
-
-    def __init__(self, description: str, endpoint, factory) -> None:
-        StreamServerEndpointService.__init__(self, endpoint, factory)
-        self.description = description
-        self.setName(f"admin listener {description}")
-
-    def privilegedStartService(self):
-        try:
-            StreamServerEndpointService.privilegedStartService(self)
-        except CannotListenError as e:
-            reason = e.socketError
-            reason = getattr(reason, "strerror", None) or str(reason)
-            raise SystemExit(f"rrbalancer: cannot listen on --admin {self.description}: {reason}")
-        except Exception as e:
-            raise SystemExit(f"rrbalancer: cannot listen on --admin {self.description}: {e}")
-
-
 def makeAdminSite(api: AdminAPI, registry, reactor, token: Optional[bytes] = None) -> Site:
     resource = AdminResource(api, MetricsResource(registry), token)
     site = BalancerSite(resource, reactor, maxBodySize=MAX_BODY)
@@ -636,6 +585,8 @@ def addOperations(service, config: Config, reactor) -> None:
     except Exception as e:
         raise ConfigError(f"admin: bad endpoint {config.admin!r}: {e}") from None
     registry = makeRegistry(group, getattr(service, "site", None), reactor)
-    listener = AdminListener(config.admin, endpoint, makeAdminSite(api, registry, reactor, token))
+    listener = Listener(
+        config.admin, endpoint, makeAdminSite(api, registry, reactor, token), "--admin "
+    )
     listener.setServiceParent(service)
     service.adminListener = listener

@@ -5,9 +5,7 @@ layers over L{makeService}.
 """
 
 import ipaddress
-import sys
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import (
     HostnameEndpoint,
@@ -16,7 +14,6 @@ from twisted.internet.endpoints import (
     serverFromString,
     wrapClientTLS,
 )
-from twisted.internet.error import CannotListenError
 from twisted.internet.ssl import optionsForClientTLS, platformTrust
 from twisted.logger import Logger
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
@@ -30,6 +27,7 @@ from .client import ConnectionPool, connectorFor
 from .config import BackendConfig, Config, ConfigError
 from .demo import DemoBackends
 from .health import HealthChecker
+from .listeners import Listener
 from .proxy import BalancerResource, BackendProxyResource
 from .site import BalancerSite
 
@@ -76,45 +74,11 @@ def backendEndpoint(reactor, backend: BackendConfig, trust, timeout: float):
     return endpoint
 
 
-def cannotStart(message: str) -> SystemExit:
-    """
-    Say why the balancer cannot start, in one line, where the operator will
-    see it: once twistd runs the services, C{sys.stderr} goes to its log,
-    and the terminal is only C{sys.__stderr__}.
-    """
-    print(f"rrbalancer: {message}", file=sys.__stderr__, flush=True)
-    return SystemExit(1)
-
-
 def _serverEndpoint(reactor, description: str):
     try:
         return serverFromString(reactor, description)
     except Exception as e:
         raise ConfigError(f"port: bad endpoint {description!r}: {e}") from None
-
-
-class _Listener(StreamServerEndpointService):
-    """
-    A listening port that fails the start at once, with one line, when it
-    cannot listen (the port is taken, the address is not ours).
-    """
-
-    _raiseSynchronously = True
-
-    def __init__(self, description: str, endpoint, factory) -> None:
-        StreamServerEndpointService.__init__(self, endpoint, factory)
-        self.description = description
-        self.setName(f"listener {description}")
-
-    def privilegedStartService(self):
-        try:
-            StreamServerEndpointService.privilegedStartService(self)
-        except CannotListenError as e:
-            reason = e.socketError
-            reason = getattr(reason, "strerror", None) or str(reason)
-            raise cannotStart(f"cannot listen on {self.description}: {reason}")
-        except Exception as e:
-            raise cannotStart(f"cannot listen on {self.description}: {e}")
 
 
 class _QuietPool(HTTPConnectionPool):
@@ -156,10 +120,8 @@ class BalancerService(MultiService):
         self.group = group
         self.site = site
         self._clock = reactor
+        self.listeners = []
 
-    @property
-    def listeners(self):
-        return [s for s in self if isinstance(s, _Listener)]
 
     def stopService(self):
         # The site stops (closing its access log) with its last port; hold
@@ -269,7 +231,9 @@ def makeService(config: Config, reactor, listeners=None):
         if description in seen:
             raise ConfigError(f"port: {description} is listed twice")
         seen.add(description)
-        _Listener(description, endpoint, site).setServiceParent(service)
+        listener = Listener(description, endpoint, site)
+        listener.setServiceParent(service)
+        service.listeners.append(listener)
     if config.health.enabled:
         agent = Agent(
             reactor,

@@ -23,13 +23,14 @@ from dataclasses import replace
 from typing import Dict, List, Optional, Tuple
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
 from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import Factory, Protocol, ProcessProtocol
 from twisted.logger import Logger
 
 from .config import Config, ConfigError
+from .listeners import cannotStart
 
 ENVIRONMENT_KEY = "RRBALANCER_WORKER"
 FIRST_SOCKET_FD = 3
@@ -126,8 +127,6 @@ class WorkerPool(Service):
             if not hasattr(outcome, "fileno"):
                 reason = outcome.value
                 reason = getattr(getattr(reason, "socketError", None), "strerror", None) or reason
-                from .service import cannotStart
-
                 raise cannotStart(f"cannot listen on {description}: {reason}")
             outcome.stopReading()
             self._ports.append(outcome)

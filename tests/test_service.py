@@ -40,11 +40,11 @@ from rrbalancer.client import ConnectionPool
 from rrbalancer.config import BackendConfig, Config, ConfigError, HealthConfig, buildConfig
 from rrbalancer.demo import DemoBackends
 from rrbalancer.proxy import BackendProxyResource
+from rrbalancer.listeners import Listener
 from rrbalancer.service import (
     BalancerService,
     SystemTrustPlus,
     _HealthService,
-    _Listener,
     backendEndpoint,
     makeService,
     trustRoot,
@@ -194,7 +194,7 @@ class RealNetworkMixin:
         self.addCleanup(cleanup)
         return service
 
-    def listeningPort(self, listener: _Listener):
+    def listeningPort(self, listener: Listener):
         ports = []
 
         def got(port):
@@ -261,7 +261,7 @@ class MakeServiceTests(SynchronousTestCase):
             ],
         )
         self.assertEqual(
-            [type(l.endpoint) for l in listeners],
+            [type(l.serverEndpoint) for l in listeners],
             [
                 TCP4ServerEndpoint,
                 TCP4ServerEndpoint,
