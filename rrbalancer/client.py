@@ -189,6 +189,7 @@ class BackendConnection(Protocol):
         self._open = False
         self.pool.lost(self)
         if self._receiver is None:
+            self._cancelTimeout()
             return
         if self._decoder == self._readToClose:
             # Only a clean close ends such a body; a reset cut it short.
@@ -261,7 +262,13 @@ class BackendConnection(Protocol):
         self._keepAlive = True
         self._responseStarted = False
         self._timeout = timeout
-        self._timeoutCall = self._clock.callLater(timeout, self._timedOut)
+        call = self._timeoutCall
+        if call is not None and call.active():
+            # The last exchange's timer, left running: moving a timer later
+            # costs less than a new one (see _finish).
+            call.reset(timeout)
+        else:
+            self._timeoutCall = self._clock.callLater(timeout, self._timedOut)
         self._bodySent = body is None or bodyLength == 0
         if self._bodySent:
             self.transport.write(head)
@@ -290,6 +297,9 @@ class BackendConnection(Protocol):
     def _timedOut(self) -> None:
         self._timeoutCall = None
         receiver = self._receiver
+        if receiver is None:
+            # A timer left running after an exchange, with no other since.
+            return
         stalled = self._paused
         self.abort()
         if receiver is not None:
@@ -430,14 +440,17 @@ class BackendConnection(Protocol):
         receiver = self._receiver
         self._receiver = None
         self._decoder = None
-        self._cancelTimeout()
         reusable = self._keepAlive and self._bodySent and not extra and self._open
         if reusable:
+            # The timer is left running for the next exchange on this
+            # connection, which moves it; if none comes, it fires unheeded.
             self.resumeProducing()
             self.pool.release(self)
-        elif self._open:
-            self._open = False
-            self.transport.loseConnection()
+        else:
+            self._cancelTimeout()
+            if self._open:
+                self._open = False
+                self.transport.loseConnection()
         if receiver is not None:
             receiver.responseDone()
 

@@ -103,7 +103,12 @@ class _Forwarding:
         self.attempt: Optional["_Attempt"] = None
         self.clientGone = False
         self.onlyBusy = True
-        request.notifyFinish().addErrback(self._clientGone)
+        watch = getattr(request, "watchConnectionLost", None)
+        if watch is not None:
+            # The balancer's own requests say so without a Deferred.
+            watch(self._clientGone)
+        else:
+            request.notifyFinish().addErrback(self._clientGone)
 
     def _clientGone(self, reason: Failure) -> None:
         self.clientGone = True

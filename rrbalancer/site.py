@@ -98,9 +98,22 @@ class BalancerRequest(Request):
         Request.finish(self)
         self._uncount()
 
+    _lostWatcher = None
+
+    def watchConnectionLost(self, watcher) -> None:
+        """
+        Call C{watcher} with the reason if the client's connection is lost
+        before the response is finished: L{notifyFinish}'s errback, without
+        a Deferred per request.
+        """
+        self._lostWatcher = watcher
+
     def connectionLost(self, reason):
         Request.connectionLost(self, reason)
         self._uncount()
+        watcher, self._lostWatcher = self._lostWatcher, None
+        if watcher is not None:
+            watcher(reason)
 
 
 def _refuseConnection(channel, status: bytes, message: bytes) -> None:

@@ -419,16 +419,35 @@ class TimeoutTests(_Base):
         self.assertIsInstance(receiver.error, ResponseTimeout)
         self.assertTrue(receiver.error.responseStarted)
 
-    def test_cancelledWhenDone(self):
+    def test_harmlessWhenDone(self):
+        """
+        The timer of a finished exchange, left running on its kept
+        connection, neither fails that exchange nor closes the connection,
+        and the next exchange gets a whole timeout of its own.
+        """
         connection, receiver = self.exchange(
             b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", timeout=3
         )
-        self.assertEqual(
-            [c for c in self.clock.getDelayedCalls() if c.active() and c.func != self.pool._sweep],
-            [],
-        )
+        self.clock.advance(2)
+        again, second = self.exchange(connection=self.connection(), timeout=3)
+        self.assertIs(again, connection)
+        self.clock.advance(2.9)
+        self.assertEqual(second.events, [])
+        again.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
         self.clock.advance(5)
         self.assertEqual(receiver.events, ["head", "done"])
+        self.assertEqual(second.events, ["head", "done"])
+        self.assertEqual(self.pool.idleCount, 1)
+        self.assertFalse(connection.transport.disconnecting)
+
+    def test_cancelledWhenClosed(self):
+        connection, receiver = self.exchange(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", timeout=3
+        )
+        connection.connectionLost(DONE)
+        self.assertEqual(
+            [c for c in self.clock.getDelayedCalls() if c.func == connection._timedOut], []
+        )
 
 
 class BodyTests(_Base):
