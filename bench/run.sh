@@ -385,7 +385,8 @@ start_target() {
         rr-pypy)
             launch "$t" $LB_CPU "$PYPY_VENV/bin/twistd" -n --pidfile= rrbalancer $(rr_args "${PORT[$t]}") ;;
         rr-workers2)
-            launch "$t" $LB_CPU "$CPY_VENV/bin/twistd" -n --pidfile= rrbalancer --workers 2 $(rr_args "${PORT[$t]}" none) ;;
+            # Two workers need two cores: they share the load generator's.
+            launch "$t" "$LB_CPU,$LOAD_CPU" "$CPY_VENV/bin/twistd" -n --pidfile= rrbalancer --workers 2 $(rr_args "${PORT[$t]}" none) ;;
         naive)
             launch "$t" $LB_CPU "$CPY_VENV/bin/python" "$HERE/naive_rr.py" --port "${PORT[$t]}" "${BACKEND_URLS[@]}" ;;
         nginx)

@@ -20,6 +20,7 @@ cut.
 import math
 from bisect import bisect_left
 from collections import deque
+from operator import attrgetter
 from typing import Callable, Collection, Deque, Dict, Iterator, List, Optional
 
 from twisted.internet.defer import Deferred, succeed
@@ -442,7 +443,7 @@ class BackendGroup:
         self._prepare = prepare
         self._backends: Dict[str, Backend] = {}
         self._selector: SmoothWeightedRoundRobin[Backend] = SmoothWeightedRoundRobin(
-            lambda backend: backend.weight
+            attrgetter("weight")
         )
         self._nextID = 1
         self.retries = 0
