@@ -5,6 +5,7 @@ layers over L{makeService}.
 """
 
 import ipaddress
+from typing import Callable
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import (
@@ -174,6 +175,30 @@ class BalancerService(MultiService):
         return d
 
 
+def backendPreparer(config: Config, clock, connectFor) -> Callable[[Backend], None]:
+    """
+    How a backend joins the group: a connection pool sized by C{config},
+    and the proxy resource that forwards to it.
+
+    @param connectFor: gives the C{connect} argument of a backend's
+        L{ConnectionPool} (tests give connections of their own).
+    """
+
+    def prepare(backend: Backend) -> None:
+        backend.pool = ConnectionPool(
+            connectFor(backend),
+            clock,
+            maxIdle=config.maxIdlePerBackend,
+            idleTimeout=config.poolIdleTimeout,
+            maxConnections=config.maxConnections,
+            queueSize=config.queueSize,
+            queueTimeout=config.queueTimeout,
+        )
+        backend.resource = BackendProxyResource(backend, config, clock)
+
+    return prepare
+
+
 def makeService(config: Config, reactor, listeners=None):
     """
     Build the balancer described by C{config}, running on C{reactor}.
@@ -195,19 +220,12 @@ def makeService(config: Config, reactor, listeners=None):
         return parent
     trust = trustRoot(config)
 
-    def prepare(backend: Backend) -> None:
-        endpoint = backendEndpoint(reactor, backend.config, trust, config.connectTimeout)
-        backend.pool = ConnectionPool(
-            connectorFor(endpoint),
-            reactor,
-            maxIdle=config.maxIdlePerBackend,
-            idleTimeout=config.poolIdleTimeout,
-            maxConnections=config.maxConnections,
-            queueSize=config.queueSize,
-            queueTimeout=config.queueTimeout,
+    def connectFor(backend: Backend):
+        return connectorFor(
+            backendEndpoint(reactor, backend.config, trust, config.connectTimeout)
         )
-        backend.resource = BackendProxyResource(backend, config, reactor)
 
+    prepare = backendPreparer(config, reactor, connectFor)
     group = BackendGroup(config.health, reactor, prepare)
     for backend in config.backends:
         group.add(backend)

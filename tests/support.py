@@ -36,10 +36,9 @@ from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from rrbalancer.backends import BackendGroup
-from rrbalancer.client import ConnectionPool
 from rrbalancer.config import BackendConfig, Config, HealthConfig
-from rrbalancer.proxy import BackendProxyResource, BalancerResource
-from rrbalancer.service import makeService
+from rrbalancer.proxy import BalancerResource
+from rrbalancer.service import backendPreparer, makeService
 from rrbalancer.site import BalancerSite
 
 # The longest any single wait in a test may take before the test fails
@@ -673,7 +672,7 @@ class MemoryBalancer:
         self.hold = False
         self.held = []
 
-        def prepare(backend):
+        def connectFor(backend):
             opened = self.opened.setdefault(backend.id, [])
             host, port = backend.config.host, backend.config.port
 
@@ -693,17 +692,9 @@ class MemoryBalancer:
                 protocol.makeConnection(transport)
                 return succeed(protocol)
 
-            backend.pool = ConnectionPool(
-                connect,
-                self.clock,
-                maxIdle=config.maxIdlePerBackend,
-                idleTimeout=config.poolIdleTimeout,
-                maxConnections=config.maxConnections,
-                queueSize=config.queueSize,
-                queueTimeout=config.queueTimeout,
-            )
-            backend.resource = BackendProxyResource(backend, config, self.clock)
+            return connect
 
+        prepare = backendPreparer(config, self.clock, connectFor)
         self.group = BackendGroup(config.health, self.clock, prepare)
         for backend in config.backends:
             self.group.add(backend)
