@@ -164,13 +164,19 @@ class RealNetworkMixin:
 
     timeout = 10
 
-    def startBackend(self, resource) -> int:
+    def startBackend(self, resource, tls=None) -> int:
+        """
+        @param tls: L{CertificateOptions} to serve HTTPS with.
+        """
         site = Site(resource)
         site.noisy = False
         site.log = lambda request: None
         tracking = WrappingFactory(site)
         tracking.noisy = False
-        port = reactor.listenTCP(0, tracking, interface="127.0.0.1")
+        if tls is None:
+            port = reactor.listenTCP(0, tracking, interface="127.0.0.1")
+        else:
+            port = reactor.listenSSL(0, tracking, tls, interface="127.0.0.1")
 
         @inlineCallbacks
         def cleanup():
@@ -195,14 +201,7 @@ class RealNetworkMixin:
         return service
 
     def listeningPort(self, listener: Listener):
-        ports = []
-
-        def got(port):
-            ports.append(port)
-            return port
-
-        listener._waitingForPort.addCallback(got)
-        return ports[0]
+        return listener.port
 
     def balancerPort(self, service: BalancerService) -> int:
         [listener] = service.listeners
@@ -222,6 +221,127 @@ class RealNetworkMixin:
 
         site.buildProtocol = buildProtocol
         return built
+
+
+def makeCertificates(folder: str):
+    """
+    A private CA, and a certificate it signed for 127.0.0.1 and localhost.
+
+    @return: the CA's PEM file, and server-side L{CertificateOptions}.
+    """
+    import datetime
+    import ipaddress
+    import os
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    from twisted.internet.ssl import PrivateCertificate
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(common: str):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    def build(subject, issuer, key, signer, extensions):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+        )
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
+        return builder.sign(signer, hashes.SHA256())
+
+    caKey = ec.generate_private_key(ec.SECP256R1())
+    ca = build(
+        name("rrbalancer test CA"), name("rrbalancer test CA"), caKey, caKey,
+        [(x509.BasicConstraints(ca=True, path_length=None), True)],
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = build(
+        name("localhost"), ca.subject, key, caKey,
+        [(x509.SubjectAlternativeName([
+            x509.DNSName("localhost"),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        ]), False)],
+    )
+    caFile = os.path.join(folder, "ca.pem")
+    with open(caFile, "wb") as f:
+        f.write(ca.public_bytes(serialization.Encoding.PEM))
+    keyPEM = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    server = PrivateCertificate.loadPEM(
+        keyPEM + leaf.public_bytes(serialization.Encoding.PEM)
+    )
+    return caFile, server.options()
+
+
+class HTTPSBackendTests(RealNetworkMixin, TestCase):
+    """
+    https backends on real sockets: verified against the CA bundle given
+    with C{--backend-ca}, by IP address and by host name.
+    """
+
+    @inlineCallbacks
+    def fetchThrough(self, url: str, caFile: str):
+        service = self.startBalancer(
+            config(
+                backends=(BackendConfig(url=url),),
+                ports=("tcp:0:interface=127.0.0.1",),
+                backendCA=caFile,
+            )
+        )
+        port = self.balancerPort(service)
+        client = yield rawRequest(
+            port, b"GET / HTTP/1.1\r\nHost: balancer\r\nConnection: close\r\n\r\n"
+        )
+        data = yield client.done
+        return service, parseResponse(data)
+
+    @inlineCallbacks
+    def test_verified(self):
+        caFile, tls = makeCertificates(self._folder())
+        backendPort = self.startBackend(FastBackend(), tls=tls)
+        for host in ("127.0.0.1", "localhost"):
+            service, (status, headers, body) = yield self.fetchThrough(
+                f"https://{host}:{backendPort}", caFile
+            )
+            self.assertEqual(status, b"HTTP/1.1 200 OK", host)
+            self.assertEqual(body, b"hello from the backend\n")
+            yield service.stopService()
+
+    @inlineCallbacks
+    def test_unknownCA(self):
+        """
+        A backend whose certificate no trusted CA signed is not talked to:
+        502, and a failure counted against it.
+        """
+        _, tls = makeCertificates(self._folder())
+        otherCA, _ = makeCertificates(self._folder())
+        backendPort = self.startBackend(FastBackend(), tls=tls)
+        service, (status, headers, body) = yield self.fetchThrough(
+            f"https://127.0.0.1:{backendPort}", otherCA
+        )
+        self.assertEqual(status, b"HTTP/1.1 502 Bad Gateway")
+        self.assertNotIn(str(backendPort).encode(), body)
+        [backend] = service.group
+        self.assertEqual(backend.failures, 1)
+
+    def _folder(self) -> str:
+        import os
+
+        folder = self.mktemp()
+        os.makedirs(folder)
+        return folder
 
 
 # -- makeService on a memory reactor --------------------------------------
