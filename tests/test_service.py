@@ -344,6 +344,43 @@ class HTTPSBackendTests(RealNetworkMixin, TestCase):
         return folder
 
 
+class ForwardedFor(Resource):
+    """
+    Answers with the X-Forwarded-For it was sent.
+    """
+
+    isLeaf = True
+
+    def render(self, request):
+        body = request.getHeader(b"x-forwarded-for") or b"-"
+        request.setHeader(b"content-length", b"%d" % (len(body),))
+        return body
+
+
+class ProxyProtocolTests(RealNetworkMixin, TestCase):
+    @inlineCallbacks
+    def test_clientAddressFromProxyHeader(self):
+        """
+        On a haproxy: port, the client address the PROXY header gives is
+        the one passed on in X-Forwarded-For.
+        """
+        backendPort = self.startBackend(ForwardedFor())
+        service = self.startBalancer(
+            config(
+                backends=(BackendConfig(url=f"http://127.0.0.1:{backendPort}"),),
+                ports=("haproxy:tcp:0:interface=127.0.0.1",),
+            )
+        )
+        client = yield rawRequest(
+            self.balancerPort(service),
+            b"PROXY TCP4 203.0.113.9 127.0.0.1 50000 80\r\n"
+            b"GET / HTTP/1.1\r\nHost: balancer\r\nConnection: close\r\n\r\n",
+        )
+        status, headers, body = parseResponse((yield client.done))
+        self.assertEqual(status, b"HTTP/1.1 200 OK")
+        self.assertEqual(body, b"203.0.113.9")
+
+
 # -- makeService on a memory reactor --------------------------------------
 
 
