@@ -331,7 +331,7 @@ class _Attempt:
             self._end()
             request.unregisterProducer()
             self.log.warn(
-                "backend {url} failed mid-response: {error}",
+                "response from {url} cut short, client connection aborted: {error}",
                 url=self.backend.url,
                 error=str(error),
             )
