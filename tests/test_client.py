@@ -4,6 +4,7 @@ byte over a L{StringTransport}, with a L{Clock} for its timeout, and the
 L{ConnectionPool} that keeps such connections.
 """
 
+import random
 from io import BytesIO
 
 from twisted.internet.address import IPv4Address
@@ -703,3 +704,51 @@ class LimitTests(_Base):
         for _ in range(5):
             self.exchange()
         self.assertEqual(len(self.opened), 5)
+
+
+class MangledResponseTests(_Base):
+    """
+    Whatever bytes a backend sends, in whatever pieces, an exchange ends
+    exactly once (done or failed) and nothing raises.
+    """
+
+    SEEDS = [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\n\r\nbody until close",
+        b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n",
+    ]
+    ALPHABET = b"\r\n :;,0123456789abcdefABCDEF\x00"
+
+    def mangle(self, rng, data: bytes) -> bytes:
+        data = bytearray(data)
+        for _ in range(rng.randint(1, 6)):
+            choice = rng.random()
+            if choice < 0.3 and data:
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            elif choice < 0.5 and data:
+                del data[rng.randrange(len(data))]
+            elif choice < 0.7:
+                data.insert(rng.randrange(len(data) + 1), rng.choice(self.ALPHABET))
+            else:
+                at = rng.randrange(len(data) + 1)
+                data[at:at] = rng.choice(self.SEEDS)[: rng.randrange(40)]
+        return bytes(data)
+
+    def test_mangled(self):
+        rng = random.Random(20261125)
+        for _ in range(1500):
+            data = self.mangle(rng, rng.choice(self.SEEDS))
+            connection, receiver = self.exchange(method=rng.choice([b"GET", b"HEAD"]), timeout=5)
+            at = 0
+            while at < len(data):
+                size = rng.randint(1, 8)
+                connection.dataReceived(data[at : at + size])
+                at += size
+            if rng.random() < 0.5:
+                connection.connectionLost(rng.choice([DONE, RESET]))
+            self.clock.advance(10)
+            ends = [e for e in receiver.events if e in ("done", "failed")]
+            self.assertEqual(len(ends), 1, (data, receiver.events))
+            self.assertEqual(receiver.events[-1], ends[0], (data, receiver.events))
