@@ -211,6 +211,12 @@ class BalancerChannel(HTTPChannel):
                 self._headTimer.cancel()
             self._headTimer = None
 
+    def loseConnection(self):
+        # Closing for any reason (a 400 from HTTPChannel, an idle timeout)
+        # ends the wait for a head: no 408 may follow.
+        self._stopHeadTimer()
+        return HTTPChannel.loseConnection(self)
+
     def connectionLost(self, reason):
         self._stopHeadTimer()
         HTTPChannel.connectionLost(self, reason)

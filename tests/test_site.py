@@ -119,3 +119,14 @@ class ChannelTests(SynchronousTestCase):
         channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         channel.connectionLost(Exception("gone"))
         self.assertEqual(self.site.inFlight, 0)
+
+    def test_noTimeoutAfterBadRequest(self):
+        """
+        A connection already closing (here after a 400 for a bad request
+        line) gets no 408 on top when the head timer would have fired.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(b"BAD REQUEST LINE WITH TOO MANY PARTS HTTP/1.1\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 "))
+        self.reactor.advance(30)
+        self.assertNotIn(b"408", transport.value())
