@@ -9,13 +9,21 @@ cancelled request), fails it.  The rise/fall counting is the backend's own
 
 from typing import Set
 
-import treq
-from twisted.internet.defer import CancelledError, TimeoutError, maybeDeferred
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    TimeoutError,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
 
 from .backends import DISABLED, Backend, BackendGroup
 from .config import HealthConfig
@@ -37,6 +45,44 @@ def describeFailure(failure, timeout: float) -> str:
     if reasons:  # treq/Agent wrap the real cause in a list of failures
         return describeFailure(reasons[0], timeout)
     return failure.getErrorMessage() or failure.type.__name__
+
+
+class _Discard(Protocol):
+    """
+    Reads a check's body to its end, and drops it.
+    """
+
+    def __init__(self) -> None:
+        self.finished = Deferred(self._cancel)
+
+    def _cancel(self, d: Deferred) -> None:
+        # Timed out: close the connection rather than leave it to a backend
+        # that may never end the body.
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason) -> None:
+        if self.finished.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.finished.callback(None)
+        else:
+            self.finished.errback(reason)
+
+
+def discardBody(response) -> Deferred:
+    """
+    Read and drop a response's body, so that its connection is freed; the
+    Deferred's cancellation closes the connection.
+    """
+    if response.length == 0:
+        return succeed(None)
+    protocol = _Discard()
+    response.deliverBody(protocol)
+    return protocol.finished
 
 
 class HealthChecker:
@@ -107,10 +153,7 @@ class HealthChecker:
         def answered(response):
             code = response.code
             ok = 200 <= code < 400
-            # Read the body, so that the connection is freed.
-            return treq.collect(response, lambda data: None).addCallback(
-                lambda _: (ok, f"HTTP {code}")
-            )
+            return discardBody(response).addCallback(lambda _: (ok, f"HTTP {code}"))
 
         def failed(failure):
             return (False, describeFailure(failure, timeout))

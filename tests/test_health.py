@@ -6,13 +6,13 @@ Tests for L{rrbalancer.health}: the checks run against in-memory backends
 from twisted.internet import error, reactor
 from twisted.internet.defer import Deferred, fail, inlineCallbacks
 from twisted.internet.protocol import Factory
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web._newclient import ResponseNeverReceived
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Site
 
 from treq.client import HTTPClient
 from treq.testing import StubTreq
@@ -296,6 +296,64 @@ class RealClientTests(TestCase):
         self.assertIs(ok, False)
         self.assertIn("refused", backend.lastError.lower())
         self.assertEqual(checker._pending, set())
+
+
+class StallingBody(Resource):
+    """
+    Sends its head and part of its body, then never ends.
+    """
+
+    isLeaf = True
+
+    def __init__(self):
+        Resource.__init__(self)
+        self.lost = Deferred()
+
+    def render_GET(self, request):
+        request.setHeader(b"content-length", b"100")
+        request.write(b"partial")
+        request.notifyFinish().addBoth(lambda _: self.lost.callback(None))
+        return NOT_DONE_YET
+
+
+class StalledBodyTests(TestCase):
+    timeout = 10
+
+    @inlineCallbacks
+    def test_connectionClosedAtTimeout(self):
+        """
+        A check whose body stalls fails at the timeout and closes its
+        connection, rather than leave one open per check to a backend that
+        never finishes.
+        """
+        backend = StallingBody()
+        site = Site(backend)
+        site.log = lambda request: None
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        heads = []
+
+        class Watching:
+            def get(self, *args, **kwargs):
+                return http.get(*args, **kwargs).addCallback(
+                    lambda response: heads.append(response) or response
+                )
+
+        http = HTTPClient(Agent(reactor, pool=pool, connectTimeout=5))
+        checker, group, [checked], clock = makeChecker(
+            Watching(), urls=(f"http://127.0.0.1:{port.getHost().port}",)
+        )
+        d = checker.check(checked)
+        for _ in range(500):
+            if heads:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertTrue(heads, "no response head arrived")
+        clock.advance(1.0)
+        self.assertIs((yield d), False)
+        self.assertIn("no answer within 1s", checked.lastError)
+        yield backend.lost
 
 
 class RiseFallTests(SynchronousTestCase):
