@@ -294,9 +294,19 @@ class _Attempt:
         if connection:
             out.setRawHeaders(b"connection", connection)
         host = request.requestHeaders.getRawHeaders(b"host")
-        clientBase = None
         if host is not None:
-            clientBase = (b"https://" if request.isSecure() else b"http://") + host[0]
+            host = host[0]
+        else:
+            # An HTTP/1.0 client named no host: the address it reached.
+            local = request.getHost()
+            address = getattr(local, "host", None)
+            if address is None:
+                host = b"localhost"
+            else:
+                if ":" in address:
+                    address = f"[{address}]"
+                host = f"{address}:{local.port}".encode("ascii")
+        clientBase = (b"https://" if request.isSecure() else b"http://") + host
         for name, value in responseHeaders(headers, self.resource.rewriteLocation, clientBase):
             out.addRawHeader(name, value)
         if contentLength is not None and code != 204:

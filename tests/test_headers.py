@@ -448,6 +448,24 @@ class EndToEndHeaderTests(unittest.TestCase):
         self.assertEqual(response.header(b"location"), [b"%s0/x" % base])
 
     @inlineCallbacks
+    def test_locationRewrittenWithoutHost(self):
+        """
+        A client that names no host (HTTP/1.0) is sent back to the address
+        it reached, never to the backend's.
+        """
+        backend = ScriptedBackend(self.net, lambda c, r: c.write(
+            b"HTTP/1.1 302 Found\r\nLocation: %s/next\r\nContent-Length: 0\r\n\r\n"
+            % (backend.url.encode("ascii"),)
+        ))
+        balancer = yield startBalancer(self.net, [backend.url])
+        response = yield exchange(
+            self.net, balancer.port, b"GET /redirect HTTP/1.0\r\n\r\n"
+        )
+        self.assertEqual(
+            response.header(b"location"), [b"http://127.0.0.1:%d/next" % balancer.port]
+        )
+
+    @inlineCallbacks
     def test_connectionCloseAnswered(self):
         """
         A client that asks to close gets told the connection closes, and it
