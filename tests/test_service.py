@@ -200,6 +200,15 @@ class RealNetworkMixin:
         self.addCleanup(cleanup)
         return service
 
+    def balancerFor(self, backendPort: int, **settings) -> BalancerService:
+        """
+        A started balancer on a loopback port the system picks, in front of
+        the backend on C{backendPort}.
+        """
+        settings.setdefault("backends", (BackendConfig(url=f"http://127.0.0.1:{backendPort}"),))
+        settings.setdefault("ports", ("tcp:0:interface=127.0.0.1",))
+        return self.startBalancer(config(**settings))
+
     def listeningPort(self, listener: Listener):
         return listener.port
 
@@ -365,12 +374,7 @@ class ProxyProtocolTests(RealNetworkMixin, TestCase):
         the one passed on in X-Forwarded-For.
         """
         backendPort = self.startBackend(ForwardedFor())
-        service = self.startBalancer(
-            config(
-                backends=(BackendConfig(url=f"http://127.0.0.1:{backendPort}"),),
-                ports=("haproxy:tcp:0:interface=127.0.0.1",),
-            )
-        )
+        service = self.balancerFor(backendPort, ports=("haproxy:tcp:0:interface=127.0.0.1",))
         client = yield rawRequest(
             self.balancerPort(service),
             b"PROXY TCP4 203.0.113.9 127.0.0.1 50000 80\r\n"
@@ -723,13 +727,7 @@ class GracefulStopTests(RealNetworkMixin, TestCase):
     def test_inFlightRequestCompletes(self):
         backend = SlowBackend()
         backendPort = self.startBackend(backend)
-        service = self.startBalancer(
-            config(
-                backends=(BackendConfig(url=f"http://127.0.0.1:{backendPort}"),),
-                ports=("tcp:0:interface=127.0.0.1",),
-                shutdownGrace=10.0,
-            )
-        )
+        service = self.balancerFor(backendPort, shutdownGrace=10.0)
         port = self.balancerPort(service)
         client = yield rawRequest(
             port, b"GET /slow HTTP/1.1\r\nHost: balancer\r\nConnection: close\r\n\r\n"
@@ -785,13 +783,7 @@ class GracefulStopTests(RealNetworkMixin, TestCase):
         """
         backend = SlowBackend()
         backendPort = self.startBackend(backend)
-        service = self.startBalancer(
-            config(
-                backends=(BackendConfig(url=f"http://127.0.0.1:{backendPort}"),),
-                ports=("tcp:0:interface=127.0.0.1",),
-                shutdownGrace=0.2,
-            )
-        )
+        service = self.balancerFor(backendPort, shutdownGrace=0.2)
         port = self.balancerPort(service)
         client = yield rawRequest(port, b"GET /never HTTP/1.1\r\nHost: balancer\r\n\r\n")
         yield backend.arrived
@@ -811,13 +803,7 @@ class GracefulStopTests(RealNetworkMixin, TestCase):
         """
         backend = SlowBackend()
         backendPort = self.startBackend(backend)
-        service = self.startBalancer(
-            config(
-                backends=(BackendConfig(url=f"http://127.0.0.1:{backendPort}"),),
-                ports=("tcp:0:interface=127.0.0.1",),
-                shutdownGrace=10.0,
-            )
-        )
+        service = self.balancerFor(backendPort, shutdownGrace=10.0)
         serverSide = self.trackServerConnections(service.site)
         port = self.balancerPort(service)
         client = yield rawRequest(port, b"GET /slow HTTP/1.1\r\nHost: balancer\r\n\r\n")
@@ -945,13 +931,7 @@ class AccessLogTests(RealNetworkMixin, TestCase):
     @inlineCallbacks
     def proxy(self, accessLog, requests):
         backendPort = self.startBackend(FastBackend())
-        service = self.startBalancer(
-            config(
-                backends=(BackendConfig(url=f"http://127.0.0.1:{backendPort}"),),
-                ports=("tcp:0:interface=127.0.0.1",),
-                accessLog=accessLog,
-            )
-        )
+        service = self.balancerFor(backendPort, accessLog=accessLog)
         port = self.balancerPort(service)
         responses = []
         for request in requests:
@@ -1057,13 +1037,7 @@ class AccessLogTests(RealNetworkMixin, TestCase):
         path = self.mktemp()
         backend = SlowBackend()
         backendPort = self.startBackend(backend)
-        service = self.startBalancer(
-            config(
-                backends=(BackendConfig(url=f"http://127.0.0.1:{backendPort}"),),
-                ports=("tcp:0:interface=127.0.0.1",),
-                accessLog=path,
-            )
-        )
+        service = self.balancerFor(backendPort, accessLog=path)
         port = self.balancerPort(service)
         client = yield rawRequest(
             port, b"GET /late HTTP/1.1\r\nHost: balancer\r\nConnection: close\r\n\r\n"
