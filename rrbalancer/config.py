@@ -81,6 +81,7 @@ class Config:
     shutdownGrace: float = 10.0
     clientTimeout: float = 60.0
     headerTimeout: float = 10.0
+    bodyTimeout: float = 60.0
     maxBodySize: int = 100 * 1024 * 1024
     maxIdlePerBackend: int = 32
     maxConnections: int = 0
@@ -115,6 +116,7 @@ TOP_LEVEL_KEYS = (
     "shutdown_grace",
     "client_timeout",
     "header_timeout",
+    "body_timeout",
     "max_body_size",
     "max_idle_per_backend",
     "max_connections",
@@ -383,6 +385,11 @@ def buildConfig(settings: Mapping[str, Any], baseDir: str = ".") -> Config:
         headerTimeout=_number(
             "header_timeout",
             settings.get("header_timeout", d.headerTimeout),
+            positive=True,
+        ),
+        bodyTimeout=_number(
+            "body_timeout",
+            settings.get("body_timeout", d.bodyTimeout),
             positive=True,
         ),
         maxBodySize=_integer(

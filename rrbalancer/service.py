@@ -237,6 +237,7 @@ def makeService(config: Config, reactor, listeners=None):
         maxBodySize=config.maxBodySize,
         timeout=config.clientTimeout,
         headerTimeout=config.headerTimeout,
+        bodyTimeout=config.bodyTimeout,
     )
     service = BalancerService(config, reactor, group, site)
     if config.demo:

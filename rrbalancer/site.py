@@ -131,18 +131,29 @@ def _refuseConnection(channel, status: bytes, message: bytes) -> None:
 
 class BalancerChannel(HTTPChannel):
     """
-    An L{HTTPChannel} that will not wait forever for a request head.
+    An L{HTTPChannel} that will not wait forever for a request head or
+    between two reads of a request body.
 
     The channel's idle timeout restarts at every byte, so a client sending
     its head one byte at a time (slowloris) could hold a connection for
     ever; here the whole head must arrive within C{headerTimeout} seconds
     of its first byte (408 otherwise), and a head over the size or count
     limits gets 431 rather than a bare 400.
+
+    A body is another matter: an upload may rightly take minutes, so it
+    gets no deadline, only C{bodyTimeout} seconds at most between two reads
+    (NGINX's C{client_body_timeout}), and 408 when that passes.  The head
+    timer runs only while a head is read: never during a body, never on an
+    idle kept-alive connection.
     """
 
     headerTimeout = 10.0
+    bodyTimeout = 60.0
     _headTimer = None
+    _bodyTimer = None
+    _idleTimeOut = None
     _refusedHead = False
+    _closing = False
     _host = None
 
     _peer = None
@@ -166,10 +177,21 @@ class BalancerChannel(HTTPChannel):
             self._secure = HTTPChannel.isSecure(self)
         return self._secure
 
+    def _readingHead(self) -> bool:
+        # Line mode without a request in hand is the only state in which
+        # bytes belong to a head: a body is read in raw mode, and bytes that
+        # arrive while a request is handled are buffered in raw mode too.
+        return self.line_mode and not self._handlingRequest and not self._refusedHead
+
     def dataReceived(self, data):
-        if self._headTimer is None and not self._handlingRequest and not self._refusedHead:
+        if self._headTimer is None and self._readingHead():
             self._headTimer = self.callLater(self.headerTimeout, self._headTimedOut)
         HTTPChannel.dataReceived(self, data)
+
+    def rawDataReceived(self, data):
+        if self._bodyTimer is not None:
+            self._bodyTimer.reset(self.bodyTimeout)
+        HTTPChannel.rawDataReceived(self, data)
 
     def lineReceived(self, line):
         if self._refusedHead:
@@ -194,15 +216,31 @@ class BalancerChannel(HTTPChannel):
     def allHeadersReceived(self):
         self._stopHeadTimer()
         HTTPChannel.allHeadersReceived(self)
+        if self.length != 0 and not self._closing:
+            # A body follows: the body timer replaces the idle timer until
+            # it is whole, so that one answers 408 and the other does not
+            # close the connection silently first.
+            self._idleTimeOut = self.setTimeout(None)
+            self._bodyTimer = self.callLater(self.bodyTimeout, self._bodyTimedOut)
+
+    def allContentReceived(self):
+        self._stopBodyTimer()
+        HTTPChannel.allContentReceived(self)
 
     def _headTimedOut(self):
         self._headTimer = None
-        if not self._handlingRequest:
+        if self._readingHead():
             self._refuseHead(b"408 Request Timeout", b"Request Timeout")
+
+    def _bodyTimedOut(self):
+        self._bodyTimer = None
+        self._idleTimeOut = None
+        self._refuseHead(b"408 Request Timeout", b"Request Timeout: the request body stalled")
 
     def _refuseHead(self, status: bytes, message: bytes) -> None:
         self._refusedHead = True
         self._stopHeadTimer()
+        self._stopBodyTimer()
         _refuseConnection(self, status, message)
 
     def _stopHeadTimer(self):
@@ -211,14 +249,29 @@ class BalancerChannel(HTTPChannel):
                 self._headTimer.cancel()
             self._headTimer = None
 
+    def _stopBodyTimer(self):
+        if self._bodyTimer is not None:
+            if self._bodyTimer.active():
+                self._bodyTimer.cancel()
+            self._bodyTimer = None
+        idle, self._idleTimeOut = self._idleTimeOut, None
+        if idle is not None and not self._closing:
+            self.setTimeout(idle)
+
     def loseConnection(self):
         # Closing for any reason (a 400 from HTTPChannel, an idle timeout)
-        # ends the wait for a head: no 408 may follow.
+        # ends the wait for a head or a body: no 408 may follow.
+        self._closing = True
+        self._idleTimeOut = None
         self._stopHeadTimer()
+        self._stopBodyTimer()
         return HTTPChannel.loseConnection(self)
 
     def connectionLost(self, reason):
+        self._closing = True
+        self._idleTimeOut = None
         self._stopHeadTimer()
+        self._stopBodyTimer()
         HTTPChannel.connectionLost(self, reason)
         self.site._channelClosed(self)
 
@@ -289,6 +342,7 @@ class BalancerSite(Site):
         maxBodySize: int = 0,
         timeout: float = 60.0,
         headerTimeout: float = 10.0,
+        bodyTimeout: float = 60.0,
     ) -> None:
         Site.__init__(
             self,
@@ -301,6 +355,7 @@ class BalancerSite(Site):
         self._logToStdout = accessLog == "-"
         self.maxBodySize = maxBodySize
         self.headerTimeout = headerTimeout
+        self.bodyTimeout = bodyTimeout
         self.inFlight = 0
         self._idleWaiters = []
         self._channels = set()
@@ -309,6 +364,7 @@ class BalancerSite(Site):
     def buildProtocol(self, addr):
         channel = Site.buildProtocol(self, addr)
         channel.headerTimeout = self.headerTimeout
+        channel.bodyTimeout = self.bodyTimeout
         self._channels.add(channel)
         return channel
 

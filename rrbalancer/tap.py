@@ -53,6 +53,8 @@ class Options(usage.Options):
                                         "[default: 60]."],
         ["header-timeout", None, None, "Seconds a client gets to send a whole request "
                                         "head [default: 10]."],
+        ["body-timeout", None, None, "Seconds a request body may pause between two "
+                                      "reads [default: 60]."],
         ["max-body-size", None, None, "Largest request body in bytes, 0 for no limit "
                                        "[default: 104857600]."],
         ["max-connections", None, None, "Most connections open to one backend; 0 for no "
@@ -139,6 +141,7 @@ class Options(usage.Options):
             "shutdown-grace",
             "client-timeout",
             "header-timeout",
+            "body-timeout",
             "max-body-size",
             "max-connections",
             "queue-size",

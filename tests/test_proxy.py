@@ -8,8 +8,10 @@ or backpressure under the test's control, the same pieces in memory.
 import gc
 import random
 
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web.resource import Resource
@@ -252,6 +254,70 @@ class BodyTests(_Integration):
         self.assertEqual((second.code, second.body), (304, b""))
         self.assertNotIn(b"transfer-encoding", second.names())
         self.assertEqual((third.code, third.body), (200, b"next"))
+
+
+class SlowUploadTests(_Integration):
+    """
+    An upload is not a request head: it may take longer than the header
+    timeout as a whole, and only a pause between two reads longer than the
+    body timeout ends it.  Timeouts are scaled down so that the test runs
+    in about a second of real time.
+    """
+
+    def later(self, seconds):
+        return deferLater(reactor, seconds)
+
+    @inlineCallbacks
+    def test_tricklingBodyReachesBackend(self):
+        """
+        A body sent a byte at a time over four header timeouts reaches the
+        backend whole, and the client gets the backend's answer.
+        """
+        backend = self.backend(echo)
+        balancer = yield self.balancer(backend, headerTimeout=0.2, bodyTimeout=0.5)
+        client = yield connectClient(self.net, balancer.port)
+        body = b"0123456789"
+        client.send(post(body)[: -len(body)])
+        for byte in body:
+            yield self.later(0.08)
+            client.send(bytes([byte]))
+        response = yield client.readResponse(b"POST")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(backend.requests[0].body, body)
+
+    @inlineCallbacks
+    def test_idleConnectionNotWrittenTo(self):
+        """
+        After a request whose body came after its head, the kept-alive
+        connection stays silent past the header timeout, and serves the next
+        request.
+        """
+        backend = self.backend(echo)
+        balancer = yield self.balancer(backend, headerTimeout=0.2)
+        client = yield connectClient(self.net, balancer.port)
+        client.send(post(b"ok")[:-2])
+        yield self.later(0.1)
+        client.send(b"ok")
+        response = yield client.readResponse(b"POST")
+        self.assertEqual(response.code, 200)
+        received = client.data
+        yield self.later(0.5)
+        self.assertEqual(client.data, received)
+        self.assertFalse(client.isClosed)
+        client.send(get(b"/next"))
+        response = yield client.readResponse()
+        self.assertEqual(response.code, 200)
+        self.assertEqual(backend.requests[-1].target, b"/next")
+
+    @inlineCallbacks
+    def test_stalledBodyGets408(self):
+        backend = self.backend(echo)
+        balancer = yield self.balancer(backend, headerTimeout=5, bodyTimeout=0.3)
+        client = yield connectClient(self.net, balancer.port)
+        client.send(post(b"0123456789")[:-5])
+        data = yield client.waitForClose()
+        self.assertTrue(data.startswith(b"HTTP/1.1 408 "), data)
+        self.assertEqual(backend.requests, [])
 
 
 class ResponseErrorTests(_Integration):

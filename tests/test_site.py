@@ -31,7 +31,9 @@ class ChannelTests(SynchronousTestCase):
     def setUp(self):
         self.reactor = MemoryReactorClock()
         self.resource = Held()
-        self.site = BalancerSite(self.resource, self.reactor, headerTimeout=10, timeout=60)
+        self.site = BalancerSite(
+            self.resource, self.reactor, headerTimeout=10, bodyTimeout=20, timeout=60
+        )
         self.site.startFactory()
         self.addCleanup(self.site.stopFactory)
 
@@ -130,3 +132,80 @@ class ChannelTests(SynchronousTestCase):
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 "))
         self.reactor.advance(30)
         self.assertNotIn(b"408", transport.value())
+
+    def test_slowBodyIsNotAHead(self):
+        """
+        A body trickling in one byte a second for longer than the header
+        timeout reaches the resource whole: the head timer is for heads.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 14\r\n\r\n")
+        for byte in b"abcdefghijklmn":
+            self.reactor.advance(1)
+            channel.dataReceived(bytes([byte]))
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(len(self.resource.requests), 1)
+        self.assertEqual(self.resource.requests[0].content.read(), b"abcdefghijklmn")
+
+    def test_slowChunkedBody(self):
+        channel, transport = self.connect()
+        channel.dataReceived(
+            b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        for piece in [b"3\r\nabc\r\n", b"2\r\nde\r\n", b"0\r\n\r\n"] * 1:
+            self.reactor.advance(15)
+            channel.dataReceived(piece)
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(self.resource.requests[0].content.read(), b"abcde")
+
+    def test_stalledBodyGets408(self):
+        """
+        A body that pauses for longer than the body timeout is answered 408
+        and the connection closed; it never reaches the resource.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab")
+        self.reactor.advance(19)
+        channel.dataReceived(b"cd")
+        self.reactor.advance(19)
+        self.assertEqual(transport.value(), b"")
+        self.reactor.advance(1)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 408 "))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.resource.requests, [])
+
+    def test_noStray408AfterLateBody(self):
+        """
+        After a request whose body came a moment after its head, the idle
+        kept-alive connection is never written to: no timer left over from
+        the request fires on it.  It is closed silently once idle too long.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n")
+        self.reactor.advance(0.5)
+        channel.dataReceived(b"ok")
+        request = self.resource.requests[0]
+        request.setHeader(b"content-length", b"2")
+        request.write(b"hi")
+        request.finish()
+        answer = transport.value()
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "))
+        self.reactor.advance(59)
+        self.assertEqual(transport.value(), answer)
+        self.assertFalse(transport.disconnecting)
+        self.reactor.advance(2)
+        self.assertEqual(transport.value(), answer)
+        self.assertTrue(transport.disconnecting)
+
+    def test_idleTimeoutDuringBodyIsTheBodyTimeout(self):
+        """
+        While a body is read, the connection's idle timeout gives way to the
+        body timeout, and comes back for the wait for the next request.
+        """
+        self.site.bodyTimeout = 90
+        channel, transport = self.connect()
+        channel.dataReceived(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n")
+        self.reactor.advance(80)
+        self.assertFalse(transport.disconnecting)
+        channel.dataReceived(b"ok")
+        self.assertEqual(len(self.resource.requests), 1)
