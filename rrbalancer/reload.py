@@ -20,10 +20,7 @@ from twisted.application.service import Service
 from twisted.logger import Logger
 
 from .backends import Backend, BackendGroup
-from .config import BackendConfig, Config, ConfigError, loadConfig
-
-# Settings a reload does not own: where the file is, and the backends.
-_RELOADED = {"backends", "configPath", "configOverrides"}
+from .config import RELOADABLE, BackendConfig, Config, ConfigError, loadConfig
 
 
 def serverOf(config: BackendConfig):
@@ -146,7 +143,7 @@ class Reloader:
         ignored = [
             f.name
             for f in fields(Config)
-            if f.name not in _RELOADED
+            if f.name not in RELOADABLE
             and getattr(new, f.name) != getattr(self.config, f.name)
         ]
         self.config = new

@@ -14,13 +14,28 @@ from twisted.python import usage
 
 from . import __version__
 from .config import ConfigError, buildConfig, loadConfig
+from .settings import SETTINGS, Setting
 
 
 def _fail(message: str) -> SystemExit:
     return SystemExit(f"rrbalancer: {message}")
 
 
+def _helpText(setting: Setting) -> str:
+    shown = setting.shown()
+    if shown and setting.switch is None:
+        return f"{setting.help} [default: {shown}]"
+    return setting.help
+
+
 class Options(usage.Options):
+    """
+    The command line: one flag per setting of L{SETTINGS}, plus C{--config}
+    and C{--version}.  Flags are kept as given (strings) and validated with
+    the config file's values by L{buildConfig}, so that both are checked by
+    the same rules and a flag fixes a bad file value.
+    """
+
     synopsis = "[options]"
     longdesc = (
         "A round-robin HTTP load balancer. Example: twistd -n rrbalancer "
@@ -28,72 +43,22 @@ class Options(usage.Options):
     )
 
     optFlags = [
-        ["no-health-checks", None, "Do not check backends; every backend is always up."],
-        ["demo", None, "Start three demo backends on loopback ports and balance over them."],
+        [s.longFlag, s.short, _helpText(s)]
+        for s in SETTINGS
+        if s.longFlag and s.switch is not None
     ]
     optParameters = [
-        ["config", "c", None, "A TOML file with the same settings; flags override it."],
-        ["health-path", None, None, "Path of the health check request [default: /]."],
-        ["health-interval", None, None, "Seconds between health checks [default: 2]."],
-        ["health-timeout", None, None, "Seconds a health check may take [default: 1]."],
-        ["rise", None, None, "Passing checks that bring a backend up [default: 2]."],
-        ["fall", None, None, "Failing checks that take a backend down [default: 3]."],
-        ["backend-ca", None, None, "A PEM bundle of CAs trusted for https backends, "
-                                    "besides the system's."],
-        ["backend-timeout", None, None, "Seconds to wait for a backend's response "
-                                         "[default: 30]."],
-        ["connect-timeout", None, None, "Seconds to wait for a backend connection "
-                                         "[default: 5]."],
-        ["host-header", None, None, "Host sent to backends: 'client' (the client's, "
-                                     "default) or 'backend'."],
-        ["access-log", None, None, "Write an NCSA combined access log here ('-': stdout)."],
-        ["shutdown-grace", None, None, "Seconds in-flight requests get to finish on "
-                                        "SIGTERM [default: 10]."],
-        ["client-timeout", None, None, "Seconds an idle client connection is kept "
-                                        "[default: 60]."],
-        ["header-timeout", None, None, "Seconds a client gets to send a whole request "
-                                        "head [default: 10]."],
-        ["body-timeout", None, None, "Seconds a request body may pause between two "
-                                      "reads [default: 60]."],
-        ["max-body-size", None, None, "Largest request body in bytes, 0 for no limit "
-                                       "[default: 104857600]."],
-        ["max-connections", None, None, "Most connections open to one backend; 0 for no "
-                                         "limit [default: 0]."],
-        ["queue-size", None, None, "Requests that may wait for a connection to a "
-                                    "backend at its limit [default: 100]."],
-        ["queue-timeout", None, None, "Seconds a request may wait in that queue "
-                                       "[default: 5]."],
-        ["workers", None, None, "Processes sharing the listening ports; 'auto' is one "
-                                 "per CPU [default: 1]."],
-        ["admin", None, None, "The admin API, dashboard and metrics listen here: an "
-                               "endpoint description, or 'none' "
-                               "[default: tcp:8001:interface=127.0.0.1]."],
-        ["admin-token-file", None, None, "Every admin request must then carry "
-                                          "'Authorization: Bearer <this file's token>'."],
+        ["config", "c", None, "A TOML file with the same settings; flags override it."]
+    ] + [
+        [s.longFlag, s.short, None, _helpText(s)]
+        for s in SETTINGS
+        if s.longFlag and s.switch is None and not s.repeatable
     ]
 
     def __init__(self) -> None:
         usage.Options.__init__(self)
-        self["port"] = []
-        self["backend"] = []
-
-    def opt_port(self, value: str) -> None:
-        """
-        Listen here: a port number or a Twisted server endpoint description
-        (tcp:8000:interface=127.0.0.1, ssl:8443:..., unix:/path,
-        haproxy:tcp:8000). Repeatable [default: 8000].
-        """
-        self["port"].append(value)
-
-    opt_p = opt_port
-
-    def opt_backend(self, value: str) -> None:
-        """
-        A backend: URL[,weight=N][,backup]. Repeatable.
-        """
-        self["backend"].append(value)
-
-    opt_b = opt_backend
+        for setting in _REPEATABLE:
+            self[setting.longFlag] = []
 
     def opt_version(self) -> None:
         """
@@ -113,50 +78,28 @@ class Options(usage.Options):
         The settings given on the command line, in the config file's shape.
         File names are made absolute here, relative to the working directory.
         """
-        settings = {}
-        health = {}
-        if self["port"]:
-            settings["port"] = list(self["port"])
-        if self["backend"]:
-            settings["backend"] = list(self["backend"])
-        if self["demo"]:
-            settings["demo"] = True
-        if self["no-health-checks"]:
-            health["enabled"] = False
-        for flag, key in [
-            ("health-path", "path"),
-            ("health-interval", "interval"),
-            ("health-timeout", "timeout"),
-            ("rise", "rise"),
-            ("fall", "fall"),
-        ]:
-            if self[flag] is not None:
-                health[key] = self[flag]
-        if health:
-            settings["health"] = health
-        for flag in [
-            "backend-timeout",
-            "connect-timeout",
-            "host-header",
-            "shutdown-grace",
-            "client-timeout",
-            "header-timeout",
-            "body-timeout",
-            "max-body-size",
-            "max-connections",
-            "queue-size",
-            "queue-timeout",
-            "workers",
-            "admin",
-        ]:
-            if self[flag] is not None:
-                settings[flag.replace("-", "_")] = self[flag]
-        for flag in ["backend-ca", "access-log", "admin-token-file"]:
+        settings: dict = {}
+        for setting in SETTINGS:
+            flag = setting.longFlag
+            if flag is None:
+                continue
             value = self[flag]
-            if value is not None:
-                if value != "-":
-                    value = os.path.abspath(os.path.expanduser(value))
-                settings[flag.replace("-", "_")] = value
+            if setting.switch is not None:
+                if not value:
+                    continue
+                value = setting.switch
+            elif setting.repeatable:
+                if not value:
+                    continue
+                value = list(value)
+            elif value is None:
+                continue
+            if setting.path and value != "-":
+                value = os.path.abspath(os.path.expanduser(value))
+            if setting.table is None:
+                settings[setting.name] = value
+            else:
+                settings.setdefault(setting.table, {})[setting.name] = value
         return settings
 
     def postOptions(self) -> None:
@@ -167,6 +110,25 @@ class Options(usage.Options):
                 self.config = buildConfig(self.settings())
         except ConfigError as e:
             raise _fail(str(e)) from None
+
+
+_REPEATABLE = [s for s in SETTINGS if s.longFlag and s.repeatable]
+
+
+def _repeatable(setting: Setting):
+    def opt(self, value: str) -> None:
+        self[setting.longFlag].append(value)
+
+    opt.__doc__ = _helpText(setting)
+    return opt
+
+
+for _setting in _REPEATABLE:
+    _method = _repeatable(_setting)
+    setattr(Options, "opt_" + _setting.longFlag.replace("-", "_"), _method)
+    if _setting.short:
+        setattr(Options, "opt_" + _setting.short, _method)
+del _setting, _method
 
 
 def makeService(options: Options):

@@ -265,7 +265,7 @@ def main() -> None:  # pragma: no cover - run in worker processes
         [textFileLogObserver(sys.stdout, timeFormat="")], redirectStandardIO=False
     )
     service = makeService(
-        replace(config, workers=1), reactor, listeners=listenersFor(reactor, sockets)
+        replace(config, workers=1, admin=None), reactor, listeners=listenersFor(reactor, sockets)
     )
     StandardIO(_ParentWatch(reactor), stdout=os.open(os.devnull, os.O_WRONLY))
     service.privilegedStartService()

@@ -616,6 +616,7 @@ class Balancer:
 def makeConfig(urls, **settings) -> Config:
     settings.setdefault("health", HealthConfig(enabled=False))
     settings.setdefault("shutdownGrace", 2.0)
+    settings.setdefault("admin", None)
     return Config(
         backends=tuple(BackendConfig(url=url) for url in urls),
         ports=("tcp:0:interface=127.0.0.1",),

@@ -290,9 +290,14 @@ class BuildConfigTests(ConfigErrorMixin, TestCase):
         self.assertEqual(
             buildConfig({"backend": "http://a:1"}).backends, (BackendConfig("http://a:1"),)
         )
-        self.assertEqual(
-            buildConfig({"backend": {"url": "http://a:1"}}).backends,
-            (BackendConfig("http://a:1"),),
+
+    def test_singleBackendTable(self):
+        """
+        A TOML C{[backend]} table (rather than C{[[backend]]}) is refused
+        with the spelling that works.
+        """
+        self.assertSettingsError(
+            {"backend": {"url": "http://a:1"}}, mentions=["[backend]", "[[backend]]"]
         )
 
     def test_noBackend(self):

@@ -110,6 +110,7 @@ class DemoBackendsTests(RealNetworkMixin, TestCase):
             Config(
                 backends=(),
                 demo=True,
+                admin=None,
                 ports=("tcp:0:interface=127.0.0.1",),
                 health=HealthConfig(enabled=False),
             )

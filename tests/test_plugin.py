@@ -18,7 +18,6 @@ import time
 
 from twisted.trial.unittest import TestCase
 
-from rrbalancer.config import TOP_LEVEL_KEYS
 from rrbalancer.tap import Options
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +69,7 @@ def noAdmin():
 
 
 def noAdminTOML():
-    return 'admin = "none"\n' if "admin" in TOP_LEVEL_KEYS else ""
+    return 'admin = "none"\n'
 
 
 def get(port, path="/"):

@@ -57,6 +57,7 @@ NO_HEALTH = HealthConfig(enabled=False)
 def config(**kwargs) -> Config:
     kwargs.setdefault("backends", (BackendConfig(url="http://127.0.0.1:8081"),))
     kwargs.setdefault("health", NO_HEALTH)
+    kwargs.setdefault("admin", None)
     return Config(**kwargs)
 
 
@@ -466,11 +467,10 @@ class MakeServiceTests(SynchronousTestCase):
         A port listed twice is a configuration mistake, reported as such
         (not a traceback from the service hierarchy).
         """
-        conf = buildConfig(
-            {"port": ["8000", "tcp:8000"], "backend": ["http://127.0.0.1:8081"], "admin": "none"}
-        )
         with self.assertRaises(ConfigError) as raised:
-            makeService(conf, MemoryReactorClock())
+            buildConfig(
+                {"port": ["8000", "tcp:8000"], "backend": ["http://127.0.0.1:8081"]}
+            )
         self.assertIn("tcp:8000", str(raised.exception))
 
     def test_healthServiceOnlyWhenEnabled(self):

@@ -21,7 +21,9 @@ from rrbalancer.workers import WorkerPool, checkShareable
 
 class ShareableTests(SynchronousTestCase):
     def config(self, *ports):
-        return Config(backends=(BackendConfig("http://127.0.0.1:1"),), ports=ports)
+        return Config(
+            backends=(BackendConfig("http://127.0.0.1:1"),), ports=ports, admin=None
+        )
 
     def test_tcpUnixAndProxied(self):
         checkShareable(
@@ -51,6 +53,7 @@ class ShareableTests(SynchronousTestCase):
             backends=(BackendConfig("http://127.0.0.1:1"),),
             ports=("tcp:0:interface=127.0.0.1",),
             workers=2,
+            admin=None,
         )
         pools = [s for s in makeService(config, reactor) if isinstance(s, WorkerPool)]
         self.assertEqual([p.count for p in pools], [2])
@@ -96,6 +99,7 @@ class WorkerProcessTests(TestCase):
             health=HealthConfig(enabled=False),
             shutdownGrace=2,
             workers=2,
+            admin=None,
         )
         self.pool = WorkerPool(config, reactor, 2)
         self.pool.startService()

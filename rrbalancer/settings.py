@@ -1,0 +1,542 @@
+"""
+Every setting of the balancer, declared once.
+
+A setting has a command-line flag, a TOML key, a parser that validates it,
+a default, a help text and whether a reload may change it.  The twistd
+L{rrbalancer.tap.Options}, the keys a config file may hold, the fields of
+L{rrbalancer.config.Config} and the README's option table are all derived
+from L{SETTINGS}, so that adding a setting is one entry here plus the code
+that uses it, and the five places cannot disagree.
+
+The parsers take the raw value and the setting's name (for the message),
+the value as it comes from TOML (native types) or the command line (strings), and
+either return the plain value or raise L{ConfigError} with one line for
+the operator.
+"""
+
+import difflib
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
+from urllib.parse import urlsplit
+
+
+class ConfigError(ValueError):
+    """
+    A setting is missing, malformed or out of range; the message is meant
+    for the operator, as one line.
+    """
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """
+    One backend as the operator described it.
+    """
+
+    url: str
+    weight: int = 1
+    backup: bool = False
+
+    @property
+    def scheme(self) -> str:
+        return urlsplit(self.url).scheme
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (443 if parts.scheme == "https" else 80)
+
+    @property
+    def server(self) -> Tuple[str, str, int]:
+        """
+        What is dialled: C{http://a} and C{http://a:80} are one server.
+        """
+        return (self.scheme, self.host, self.port)
+
+
+# -- value parsers --------------------------------------------------------------
+
+
+def number(value: Any, name: str, *, minimum: float = 0.0, positive=False) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+    if not math.isfinite(result):
+        raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+    if positive and result <= 0:
+        raise ConfigError(f"{name}: must be greater than 0, got {value!r}")
+    if result < minimum:
+        raise ConfigError(f"{name}: must be at least {minimum:g}, got {value!r}")
+    return result
+
+
+def integer(value: Any, name: str, *, minimum: int) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: expected a whole number, got {value!r}")
+    if isinstance(value, int):
+        result = value
+    else:
+        try:
+            result = int(str(value).strip())
+        except ValueError:
+            raise ConfigError(f"{name}: expected a whole number, got {value!r}") from None
+    if result < minimum:
+        raise ConfigError(f"{name}: must be at least {minimum}, got {value!r}")
+    return result
+
+
+def boolean(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}: expected true or false, got {value!r}")
+
+
+def string(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    if any(c in value for c in "\r\n\x00"):
+        raise ConfigError(f"{name}: must not contain CR, LF or NUL")
+    return value
+
+
+def seconds(value: Any, name: str) -> float:
+    return number(value, name, positive=True)
+
+
+def secondsOrZero(value: Any, name: str) -> float:
+    return number(value, name)
+
+
+def count(value: Any, name: str) -> int:
+    """
+    A whole number, 0 allowed (for limits, 0 means none).
+    """
+    return integer(value, name, minimum=0)
+
+
+def atLeastOne(value: Any, name: str) -> int:
+    return integer(value, name, minimum=1)
+
+
+def oneOf(*choices: str) -> Callable[[str, Any], str]:
+    def parse(value: Any, name: str) -> str:
+        text = string(value, name)
+        if text not in choices:
+            expected = " or ".join(repr(c) for c in choices)
+            raise ConfigError(f"{name}: expected {expected}, got {text!r}")
+        return text
+
+    return parse
+
+
+def asList(value: Any) -> list:
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+def parseWorkers(value: Any, name: str = "workers") -> int:
+    """
+    A number of worker processes; C{auto} is one per CPU.
+    """
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return os.cpu_count() or 1
+    return integer(value, name, minimum=1)
+
+
+def tcpPortNumber(name: str, text: str) -> int:
+    port = int(text)
+    if not 0 < port < 65536:
+        raise ConfigError(f"{name}: {text} is not a TCP port number (1-65535)")
+    return port
+
+
+def parsePort(value: Any, name: str = "port") -> str:
+    """
+    Turn a listening port setting into a server endpoint description: a bare
+    number means TCP on every interface, as C{--port 8000} always has.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    text = string(value, name).strip()
+    if text.isdigit():
+        return f"tcp:{tcpPortNumber(name, text)}"
+    if not text or ":" not in text:
+        raise ConfigError(
+            f"{name}: {value!r} is neither a port number nor an endpoint "
+            "description such as tcp:8000:interface=127.0.0.1"
+        )
+    return text
+
+
+def parsePorts(value: Any, name: str = "port") -> Tuple[str, ...]:
+    ports = tuple(parsePort(p, name) for p in asList(value))
+    if not ports:
+        raise ConfigError(f"{name}: at least one listening port is needed")
+    seen = set()
+    for port in ports:
+        # Two listeners of one name would be a RuntimeError (a traceback).
+        if port in seen:
+            raise ConfigError(f"{name}: {port} is listed twice")
+        seen.add(port)
+    return ports
+
+
+def parseBackendURL(value: Any, name: str = "backend") -> str:
+    """
+    Check a backend URL: http or https, a host, an optional port, and nothing
+    a proxy could not forward to (no credentials, query or fragment).
+    """
+    text = string(value, name).strip()
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as e:
+        raise ConfigError(f"{name}: bad URL {text!r}: {e}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ConfigError(f"{name}: {text!r} must start with http:// or https://")
+    if not parts.hostname:
+        raise ConfigError(f"{name}: {text!r} has no host")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(f"{name}: {text!r} must not carry credentials")
+    if parts.query or parts.fragment or parts.path not in ("", "/"):
+        raise ConfigError(
+            f"{name}: {text!r} must name a server only (no path, query or fragment)"
+        )
+    if port == 0:
+        raise ConfigError(f"{name}: {text!r} has port 0")
+    return f"{parts.scheme}://{parts.netloc.lower()}"
+
+
+BACKEND_KEYS = ("url", "weight", "backup")
+
+
+def parseBackendSpec(spec: Any) -> BackendConfig:
+    """
+    Parse the command line's C{URL[,weight=N][,backup]}, or a TOML table
+    with the keys C{url}, C{weight} and C{backup}.
+    """
+    if isinstance(spec, Mapping):
+        unknown = sorted(set(spec) - set(BACKEND_KEYS))
+        if unknown:
+            raise ConfigError(f"backend: unknown key {unknown[0]!r}{_nearest(unknown[0], BACKEND_KEYS)}")
+        if "url" not in spec:
+            raise ConfigError("backend: every backend needs a url")
+        options = dict(spec)
+        url = options.pop("url")
+    else:
+        text = string(spec, "backend")
+        url, *rest = [part.strip() for part in text.split(",")]
+        options = {}
+        for part in rest:
+            key, sep, val = (p.strip() for p in part.partition("="))
+            if key == "backup" and not sep:
+                options["backup"] = True
+            elif key == "weight" and sep:
+                options["weight"] = val
+            else:
+                raise ConfigError(
+                    f"backend: unknown option {part!r} in {text!r} "
+                    "(expected weight=N or backup)"
+                )
+    url = parseBackendURL(url)
+    weight = integer(options.get("weight", 1), f"backend {url}: weight", minimum=1)
+    backup = boolean(options.get("backup", False), f"backend {url}: backup")
+    return BackendConfig(url=url, weight=weight, backup=backup)
+
+
+def parseBackends(value: Any, name: str = "backend") -> Tuple[BackendConfig, ...]:
+    if isinstance(value, Mapping):
+        raise ConfigError(
+            f"{name}: a single [{name}] table; write [[{name}]] (one per backend)"
+        )
+    backends = tuple(parseBackendSpec(b) for b in asList(value))
+    seen: Dict[Tuple[str, str, int], str] = {}
+    for b in backends:
+        if b.server in seen:
+            also = "" if seen[b.server] == b.url else f" (also as {seen[b.server]})"
+            raise ConfigError(f"{name}: {b.url} is listed twice{also}")
+        seen[b.server] = b.url
+    return backends
+
+
+def parseHealthPath(value: Any, name: str) -> str:
+    path = string(value, name)
+    if not path.startswith("/") or " " in path:
+        raise ConfigError(f"{name}: must be an absolute path, got {path!r}")
+    return path
+
+
+ADMIN_DEFAULT = "tcp:8001:interface=127.0.0.1"
+
+
+def parseAdmin(value: Any, name: str = "admin") -> Optional[str]:
+    """
+    The admin listener: C{none} for none, a bare port number for that port
+    on 127.0.0.1, or a server endpoint description.
+    """
+    if value is None or value is False:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    text = string(value, name).strip()
+    if text.lower() in ("none", "off", "false", "no", ""):
+        return None
+    if text.isdigit():
+        return f"tcp:{tcpPortNumber(name, text)}:interface=127.0.0.1"
+    if ":" not in text:
+        raise ConfigError(
+            f"{name}: {value!r} is neither 'none', a port number nor an endpoint "
+            "description such as tcp:8001:interface=127.0.0.1"
+        )
+    return text
+
+
+def existingFile(path: str, name: str) -> str:
+    if not os.path.isfile(path):
+        raise ConfigError(f"{name}: no such file: {path}")
+    return path
+
+
+def logFile(path: str, name: str) -> str:
+    if path != "-":
+        folder = os.path.dirname(path) or "."
+        if not os.path.isdir(folder):
+            raise ConfigError(f"{name}: no such folder: {folder}")
+    return path
+
+
+def readAdminToken(path: str, name: str = "admin_token_file") -> bytes:
+    """
+    The admin token: the file's content without surrounding whitespace.
+    """
+    try:
+        with open(path, "rb") as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise ConfigError(f"{name}: cannot read {path}: {e.strerror}") from None
+    if not token:
+        raise ConfigError(f"{name}: {path} is empty")
+    if any(c in token for c in b"\r\n\x00"):
+        raise ConfigError(f"{name}: {path} holds more than one line")
+    return token
+
+
+def tokenFile(path: str, name: str) -> str:
+    readAdminToken(path, name)
+    return path
+
+
+# -- the schema -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """
+    One setting, everywhere it appears.
+
+    @ivar key: the TOML key; C{table.key} for a key inside a table
+        (C{health.interval}).
+    @ivar attr: the attribute of the config object (of the table's object
+        for a table's key).
+    @ivar parse: C{parse(raw, name)} validates and converts; C{name} is
+        for its message.
+    @ivar default: the value when neither the file nor a flag gives one
+        (already parsed).
+    @ivar flag: the long command-line flag; C{""} for a setting only a file
+        can give.
+    @ivar switch: for a flag that takes no value, the raw value it sets
+        (C{--demo} sets C{True}, C{--no-health-checks} sets C{False}).
+    @ivar repeatable: the flag may be given many times (a list).
+    @ivar path: a file name, relative to the config file's folder (or the
+        working directory on the command line); C{-} passes as it is.
+    @ivar reloadable: a reload (SIGHUP) applies a change to it; any other
+        change is reported as needing a restart.
+    @ivar metavar: how the flag's value is shown in the README.
+    @ivar shownDefault: the default as the README shows it, when the value
+        itself would not read well.
+    """
+
+    key: str
+    attr: str
+    parse: Callable[[str, Any], Any]
+    default: Any
+    help: str
+    flag: Optional[str] = None
+    short: Optional[str] = None
+    switch: Any = None
+    repeatable: bool = False
+    path: bool = False
+    reloadable: bool = False
+    metavar: str = ""
+    shownDefault: Optional[str] = None
+
+    @property
+    def table(self) -> Optional[str]:
+        return self.key.split(".", 1)[0] if "." in self.key else None
+
+    @property
+    def name(self) -> str:
+        """
+        The key inside its table.
+        """
+        return self.key.rsplit(".", 1)[-1]
+
+    @property
+    def longFlag(self) -> Optional[str]:
+        if self.flag == "":
+            return None
+        return self.flag or self.name.replace("_", "-")
+
+    def shown(self) -> str:
+        if self.shownDefault is not None:
+            return self.shownDefault
+        value = self.default
+        if value is None or value is False or value == ():
+            return ""
+        if isinstance(value, float):
+            return f"{value:g}"
+        if isinstance(value, tuple):
+            return ", ".join(str(v) for v in value)
+        return str(value)
+
+
+def _s(key, attr, parse, default, help, **options) -> Setting:
+    return Setting(key, attr, parse, default, help, **options)
+
+
+SETTINGS: Tuple[Setting, ...] = (
+    _s("port", "ports", parsePorts, ("tcp:8000",),
+       "Listen here: a port number (tcp:PORT) or any Twisted server endpoint: "
+       "tcp:8000:interface=127.0.0.1, ssl:8443:privateKey=key.pem:certKey=cert.pem, "
+       "unix:/run/rr.sock, haproxy:tcp:8000 (PROXY protocol). Repeatable.",
+       short="p", repeatable=True, metavar="PORT|ENDPOINT", shownDefault="8000"),
+    _s("backend", "backends", parseBackends, (),
+       "A backend, http:// or https://, repeatable. Weights give NGINX's smooth "
+       "weighted round robin (5,1,1 → a a b a c a a); backups get traffic only "
+       "while no primary is up. A reload applies changes to the backends.",
+       short="b", repeatable=True, reloadable=True, metavar="URL[,weight=N][,backup]"),
+    _s("backend_ca", "backendCA", existingFile, None,
+       "PEM CAs trusted for https backends, besides the system store "
+       "(certificates are verified with service-identity).",
+       path=True, metavar="FILE"),
+    _s("health.path", "path", parseHealthPath, "/",
+       "Path of the health check request.", flag="health-path", metavar="PATH"),
+    _s("health.interval", "interval", seconds, 2.0,
+       "Seconds between health checks.", flag="health-interval", metavar="S"),
+    _s("health.timeout", "timeout", seconds, 1.0,
+       "A check passes on a 2xx or 3xx answer within this many seconds.",
+       flag="health-timeout", metavar="S"),
+    _s("health.rise", "rise", atLeastOne, 2,
+       "Passing checks in a row that bring a backend up.", metavar="N"),
+    _s("health.fall", "fall", atLeastOne, 3,
+       "Failing checks in a row that take a backend down.", metavar="N"),
+    _s("health.enabled", "enabled", boolean, True,
+       "Check backends (the flag turns checks off); without checks every "
+       "backend is always up.",
+       flag="no-health-checks", switch=False, shownDefault="true"),
+    _s("backend_timeout", "backendTimeout", seconds, 30.0,
+       "No response byte from a backend within this many seconds: 504.", metavar="S"),
+    _s("connect_timeout", "connectTimeout", seconds, 5.0,
+       "Seconds to wait for a connection to a backend.", metavar="S"),
+    _s("host_header", "hostHeader", oneOf("client", "backend"), "client",
+       "Which Host backends see: the client's, or the backend's own.",
+       metavar="client|backend"),
+    _s("access_log", "accessLog", logFile, None,
+       "Write an NCSA combined access log here; - is standard output.",
+       path=True, metavar="PATH"),
+    _s("shutdown_grace", "shutdownGrace", secondsOrZero, 10.0,
+       "On SIGTERM/SIGINT: stop accepting, let requests in flight finish this "
+       "many seconds, exit 0.", metavar="S"),
+    _s("client_timeout", "clientTimeout", seconds, 60.0,
+       "Idle client connections are closed after this many seconds.", metavar="S"),
+    _s("header_timeout", "headerTimeout", seconds, 10.0,
+       "A request head must arrive whole within this many seconds of its "
+       "first byte (408).", metavar="S"),
+    _s("body_timeout", "bodyTimeout", seconds, 60.0,
+       "A request body may pause this many seconds between two reads (408); "
+       "an upload has no deadline as a whole.", metavar="S"),
+    _s("max_body_size", "maxBodySize", count, 100 * 1024 * 1024,
+       "Larger request bodies get 413; 0 is no limit.", metavar="BYTES"),
+    _s("max_connections", "maxConnections", count, 0,
+       "Most connections open to one backend; 0 is no limit.", metavar="N"),
+    _s("queue_size", "queueSize", count, 100,
+       "Requests that may wait for a connection to a backend at its limit; "
+       "past it, the next backend, then 503.", metavar="N"),
+    _s("queue_timeout", "queueTimeout", seconds, 5.0,
+       "Seconds a request may wait in that queue.", metavar="S"),
+    _s("max_idle_per_backend", "maxIdlePerBackend", count, 32,
+       "Idle kept-alive connections kept per backend.", metavar="N"),
+    _s("pool_idle_timeout", "poolIdleTimeout", seconds, 60.0,
+       "Seconds an idle backend connection is kept.", metavar="S"),
+    _s("workers", "workers", parseWorkers, 1,
+       "Processes sharing the listening sockets; auto is one per CPU.",
+       metavar="N|auto"),
+    _s("admin", "admin", parseAdmin, ADMIN_DEFAULT,
+       "Where the admin API, dashboard and metrics listen: an endpoint, a bare "
+       "port number (on 127.0.0.1), or none.", metavar="ENDPOINT"),
+    _s("admin_token_file", "adminTokenFile", tokenFile, None,
+       "Every admin request must then carry Authorization: Bearer and this "
+       "file's content.", path=True, metavar="FILE"),
+    _s("demo", "demo", boolean, False,
+       "Start three demo backends on loopback ports and balance over them.",
+       switch=True),
+)
+
+TABLES = ("health",)
+
+
+def settingsIn(table: Optional[str]) -> Tuple[Setting, ...]:
+    return tuple(s for s in SETTINGS if s.table == table)
+
+
+def _nearest(word: str, possible: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(possible), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def unknownKey(where: str, key: str, possible: Iterable[str]) -> ConfigError:
+    return ConfigError(f"{where}unknown setting {key!r}{_nearest(key, possible)}")
+
+
+def markdownTable() -> str:
+    """
+    The README's option table, from the schema.
+    """
+    rows = ["| flag | TOML key | default | |", "| --- | --- | --- | --- |"]
+    for s in SETTINGS:
+        flag = s.longFlag
+        if flag is None:
+            shownFlag = ""
+        else:
+            shownFlag = f"--{flag}" + (f" {s.metavar}" if s.metavar and s.switch is None else "")
+            shownFlag = "`" + shownFlag.replace("|", "\\|") + "`"
+        default = s.shown()
+        rows.append(
+            "| %s | `%s` | %s | %s |"
+            % (
+                shownFlag,
+                s.key,
+                f"`{default}`" if default else "",
+                s.help.replace("|", "\\|"),
+            )
+        )
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":  # pragma: no cover - a maintainer's tool
+    print(markdownTable(), end="")
