@@ -35,17 +35,16 @@ import os
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from . import __version__
 from .backends import DISABLED, DRAINING, UP, Backend, BackendGroup
-from .config import BackendConfig, Config, ConfigError, parseBackendURL, readAdminToken
-from .listeners import Listener, describeAddress
-from .metrics import MetricsResource, makeRegistry
-from .reload import Reloader, ReloadService, findServer
+from .config import BackendConfig, ConfigError, parseBackendURL
+from .listeners import describeAddress
+from .metrics import MetricsResource
+from .reload import Reloader, findServer
 from .site import BalancerSite
 
 DASHBOARD_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard")
@@ -84,13 +83,6 @@ class APIError(Exception):
         Exception.__init__(self, message)
         self.code = code
         self.message = message
-
-
-def listeningAddress(listener) -> Optional[str]:
-    """
-    Where a started L{Listener} listens (useful with port 0), or None.
-    """
-    return listener.address()
 
 
 def backendJSON(backend: Backend) -> Dict[str, Any]:
@@ -146,8 +138,10 @@ class AdminAPI:
     """
     What the admin endpoints do, apart from HTTP.
 
-    @param service: the L{rrbalancer.service.BalancerService} (for its
-        listeners, site and health checker), or None.
+    @param service: the L{rrbalancer.service.BalancerService} whose
+        listeners, site and settings the status shows, or None.
+    @param healthChecker: checks a backend added or enabled at once (an
+        L{IHealthChecker}), or None.
     """
 
     log = Logger()
@@ -164,14 +158,8 @@ class AdminAPI:
         self.clock = clock
         self.reloader = reloader
         self.service = service
-        self._healthChecker = healthChecker
+        self.healthChecker = healthChecker
         self.started = clock.seconds()
-
-    @property
-    def healthChecker(self):
-        if self._healthChecker is not None:
-            return self._healthChecker
-        return getattr(self.service, "healthChecker", None)
 
     def checkNow(self, backend: Backend) -> None:
         """
@@ -305,22 +293,18 @@ class AdminAPI:
         inFlight = None
         config = None
         if service is not None:
-            for listener in getattr(service, "listeners", []):
+            for listener in service.listeners:
                 listeners.append(
-                    {
-                        "description": getattr(listener, "description", None),
-                        "address": listeningAddress(listener),
-                    }
+                    {"description": listener.description, "address": listener.address()}
                 )
-            adminListener = getattr(service, "adminListener", None)
+            adminListener = service.adminListener
             if adminListener is not None:
                 admin = {
                     "description": adminListener.description,
-                    "address": listeningAddress(adminListener),
+                    "address": adminListener.address(),
                 }
-            site = getattr(service, "site", None)
-            inFlight = getattr(site, "inFlight", None)
-            config = getattr(getattr(service, "config", None), "configPath", None)
+            inFlight = service.site.inFlight
+            config = service.config.configPath
         responses: Dict[str, int] = {}
         for b in backends:
             for kind, count in b.stats.responses.items():
@@ -556,37 +540,3 @@ def makeAdminSite(api: AdminAPI, registry, reactor, token: Optional[bytes] = Non
     site = BalancerSite(resource, reactor, maxBodySize=MAX_BODY)
     site.noisy = False
     return site
-
-
-def addOperations(service, config: Config, reactor) -> None:
-    """
-    Add reload (SIGHUP) and the admin listener to a balancer service; called
-    by L{rrbalancer.service.makeService}.
-
-    Sets C{service.reloader}, C{service.adminAPI} and (when there is an admin
-    listener) C{service.adminListener}.
-
-    @raise ConfigError: the admin endpoint description is malformed, or the
-        token file cannot be read.
-    """
-    group = service.group
-    api = AdminAPI(group, reactor, service=service)
-    reloader = Reloader(config, group, onAdded=api.checkNow)
-    api.reloader = reloader
-    service.reloader = reloader
-    service.adminAPI = api
-    if config.configPath is not None:
-        ReloadService(reloader, reactor).setServiceParent(service)
-    if config.admin is None:
-        return
-    token = readAdminToken(config.adminTokenFile) if config.adminTokenFile else None
-    try:
-        endpoint = serverFromString(reactor, config.admin)
-    except Exception as e:
-        raise ConfigError(f"admin: bad endpoint {config.admin!r}: {e}") from None
-    registry = makeRegistry(group, getattr(service, "site", None), reactor)
-    listener = Listener(
-        config.admin, endpoint, makeAdminSite(api, registry, reactor, token), "--admin "
-    )
-    listener.setServiceParent(service)
-    service.adminListener = listener

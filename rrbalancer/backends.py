@@ -26,8 +26,10 @@ from typing import Callable, Collection, Deque, Dict, Iterator, List, Optional
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from .config import BackendConfig, HealthConfig
+from .interfaces import IPicker, IUpstream
 from .selection import SmoothWeightedRoundRobin
 
 UP = "up"
@@ -215,10 +217,10 @@ class Backend:
     A backend added at run time waits for its first passing check instead
     (see L{BackendGroup.add}).
 
-    @ivar pool: the connections to this backend, kept alive between
-        requests (see L{rrbalancer.client.ConnectionPool}).
-    @ivar resource: the L{rrbalancer.proxy.BackendProxyResource} that
-        forwards requests to it.
+    @ivar upstream: the way to it (an L{IUpstream}: the
+        L{rrbalancer.proxy.BackendProxyResource} that forwards requests to
+        it over its connection pool), or None for a backend that is only a
+        model (in tests of the model).
     @ivar active: requests in flight on it; the proxy counts them.
     @ivar removing: it is draining on its way out of the group.
     """
@@ -231,14 +233,14 @@ class Backend:
         config: BackendConfig,
         health: HealthConfig,
         clock: IReactorTime,
+        upstream: Optional[IUpstream] = None,
     ) -> None:
         self.id = backendID
         self.config = config
         self.url = config.url
         self.weight = config.weight
         self.backup = config.backup
-        self.pool = None
-        self.resource = None
+        self.upstream = upstream
         self._health = health
         self._clock = clock
         self.healthy = True
@@ -261,6 +263,14 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"<Backend {self.id} {self.url} {self.state}>"
+
+    @property
+    def pool(self):
+        """
+        The connections to this backend, kept alive between requests (see
+        L{rrbalancer.client.ConnectionPool}).
+        """
+        return self.upstream.pool if self.upstream is not None else None
 
     @property
     def active(self) -> int:
@@ -417,6 +427,7 @@ class Backend:
             )
 
 
+@implementer(IPicker)
 class BackendGroup:
     """
     The backends, and the round-robin choice among those that are up.
@@ -424,8 +435,9 @@ class BackendGroup:
     Backup backends are chosen only while no primary backend is available,
     as in NGINX and HAProxy.
 
-    @param prepare: called with each new backend before it takes traffic, to
-        give it its connection pool and proxy resource.
+    @param upstream: makes the way to each new backend (its connection pool
+        and proxy resource) from its config, before it takes traffic;
+        without it the group is a model of servers only.
     @ivar retries: requests that moved on to another backend after one
         failed them.
     """
@@ -436,11 +448,11 @@ class BackendGroup:
         self,
         health: HealthConfig,
         clock: IReactorTime,
-        prepare: Callable[[Backend], None] = lambda backend: None,
+        upstream: Optional[Callable[[BackendConfig], IUpstream]] = None,
     ) -> None:
         self.health = health
         self._clock = clock
-        self._prepare = prepare
+        self._upstream = upstream
         self._backends: Dict[str, Backend] = {}
         self._selector: SmoothWeightedRoundRobin[Backend] = SmoothWeightedRoundRobin(
             attrgetter("weight")
@@ -480,14 +492,14 @@ class BackendGroup:
             raise ValueError(f"backend {config.url} is already in the group")
         backendID = str(self._nextID)
         self._nextID += 1
-        backend = Backend(backendID, config, self.health, self._clock)
+        upstream = self._upstream(config) if self._upstream is not None else None
+        backend = Backend(backendID, config, self.health, self._clock, upstream)
         if awaitCheck and self.health.enabled:
             backend.awaitFirstCheck(
                 f"{reason or 'added'}; waiting for its first health check"
             )
         elif reason is not None:
             backend._changed(reason)
-        self._prepare(backend)
         self._backends[backendID] = backend
         return backend
 
@@ -556,6 +568,3 @@ class BackendGroup:
         if choice is not None and exclude:
             self.retries += 1
         return choice
-
-    def anyAvailable(self) -> bool:
-        return any(b.available for b in self._backends.values())

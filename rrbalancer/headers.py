@@ -26,7 +26,13 @@ HOP_BY_HOP = frozenset(
 # Not copied from the client: framing is recomputed, and these are set by
 # the proxy itself.
 _SET_BY_PROXY = frozenset(
-    [b"host", b"content-length", b"x-forwarded-proto", b"x-forwarded-host"]
+    [
+        b"host",
+        b"content-length",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-forwarded-prefix",
+    ]
 )
 
 # Methods whose requests carry a body by definition, so an empty one is sent
@@ -56,6 +62,7 @@ def requestHead(
     proto: bytes,
     bodyLength: int,
     hadBody: bool,
+    prefix: Optional[bytes] = None,
 ) -> bytes:
     """
     The request head to send a backend.
@@ -66,6 +73,9 @@ def requestHead(
     @param clientAddress: appended to C{X-Forwarded-For}.
     @param proto: C{http} or C{https}, as the client connected.
     @param hadBody: the client framed a body (even an empty one).
+    @param prefix: where the balancer is mounted in its site, for
+        C{X-Forwarded-Prefix}; None at the root (and a client's own
+        C{X-Forwarded-Prefix} is never passed on).
     """
     lines = [method + b" " + target + b" HTTP/1.1", b"Host: " + host]
     forwardedFor = []
@@ -94,6 +104,8 @@ def requestHead(
     lines.append(b"X-Forwarded-Proto: " + proto)
     if clientHost is not None:
         lines.append(b"X-Forwarded-Host: " + clientHost)
+    if prefix is not None:
+        lines.append(b"X-Forwarded-Prefix: " + prefix)
     if bodyLength or hadBody or method in _BODY_METHODS:
         lines.append(b"Content-Length: %d" % (bodyLength,))
     lines.append(b"")
@@ -105,6 +117,7 @@ def responseHeaders(
     headers: Iterable[Tuple[bytes, bytes]],
     rewrite: "LocationRewriter",
     clientBase: Optional[bytes],
+    prefix: Optional[bytes] = None,
 ) -> List[Tuple[bytes, bytes]]:
     """
     The end-to-end headers of a backend's response, in order, repeats kept,
@@ -122,7 +135,7 @@ def responseHeaders(
         if lower in drop or lower == b"content-length":
             continue
         if lower == b"location" or lower == b"content-location":
-            value = rewrite(value, clientBase)
+            value = rewrite(value, clientBase, prefix)
         kept.append((name, value))
     return kept
 
@@ -135,20 +148,29 @@ class LocationRewriter:
     """
 
     def __init__(self, backendURL: str) -> None:
-        self._prefixes = _urlForms(backendURL)
+        self._forms = _urlForms(backendURL)
 
-    def __call__(self, value: bytes, clientBase: Optional[bytes]) -> bytes:
+    def __call__(
+        self, value: bytes, clientBase: Optional[bytes], prefix: Optional[bytes] = None
+    ) -> bytes:
         """
         @param clientBase: C{scheme://host} as the client asked, or L{None}
             when the client named no host (the value is left alone).
+        @param prefix: where the balancer is mounted, or None at the root:
+            a backend that thinks it serves C{/} is then served under it,
+            and so are the paths it redirects to.
         """
+        if prefix is not None and value[:1] == b"/" and value[1:2] != b"/":
+            return prefix + value
         if clientBase is None:
             return value
         lower = value.lower()
-        for prefix in self._prefixes:
-            if lower.startswith(prefix):
-                rest = value[len(prefix) :]
+        for form in self._forms:
+            if lower.startswith(form):
+                rest = value[len(form) :]
                 if not rest or rest[:1] in (b"/", b"?", b"#"):
+                    if prefix is not None:
+                        rest = prefix + (rest if rest[:1] == b"/" else b"/" + rest)
                     return clientBase + rest
         return value
 

@@ -1,11 +1,16 @@
 """
 The proxying resources.
 
-L{BalancerResource} is what the site serves: for each request it asks the
-L{BackendGroup} for the next backend and hands the request to that
-backend's L{BackendProxyResource}.  If the backend cannot be used and
-trying another one is safe, the request moves on to the next backend, at
-most once per backend.
+L{BalancerResource} is what a site serves: for each request it asks its
+picker (the L{BackendGroup}) for the next backend and hands the request to
+that backend's L{BackendProxyResource}, a L{ReverseProxyResource}.  If the
+backend cannot be used and trying another one is safe, the request moves
+on to the next backend, at most once per backend.
+
+Both resources can be mounted anywhere in a twisted.web resource tree.
+Under a prefix, the backend receives the rest of the path (as the stock
+L{ReverseProxyResource} does), told the prefix in C{X-Forwarded-Prefix},
+and its redirects come back under the prefix.
 
 The rules for trying again (RFC 9110 section 9.2.2):
  - no connection could be opened: nothing was sent, so any method moves on;
@@ -18,9 +23,9 @@ The rules for trying again (RFC 9110 section 9.2.2):
    whole one.
 """
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
+from urllib.parse import quote as urlquote
 
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import datetimeToString
@@ -28,11 +33,16 @@ from twisted.web.http_headers import Headers
 from twisted.web.proxy import ReverseProxyResource
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
 
-from .backends import Backend, BackendGroup
+from . import _twisted
+from .backends import Backend
 from .client import BackendBusy, BackendError, ConnectError, ResponseTimeout
-from .config import Config
+from .config import Config, HealthConfig
 from .headers import LocationRewriter, requestHead, responseHeaders
+from .interfaces import IPicker, IResponseReceiver, IUpstream
+from .settings import BackendConfig
+from .upstream import connectionPool, trustRoot
 
 IDEMPOTENT_METHODS = frozenset(
     [b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"]
@@ -71,12 +81,28 @@ def requestTarget(uri: bytes) -> bytes:
     return uri
 
 
+def splitMount(target: bytes, depth: int) -> Tuple[bytes, Optional[bytes]]:
+    """
+    Split an origin-form target at a resource mounted C{depth} segments
+    deep: (the rest, to send the backend, query kept; the prefix, or None
+    at the root).  The client's bytes are kept as they came, not decoded
+    and encoded again.
+    """
+    if not depth or target[:1] != b"/":
+        return target, None
+    path, sep, query = target.partition(b"?")
+    segments = path.split(b"/", depth + 1)
+    prefix = b"/".join(segments[: depth + 1])
+    rest = b"/" + segments[depth + 1] if len(segments) > depth + 1 else b"/"
+    return rest + sep + query, prefix
+
+
 def respondWithError(request, code: int, message: bytes, retryAfter=None) -> None:
     """
     A short plain-text error from the balancer itself; it never names a
     backend.
     """
-    if request.finished or request._disconnected or request.startedWriting:
+    if request.finished or request.channel is None or request.startedWriting:
         return
     request.setResponseCode(code)
     body = message + b"\n"
@@ -92,13 +118,19 @@ def respondWithError(request, code: int, message: bytes, retryAfter=None) -> Non
 class _Forwarding:
     """
     One client request on its way through the backends.
+
+    @ivar target: the request target the backends receive.
+    @ivar prefix: where the resource is mounted (C{X-Forwarded-Prefix}),
+        or None at the root.
     """
 
     log = Logger()
 
-    def __init__(self, group, request) -> None:
-        self.group = group
+    def __init__(self, picker: IPicker, request, target: bytes, prefix=None) -> None:
+        self.picker = picker
         self.request = request
+        self.target = target
+        self.prefix = prefix
         self.tried: List[Backend] = []
         self.attempt: Optional["_Attempt"] = None
         self.clientGone = False
@@ -116,7 +148,7 @@ class _Forwarding:
             self.attempt.cancel()
 
     def next(self) -> None:
-        backend = self.group.pick(exclude=self.tried)
+        backend = self.picker.pick(exclude=self.tried)
         if backend is None:
             if self.tried and self.onlyBusy:
                 respondWithError(
@@ -136,7 +168,7 @@ class _Forwarding:
                 )
             return
         self.tried.append(backend)
-        backend.resource.forward(self)
+        backend.upstream.forward(self, backend)
 
     def failed(self, backend: Backend, error: BackendError, retryable: bool) -> None:
         """
@@ -151,7 +183,7 @@ class _Forwarding:
         if retryable:
             self.log.info(
                 "retrying {method} on another backend after {url}: {error}",
-                method=self.request.method,
+                method=self.request.method.decode("latin-1"),
                 url=backend.url,
                 error=str(error),
             )
@@ -162,6 +194,7 @@ class _Forwarding:
             respondWithError(self.request, 502, b"Bad Gateway")
 
 
+@implementer(IResponseReceiver)
 class _Attempt:
     """
     One try of a request on one backend: the receiver of the backend's
@@ -177,10 +210,14 @@ class _Attempt:
     bytesIn = 0
     bytesOut = 0
 
-    def __init__(self, resource: "BackendProxyResource", forwarding: _Forwarding) -> None:
-        self.resource = resource
-        self.startedAt = resource.clock.seconds()
-        self.backend = resource.backend
+    def __init__(
+        self, upstream: "BackendProxyResource", backend: Backend, forwarding: _Forwarding
+    ) -> None:
+        self.upstream = upstream
+        self.clock = upstream.clock
+        self.startedAt = self.clock.seconds()
+        self.backend = backend
+        self.pool = upstream.pool
         self.forwarding = forwarding
         self.request = forwarding.request
         self.cancelled = False
@@ -188,7 +225,7 @@ class _Attempt:
         self.freshRetried = False
 
     def start(self, fresh: bool = False) -> None:
-        pool = self.backend.pool
+        pool = self.pool
         if not fresh:
             connection = pool.idleConnection()
             if connection is not None:
@@ -206,7 +243,7 @@ class _Attempt:
         if self.connection is None and self._acquiring is not None:
             # Waiting in the backend's queue: leave it.  (A connection being
             # opened is left to open, and kept for the next request.)
-            self.backend.pool.stopWaiting(self._acquiring)
+            self.pool.stopWaiting(self._acquiring)
         if self.connection is not None:
             connection, self.connection = self.connection, None
             # A request whose connection is lost has no channel left to
@@ -222,7 +259,7 @@ class _Attempt:
         if self.started:
             backend.recordResponse(
                 self.code,
-                self.resource.clock.seconds() - self.startedAt,
+                self.clock.seconds() - self.startedAt,
                 self.bytesIn,
                 self.bytesOut,
             )
@@ -230,7 +267,7 @@ class _Attempt:
     def _connected(self, connection) -> None:
         self._acquiring = None
         if self.cancelled:
-            self.backend.pool.release(connection)
+            self.pool.release(connection)
             self._end()
             return
         self.connection = connection
@@ -239,23 +276,24 @@ class _Attempt:
         length = bodyLength(content)
         if content is not None:
             content.seek(0)
-        resource = self.resource
+        upstream = self.upstream
         headers = request.requestHeaders
-        hostHeader = resource.hostHeader
+        hostHeader = upstream.hostHeader
         if hostHeader is None:
-            hostHeader = headers.getRawHeaders(b"host", [resource.backendHost])[0]
+            hostHeader = headers.getRawHeaders(b"host", [upstream.backendHost])[0]
         address = request.getClientAddress()
         clientAddress = getattr(address, "host", None)
         clientAddress = clientAddress.encode("ascii") if clientAddress else b"unix"
         head = requestHead(
             request.method,
-            requestTarget(request.uri),
+            self.forwarding.target,
             headers.getAllRawHeaders(),
             hostHeader,
             clientAddress,
             b"https" if request.isSecure() else b"http",
             length,
             headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding"),
+            self.forwarding.prefix,
         )
         self.bytesIn = length
         connection.request(
@@ -264,7 +302,7 @@ class _Attempt:
             length,
             request.method == b"HEAD",
             self,
-            resource.timeout,
+            upstream.timeout,
         )
 
     def _connectFailed(self, failure: Failure) -> None:
@@ -280,7 +318,7 @@ class _Attempt:
             self.backend.recordPassiveFailure(str(error))
         self.forwarding.failed(self.backend, error, retryable=True)
 
-    # -- receiver -----------------------------------------------------------
+    # -- IResponseReceiver ----------------------------------------------------
 
     def responseHead(self, code, reason, headers, contentLength) -> None:
         self.started = True
@@ -307,7 +345,9 @@ class _Attempt:
                     address = f"[{address}]"
                 host = f"{address}:{local.port}".encode("ascii")
         clientBase = (b"https://" if request.isSecure() else b"http://") + host
-        for name, value in responseHeaders(headers, self.resource.rewriteLocation, clientBase):
+        rewrite = self.upstream.rewriteLocation
+        prefix = self.forwarding.prefix
+        for name, value in responseHeaders(headers, rewrite, clientBase, prefix):
             out.addRawHeader(name, value)
         if contentLength is not None and code != 204:
             out.setRawHeaders(b"content-length", [b"%d" % (contentLength,)])
@@ -315,9 +355,9 @@ class _Attempt:
         request.registerProducer(self.connection, True)
         # A client connection whose transport is already full (a pipelined
         # request after a response that filled it) will not ask again: the
-        # new producer must start paused (Twisted's HTTPChannel keeps this
-        # state privately).
-        if getattr(request.channel, "_waitingForTransport", False):
+        # new producer must start paused.
+        channel = request.channel
+        if channel is not None and _twisted.waitingForTransport(channel):
             self.connection.pauseProducing()
         request.write(b"")
 
@@ -330,7 +370,7 @@ class _Attempt:
         self._end()
         request = self.request
         request.unregisterProducer()
-        if not request._disconnected:
+        if request.channel is not None:
             request.finish()
 
     def responseFailed(self, error: BackendError) -> None:
@@ -370,48 +410,23 @@ class _Attempt:
         self.forwarding.failed(self.backend, error, retryable)
 
 
-class BackendProxyResource(ReverseProxyResource):
+def _render(resource, request, picker: IPicker, target: bytes, prefix=None):
     """
-    A reverse proxy to one backend.
-
-    It keeps L{ReverseProxyResource}'s face (host, port and path of the
-    backend) but none of its client: requests go out as HTTP/1.1 on kept
-    connections from the backend's pool, with the forwarding headers set,
-    the client's framing never copied, and the response streamed back with
-    backpressure.  Rendered on its own it proxies to its backend only; the
-    L{BalancerResource} uses L{forward}, which can move on to another
-    backend.
+    Start forwarding C{request}; anything that goes wrong on the way is a
+    500 and one log line, never a request left hanging.
     """
-
-    isLeaf = True
-
-    def __init__(self, backend: Backend, config: Config, clock: IReactorTime) -> None:
-        ReverseProxyResource.__init__(
-            self, backend.config.host, backend.config.port, b"", reactor=clock
-        )
-        self.backend = backend
-        self.clock = clock
-        self.timeout = config.backendTimeout
-        self.backendHost = backend.url.split("://", 1)[1].encode("ascii")
-        self.hostHeader = self.backendHost if config.hostHeader == "backend" else None
-        self.rewriteLocation = LocationRewriter(backend.url)
-
-    def getChild(self, path, request):
-        return self
-
-    def render(self, request):
-        _Forwarding(_SingleBackend(self.backend), request).next()
-        return NOT_DONE_YET
-
-    def forward(self, forwarding: _Forwarding) -> None:
-        self.backend.active += 1
-        self.backend.requests += 1
-        attempt = _Attempt(self, forwarding)
-        forwarding.attempt = attempt
-        attempt.start()
+    try:
+        _Forwarding(picker, request, target, prefix).next()
+    except Exception:
+        resource.log.failure("proxying {method} {target} failed",
+                             method=request.method.decode("latin-1"),
+                             target=target.decode("latin-1"))
+        respondWithError(request, 500, b"Internal Server Error")
+    return NOT_DONE_YET
 
 
-class _SingleBackend:
+@implementer(IPicker)
+class _One:
     """
     A group of one, for a L{BackendProxyResource} rendered on its own.
     """
@@ -425,24 +440,130 @@ class _SingleBackend:
         return self.backend
 
 
+@implementer(IUpstream)
+class BackendProxyResource(ReverseProxyResource):
+    """
+    A reverse proxy to one backend.
+
+    It keeps L{ReverseProxyResource}'s face and contract: built from the
+    backend's host, port and base path, it sends the backend that path, the
+    segments below it (quoted as the stock class quotes them, one child
+    resource per segment) and the query.  None of the stock client is used:
+    requests go out as HTTP/1.1 on kept connections from a pool, with the
+    forwarding headers set, the client's framing never copied, the response
+    streamed back with backpressure, and a 502 or 504 when the backend
+    fails.
+
+    In a L{BalancerResource}, each backend of the group has one, and the
+    balancer calls L{forward} with the target it computed.
+
+    @param config: the timeouts, pool limits and C{Host} policy; by default
+        the settings' defaults, except that the backend's own C{Host} is
+        sent, as the stock class does.
+    @param pool: the connections to share (children share their parent's).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        host,
+        port: int,
+        path: bytes = b"",
+        reactor=None,
+        *,
+        scheme: str = "http",
+        config: Optional[Config] = None,
+        pool=None,
+        backend: Optional[Backend] = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        if isinstance(host, bytes):
+            host = host.decode("ascii")
+        ReverseProxyResource.__init__(self, host, port, path, reactor=reactor)
+        if config is None:
+            config = Config(hostHeader="backend", admin=None)
+        self.config = config
+        self.clock = reactor
+        self.scheme = scheme
+        netloc = f"[{host}]" if ":" in host else host
+        default = 443 if scheme == "https" else 80
+        if port != default:
+            netloc = f"{netloc}:{port}"
+        self.url = f"{scheme}://{netloc}"
+        self.backendHost = netloc.encode("ascii")
+        self.hostHeader = self.backendHost if config.hostHeader == "backend" else None
+        self.timeout = config.backendTimeout
+        self.rewriteLocation = LocationRewriter(self.url)
+        if pool is None:
+            pool = connectionPool(
+                reactor,
+                BackendConfig(url=self.url),
+                config,
+                trustRoot(config.backendCA),
+            )
+        self.pool = pool
+        self._backend = backend
+
+    @property
+    def backend(self) -> Backend:
+        """
+        The server model requests rendered here are counted on.  On its own
+        (not in a balancer's group) it is a backend without health checks,
+        tried for every request.
+        """
+        if self._backend is None:
+            self._backend = Backend(
+                "1", BackendConfig(url=self.url), HealthConfig(enabled=False), self.clock, self
+            )
+        return self._backend
+
+    def getChild(self, path, request):
+        return BackendProxyResource(
+            self.host,
+            self.port,
+            self.path + b"/" + urlquote(path, safe=b"").encode("utf-8"),
+            self.clock,
+            scheme=self.scheme,
+            config=self.config,
+            pool=self.pool,
+            backend=self.backend,
+        )
+
+    def render(self, request):
+        path = self.path or b"/"
+        query = request.uri.partition(b"?")[2]
+        target = path + b"?" + query if query else path
+        return _render(self, request, _One(self.backend), target)
+
+    def forward(self, forwarding: _Forwarding, backend: Backend) -> None:
+        backend.active += 1
+        backend.requests += 1
+        attempt = _Attempt(self, backend, forwarding)
+        forwarding.attempt = attempt
+        attempt.start()
+
+
 class BalancerResource(Resource):
     """
-    The site's only resource: every request, whatever its path, goes to the
-    next backend in round robin.
+    Every request below it, whatever its path, goes to the next backend the
+    picker gives.
+
+    At the root of a site the backends see the client's target as it came;
+    mounted under a prefix, they see the rest of it.
     """
 
     isLeaf = True
+    log = Logger()
 
-    def __init__(self, group: BackendGroup) -> None:
+    def __init__(self, picker: IPicker) -> None:
         Resource.__init__(self)
-        self.group = group
-
-    def getChild(self, path, request):
-        return self
+        self.picker = picker
 
     def render(self, request):
         if request.method == b"CONNECT":
             respondWithError(request, 405, b"Method Not Allowed")
             return NOT_DONE_YET
-        _Forwarding(self.group, request).next()
-        return NOT_DONE_YET
+        target, prefix = splitMount(requestTarget(request.uri), len(request.prepath))
+        return _render(self, request, self.picker, target, prefix)

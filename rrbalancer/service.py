@@ -1,152 +1,157 @@
 """
-Service wiring: the one function that builds the whole balancer from a
-L{Config} and a reactor.  The twistd plugin and C{balancer.tac} are thin
-layers over L{makeService}.
+The running balancer: the one place that builds it from a L{Config} and a
+reactor.  The twistd plugin and C{balancer.tac} are thin layers over
+L{makeService}.
 """
 
-import ipaddress
-from typing import Callable
+from typing import List, Optional
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    serverFromString,
-    wrapClientTLS,
-)
-from twisted.internet.ssl import optionsForClientTLS, platformTrust
+from twisted.internet.defer import DeferredList, maybeDeferred
+from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
-from zope.interface import implementer
 
-from treq.client import HTTPClient
-
-from .admin import addOperations
-from .backends import Backend, BackendGroup
-from .client import ConnectionPool, connectorFor
-from .config import BackendConfig, Config, ConfigError
+from .admin import AdminAPI, makeAdminSite
+from .balancer import Balancer
+from .config import Config, ConfigError
 from .demo import DemoBackends
-from .health import HealthChecker
 from .listeners import Listener
-from .proxy import BalancerResource, BackendProxyResource
+from .metrics import makeRegistry
+from .reload import Reloader, ReloadService
+from .settings import readAdminToken
 from .site import BalancerSite
-
-# The interface that trustRoot= accepts; Twisted exports no public name for it.
-from twisted.internet._sslverify import IOpenSSLTrustRoot
+from .workers import WorkerPool
 
 
-@implementer(IOpenSSLTrustRoot)
-class SystemTrustPlus:
+def serverEndpoint(reactor, description: str, setting: str = "port"):
     """
-    The system's trust store plus the CAs of one PEM bundle (C{--backend-ca}),
-    for backends whose certificates come from a private CA.
+    The server endpoint a description names, or a L{ConfigError} naming the
+    setting.
     """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def _addCACertsToContext(self, context) -> None:
-        context.set_default_verify_paths()
-        context.load_verify_locations(self.path)
-
-
-def trustRoot(config: Config):
-    if config.backendCA is not None:
-        return SystemTrustPlus(config.backendCA)
-    return platformTrust()
-
-
-def backendEndpoint(reactor, backend: BackendConfig, trust, timeout: float):
-    """
-    How to reach a backend: plain TCP to an address, name resolution for a
-    host name, and TLS verified with service-identity for https.
-    """
-    host, port = backend.host, backend.port
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
-    else:
-        endpointType = TCP4ClientEndpoint if address.version == 4 else TCP6ClientEndpoint
-        endpoint = endpointType(reactor, host, port, timeout=timeout)
-    if backend.scheme == "https":
-        endpoint = wrapClientTLS(optionsForClientTLS(host, trustRoot=trust), endpoint)
-    return endpoint
-
-
-def _serverEndpoint(reactor, description: str):
     try:
         return serverFromString(reactor, description)
     except Exception as e:
-        raise ConfigError(f"port: bad endpoint {description!r}: {e}") from None
-
-
-class _QuietPool(HTTPConnectionPool):
-    """
-    A pool for health checks that does not log two lines per check.
-    """
-
-    class _factory(HTTPConnectionPool._factory):
-        noisy = False
-
-
-class _HealthService(Service):
-    def __init__(self, checker: HealthChecker) -> None:
-        self.checker = checker
-
-    def startService(self):
-        Service.startService(self)
-        self.checker.start()
-
-    def stopService(self):
-        Service.stopService(self)
-        self.checker.stop()
+        raise ConfigError(f"{setting}: bad endpoint {description!r}: {e}") from None
 
 
 class BalancerService(MultiService):
     """
-    The balancer: listeners, health checks and (with C{--demo}) the demo
-    backends, stopped gracefully.
+    The balancer and everything around it that a server process needs.
 
     Stopping closes the listening ports first, then waits for the requests
     in flight to finish, for at most C{shutdownGrace} seconds.
+
+    @ivar config: the settings it was built from.
+    @ivar balancer: the backends, their health checks and the proxy
+        resource (L{Balancer}).
+    @ivar site: the client-facing site serving the balancer's resource.
+    @ivar listeners: a L{Listener} per C{--port}.
+    @ivar reloader: applies the config file again (SIGHUP, the API).
+    @ivar metrics: the Prometheus registry the admin listener serves.
+    @ivar adminAPI: what the admin endpoints do, or None without an admin
+        listener.
+    @ivar adminListener: the admin listener, or None.
+    @ivar demo: the demo backends (C{--demo}), or None.
     """
 
     log = Logger()
 
-    def __init__(self, config: Config, reactor, group: BackendGroup, site: BalancerSite) -> None:
+    adminAPI: Optional[AdminAPI] = None
+    adminListener: Optional[Listener] = None
+    demo: Optional[DemoBackends] = None
+
+    def __init__(self, config: Config, reactor, listeners=None) -> None:
+        """
+        @param listeners: (description, endpoint) pairs to serve on instead of
+            C{config.ports} (a worker's adopted sockets).
+
+        @raise ConfigError: an endpoint description is malformed, or the
+            token file cannot be read.
+        """
         MultiService.__init__(self)
         self.config = config
-        self.group = group
-        self.site = site
         self._clock = reactor
-        self.listeners = []
+        self.balancer = Balancer(reactor=reactor, config=config)
+        self.balancer.setServiceParent(self)
+        self.site = BalancerSite(
+            self.balancer.resource(),
+            reactor,
+            accessLog=config.accessLog,
+            maxBodySize=config.maxBodySize,
+            timeout=config.clientTimeout,
+            headerTimeout=config.headerTimeout,
+            bodyTimeout=config.bodyTimeout,
+        )
+        if config.demo:
+            self.demo = DemoBackends(self.group, reactor)
+            self.demo.setServiceParent(self)
+        if listeners is None:
+            listeners = [(d, serverEndpoint(reactor, d)) for d in config.ports]
+        self.listeners: List[Listener] = []
+        for description, endpoint in listeners:
+            listener = Listener(description, endpoint, self.site)
+            listener.setServiceParent(self)
+            self.listeners.append(listener)
+        self.reloader = Reloader(config, self.group, onAdded=self.checkNow)
+        if config.configPath is not None:
+            ReloadService(self.reloader, reactor).setServiceParent(self)
+        self.metrics = makeRegistry(self.group, self.site, reactor)
+        if config.admin is not None:
+            self._addAdmin(config, reactor)
 
+    def _addAdmin(self, config: Config, reactor) -> None:
+        token = readAdminToken(config.adminTokenFile) if config.adminTokenFile else None
+        endpoint = serverEndpoint(reactor, config.admin, "admin")
+        self.adminAPI = AdminAPI(
+            self.group, reactor, self.reloader, self, self.healthChecker
+        )
+        site = makeAdminSite(self.adminAPI, self.metrics, reactor, token)
+        self.adminListener = Listener(config.admin, endpoint, site, "--admin ")
+        self.adminListener.setServiceParent(self)
+
+    @property
+    def group(self):
+        return self.balancer.group
+
+    @property
+    def healthChecker(self):
+        return self.balancer.healthChecker
+
+    def checkNow(self, backend) -> None:
+        """
+        Check a backend at once rather than at the next interval (a backend
+        added at run time then takes traffic as soon as it can).
+        """
+        if self.healthChecker is not None:
+            self.healthChecker.check(backend)
 
     def stopService(self):
         # The site stops (closing its access log) with its last port; hold
         # it started until the requests in flight are done, so that they
-        # are logged too.
+        # are logged too.  The balancer (its checks and pools) stops last.
         site = self.site
         holding = site.numPorts > 0
         if holding:
             site.doStart()
-        d = MultiService.stopService(self)
+        Service.stopService(self)
+        d = DeferredList(
+            [maybeDeferred(s.stopService) for s in reversed(list(self)) if s is not self.balancer]
+        )
         d.addCallback(lambda _: self._drain())
+        d.addCallback(lambda _: self.balancer.stopService())
         if holding:
             d.addBoth(lambda result: (site.doStop(), result)[1])
         return d
 
     def _drain(self):
         site = self.site
+        grace = self.config.shutdownGrace
         if site.inFlight:
             self.log.info(
                 "stopping: waiting up to {grace}s for {n} requests in flight",
-                grace=self.config.shutdownGrace,
+                grace=grace,
                 n=site.inFlight,
             )
-        grace = self.config.shutdownGrace
         deadline = self._clock.seconds() + grace
         d = site.whenIdle()
         d.addTimeout(grace, self._clock)
@@ -155,12 +160,8 @@ class BalancerService(MultiService):
             self.log.warn(
                 "stopping: {n} requests still in flight after {grace}s",
                 n=site.inFlight,
-                grace=self.config.shutdownGrace,
+                grace=grace,
             )
-
-        def closePools(_):
-            for backend in self.group:
-                backend.pool.closeIdle()
 
         def closeConnections(_):
             # Finished responses may still sit in buffers: let them out
@@ -171,32 +172,7 @@ class BalancerService(MultiService):
 
         d.addErrback(late)
         d.addCallback(closeConnections)
-        d.addCallback(closePools)
         return d
-
-
-def backendPreparer(config: Config, clock, connectFor) -> Callable[[Backend], None]:
-    """
-    How a backend joins the group: a connection pool sized by C{config},
-    and the proxy resource that forwards to it.
-
-    @param connectFor: gives the C{connect} argument of a backend's
-        L{ConnectionPool} (tests give connections of their own).
-    """
-
-    def prepare(backend: Backend) -> None:
-        backend.pool = ConnectionPool(
-            connectFor(backend),
-            clock,
-            maxIdle=config.maxIdlePerBackend,
-            idleTimeout=config.poolIdleTimeout,
-            maxConnections=config.maxConnections,
-            queueSize=config.queueSize,
-            queueTimeout=config.queueTimeout,
-        )
-        backend.resource = BackendProxyResource(backend, config, clock)
-
-    return prepare
 
 
 def makeService(config: Config, reactor, listeners=None):
@@ -207,62 +183,10 @@ def makeService(config: Config, reactor, listeners=None):
     this process only holds the ports and looks after the workers
     (L{rrbalancer.workers}), each of which builds its own balancer here.
 
-    @param listeners: (description, endpoint) pairs to serve on instead of
-        C{config.ports} (a worker's adopted sockets).
-
     @raise ConfigError: a listening endpoint description is malformed.
     """
     if config.workers > 1:
-        from .workers import WorkerPool
-
         parent = MultiService()
         WorkerPool(config, reactor, config.workers).setServiceParent(parent)
         return parent
-    trust = trustRoot(config)
-
-    def connectFor(backend: Backend):
-        return connectorFor(
-            backendEndpoint(reactor, backend.config, trust, config.connectTimeout)
-        )
-
-    prepare = backendPreparer(config, reactor, connectFor)
-    group = BackendGroup(config.health, reactor, prepare)
-    for backend in config.backends:
-        group.add(backend)
-
-    site = BalancerSite(
-        BalancerResource(group),
-        reactor,
-        accessLog=config.accessLog,
-        maxBodySize=config.maxBodySize,
-        timeout=config.clientTimeout,
-        headerTimeout=config.headerTimeout,
-        bodyTimeout=config.bodyTimeout,
-    )
-    service = BalancerService(config, reactor, group, site)
-    if config.demo:
-        DemoBackends(group, reactor).setServiceParent(service)
-    if listeners is None:
-        listeners = [(d, _serverEndpoint(reactor, d)) for d in config.ports]
-    seen = set()
-    for description, endpoint in listeners:
-        # Two listeners of one name would be a RuntimeError (a traceback).
-        if description in seen:
-            raise ConfigError(f"port: {description} is listed twice")
-        seen.add(description)
-        listener = Listener(description, endpoint, site)
-        listener.setServiceParent(service)
-        service.listeners.append(listener)
-    if config.health.enabled:
-        agent = Agent(
-            reactor,
-            contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trust),
-            connectTimeout=config.health.timeout,
-            pool=_QuietPool(reactor, persistent=False),
-        )
-        checker = HealthChecker(group, HTTPClient(agent), reactor, config.health)
-        _HealthService(checker).setServiceParent(service)
-        service.healthChecker = checker
-    # The admin API, dashboard and metrics (--admin), and reload on SIGHUP.
-    addOperations(service, config, reactor)
-    return service
+    return BalancerService(config, reactor, listeners)

@@ -14,6 +14,7 @@ from twisted.python import usage
 
 from . import __version__
 from .config import ConfigError, buildConfig, loadConfig
+from .service import makeService as build
 from .settings import SETTINGS, Setting
 
 
@@ -137,8 +138,6 @@ def makeService(options: Options):
     from there here, and only here.
     """
     from twisted.internet import reactor
-
-    from .service import makeService as build
 
     try:
         service = build(options.config, reactor)

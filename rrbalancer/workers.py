@@ -9,8 +9,8 @@ kernel spreads them.  Each worker is a whole balancer with its own health
 view.  The parent restarts a worker that dies, forwards SIGHUP, and on
 SIGTERM stops its workers gracefully before exiting.
 
-Run as C{python -m rrbalancer.workers}, this module is a worker: it reads
-its L{Config} and the sockets' description from the environment.
+Each worker runs L{rrbalancer._worker}, which reads its L{Config} and the
+sockets' description from the environment.
 """
 
 import base64
@@ -19,14 +19,13 @@ import pickle
 import signal
 import socket
 import sys
-from dataclasses import replace
 from typing import Dict, List, Optional, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ProcessDone
-from twisted.internet.protocol import Factory, Protocol, ProcessProtocol
+from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import Logger
 
 from .config import Config, ConfigError
@@ -173,7 +172,7 @@ class WorkerPool(Service):
         self._reactor.spawnProcess(
             protocol,
             sys.executable,
-            [sys.executable, "-m", "rrbalancer.workers"],
+            [sys.executable, "-m", "rrbalancer._worker"],
             env=env,
             childFDs=childFDs,
         )
@@ -222,57 +221,3 @@ class WorkerPool(Service):
             return result
 
         return self._stopped.addBoth(done)
-
-
-class _ParentWatch(Protocol):
-    """
-    A worker's standard input is a pipe from its parent: when it closes,
-    the parent is gone, and so the worker stops instead of lingering.
-    """
-
-    def __init__(self, reactor) -> None:
-        self._reactor = reactor
-
-    def connectionLost(self, reason) -> None:
-        if self._reactor.running:
-            self._reactor.stop()
-
-
-def listenersFor(reactor, sockets) -> List[Tuple[str, object]]:
-    """
-    The endpoints of a worker's adopted sockets.
-    """
-    from twisted.protocols.haproxy import proxyEndpoint
-
-    endpoints = []
-    for description, proxied, family, fd in sockets:
-        endpoint = AdoptedStreamServerEndpoint(reactor, fd, family)
-        if proxied:
-            endpoint = proxyEndpoint(endpoint)
-        endpoints.append((description, endpoint))
-    return endpoints
-
-
-def main() -> None:  # pragma: no cover - run in worker processes
-    from twisted.internet import reactor
-    from twisted.internet.stdio import StandardIO
-    from twisted.logger import globalLogBeginner, textFileLogObserver
-
-    from .service import makeService
-
-    config, index, sockets = pickle.loads(base64.b64decode(os.environ.pop(ENVIRONMENT_KEY)))
-    globalLogBeginner.beginLoggingTo(
-        [textFileLogObserver(sys.stdout, timeFormat="")], redirectStandardIO=False
-    )
-    service = makeService(
-        replace(config, workers=1, admin=None), reactor, listeners=listenersFor(reactor, sockets)
-    )
-    StandardIO(_ParentWatch(reactor), stdout=os.open(os.devnull, os.O_WRONLY))
-    service.privilegedStartService()
-    reactor.callWhenRunning(service.startService)
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    reactor.run()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

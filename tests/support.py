@@ -11,8 +11,9 @@ Shared helpers for the proxy tests.
    (it refuses any framing a real client could misread).
  - L{startBalancer}: the balancer built by L{rrbalancer.service.makeService},
    listening on 127.0.0.1 port 0.
- - L{MemoryBalancer}: the same pieces on L{StringTransport}s and a L{Clock},
-   for what needs time or backpressure under the test's control.
+ - L{MemoryBalancer}: the same balancer on a memory reactor and
+   L{StringTransport}s, for what needs time or backpressure under the
+   test's control.
 """
 
 import socket
@@ -23,23 +24,18 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import (
     Deferred,
     DeferredList,
-    fail,
     inlineCallbacks,
     succeed,
 )
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
-from rrbalancer.backends import BackendGroup
 from rrbalancer.config import BackendConfig, Config, HealthConfig
-from rrbalancer.proxy import BalancerResource
-from rrbalancer.service import backendPreparer, makeService
-from rrbalancer.site import BalancerSite
+from rrbalancer.service import makeService
 
 # The longest any single wait in a test may take before the test fails
 # (a hang is a failure, never a stuck run).
@@ -652,11 +648,30 @@ def startBalancer(net: Net, urls, **settings):
 # -- in memory -----------------------------------------------------------------------------
 
 
+class _BackendReactor(MemoryReactorClock):
+    """
+    A memory reactor on which a connection to a backend is made at once,
+    on a L{StringTransport}, unless its L{MemoryBalancer} refuses or holds
+    it.
+    """
+
+    def __init__(self, balancer: "MemoryBalancer") -> None:
+        MemoryReactorClock.__init__(self)
+        self._balancer = balancer
+
+    def connectTCP(self, host, port, factory, timeout=30, bindAddress=None):
+        connector = MemoryReactorClock.connectTCP(
+            self, host, port, factory, timeout, bindAddress
+        )
+        self._balancer._dialled(host, port, factory, connector)
+        return connector
+
+
 class MemoryBalancer:
     """
-    The balancer's resource, site, group and pools wired as by
-    L{makeService}, but on L{StringTransport}s and a L{Clock}: the test plays
-    both the client and the backends, byte by byte.
+    The balancer of L{rrbalancer.service.makeService}, on a memory reactor:
+    the test plays both the client and the backends, byte by byte, and
+    moves the clock.
 
     @ivar opened: for each backend id, the (protocol, transport) of every
         backend connection opened.
@@ -666,46 +681,34 @@ class MemoryBalancer:
     """
 
     def __init__(self, urls=("http://127.0.0.1:8081",), **settings) -> None:
-        self.clock = Clock()
-        self.config = config = makeConfig(urls, **settings)
-        self.opened = {}
+        self.clock = _BackendReactor(self)
+        self.config = makeConfig(urls, **settings)
         self.refuse = set()
         self.hold = False
         self.held = []
-
-        def connectFor(backend):
-            opened = self.opened.setdefault(backend.id, [])
-            host, port = backend.config.host, backend.config.port
-
-            def connect(pool):
-                if backend.id in self.refuse:
-                    return fail(ConnectionRefusedError())
-                protocol = pool.buildProtocol()
-                transport = StringTransport(
-                    peerAddress=IPv4Address("TCP", host, port)
-                )
-                opened.append((protocol, transport))
-                if self.hold:
-                    d = Deferred()
-                    d.addCallback(lambda _: protocol.makeConnection(transport) or protocol)
-                    self.held.append((d, protocol, transport))
-                    return d
-                protocol.makeConnection(transport)
-                return succeed(protocol)
-
-            return connect
-
-        prepare = backendPreparer(config, self.clock, connectFor)
-        self.group = BackendGroup(config.health, self.clock, prepare)
-        for backend in config.backends:
-            self.group.add(backend)
+        self.service = makeService(self.config, self.clock)
+        self.group = self.service.group
+        self.site = self.service.site
         self.backends = list(self.group)
-        self.site = BalancerSite(
-            BalancerResource(self.group),
-            self.clock,
-            maxBodySize=config.maxBodySize,
-            timeout=config.clientTimeout,
-        )
+        self.opened = {b.id: [] for b in self.backends}
+
+    def _dialled(self, host, port, factory, connector) -> None:
+        [backend] = [
+            b for b in self.group if (b.config.host, b.config.port) == (host, port)
+        ]
+        if backend.id in self.refuse:
+            factory.clientConnectionFailed(connector, Failure(ConnectionRefusedError()))
+            return
+        address = IPv4Address("TCP", host, port)
+        protocol = factory.buildProtocol(address)
+        transport = StringTransport(peerAddress=address)
+        self.opened[backend.id].append((protocol, transport))
+        if self.hold:
+            d = Deferred()
+            d.addCallback(lambda _: protocol.makeConnection(transport))
+            self.held.append((d, protocol, transport))
+            return
+        protocol.makeConnection(transport)
 
     def client(self, host: str = "192.0.2.7"):
         """

@@ -25,7 +25,7 @@ import treq
 from treq.client import HTTPClient
 from treq.testing import StubTreq
 
-from rrbalancer.admin import AdminAPI, AdminResource, listeningAddress
+from rrbalancer.admin import AdminAPI, AdminResource
 from rrbalancer.backends import DISABLED, DRAINING, UP, BackendGroup
 from rrbalancer.config import (
     ADMIN_DEFAULT,
@@ -217,12 +217,12 @@ def startBalancer(testCase, config: Config):
     service.startService()
     testCase.addCleanup(service.stopService)
     yield poll(
-        lambda: all(listeningAddress(l) for l in service.listeners)
-        and listeningAddress(service.adminListener),
+        lambda: all(l.address() for l in service.listeners)
+        and service.adminListener.address(),
         what="the listeners",
     )
-    balancer = "http://" + listeningAddress(service.listeners[0])
-    admin = "http://" + listeningAddress(service.adminListener)
+    balancer = "http://" + service.listeners[0].address()
+    admin = "http://" + service.adminListener.address()
     return service, balancer, admin
 
 

@@ -25,7 +25,6 @@ from .test_admin import (
     FakeChecker,
     InMemoryAdmin,
     call,
-    listeningAddress,
     makeClient,
     poll,
     settleConnections,
@@ -308,10 +307,10 @@ class LiveReloadTests(TestCase):
         reloadService.handleSignal = False
         service.startService()
         self.addCleanup(service.stopService)
-        yield poll(lambda: listeningAddress(service.adminListener)
-                   and listeningAddress(service.listeners[0]), what="the listeners")
-        balancer = "http://" + listeningAddress(service.listeners[0])
-        admin = "http://" + listeningAddress(service.adminListener)
+        yield poll(lambda: service.adminListener.address()
+                   and service.listeners[0].address(), what="the listeners")
+        balancer = "http://" + service.listeners[0].address()
+        admin = "http://" + service.adminListener.address()
         port = service.listeners[0]._waitingForPort.result
         client = makeClient(self)
 

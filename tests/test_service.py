@@ -11,10 +11,8 @@ from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import (
-    HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP4ServerEndpoint,
-    TCP6ClientEndpoint,
     TCP6ServerEndpoint,
     UNIXServerEndpoint,
     connectProtocol,
@@ -34,21 +32,13 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from rrbalancer import service as serviceModule
 from rrbalancer.backends import DOWN
 from rrbalancer.client import ConnectionPool
 from rrbalancer.config import BackendConfig, Config, ConfigError, HealthConfig, buildConfig
 from rrbalancer.demo import DemoBackends
 from rrbalancer.proxy import BackendProxyResource
 from rrbalancer.listeners import Listener
-from rrbalancer.service import (
-    BalancerService,
-    SystemTrustPlus,
-    _HealthService,
-    backendEndpoint,
-    makeService,
-    trustRoot,
-)
+from rrbalancer.service import BalancerService, makeService
 from rrbalancer.site import BalancerSite
 
 NO_HEALTH = HealthConfig(enabled=False)
@@ -476,14 +466,14 @@ class MakeServiceTests(SynchronousTestCase):
     def test_healthServiceOnlyWhenEnabled(self):
         memory = MemoryReactorClock()
         service = makeService(config(health=HealthConfig(enabled=False)), memory)
-        self.assertEqual([s for s in service if isinstance(s, _HealthService)], [])
+        self.assertIsNone(service.healthChecker)
 
         health = HealthConfig(enabled=True, interval=3.0)
         service = makeService(config(health=health), memory)
-        [healthService] = [s for s in service if isinstance(s, _HealthService)]
-        self.assertIs(healthService.checker._config, health)
-        self.assertIs(healthService.checker._clock, memory)
-        self.assertIs(healthService.checker._group, service.group)
+        checker = service.healthChecker
+        self.assertIs(checker._config, health)
+        self.assertIs(checker._clock, memory)
+        self.assertIs(checker._group, service.group)
 
     def test_healthChecksRunOnTheServiceReactor(self):
         """
@@ -495,9 +485,9 @@ class MakeServiceTests(SynchronousTestCase):
         health = HealthConfig(interval=2.0, timeout=1.0, fall=1, rise=1)
         service = makeService(config(health=health), memory)
         [backend] = service.group
-        [healthService] = [s for s in service if isinstance(s, _HealthService)]
+        checker = service.healthChecker
         service.startService()
-        self.assertTrue(healthService.checker._loop.running)
+        self.assertTrue(checker._loop.running)
         [(host, port, factory, timeout, bind)] = memory.tcpClients
         self.assertEqual((host, port), ("127.0.0.1", 8081))
         self.assertEqual(timeout, 1.0, "the check's connect timeout")
@@ -505,7 +495,7 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(backend.state, DOWN)
         self.assertEqual(backend.lastError, "no answer within 1s")
         self.successResultOf(service.stopService())
-        self.assertFalse(healthService.checker._loop.running)
+        self.assertFalse(checker._loop.running)
 
     def test_demoOnlyWhenAsked(self):
         memory = MemoryReactorClock()
@@ -536,8 +526,8 @@ class MakeServiceTests(SynchronousTestCase):
             self.assertIsInstance(backend.pool, ConnectionPool)
             self.assertEqual(backend.pool.maxIdle, 7)
             self.assertEqual(backend.pool.idleTimeout, 12.0)
-            self.assertIsInstance(backend.resource, BackendProxyResource)
-            self.assertIs(backend.resource.backend, backend)
+            self.assertIsInstance(backend.upstream, BackendProxyResource)
+            self.assertIs(backend.upstream.pool, backend.pool)
         backends[1].pool.connect()
         [(host, port, factory, timeout, bind)] = memory.tcpClients
         self.assertEqual((host, port, timeout), ("127.0.0.1", 8082, 2.5))
@@ -832,88 +822,6 @@ class GracefulStopTests(RealNetworkMixin, TestCase):
 
 
 # -- backend endpoints ----------------------------------------------------
-
-
-class BackendEndpointTests(SynchronousTestCase):
-    def setUp(self):
-        self.memory = MemoryReactorClock()
-        self.tlsCalls = []
-        realOptions = serviceModule.optionsForClientTLS
-
-        def optionsForClientTLS(hostname, trustRoot=None, **kwargs):
-            self.tlsCalls.append((hostname, trustRoot))
-            return realOptions(hostname, trustRoot=trustRoot, **kwargs)
-
-        self.patch(serviceModule, "optionsForClientTLS", optionsForClientTLS)
-        self.trust = serviceModule.platformTrust()
-
-    def endpoint(self, url):
-        return backendEndpoint(self.memory, BackendConfig(url=url), self.trust, 4.0)
-
-    def test_ipv4Literal(self):
-        endpoint = self.endpoint("http://10.1.2.3:8081")
-        self.assertIsInstance(endpoint, TCP4ClientEndpoint)
-        self.assertEqual((endpoint._host, endpoint._port, endpoint._timeout), ("10.1.2.3", 8081, 4.0))
-        self.assertEqual(self.tlsCalls, [])
-
-    def test_ipv6Literal(self):
-        endpoint = self.endpoint("http://[::1]:8081")
-        self.assertIsInstance(endpoint, TCP6ClientEndpoint)
-        self.assertEqual((endpoint._host, endpoint._port, endpoint._timeout), ("::1", 8081, 4.0))
-
-    def test_hostName(self):
-        endpoint = self.endpoint("http://backend.example")
-        self.assertIsInstance(endpoint, HostnameEndpoint)
-        self.assertEqual(
-            (endpoint._hostText, endpoint._port, endpoint._timeout), ("backend.example", 80, 4.0)
-        )
-        self.assertEqual(self.tlsCalls, [])
-
-    def test_httpsHostName(self):
-        endpoint = self.endpoint("https://backend.example")
-        self.assertNotIsInstance(endpoint, HostnameEndpoint)
-        inner = endpoint._wrappedEndpoint
-        self.assertIsInstance(inner, HostnameEndpoint)
-        self.assertEqual((inner._hostText, inner._port), ("backend.example", 443))
-        self.assertEqual(self.tlsCalls, [("backend.example", self.trust)])
-        # The wrapper makes TLS client connections.
-        from twisted.protocols.tls import TLSMemoryBIOFactory
-
-        wrapped = endpoint._wrapperFactory(Factory())
-        self.assertIsInstance(wrapped, TLSMemoryBIOFactory)
-
-    def test_httpsIPLiterals(self):
-        endpoint = self.endpoint("https://10.1.2.3:8443")
-        self.assertIsInstance(endpoint._wrappedEndpoint, TCP4ClientEndpoint)
-        self.assertEqual(endpoint._wrappedEndpoint._port, 8443)
-        endpoint = self.endpoint("https://[2001:db8::1]")
-        self.assertIsInstance(endpoint._wrappedEndpoint, TCP6ClientEndpoint)
-        self.assertEqual(endpoint._wrappedEndpoint._port, 443)
-        self.assertEqual(
-            self.tlsCalls, [("10.1.2.3", self.trust), ("2001:db8::1", self.trust)]
-        )
-
-    def test_trustRoot(self):
-        self.assertIsInstance(trustRoot(Config()), type(serviceModule.platformTrust()))
-        root = trustRoot(Config(backendCA="/etc/rrbalancer/ca.pem"))
-        self.assertIsInstance(root, SystemTrustPlus)
-        self.assertEqual(root.path, "/etc/rrbalancer/ca.pem")
-
-    def test_makeServiceUsesBackendEndpoints(self):
-        service = makeService(
-            config(
-                backends=(BackendConfig(url="https://backend.example:8443"),),
-                connectTimeout=3.0,
-            ),
-            self.memory,
-        )
-        [backend] = service.group
-        backend.pool.connect()
-        self.assertEqual(self.tlsCalls[0][0], "backend.example")
-        # The name is resolved (synchronously by the memory reactor), then
-        # connected to.
-        [(host, port, factory, timeout, bind)] = self.memory.tcpClients
-        self.assertEqual((port, timeout), (8443, 3.0))
 
 
 # -- the access log -------------------------------------------------------

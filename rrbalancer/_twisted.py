@@ -1,0 +1,54 @@
+"""
+The few Twisted names the balancer needs that Twisted does not make public.
+
+Each has no public route to what it gives, and each is used here and only
+here, so that a Twisted release that changes one breaks this module (and
+C{tests/test_twisted.py}, which checks every name against the installed
+Twisted) rather than the balancer, silently, at run time.  Everything else
+goes through Twisted's public API.
+"""
+
+from twisted.web import http
+
+# trustRoot= of optionsForClientTLS takes an object providing this; Twisted
+# exports platformTrust() and Certificate-based roots, not the interface a
+# root of one's own (the system store plus a bundle) must provide.
+from twisted.internet._sslverify import IOpenSSLTrustRoot
+
+# The incremental chunked decoder of twisted.web's server, with its size
+# limits: the upstream client decodes backend responses with it rather than
+# keep a second parser of the same grammar.
+ChunkedTransferDecoder = http._ChunkedTransferDecoder
+
+__all__ = [
+    "ChunkedTransferDecoder",
+    "IOpenSSLTrustRoot",
+    "handlingRequest",
+    "headSoFar",
+    "waitingForTransport",
+]
+
+
+def handlingRequest(channel: http.HTTPChannel) -> bool:
+    """
+    Has C{channel} a whole request in hand (so that bytes now arriving
+    belong to the next one, and are buffered)?
+    """
+    return channel._handlingRequest
+
+
+def headSoFar(channel: http.HTTPChannel):
+    """
+    The size in bytes and the number of header lines of the request head
+    C{channel} is reading, as it counts them against its own limits.
+    """
+    return channel._receivedHeaderSize, channel._receivedHeaderCount
+
+
+def waitingForTransport(channel: http.HTTPChannel) -> bool:
+    """
+    Has C{channel} paused its producer because its transport's buffer is
+    full?  A producer registered now must start paused: the channel will
+    not ask again.
+    """
+    return channel._waitingForTransport

@@ -1,0 +1,71 @@
+"""
+A worker process of C{--workers N} (see L{rrbalancer.workers}): a whole
+balancer on the listening sockets its parent bound and handed down.
+
+Run as C{python -m rrbalancer._worker}; it reads its L{Config} and the
+sockets' description from the environment.
+"""
+
+import base64
+import os
+import pickle
+import sys
+from dataclasses import replace
+from typing import List, Tuple
+
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint
+from twisted.internet.protocol import Protocol
+from twisted.protocols.haproxy import proxyEndpoint
+
+from .service import makeService
+from .workers import ENVIRONMENT_KEY
+
+
+class _ParentWatch(Protocol):
+    """
+    A worker's standard input is a pipe from its parent: when it closes,
+    the parent is gone, and so the worker stops instead of lingering.
+    """
+
+    def __init__(self, reactor) -> None:
+        self._reactor = reactor
+
+    def connectionLost(self, reason) -> None:
+        if self._reactor.running:
+            self._reactor.stop()
+
+
+def listenersFor(reactor, sockets) -> List[Tuple[str, object]]:
+    """
+    The endpoints of a worker's adopted sockets.
+    """
+    endpoints = []
+    for description, proxied, family, fd in sockets:
+        endpoint = AdoptedStreamServerEndpoint(reactor, fd, family)
+        if proxied:
+            endpoint = proxyEndpoint(endpoint)
+        endpoints.append((description, endpoint))
+    return endpoints
+
+
+def main() -> None:  # pragma: no cover - run in worker processes
+    from twisted.internet import reactor
+    from twisted.internet.stdio import StandardIO
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    config, index, sockets = pickle.loads(base64.b64decode(os.environ.pop(ENVIRONMENT_KEY)))
+    globalLogBeginner.beginLoggingTo(
+        [textFileLogObserver(sys.stdout, timeFormat="")], redirectStandardIO=False
+    )
+    service = makeService(
+        replace(config, workers=1, admin=None), reactor, listeners=listenersFor(reactor, sockets)
+    )
+    StandardIO(_ParentWatch(reactor), stdout=os.open(os.devnull, os.O_WRONLY))
+    service.privilegedStartService()
+    reactor.callWhenRunning(service.startService)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.run()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

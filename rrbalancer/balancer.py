@@ -1,0 +1,152 @@
+"""
+The balancer as an object: a group of backends, the way to each (its
+connection pool and L{BackendProxyResource}), active health checks, and
+the resource that serves requests from them.
+
+It is what the twistd plugin runs (see L{rrbalancer.service}, which adds
+listeners and operations around it), and what a Twisted program mounts in
+a site of its own::
+
+    balancer = Balancer(["http://127.0.0.1:8081", "http://127.0.0.1:8082"])
+    balancer.setServiceParent(application)
+    root.putChild(b"api", balancer.resource())
+"""
+
+import os
+from typing import Any, Iterable, Optional
+
+from twisted.application.service import MultiService, Service
+from twisted.logger import Logger
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+
+from treq.client import HTTPClient
+
+from .backends import BackendGroup
+from .config import Config, buildConfig, loadConfig
+from .health import HealthChecker
+from .interfaces import IHealthChecker
+from .proxy import BackendProxyResource, BalancerResource
+from .settings import BackendConfig
+from .upstream import connectionPool, trustRoot
+
+
+class _HealthService(Service):
+    """
+    Runs a health checker while the balancer runs.
+    """
+
+    def __init__(self, checker: IHealthChecker) -> None:
+        self.checker = checker
+
+    def startService(self):
+        Service.startService(self)
+        self.checker.start()
+
+    def stopService(self):
+        Service.stopService(self)
+        self.checker.stop()
+
+
+def _healthChecker(group: BackendGroup, config: Config, reactor, trust) -> HealthChecker:
+    agent = Agent(
+        reactor,
+        contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trust),
+        connectTimeout=config.health.timeout,
+        pool=HTTPConnectionPool(reactor, persistent=False),
+    )
+    return HealthChecker(group, HTTPClient(agent), reactor, config.health)
+
+
+class Balancer(MultiService):
+    """
+    Backends, their health and the choice among them, behind one resource.
+
+    Starting it starts the health checks; stopping it stops them and closes
+    the idle connections to the backends.
+
+    @ivar config: the settings it was built from.
+    @ivar group: the backends (L{BackendGroup}), the picker its resource
+        asks; add and remove backends there at run time.
+    @ivar healthChecker: the active checks (L{IHealthChecker}), or None when
+        they are off.
+    """
+
+    log = Logger()
+    healthChecker: Optional[IHealthChecker] = None
+
+    def __init__(
+        self,
+        backends: Iterable[Any] = (),
+        reactor=None,
+        *,
+        config: Optional[Config] = None,
+        **settings: Any,
+    ) -> None:
+        """
+        @param backends: URLs (C{"http://127.0.0.1:8081,weight=2"}) or tables
+            (C{{"url": ..., "weight": ..., "backup": ...}}).
+        @param reactor: by default, the global reactor.
+        @param config: a whole L{Config} instead of C{backends} and
+            C{settings}.
+        @param settings: the config file's keys (C{host_header="backend"},
+            C{health={"interval": 5}}), validated as a file's are.
+
+        @raise rrbalancer.settings.ConfigError: a setting is not valid.
+        """
+        MultiService.__init__(self)
+        if reactor is None:
+            from twisted.internet import reactor
+        if config is None:
+            settings = dict(settings, backend=list(backends))
+            settings.setdefault("admin", "none")
+            config = buildConfig(settings, baseDir=os.getcwd())
+        self.config = config
+        self.reactor = reactor
+        self._trust = trustRoot(config.backendCA)
+        self.group = BackendGroup(config.health, reactor, self._upstream)
+        for backend in config.backends:
+            self.group.add(backend)
+        if config.health.enabled:
+            self.healthChecker = _healthChecker(self.group, config, reactor, self._trust)
+            _HealthService(self.healthChecker).setServiceParent(self)
+        self._resource = BalancerResource(self.group)
+
+    @classmethod
+    def fromConfig(cls, path: str, reactor=None, **overrides: Any) -> "Balancer":
+        """
+        The balancer a TOML file describes (C{overrides} laid over it, as
+        flags are).
+        """
+        return cls(reactor=reactor, config=loadConfig(path, overrides))
+
+    def _upstream(self, backend: BackendConfig) -> BackendProxyResource:
+        pool = connectionPool(self.reactor, backend, self.config, self._trust)
+        return BackendProxyResource(
+            backend.host,
+            backend.port,
+            b"",
+            self.reactor,
+            scheme=backend.scheme,
+            config=self.config,
+            pool=pool,
+        )
+
+    def resource(self) -> BalancerResource:
+        """
+        The resource to serve: mount it at a site's root, or under any path.
+        """
+        return self._resource
+
+    def closeConnections(self):
+        """
+        Close every idle connection to the backends (those in use close
+        when their exchange ends, since the pools are stopping too).
+        """
+        for backend in self.group:
+            backend.pool.closeIdle()
+
+    def stopService(self):
+        d = MultiService.stopService(self)
+        d.addCallback(lambda _: self.closeConnections())
+        return d
+

@@ -1,0 +1,101 @@
+"""
+The contracts between the balancer's parts, written down.
+
+Each is small on purpose: the proxy needs one question answered per
+request (L{IPicker}), the upstream client hands one response to one
+receiver (L{IResponseReceiver}), and the operations side needs to check a
+backend now rather than at the next interval (L{IHealthChecker}).  Tests
+and embedders can put their own implementations behind them.
+"""
+
+from zope.interface import Attribute, Interface
+
+
+class IResponseReceiver(Interface):
+    """
+    Whoever started an exchange on a backend connection hears of its
+    response here: L{responseHead} once, L{responseBody} any number of
+    times, then exactly one of L{responseDone} or L{responseFailed}
+    (L{responseFailed} may come before any head).
+    """
+
+    def responseHead(code, reason, headers, contentLength):
+        """
+        The final response's head.
+
+        @param code: the status code, an L{int}.
+        @param reason: the reason phrase, L{bytes}.
+        @param headers: (name, value) pairs in the order received.
+        @param contentLength: the body's length when known, else L{None}.
+        """
+
+    def responseBody(data):
+        """
+        Some of the body, as it arrives.
+        """
+
+    def responseDone():
+        """
+        The whole body arrived; the connection went back to its pool or was
+        closed, as its framing allowed.
+        """
+
+    def responseFailed(error):
+        """
+        The exchange did not complete.
+
+        @param error: a L{rrbalancer.client.BackendError} saying how far it
+            got (request sent, bytes received, connection reused).
+        """
+
+
+class IPicker(Interface):
+    """
+    What the proxy asks for each try of a request.
+    """
+
+    def pick(exclude=()):
+        """
+        The backend for the next try, or L{None} when none may take it.
+
+        @param exclude: backends this request already tried (at most one
+            try per backend).
+        """
+
+
+class IHealthChecker(Interface):
+    """
+    Active health checks of a group of backends.
+    """
+
+    def start():
+        """
+        Start checking every backend at its interval.
+        """
+
+    def stop():
+        """
+        Stop checking.
+        """
+
+    def check(backend):
+        """
+        Check one backend now.
+
+        @return: a L{twisted.internet.defer.Deferred} that fires with
+            whether it passed; it never fails.
+        """
+
+
+class IUpstream(Interface):
+    """
+    The way to one backend: what the proxy needs of a backend beyond the
+    server model (L{rrbalancer.backends.Backend}).
+    """
+
+    pool = Attribute("The L{rrbalancer.client.ConnectionPool} to the backend.")
+
+    def forward(forwarding):
+        """
+        Try the request that C{forwarding} carries on this backend.
+        """
