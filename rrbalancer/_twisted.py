@@ -8,7 +8,7 @@ Twisted) rather than the balancer, silently, at run time.  Everything else
 goes through Twisted's public API.
 """
 
-from twisted.web import http
+from twisted.web import client, http
 
 # trustRoot= of optionsForClientTLS takes an object providing this; Twisted
 # exports platformTrust() and Certificate-based roots, not the interface a
@@ -23,6 +23,7 @@ ChunkedTransferDecoder = http._ChunkedTransferDecoder
 __all__ = [
     "ChunkedTransferDecoder",
     "IOpenSSLTrustRoot",
+    "QuietHTTPConnectionPool",
     "handlingRequest",
     "headSoFar",
     "waitingForTransport",
@@ -52,3 +53,14 @@ def waitingForTransport(channel: http.HTTPChannel) -> bool:
     not ask again.
     """
     return channel._waitingForTransport
+
+
+class QuietHTTPConnectionPool(client.HTTPConnectionPool):
+    """
+    A pool whose connections' factory logs nothing: a health check every
+    few seconds per backend would otherwise log two lines each.  (The
+    factory class is only reachable as the pool's private C{_factory}.)
+    """
+
+    class _factory(client.HTTPConnectionPool._factory):
+        noisy = False

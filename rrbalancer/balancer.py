@@ -17,10 +17,11 @@ from typing import Any, Iterable, Optional
 
 from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 
 from treq.client import HTTPClient
 
+from ._twisted import QuietHTTPConnectionPool
 from .backends import BackendGroup
 from .config import Config, buildConfig, loadConfig
 from .health import HealthChecker
@@ -52,7 +53,7 @@ def _healthChecker(group: BackendGroup, config: Config, reactor, trust) -> Healt
         reactor,
         contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trust),
         connectTimeout=config.health.timeout,
-        pool=HTTPConnectionPool(reactor, persistent=False),
+        pool=QuietHTTPConnectionPool(reactor, persistent=False),
     )
     return HealthChecker(group, HTTPClient(agent), reactor, config.health)
 

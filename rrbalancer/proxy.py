@@ -100,9 +100,10 @@ def splitMount(target: bytes, depth: int) -> Tuple[bytes, Optional[bytes]]:
 def respondWithError(request, code: int, message: bytes, retryAfter=None) -> None:
     """
     A short plain-text error from the balancer itself; it never names a
-    backend.
+    backend.  The caller knows that the client is still there and that no
+    response has started.
     """
-    if request.finished or request.channel is None or request.startedWriting:
+    if request.finished:
         return
     request.setResponseCode(code)
     body = message + b"\n"
@@ -147,21 +148,28 @@ class _Forwarding:
         if self.attempt is not None:
             self.attempt.cancel()
 
+    def answer(self, code: int, message: bytes, retryAfter=None) -> None:
+        """
+        Answer with the balancer's own error, unless there is nobody left
+        to answer or a response has already started.
+        """
+        started = self.attempt is not None and self.attempt.started
+        if not (self.clientGone or started):
+            respondWithError(self.request, code, message, retryAfter)
+
     def next(self) -> None:
         backend = self.picker.pick(exclude=self.tried)
         if backend is None:
             if self.tried and self.onlyBusy:
-                respondWithError(
-                    self.request,
+                self.answer(
                     503,
                     b"Service Unavailable: every backend is busy",
                     retryAfter=RETRY_AFTER_SECONDS,
                 )
             elif self.tried:
-                respondWithError(self.request, 502, b"Bad Gateway")
+                self.answer(502, b"Bad Gateway")
             else:
-                respondWithError(
-                    self.request,
+                self.answer(
                     503,
                     b"Service Unavailable: no backend is up",
                     retryAfter=RETRY_AFTER_SECONDS,
@@ -189,9 +197,9 @@ class _Forwarding:
             )
             self.next()
         elif isinstance(error, ResponseTimeout):
-            respondWithError(self.request, 504, b"Gateway Timeout")
+            self.answer(504, b"Gateway Timeout")
         else:
-            respondWithError(self.request, 502, b"Bad Gateway")
+            self.answer(502, b"Bad Gateway")
 
 
 @implementer(IResponseReceiver)
@@ -246,10 +254,8 @@ class _Attempt:
             self.pool.stopWaiting(self._acquiring)
         if self.connection is not None:
             connection, self.connection = self.connection, None
-            # A request whose connection is lost has no channel left to
-            # unregister from (Request.unregisterProducer would raise).
-            if self.started and self.request.channel is not None:
-                self.request.unregisterProducer()
+            # The client's connection is gone, and its producer with it
+            # (there is no channel left to unregister from).
             connection.abort()
             self._end()
 
@@ -352,11 +358,13 @@ class _Attempt:
         if contentLength is not None and code != 204:
             out.setRawHeaders(b"content-length", [b"%d" % (contentLength,)])
         request.responseHeaders = out
+        # The backend's Content-Type or none: not the site's default.
+        request.defaultContentType = None
         request.registerProducer(self.connection, True)
         # A client connection whose transport is already full (a pipelined
         # request after a response that filled it) will not ask again: the
         # new producer must start paused.
-        channel = request.channel
+        channel = getattr(request, "channel", None)
         if channel is not None and _twisted.waitingForTransport(channel):
             self.connection.pauseProducing()
         request.write(b"")
@@ -369,8 +377,8 @@ class _Attempt:
         self.connection = None
         self._end()
         request = self.request
-        request.unregisterProducer()
-        if request.channel is not None:
+        if not self.forwarding.clientGone:
+            request.unregisterProducer()
             request.finish()
 
     def responseFailed(self, error: BackendError) -> None:
@@ -385,9 +393,8 @@ class _Attempt:
                 url=self.backend.url,
                 error=str(error),
             )
-            transport = request.channel.transport if request.channel else None
-            if transport is not None:
-                transport.abortConnection()
+            if not self.forwarding.clientGone:
+                request.transport.abortConnection()
             return
         idempotent = request.method in IDEMPOTENT_METHODS
         if (
@@ -415,13 +422,20 @@ def _render(resource, request, picker: IPicker, target: bytes, prefix=None):
     Start forwarding C{request}; anything that goes wrong on the way is a
     500 and one log line, never a request left hanging.
     """
+    forwarding = None
     try:
-        _Forwarding(picker, request, target, prefix).next()
+        forwarding = _Forwarding(picker, request, target, prefix)
+        forwarding.next()
     except Exception:
-        resource.log.failure("proxying {method} {target} failed",
-                             method=request.method.decode("latin-1"),
-                             target=target.decode("latin-1"))
-        respondWithError(request, 500, b"Internal Server Error")
+        resource.log.failure(
+            "proxying {method} {target} failed",
+            method=request.method.decode("latin-1"),
+            target=target.decode("latin-1"),
+        )
+        if forwarding is None:
+            respondWithError(request, 500, b"Internal Server Error")
+        else:
+            forwarding.answer(500, b"Internal Server Error")
     return NOT_DONE_YET
 
 
