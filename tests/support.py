@@ -30,7 +30,13 @@ from twisted.internet.defer import (
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import (
+    IHostnameResolver,
+    IHostResolution,
+    IReactorPluggableNameResolver,
+)
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from zope.interface import alsoProvides, implementer
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
@@ -646,6 +652,43 @@ def startBalancer(net: Net, urls, **settings):
 
 
 # -- in memory -----------------------------------------------------------------------------
+
+
+@implementer(IHostResolution)
+class _Resolution:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def cancel(self) -> None:
+        pass
+
+
+@implementer(IHostnameResolver)
+class _SynchronousResolver:
+    """
+    Resolves every name to 127.0.0.1 at once, as the memory reactor of
+    recent Twisted releases does (older ones resolve in a thread).
+    """
+
+    def resolveHostName(
+        self, receiver, hostName, portNumber=0, addressTypes=None, transportSemantics="TCP"
+    ):
+        resolution = _Resolution(hostName)
+        receiver.resolutionBegan(resolution)
+        receiver.addressResolved(IPv4Address("TCP", "127.0.0.1", portNumber))
+        receiver.resolutionComplete()
+        return resolution
+
+
+def memoryReactor() -> MemoryReactorClock:
+    """
+    A L{MemoryReactorClock} whose name resolution is synchronous whatever
+    the Twisted release.
+    """
+    memory = MemoryReactorClock()
+    memory.nameResolver = _SynchronousResolver()
+    alsoProvides(memory, IReactorPluggableNameResolver)
+    return memory
 
 
 class _BackendReactor(MemoryReactorClock):

@@ -41,6 +41,8 @@ from rrbalancer.listeners import Listener
 from rrbalancer.service import BalancerService, makeService
 from rrbalancer.site import BalancerSite
 
+from .support import memoryReactor
+
 NO_HEALTH = HealthConfig(enabled=False)
 
 
@@ -481,7 +483,7 @@ class MakeServiceTests(SynchronousTestCase):
         reactor it was given; a backend that does not answer goes down
         after C{fall} timeouts; stopped, the checks stop.
         """
-        memory = MemoryReactorClock()
+        memory = memoryReactor()
         health = HealthConfig(interval=2.0, timeout=1.0, fall=1, rise=1)
         service = makeService(config(health=health), memory)
         [backend] = service.group

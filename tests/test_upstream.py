@@ -9,17 +9,18 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
 )
 from twisted.internet.protocol import Factory
-from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from rrbalancer import upstream as upstreamModule
 from rrbalancer.config import BackendConfig
 from rrbalancer.upstream import SystemTrustPlus, backendEndpoint, trustRoot
 
+from .support import memoryReactor
+
 
 class BackendEndpointTests(SynchronousTestCase):
     def setUp(self):
-        self.memory = MemoryReactorClock()
+        self.memory = memoryReactor()
         self.tlsCalls = []
         realOptions = upstreamModule.optionsForClientTLS
 

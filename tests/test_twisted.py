@@ -1,0 +1,79 @@
+"""
+Tests for L{rrbalancer._twisted}: each private Twisted name the balancer
+relies on is still there and still means what the balancer takes it to
+mean.  When a Twisted release changes one, this fails, naming it, instead
+of the balancer misbehaving at run time.
+"""
+
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import HTTPConnectionPool
+from twisted.web.http import HTTPChannel
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.resource import Resource
+from zope.interface.interface import InterfaceClass
+
+from rrbalancer import _twisted
+
+
+class Held(Resource):
+    isLeaf = True
+
+    def render(self, request):
+        return NOT_DONE_YET
+
+
+class PrivateNamesTests(SynchronousTestCase):
+    def channel(self):
+        channel = HTTPChannel()
+        channel.site = Site(Held())
+        channel.requestFactory = Request
+        channel.makeConnection(StringTransport())
+        self.addCleanup(channel.connectionLost, None)
+        return channel
+
+    def test_trustRootInterface(self):
+        """
+        The interface C{trustRoot=} takes, with the one method a root of the
+        balancer's own implements.
+        """
+        self.assertIsInstance(_twisted.IOpenSSLTrustRoot, InterfaceClass)
+        self.assertIn("_addCACertsToContext", _twisted.IOpenSSLTrustRoot.names())
+
+    def test_chunkedDecoder(self):
+        """
+        The decoder takes a data and a finish callback and hands over the
+        bytes after the last chunk.
+        """
+        data, rest = [], []
+        decoder = _twisted.ChunkedTransferDecoder(data.append, rest.append)
+        decoder.dataReceived(b"3\r\nabc\r\n0\r\n\r\nNEXT")
+        self.assertEqual((b"".join(data), rest), (b"abc", [b"NEXT"]))
+
+    def test_handlingRequest(self):
+        channel = self.channel()
+        self.assertFalse(_twisted.handlingRequest(channel))
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(_twisted.handlingRequest(channel))
+
+    def test_headSoFar(self):
+        channel = self.channel()
+        self.assertEqual(_twisted.headSoFar(channel), (0, 0))
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\nA: b\r\n")
+        size, count = _twisted.headSoFar(channel)
+        self.assertEqual(size, len(b"GET / HTTP/1.1") + len(b"Host: x") + len(b"A: b"))
+        # A header line counts once the next one shows it is not folded.
+        self.assertEqual(count, 1)
+
+    def test_waitingForTransport(self):
+        channel = self.channel()
+        self.assertFalse(_twisted.waitingForTransport(channel))
+        channel.pauseProducing()
+        self.assertTrue(_twisted.waitingForTransport(channel))
+
+    def test_quietPool(self):
+        """
+        The pool's connection factory is the class its C{_factory} names.
+        """
+        self.assertTrue(issubclass(_twisted.QuietHTTPConnectionPool._factory, HTTPConnectionPool._factory))
+        self.assertFalse(_twisted.QuietHTTPConnectionPool._factory.noisy)
