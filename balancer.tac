@@ -9,7 +9,7 @@ from twisted.internet import reactor
 
 from rrbalancer.config import ConfigError, loadConfig
 from rrbalancer.service import makeService
-from rrbalancer.tap import exitCleanlyOnSignals
+from rrbalancer.signals import exitCleanlyOnSignals
 
 path = os.environ.get(
     "RRBALANCER_CONFIG",

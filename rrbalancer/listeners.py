@@ -10,6 +10,7 @@ from typing import Optional
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
 
 
 def cannotStart(message: str) -> SystemExit:
@@ -52,7 +53,7 @@ class _RecordingEndpoint:
 
     def listen(self, factory) -> Deferred:
         def listening(port):
-            self._listener.port = port
+            self._listener._listening(port)
             return port
 
         return self._endpoint.listen(factory).addCallback(listening)
@@ -63,21 +64,33 @@ class Listener(StreamServerEndpointService):
     One listening port.
 
     @ivar description: the endpoint description, as the operator wrote it.
+    @ivar role: C{client} or C{admin}, for the operator's eyes.
     @ivar serverEndpoint: the endpoint it listens on.
     @ivar port: the listening port, once it listens.
     """
 
     _raiseSynchronously = True
     port = None
+    log = Logger()
 
-    def __init__(self, description: str, endpoint, factory, label: str = "") -> None:
+    def __init__(self, description: str, endpoint, factory, role: str = "client") -> None:
         StreamServerEndpointService.__init__(
             self, _RecordingEndpoint(endpoint, self), factory
         )
         self.serverEndpoint = endpoint
         self.description = description
-        self._label = f"{label}{description}"
-        self.setName(f"listener {self._label}")
+        self.role = role
+        self._label = f"--{role} {description}" if role != "client" else description
+        self.setName(f"{role} listener {description}")
+
+    def _listening(self, port) -> None:
+        self.port = port
+        self.log.info(
+            "{role} listener on {address} ({description})",
+            role=self.role,
+            address=self.address(),
+            description=self.description,
+        )
 
     def privilegedStartService(self):
         try:

@@ -1,6 +1,7 @@
 """
 Config reload: SIGHUP (or C{POST /api/reload}) re-reads the C{--config}
-file and applies its backends to the running group.
+file and applies its backends to the running group (the signal is wired in
+L{rrbalancer.service}).
 
 Only the backends change.  Those the file lists are added (taking traffic
 once their first health check passes), changed in place (weight, backup:
@@ -11,12 +12,9 @@ left alone.  Every other setting needs a restart; a change to one is
 reported and not applied.  A file that does not validate changes nothing.
 """
 
-import signal
-import threading
 from dataclasses import fields
 from typing import Callable, Dict, List, Optional
 
-from twisted.application.service import Service
 from twisted.logger import Logger
 
 from .backends import Backend, BackendGroup
@@ -148,52 +146,3 @@ class Reloader:
         ]
         self.config = new
         return {"added": added, "removed": removed, "changed": changed, "ignored": ignored}
-
-
-class ReloadService(Service):
-    """
-    Reloads on SIGHUP.
-
-    The handler is installed when the service starts (in the main thread
-    only, where Python delivers signals) and the previous one put back when
-    it stops; the reload itself runs in the reactor's thread, between
-    events, never inside the signal handler.
-
-    @ivar handleSignal: install the handler at all (tests turn it off).
-    """
-
-    log = Logger()
-    handleSignal = True
-
-    def __init__(self, reloader: Reloader, reactor) -> None:
-        self.reloader = reloader
-        self._reactor = reactor
-        self._previous = None
-        self._installed = False
-
-    def startService(self):
-        Service.startService(self)
-        if (
-            self.handleSignal
-            and hasattr(signal, "SIGHUP")
-            and threading.current_thread() is threading.main_thread()
-        ):
-            self._previous = signal.signal(signal.SIGHUP, self._hangup)
-            self._installed = True
-
-    def stopService(self):
-        Service.stopService(self)
-        if self._installed:
-            signal.signal(signal.SIGHUP, self._previous or signal.SIG_DFL)
-            self._installed = False
-
-    def _hangup(self, signum, frame) -> None:
-        self._reactor.callFromThread(self.reload)
-
-    def reload(self) -> None:
-        try:
-            self.reloader.reload("SIGHUP")
-        except ConfigError:
-            pass  # logged by the reloader
-        except Exception:
-            self.log.failure("reload (SIGHUP) failed")

@@ -17,8 +17,9 @@ from .config import Config, ConfigError
 from .demo import DemoBackends
 from .listeners import Listener
 from .metrics import makeRegistry
-from .reload import Reloader, ReloadService
+from .reload import Reloader
 from .settings import readAdminToken
+from .signals import SignalHandlers
 from .site import BalancerSite
 from .workers import WorkerPool
 
@@ -47,6 +48,8 @@ class BalancerService(MultiService):
     @ivar site: the client-facing site serving the balancer's resource.
     @ivar listeners: a L{Listener} per C{--port}.
     @ivar reloader: applies the config file again (SIGHUP, the API).
+    @ivar signals: SIGHUP reloads and reopens the access log, SIGUSR1
+        reopens it (logrotate).
     @ivar metrics: the Prometheus registry the admin listener serves.
     @ivar adminAPI: what the admin endpoints do, or None without an admin
         listener.
@@ -82,6 +85,12 @@ class BalancerService(MultiService):
             headerTimeout=config.headerTimeout,
             bodyTimeout=config.bodyTimeout,
         )
+        # Handlers first: once a listener says where it listens, a signal
+        # must find them installed.
+        self.signals = SignalHandlers(
+            reactor, {"SIGHUP": self.hangup, "SIGUSR1": self.site.reopenAccessLog}
+        )
+        self.signals.setServiceParent(self)
         if config.demo:
             self.demo = DemoBackends(self.group, reactor)
             self.demo.setServiceParent(self)
@@ -93,8 +102,6 @@ class BalancerService(MultiService):
             listener.setServiceParent(self)
             self.listeners.append(listener)
         self.reloader = Reloader(config, self.group, onAdded=self.checkNow)
-        if config.configPath is not None:
-            ReloadService(self.reloader, reactor).setServiceParent(self)
         self.metrics = makeRegistry(self.group, self.site, reactor)
         if config.admin is not None:
             self._addAdmin(config, reactor)
@@ -106,7 +113,7 @@ class BalancerService(MultiService):
             self.group, reactor, self.reloader, self, self.healthChecker
         )
         site = makeAdminSite(self.adminAPI, self.metrics, reactor, token)
-        self.adminListener = Listener(config.admin, endpoint, site, "--admin ")
+        self.adminListener = Listener(config.admin, endpoint, site, "admin")
         self.adminListener.setServiceParent(self)
 
     @property
@@ -124,6 +131,47 @@ class BalancerService(MultiService):
         """
         if self.healthChecker is not None:
             self.healthChecker.check(backend)
+
+    def startService(self) -> None:
+        health = self.config.health
+        if health.enabled:
+            checks = (
+                f"GET {health.path} every {health.interval:g}s, timeout "
+                f"{health.timeout:g}s, rise {health.rise}, fall {health.fall}"
+            )
+        else:
+            checks = "off"
+        self.log.info(
+            "balancing over {n} backends in round robin; health checks: {checks}",
+            n=len(self.group),
+            checks=checks,
+        )
+        for backend in self.group:
+            self.log.info(
+                "backend {url} weight {weight}{backup}",
+                url=backend.url,
+                weight=backend.weight,
+                backup=" (backup)" if backend.backup else "",
+            )
+        MultiService.startService(self)
+
+    def hangup(self) -> None:
+        """
+        SIGHUP: reopen the access log, and reload the config file if there
+        is one.  Nothing here ends the process: logrotate and
+        C{systemctl reload} send it to running daemons.
+        """
+        self.site.reopenAccessLog()
+        if not self.reloader.canReload:
+            self.log.info(
+                "SIGHUP: started without --config, so there is no file to reload; "
+                "nothing changed"
+            )
+            return
+        try:
+            self.reloader.reload("SIGHUP")
+        except ConfigError:
+            pass  # logged by the reloader
 
     def stopService(self):
         # The site stops (closing its access log) with its last port; hold
@@ -187,6 +235,11 @@ def makeService(config: Config, reactor, listeners=None):
     """
     if config.workers > 1:
         parent = MultiService()
-        WorkerPool(config, reactor, config.workers).setServiceParent(parent)
+        pool = WorkerPool(config, reactor, config.workers)
+        pool.setServiceParent(parent)
+        SignalHandlers(
+            reactor,
+            {"SIGHUP": lambda: pool.signalAll("HUP"), "SIGUSR1": lambda: pool.signalAll("USR1")},
+        ).setServiceParent(parent)
         return parent
     return BalancerService(config, reactor, listeners)

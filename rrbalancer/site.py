@@ -5,13 +5,14 @@ logged in NCSA combined format only when an access log is asked for; and
 whose connections bound the time and size of a request head.
 """
 
-import sys
+from typing import Optional
 
-from twisted.internet import address
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
+
+from .accesslog import AccessLog
 
 
 class BalancerRequest(Request):
@@ -276,55 +277,6 @@ class BalancerChannel(HTTPChannel):
         self.site._channelClosed(self)
 
 
-def _escape(value: bytes) -> str:
-    """
-    A header value or request target as it may appear inside double quotes
-    in an access log line (no raw control characters, no bare quote).
-    """
-    text = value.decode("latin-1").encode("unicode_escape").decode("ascii")
-    return text.replace('"', '\\"')
-
-
-def combinedLogFormatter(timestamp: str, request) -> str:
-    """
-    An NCSA combined log line, as Apache and NGINX write it (Twisted's own
-    quotes the client address, which log analysers do not expect).
-    """
-    clientAddress = request.getClientAddress()
-    if isinstance(clientAddress, (address.IPv4Address, address.IPv6Address)):
-        host = clientAddress.host
-    else:
-        host = "-"
-    return '%s - - %s "%s %s %s" %d %s "%s" "%s"' % (
-        host,
-        timestamp,
-        _escape(request.method),
-        _escape(request.uri),
-        _escape(request.clientproto),
-        request.code,
-        request.sentLength or "-",
-        _escape(request.getHeader(b"referer") or b"-"),
-        _escape(request.getHeader(b"user-agent") or b"-"),
-    )
-
-
-class _Stdout:
-    """
-    The access log on standard output, flushed line by line and never
-    closed by the site.
-    """
-
-    def write(self, line: str) -> None:
-        sys.stdout.write(line)
-        sys.stdout.flush()
-
-    def flush(self) -> None:
-        sys.stdout.flush()
-
-    def close(self) -> None:
-        pass
-
-
 class BalancerSite(Site):
     """
     @ivar inFlight: requests received and not yet answered.
@@ -333,26 +285,25 @@ class BalancerSite(Site):
     requestFactory = BalancerRequest
     protocol = BalancerChannel
     displayTracebacks = False
+    # The listener says where it listens; "Starting factory <...>" would
+    # only show an object's repr.
+    noisy = False
+
+    def logPrefix(self) -> str:
+        return "rrbalancer"
 
     def __init__(
         self,
         resource,
         reactor,
-        accessLog=None,
+        accessLog: Optional[str] = None,
         maxBodySize: int = 0,
         timeout: float = 60.0,
         headerTimeout: float = 10.0,
         bodyTimeout: float = 60.0,
     ) -> None:
-        Site.__init__(
-            self,
-            resource,
-            logPath=None if accessLog == "-" else accessLog,
-            timeout=timeout,
-            logFormatter=combinedLogFormatter,
-            reactor=reactor,
-        )
-        self._logToStdout = accessLog == "-"
+        Site.__init__(self, resource, timeout=timeout, reactor=reactor)
+        self.accessLog = AccessLog(accessLog, reactor) if accessLog else None
         self.maxBodySize = maxBodySize
         self.headerTimeout = headerTimeout
         self.bodyTimeout = bodyTimeout
@@ -368,14 +319,23 @@ class BalancerSite(Site):
         self._channels.add(channel)
         return channel
 
+    # The access log is this site's own (see L{AccessLog}), not Site's.
+
     def startFactory(self):
-        Site.startFactory(self)
-        if self._logToStdout:
-            self._logFile = _Stdout()
+        if self.accessLog is not None:
+            self.accessLog.open()
+
+    def stopFactory(self):
+        if self.accessLog is not None:
+            self.accessLog.close()
 
     def log(self, request):
-        if self.logPath is not None or self._logToStdout:
-            Site.log(self, request)
+        if self.accessLog is not None:
+            self.accessLog.write(request)
+
+    def reopenAccessLog(self) -> None:
+        if self.accessLog is not None:
+            self.accessLog.reopen()
 
     def _channelClosed(self, channel) -> None:
         self._channels.discard(channel)

@@ -16,6 +16,7 @@ from . import __version__
 from .config import ConfigError, buildConfig, loadConfig
 from .service import makeService as build
 from .settings import SETTINGS, Setting
+from .signals import exitCleanlyOnSignals
 
 
 def _fail(message: str) -> SystemExit:
@@ -146,44 +147,3 @@ def makeService(options: Options):
         raise SystemExit(1)
     exitCleanlyOnSignals(reactor)
     return service
-
-
-def exitCleanlyOnSignals(reactor) -> None:
-    """
-    Make SIGTERM and SIGINT stop the balancer gracefully and then exit with
-    status 0, as the README promises.
-
-    twistd's own handlers stop the reactor too, but then make the process
-    kill itself with the same signal (status 143, or -15 to a parent), so
-    that a clean, drained stop looks like a crash to service managers.
-    The handlers are replaced once the reactor runs (it installs its own as
-    it starts); they only ask the reactor to stop: stopping, and its
-    logging, happen in the reactor's thread, not in the signal handler.
-    """
-    import signal
-
-    from twisted.logger import Logger
-
-    log = Logger(namespace="rrbalancer")
-    stopping = []
-
-    def stop(name: str) -> None:
-        if stopping:
-            log.info("Received {signal} again; already stopping.", signal=name)
-            return
-        stopping.append(name)
-        log.info("Received {signal}, shutting down.", signal=name)
-        if reactor.running:
-            reactor.stop()
-
-    def handler(signum, frame) -> None:
-        reactor.callFromThread(stop, signal.Signals(signum).name)
-
-    def install() -> None:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            try:
-                signal.signal(signum, handler)
-            except ValueError:  # not the main thread: leave twistd's alone
-                return
-
-    reactor.callWhenRunning(install)

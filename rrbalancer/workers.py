@@ -6,8 +6,9 @@ The parent binds each listening port once, stops accepting on it, and
 hands the sockets to its workers, which adopt them
 (L{IReactorSocket.adoptStreamPort}) and accept connections in turn, as the
 kernel spreads them.  Each worker is a whole balancer with its own health
-view.  The parent restarts a worker that dies, forwards SIGHUP, and on
-SIGTERM stops its workers gracefully before exiting.
+view.  The parent restarts a worker that dies, passes SIGHUP and SIGUSR1
+on to every worker (L{WorkerPool.signalAll}, wired in L{rrbalancer.service}),
+and on SIGTERM stops its workers gracefully before exiting.
 
 Each worker runs L{rrbalancer._worker}, which reads its L{Config} and the
 sockets' description from the environment.
@@ -16,7 +17,6 @@ sockets' description from the environment.
 import base64
 import os
 import pickle
-import signal
 import socket
 import sys
 from typing import Dict, List, Optional, Tuple
@@ -110,7 +110,6 @@ class WorkerPool(Service):
         self.workers: Dict[int, _WorkerProtocol] = {}
         self._stopping = False
         self._stopped: Optional[Deferred] = None
-        self._previousHangup = None
 
     def privilegedStartService(self) -> None:
         Service.privilegedStartService(self)
@@ -139,11 +138,6 @@ class WorkerPool(Service):
         Service.startService(self)
         for index in range(1, self.count + 1):
             self._spawn(index)
-        if hasattr(signal, "SIGHUP"):
-            self._previousHangup = signal.signal(signal.SIGHUP, self._hangup)
-
-    def _hangup(self, signum, frame) -> None:
-        self._reactor.callFromThread(self.signalAll, "HUP")
 
     def signalAll(self, name: str) -> None:
         for worker in list(self.workers.values()):
@@ -203,8 +197,6 @@ class WorkerPool(Service):
     def stopService(self):
         Service.stopService(self)
         self._stopping = True
-        if self._previousHangup is not None:
-            signal.signal(signal.SIGHUP, self._previousHangup)
         for port in self._ports:
             port.stopListening()
         self._ports = []

@@ -210,9 +210,7 @@ def startBalancer(testCase, config: Config):
     @return: fires with (service, balancer base URL, admin base URL)
     """
     service = makeService(config, reactor)
-    for child in service:
-        if type(child).__name__ == "ReloadService":
-            child.handleSignal = False
+    service.signals.install = False
     service.privilegedStartService()
     service.startService()
     testCase.addCleanup(service.stopService)

@@ -72,7 +72,7 @@ class ListenerTests(TestCase):
             f"tcp:{port}:interface=127.0.0.1",
             TCP4ServerEndpoint(reactor, port, interface="127.0.0.1"),
             Factory(),
-            "--admin ",
+            "admin",
         )
         self.assertRaises(SystemExit, listener.privilegedStartService)
         self.assertTrue(

@@ -5,7 +5,6 @@ validate, change nothing.
 """
 
 import os
-import signal
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
@@ -17,7 +16,7 @@ import treq
 
 from rrbalancer.backends import DRAINING, UP, BackendGroup
 from rrbalancer.config import BackendConfig, ConfigError, HealthConfig, loadConfig
-from rrbalancer.reload import Reloader, ReloadService
+from rrbalancer.reload import Reloader
 from rrbalancer.service import makeService
 from rrbalancer.tap import Options
 
@@ -231,59 +230,6 @@ class APIReloadTests(SynchronousTestCase):
         self.assertIn("without --config", body["error"])
 
 
-class SignalTests(TestCase):
-    timeout = 20
-
-    def setUp(self):
-        self.file = ConfigFile(self, toml([("http://127.0.0.1:8081", {})], HEADER))
-        self.group = BackendGroup(HealthConfig(enabled=False), reactor)
-        self.group.add(BackendConfig("http://127.0.0.1:8081"))
-        self.reloader = Reloader(loadConfig(self.file.path), self.group)
-
-    def test_handlerInstalledAndRestored(self):
-        previous = signal.getsignal(signal.SIGHUP)
-        service = ReloadService(self.reloader, reactor)
-        service.startService()
-        self.assertEqual(signal.getsignal(signal.SIGHUP), service._hangup)
-        service.stopService()
-        self.assertEqual(signal.getsignal(signal.SIGHUP), previous)
-
-    def test_notInstalledWhenTold(self):
-        previous = signal.getsignal(signal.SIGHUP)
-        service = ReloadService(self.reloader, reactor)
-        service.handleSignal = False
-        service.startService()
-        self.assertEqual(signal.getsignal(signal.SIGHUP), previous)
-        service.stopService()
-
-    @inlineCallbacks
-    def test_sighup(self):
-        """
-        A real SIGHUP reloads, in the reactor's thread.
-        """
-        service = ReloadService(self.reloader, reactor)
-        service.startService()
-        self.addCleanup(service.stopService)
-        self.file.write(toml([("http://127.0.0.1:8082", {})], HEADER))
-        os.kill(os.getpid(), signal.SIGHUP)
-        yield poll(lambda: self.group.byURL("http://127.0.0.1:8082") is not None,
-                   what="the reload")
-        self.assertIsNone(self.group.byURL("http://127.0.0.1:8081"))
-
-    @inlineCallbacks
-    def test_sighupInvalid(self):
-        service = ReloadService(self.reloader, reactor)
-        events = []
-        self.reloader.log = Logger(observer=events.append)
-        service.startService()
-        self.addCleanup(service.stopService)
-        self.file.write("nonsense = [")
-        os.kill(os.getpid(), signal.SIGHUP)
-        yield poll(lambda: events, what="the reload")
-        self.assertIn("not valid TOML", formatEvent(events[0]))
-        self.assertEqual([b.url for b in self.group], ["http://127.0.0.1:8081"])
-
-
 class LiveReloadTests(TestCase):
     """
     A running balancer started from a file: a reload swaps a backend
@@ -303,8 +249,7 @@ class LiveReloadTests(TestCase):
             "shutdown_grace = 5\n[health]\nenabled = false\n",
         ))
         service = makeService(loadConfig(file.path), reactor)
-        [reloadService] = [s for s in service if isinstance(s, ReloadService)]
-        reloadService.handleSignal = False
+        service.signals.install = False
         service.startService()
         self.addCleanup(service.stopService)
         yield poll(lambda: service.adminListener.address()

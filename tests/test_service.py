@@ -539,7 +539,7 @@ class MakeServiceTests(SynchronousTestCase):
         service = makeService(conf, MemoryReactorClock())
         self.assertEqual(service.site.maxBodySize, 1234)
         self.assertEqual(service.site.timeOut, 7.0)
-        self.assertIsNone(service.site.logPath)
+        self.assertIsNone(service.site.accessLog)
 
 
 class CannotListenReactor(MemoryReactorClock):
@@ -964,5 +964,5 @@ class AccessLogTests(RealNetworkMixin, TestCase):
         self.assertEqual(len(lines), 1, lines)
         self.assertEqual(COMBINED.match(lines[0]).group("request"), "GET /late HTTP/1.1")
         # The log is closed once the stop is over.
-        self.assertIsNone(service.site._logFile)
+        self.assertIsNone(service.site.accessLog._file)
         self.assertEqual(service.site.numPorts, 0)
