@@ -37,9 +37,20 @@ class SignalHandlers(Service):
         self.handlers = dict(handlers)
         self._previous: Dict[int, object] = {}
 
+    def privilegedStartService(self) -> None:
+        # As early as the listeners bind: once a listener says where it
+        # listens, a signal must find the handlers installed.
+        Service.privilegedStartService(self)
+        self._install()
+
     def startService(self) -> None:
         Service.startService(self)
-        if not self.install or threading.current_thread() is not threading.main_thread():
+        self._install()
+
+    def _install(self) -> None:
+        if self._previous or not self.install:
+            return
+        if threading.current_thread() is not threading.main_thread():
             return
         for name in self.handlers:
             signum = _signum(name)

@@ -15,6 +15,7 @@ from twisted.python import usage
 from . import __version__
 from .config import ConfigError, buildConfig, loadConfig
 from .service import makeService as build
+from .service import serverEndpoint
 from .settings import SETTINGS, Setting
 from .signals import exitCleanlyOnSignals
 
@@ -45,6 +46,9 @@ class Options(usage.Options):
     )
 
     optFlags = [
+        ["check", None, "Check the options and the config file as a start would, "
+                        "bind nothing, say whether they are valid, and exit."]
+    ] + [
         [s.longFlag, s.short, _helpText(s)]
         for s in SETTINGS
         if s.longFlag and s.switch is not None
@@ -112,6 +116,31 @@ class Options(usage.Options):
                 self.config = buildConfig(self.settings())
         except ConfigError as e:
             raise _fail(str(e)) from None
+        if self["check"]:
+            check(self.config)
+
+
+def check(config) -> None:
+    """
+    C{--check}: build everything a start builds (endpoints parsed, token
+    and CA files read), start nothing, and exit 0 with a line saying what
+    was found, or 1 with the line saying what is wrong.
+    """
+    from twisted.internet import reactor
+
+    try:
+        build(config, reactor)
+        for description in config.ports:
+            serverEndpoint(reactor, description)
+    except ConfigError as e:
+        raise _fail(str(e)) from None
+    listeners = len(config.ports) + (config.admin is not None)
+    backends = len(config.backends)
+    print(
+        f"rrbalancer: configuration OK ({backends} backend{'s' * (backends != 1)}, "
+        f"{listeners} listener{'s' * (listeners != 1)})"
+    )
+    raise SystemExit(0)
 
 
 _REPEATABLE = [s for s in SETTINGS if s.longFlag and s.repeatable]

@@ -384,3 +384,44 @@ class TacTests(TwistdMixin, TestCase):
             "cannot listen",
             str(port),
         )
+
+
+class CheckTests(TwistdMixin, TestCase):
+    """
+    C{--check}, as a deploy script runs it before a reload.
+    """
+
+    def test_valid(self):
+        path = self.writeConfig(
+            'port = ["tcp:8000:interface=127.0.0.1", "unix:rr.sock"]\n'
+            'backend = ["http://127.0.0.1:8081", "http://127.0.0.1:8082"]\n'
+        )
+        code, out, err = self.plugin("--check", "--config", path)
+        self.assertEqual((code, err), (0, ""), out)
+        self.assertEqual(
+            out.strip(), "rrbalancer: configuration OK (2 backends, 3 listeners)"
+        )
+        self.assertFalse(os.path.exists(os.path.join(self.cwd, "rr.sock")))
+
+    def test_nothingBound(self):
+        """
+        A port already taken is not a configuration mistake: nothing is
+        bound by a check.
+        """
+        port = self.busyPort()
+        code, out, err = self.plugin(
+            "--check", "--backend", "http://127.0.0.1:1", "--admin", "none",
+            "--port", f"tcp:{port}:interface=127.0.0.1",
+        )
+        self.assertEqual(code, 0, out + err)
+        self.assertIn("(1 backend, 1 listener)", out)
+
+    def test_invalid(self):
+        for args, mention in [
+            (["--port", "tcp:nope"], "bad endpoint"),
+            (["--admin-token-file", "missing.token"], "admin_token_file"),
+            (["--workers", "2", "--port", "ssl:8443"], "cannot be shared"),
+            (["--backend", "http://127.0.0.1:1"], "listed twice"),
+        ]:
+            result = self.plugin("--check", "--backend", "http://127.0.0.1:1", *args)
+            self.assertOneLineError(result, mention)
