@@ -212,6 +212,32 @@ class TwistdMixin:
                 )
             time.sleep(POLL_STEP)
 
+    def listeningPort(self, process, role="client", count=1):
+        """
+        The port the balancer's listener reports in its log (it listens on
+        port 0), polled for a bounded time.
+        """
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        pattern = re.compile(role + r" listener on 127\.0\.0\.1:(\d+)")
+        while True:
+            out, err = self.output(process)
+            found = pattern.findall(out + err)
+            if len(found) >= count:
+                return int(found[-1])
+            if process.poll() is not None or time.monotonic() > deadline:
+                self.fail("no listener in the log" + self.describe(process))
+            time.sleep(POLL_STEP)
+
+    def waitForLog(self, process, text, count=1):
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            out, err = self.output(process)
+            if (out + err).count(text) >= count:
+                return
+            if process.poll() is not None or time.monotonic() > deadline:
+                self.fail(f"{text!r} not in the log" + self.describe(process))
+            time.sleep(POLL_STEP)
+
     def assertStopsCleanly(self, process, how=signal.SIGTERM):
         """
         On C{how}, twistd stops within a bounded time, with status 0 and no

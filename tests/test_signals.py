@@ -6,9 +6,7 @@ without workers.
 """
 
 import os
-import re
 import signal
-import time
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -20,7 +18,7 @@ from rrbalancer.config import buildConfig
 from rrbalancer.service import makeService
 from rrbalancer.signals import SignalHandlers
 
-from .test_plugin import STARTUP_TIMEOUT, POLL_STEP, TwistdMixin, get, noAdmin
+from .test_plugin import TwistdMixin, get, noAdmin
 
 if not hasattr(signal, "SIGUSR1"):  # pragma: no cover
     skip = "POSIX signals are needed"
@@ -146,32 +144,6 @@ class ProcessSignalTests(TwistdMixin, TestCase):
     """
 
     timeout = 60
-
-    def listeningPort(self, process, role="client", count=1):
-        """
-        The port the balancer's listener reports in its log (it listens on
-        port 0), polled for a bounded time.
-        """
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        pattern = re.compile(role + r" listener on 127\.0\.0\.1:(\d+)")
-        while True:
-            out, err = self.output(process)
-            found = pattern.findall(out + err)
-            if len(found) >= count:
-                return int(found[-1])
-            if process.poll() is not None or time.monotonic() > deadline:
-                self.fail("no listener in the log" + self.describe(process))
-            time.sleep(POLL_STEP)
-
-    def waitForLog(self, process, text, count=1):
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while True:
-            out, err = self.output(process)
-            if (out + err).count(text) >= count:
-                return
-            if process.poll() is not None or time.monotonic() > deadline:
-                self.fail(f"{text!r} not in the log" + self.describe(process))
-            time.sleep(POLL_STEP)
 
     def test_hangupWithoutConfig(self):
         process = self.start(
