@@ -5,6 +5,11 @@ or inside any Twisted program's own web site (L{Balancer}).
 
 __version__ = "0.1.0"
 
+# Before anything imports twisted.internet.endpoints (see _systemd).
+from ._systemd import nameInheritedSockets  # noqa: E402
+
+nameInheritedSockets()
+
 from .balancer import Balancer  # noqa: E402 - after the version setup.cfg reads
 from .proxy import BackendProxyResource  # noqa: E402
 

@@ -11,6 +11,7 @@ from twisted.internet.defer import DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
+from ._systemd import ReadyNotifier, notify, reloading
 from .admin import AdminAPI, makeAdminSite
 from .balancer import Balancer
 from .config import Config, ConfigError
@@ -105,6 +106,7 @@ class BalancerService(MultiService):
         self.metrics = makeRegistry(self.group, self.site, reactor)
         if config.admin is not None:
             self._addAdmin(config, reactor)
+        ReadyNotifier().setServiceParent(self)
 
     def _addAdmin(self, config: Config, reactor) -> None:
         token = readAdminToken(config.adminTokenFile) if config.adminTokenFile else None
@@ -168,10 +170,13 @@ class BalancerService(MultiService):
                 "nothing changed"
             )
             return
+        reloading()
         try:
             self.reloader.reload("SIGHUP")
         except ConfigError:
             pass  # logged by the reloader
+        finally:
+            notify("READY=1")
 
     def stopService(self):
         # The site stops (closing its access log) with its last port; hold
@@ -241,5 +246,6 @@ def makeService(config: Config, reactor, listeners=None):
             reactor,
             {"SIGHUP": lambda: pool.signalAll("HUP"), "SIGUSR1": lambda: pool.signalAll("USR1")},
         ).setServiceParent(parent)
+        ReadyNotifier().setServiceParent(parent)
         return parent
     return BalancerService(config, reactor, listeners)

@@ -155,6 +155,8 @@ class WorkerPool(Service):
         payload = base64.b64encode(pickle.dumps((self.config, index, sockets)))
         env = dict(os.environ)
         env[ENVIRONMENT_KEY] = payload.decode("ascii")
+        # The parent speaks for the whole balancer to systemd.
+        env.pop("NOTIFY_SOCKET", None)
         # The workers run the very code the parent runs.
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(

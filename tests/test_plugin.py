@@ -152,18 +152,20 @@ class TwistdMixin:
         s.listen(1)
         return s.getsockname()[1]
 
-    def start(self, *args, env=None):
+    def start(self, *args, env=None, command=None):
         """
         Start twistd in the background; it is killed at the end of the test
         if it is still running.  Its output goes to files (a pipe nobody
         reads could fill up and block it).
+
+        @param command: what runs C{args} (by default, twistd).
         """
         out = open(os.path.join(self.cwd, "twistd.out"), "w+b")
         err = open(os.path.join(self.cwd, "twistd.err"), "w+b")
         self.addCleanup(out.close)
         self.addCleanup(err.close)
         process = subprocess.Popen(
-            twistdCommand() + list(args),
+            (twistdCommand() if command is None else command) + list(args),
             cwd=self.cwd,
             env=env or self.env,
             stdin=subprocess.DEVNULL,
