@@ -63,6 +63,7 @@ def requestHead(
     bodyLength: int,
     hadBody: bool,
     prefix: Optional[bytes] = None,
+    extra: Sequence[Tuple[bytes, bytes]] = (),
 ) -> bytes:
     """
     The request head to send a backend.
@@ -76,6 +77,8 @@ def requestHead(
     @param prefix: where the balancer is mounted in its site, for
         C{X-Forwarded-Prefix}; None at the root (and a client's own
         C{X-Forwarded-Prefix} is never passed on).
+    @param extra: headers the balancer sets, in place of any of the same
+        name from the client (a request id).
     """
     lines = [method + b" " + target + b" HTTP/1.1", b"Host: " + host]
     forwardedFor = []
@@ -86,6 +89,8 @@ def requestHead(
         if name.lower() == b"connection":
             drop = HOP_BY_HOP | connectionTokens(values)
             break
+    if extra:
+        drop = drop | {name.lower() for name, _ in extra}
     for name, values in headers:
         lower = name.lower()
         if lower in drop:
@@ -106,6 +111,8 @@ def requestHead(
         lines.append(b"X-Forwarded-Host: " + clientHost)
     if prefix is not None:
         lines.append(b"X-Forwarded-Prefix: " + prefix)
+    for name, value in extra:
+        lines.append(name + b": " + value)
     if bodyLength or hadBody or method in _BODY_METHODS:
         lines.append(b"Content-Length: %d" % (bodyLength,))
     lines.append(b"")

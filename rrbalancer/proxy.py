@@ -23,6 +23,7 @@ The rules for trying again (RFC 9110 section 9.2.2):
    whole one.
 """
 
+import os
 from typing import List, Optional, Tuple
 from urllib.parse import quote as urlquote
 
@@ -97,6 +98,24 @@ def splitMount(target: bytes, depth: int) -> Tuple[bytes, Optional[bytes]]:
     return rest + sep + query, prefix
 
 
+# A request id a client sends is kept when it is this long at most and
+# made of visible ASCII; any other is replaced.
+_MAX_REQUEST_ID = 200
+
+
+def requestID(request, header: bytes) -> bytes:
+    """
+    The request's id: the one its client (or a proxy in front) sent in
+    C{header}, or a new one; kept on the request for the access log.
+    """
+    given = request.requestHeaders.getRawHeaders(header)
+    value = given[0] if given else b""
+    if not (0 < len(value) <= _MAX_REQUEST_ID and all(0x21 <= c <= 0x7E for c in value)):
+        value = os.urandom(16).hex().encode("ascii")
+    request.requestID = value.decode("ascii")
+    return value
+
+
 def respondWithError(request, code: int, message: bytes, retryAfter=None) -> None:
     """
     A short plain-text error from the balancer itself; it never names a
@@ -127,11 +146,16 @@ class _Forwarding:
 
     log = Logger()
 
-    def __init__(self, picker: IPicker, request, target: bytes, prefix=None) -> None:
+    def __init__(
+        self, picker: IPicker, request, target: bytes, prefix=None, requestIDHeader=None
+    ) -> None:
         self.picker = picker
         self.request = request
         self.target = target
         self.prefix = prefix
+        self.extraHeaders = ()
+        if requestIDHeader is not None:
+            self.extraHeaders = ((requestIDHeader, requestID(request, requestIDHeader)),)
         self.tried: List[Backend] = []
         self.attempt: Optional["_Attempt"] = None
         self.clientGone = False
@@ -176,6 +200,7 @@ class _Forwarding:
                 )
             return
         self.tried.append(backend)
+        self.request.attempts = len(self.tried)
         backend.upstream.forward(self, backend)
 
     def failed(self, backend: Backend, error: BackendError, retryable: bool) -> None:
@@ -300,6 +325,7 @@ class _Attempt:
             length,
             headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding"),
             self.forwarding.prefix,
+            self.forwarding.extraHeaders,
         )
         self.bytesIn = length
         connection.request(
@@ -330,6 +356,8 @@ class _Attempt:
         self.started = True
         self.code = code
         request = self.request
+        request.backendURL = self.backend.url
+        request.backendStatus = code
         request.setResponseCode(code, reason)
         out = Headers()
         # The balancer's own answer to the client's "Connection: close" (set
@@ -424,7 +452,7 @@ def _render(resource, request, picker: IPicker, target: bytes, prefix=None):
     """
     forwarding = None
     try:
-        forwarding = _Forwarding(picker, request, target, prefix)
+        forwarding = _Forwarding(picker, request, target, prefix, resource.requestIDHeader)
         forwarding.next()
     except Exception:
         resource.log.failure(
@@ -437,6 +465,10 @@ def _render(resource, request, picker: IPicker, target: bytes, prefix=None):
         else:
             forwarding.answer(500, b"Internal Server Error")
     return NOT_DONE_YET
+
+
+def _headerName(name: Optional[str]) -> Optional[bytes]:
+    return name.encode("ascii") if name is not None else None
 
 
 @implementer(IPicker)
@@ -508,6 +540,7 @@ class BackendProxyResource(ReverseProxyResource):
         self.url = f"{scheme}://{netloc}"
         self.backendHost = netloc.encode("ascii")
         self.hostHeader = self.backendHost if config.hostHeader == "backend" else None
+        self.requestIDHeader = _headerName(config.requestIDHeader)
         self.timeout = config.backendTimeout
         self.rewriteLocation = LocationRewriter(self.url)
         if pool is None:
@@ -571,9 +604,14 @@ class BalancerResource(Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, picker: IPicker) -> None:
+    def __init__(self, picker: IPicker, requestIDHeader: Optional[str] = "X-Request-ID") -> None:
+        """
+        @param requestIDHeader: the header that carries a request's id to
+            the backend (kept from the client or made), or None for none.
+        """
         Resource.__init__(self)
         self.picker = picker
+        self.requestIDHeader = _headerName(requestIDHeader)
 
     def render(self, request):
         if request.method == b"CONNECT":

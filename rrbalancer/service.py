@@ -81,6 +81,7 @@ class BalancerService(MultiService):
             self.balancer.resource(),
             reactor,
             accessLog=config.accessLog,
+            accessLogFormat=config.accessLogFormat,
             maxBodySize=config.maxBodySize,
             timeout=config.clientTimeout,
             headerTimeout=config.headerTimeout,

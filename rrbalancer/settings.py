@@ -281,6 +281,21 @@ def parseHealthPath(value: Any, name: str) -> str:
     return path
 
 
+_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def parseHeaderName(value: Any, name: str) -> Optional[str]:
+    """
+    An HTTP header name, or C{none} for none.
+    """
+    text = string(value, name).strip()
+    if text.lower() == "none":
+        return None
+    if not text or not _TOKEN.issuperset(text):
+        raise ConfigError(f"{name}: {text!r} is not a header name")
+    return text
+
+
 ADMIN_DEFAULT = "tcp:8001:interface=127.0.0.1"
 
 
@@ -459,6 +474,13 @@ SETTINGS: Tuple[Setting, ...] = (
     _s("access_log", "accessLog", logFile, None,
        "Write an NCSA combined access log here; - is standard output.",
        path=True, metavar="PATH"),
+    _s("access_log_format", "accessLogFormat", oneOf("combined", "json"), "combined",
+       "combined: NCSA combined lines; json: one JSON object a line with time, "
+       "client, method, target, protocol, status, bytes, duration_ms, backend, "
+       "backend_status, attempts and request_id.", metavar="combined|json"),
+    _s("request_id_header", "requestIDHeader", parseHeaderName, "X-Request-ID",
+       "A request's id: kept from this header, or made when absent; sent to the "
+       "backend and logged. none turns it off.", metavar="NAME|none"),
     _s("shutdown_grace", "shutdownGrace", secondsOrZero, 10.0,
        "On SIGTERM/SIGINT: stop accepting, let requests in flight finish this "
        "many seconds, exit 0.", metavar="S"),

@@ -26,6 +26,12 @@ class BalancerRequest(Request):
 
     # A proxied response carries the backend's Content-Type or none.
     defaultContentType = None
+    # What the access log tells of the exchange (set by the proxy).
+    startedAt: Optional[float] = None
+    backendURL: Optional[str] = None
+    backendStatus: Optional[int] = None
+    attempts = 0
+    requestID: Optional[str] = None
     _site = None
     _refused = False
     _received = 0
@@ -80,6 +86,7 @@ class BalancerRequest(Request):
             return
         self.site = self._site = site = self.channel.site
         site.inFlight += 1
+        self.startedAt = site.reactor.seconds()
         if not site.resource.isLeaf:
             Request.process(self)
             return
@@ -297,13 +304,14 @@ class BalancerSite(Site):
         resource,
         reactor,
         accessLog: Optional[str] = None,
+        accessLogFormat: str = "combined",
         maxBodySize: int = 0,
         timeout: float = 60.0,
         headerTimeout: float = 10.0,
         bodyTimeout: float = 60.0,
     ) -> None:
         Site.__init__(self, resource, timeout=timeout, reactor=reactor)
-        self.accessLog = AccessLog(accessLog, reactor) if accessLog else None
+        self.accessLog = AccessLog(accessLog, reactor, accessLogFormat) if accessLog else None
         self.maxBodySize = maxBodySize
         self.headerTimeout = headerTimeout
         self.bodyTimeout = bodyTimeout

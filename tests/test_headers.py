@@ -278,6 +278,7 @@ class EndToEndHeaderTests(unittest.TestCase):
                     b"x-forwarded-proto",
                     b"x-forwarded-host",
                     b"content-length",
+                    b"x-request-id",
                 ]
             ),
         )
@@ -478,3 +479,54 @@ class EndToEndHeaderTests(unittest.TestCase):
         response = yield client.readResponse()
         self.assertEqual(response.header(b"connection"), [b"close"])
         yield client.waitForClose()
+
+
+class RequestIDTests(unittest.TestCase):
+    """
+    A request's id: kept from the client, made when absent or unusable,
+    sent to the backend once, and off with C{request_id_header = none}.
+    """
+
+    timeout = 10
+
+    def setUp(self):
+        self.net = Net(self)
+
+    @inlineCallbacks
+    def received(self, extra=b"", **settings):
+        backend = ScriptedBackend(self.net, reply(ok()))
+        balancer = yield startBalancer(self.net, [backend.url], **settings)
+        yield exchange(self.net, balancer.port, get(extra=extra))
+        return backend.requests[0].header(b"x-request-id")
+
+    @inlineCallbacks
+    def test_kept(self):
+        ids = yield self.received(b"X-Request-ID: abc-123\r\n")
+        self.assertEqual(ids, [b"abc-123"])
+
+    @inlineCallbacks
+    def test_made(self):
+        first = yield self.received()
+        second = yield self.received()
+        self.assertEqual([len(first), len(second)], [1, 1])
+        self.assertRegex(first[0].decode(), "^[0-9a-f]{32}$")
+        self.assertNotEqual(first, second)
+
+    @inlineCallbacks
+    def test_unusableReplaced(self):
+        ids = yield self.received(b"X-Request-ID: " + b"x" * 300 + b"\r\n")
+        self.assertEqual(len(ids), 1)
+        self.assertEqual(len(ids[0]), 32)
+
+    @inlineCallbacks
+    def test_otherHeader(self):
+        backend = ScriptedBackend(self.net, reply(ok()))
+        balancer = yield startBalancer(self.net, [backend.url], requestIDHeader="Trace")
+        yield exchange(self.net, balancer.port, get(extra=b"Trace: t1\r\n"))
+        received = backend.requests[0]
+        self.assertEqual((received.header(b"trace"), received.header(b"x-request-id")), ([b"t1"], []))
+
+    @inlineCallbacks
+    def test_off(self):
+        ids = yield self.received(requestIDHeader=None)
+        self.assertEqual(ids, [])

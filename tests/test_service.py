@@ -4,6 +4,7 @@ L{MemoryReactorClock}), the listeners' failure to listen, the graceful stop,
 the backend endpoints, and the access log of the site it builds.
 """
 
+import json
 import re
 from typing import List
 
@@ -839,9 +840,10 @@ COMBINED = re.compile(
 
 class AccessLogTests(RealNetworkMixin, TestCase):
     @inlineCallbacks
-    def proxy(self, accessLog, requests):
+    def proxy(self, accessLog, requests, **settings):
         backendPort = self.startBackend(FastBackend())
-        service = self.balancerFor(backendPort, accessLog=accessLog)
+        self.backendURL = f"http://127.0.0.1:{backendPort}"
+        service = self.balancerFor(backendPort, accessLog=accessLog, **settings)
         port = self.balancerPort(service)
         responses = []
         for request in requests:
@@ -849,6 +851,48 @@ class AccessLogTests(RealNetworkMixin, TestCase):
             responses.append(parseResponse((yield client.done)))
         yield service.stopService()
         return responses
+
+    @inlineCallbacks
+    def test_jsonLines(self):
+        """
+        C{access_log_format = "json"}: one object a line, with exactly the
+        documented keys, the backend that answered and the request's id.
+        """
+        path = self.mktemp()
+        yield self.proxy(
+            path,
+            [
+                b"GET /a?b=c HTTP/1.1\r\nHost: balancer\r\nX-Request-ID: r-1\r\n"
+                b"Connection: close\r\n\r\n",
+                b"CONNECT x:1 HTTP/1.1\r\nHost: balancer\r\nConnection: close\r\n\r\n",
+            ],
+            accessLogFormat="json",
+        )
+        with open(path) as f:
+            first, second = [json.loads(line) for line in f.read().splitlines()]
+        self.assertEqual(
+            sorted(first),
+            sorted(
+                ["time", "client", "method", "target", "protocol", "status", "bytes",
+                 "duration_ms", "backend", "backend_status", "attempts", "request_id"]
+            ),
+        )
+        self.assertEqual(
+            {k: first[k] for k in first if k not in ("time", "duration_ms")},
+            {
+                "client": "127.0.0.1", "method": "GET", "target": "/a?b=c",
+                "protocol": "HTTP/1.1", "status": 200,
+                "bytes": len(b"hello from the backend\n"), "backend": self.backendURL,
+                "backend_status": 200, "attempts": 1, "request_id": "r-1",
+            },
+        )
+        self.assertRegex(first["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00$")
+        self.assertIsInstance(first["duration_ms"], float)
+        self.assertGreaterEqual(first["duration_ms"], 0)
+        self.assertEqual(
+            (second["status"], second["backend"], second["backend_status"], second["attempts"]),
+            (405, None, None, 0),
+        )
 
     @inlineCallbacks
     def test_combinedLines(self):
