@@ -216,6 +216,15 @@ class BalancerChannel(HTTPChannel):
             return
         HTTPChannel.lineReceived(self, line)
 
+    def headerReceived(self, line):
+        # RFC 9110 section 5.5: NUL, and a CR that is not part of a line
+        # ending, have no place in a field; Twisted releases before 25
+        # pass NUL on, and a backend may read it differently.
+        if b"\x00" in line or b"\r" in line:
+            self._refuseHead(b"400 Bad Request", b"Bad Request: invalid character in a header")
+            return False
+        return HTTPChannel.headerReceived(self, line)
+
     def lineLengthExceeded(self, line):
         self._refuseHead(
             b"431 Request Header Fields Too Large", b"Request Header Fields Too Large"
