@@ -1,0 +1,294 @@
+"""
+What the admin API does, apart from HTTP: the JSON shapes of backends and
+status, and the changes it makes to the group, each checked, applied and
+logged with who asked.
+
+The field names of the answers are a public contract.  Every error is an
+L{APIError} whose message names the problem, and a request that fails
+changes nothing.
+"""
+
+import json
+from typing import Any, Dict, List, Optional, Tuple
+
+from twisted.logger import Logger
+
+from .. import __version__
+from ..backends import DISABLED, DRAINING, UP, Backend, BackendGroup
+from ..config import BackendConfig, ConfigError, parseBackendURL
+from ..reload import Reloader, findServer
+
+PATCH_STATES = (DRAINING, DISABLED, UP)
+
+
+class APIError(Exception):
+    """
+    An answer other than success: C{code} and the message for C{"error"}.
+
+    @ivar allow: for a 405, the methods the path takes.
+    """
+
+    allow = b""
+
+    def __init__(self, code: int, message: str) -> None:
+        Exception.__init__(self, message)
+        self.code = code
+        self.message = message
+
+
+def backendJSON(backend: Backend) -> Dict[str, Any]:
+    """
+    One backend as the API shows it.
+    """
+    stats = backend.stats
+    return {
+        "id": backend.id,
+        "url": backend.url,
+        "weight": backend.weight,
+        "backup": backend.backup,
+        "state": backend.state,
+        "healthy": backend.healthy,
+        "active": backend.active,
+        "requests": backend.requests,
+        "failures": backend.failures,
+        "last_check": backend.lastCheck,
+        "last_error": backend.lastError,
+        "latency_ms": stats.latency(),
+        "requests_per_second": round(stats.requestsPerSecond(), 3),
+        "error_rate": round(stats.errorRate(), 4),
+        "last_change": backend.lastChange,
+        "last_change_reason": backend.lastChangeReason,
+        "removing": backend.removing,
+        "history": stats.history(),
+    }
+
+
+def _snapshot(backend: Backend) -> Dict[str, Any]:
+    """
+    What a change is logged as, before and after.
+    """
+    return {"state": backend.state, "weight": backend.weight, "backup": backend.backup}
+
+
+def _weight(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise APIError(400, f"weight: expected a whole number greater than 0, got {value!r}")
+    return value
+
+
+def _checkFields(body: Dict[str, Any], allowed: Tuple[str, ...]) -> None:
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise APIError(
+            400,
+            f"unknown field {unknown[0]!r} (expected {', '.join(allowed)})",
+        )
+
+
+class AdminAPI:
+    """
+    What the admin endpoints do, apart from HTTP.
+
+    @param service: the L{rrbalancer.service.BalancerService} whose
+        listeners, site and settings the status shows, or None.
+    @param healthChecker: checks a backend added or enabled at once (an
+        L{IHealthChecker}), or None.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        group: BackendGroup,
+        clock,
+        reloader: Optional[Reloader] = None,
+        service=None,
+        healthChecker=None,
+    ) -> None:
+        self.group = group
+        self.clock = clock
+        self.reloader = reloader
+        self.service = service
+        self.healthChecker = healthChecker
+        self.started = clock.seconds()
+
+    def checkNow(self, backend: Backend) -> None:
+        """
+        Check a backend at once rather than at the next interval (a new
+        backend then takes traffic as soon as it can).
+        """
+        checker = self.healthChecker
+        if checker is not None and self.group.health.enabled:
+            checker.check(backend)
+
+    def _backend(self, backendID: str) -> Backend:
+        backend = self.group.get(backendID)
+        if backend is None:
+            raise APIError(404, f"no backend with id {backendID!r}")
+        return backend
+
+    def _logChange(self, peer: str, action: str, backend: Backend, before, after) -> None:
+        self.log.info(
+            "admin {peer}: {action} backend {id} {url}: {before} -> {after}",
+            peer=peer,
+            action=action,
+            id=backend.id,
+            url=backend.url,
+            before=json.dumps(before, sort_keys=True) if before else "absent",
+            after=json.dumps(after, sort_keys=True) if after else "removed",
+        )
+
+    # -- endpoints ----------------------------------------------------------
+
+    def listBackends(self) -> Dict[str, Any]:
+        return {
+            "backends": [backendJSON(b) for b in self.group],
+            "now": self.clock.seconds(),
+        }
+
+    def getBackend(self, backendID: str) -> Dict[str, Any]:
+        return backendJSON(self._backend(backendID))
+
+    def addBackend(self, body: Any, peer: str) -> Dict[str, Any]:
+        if not isinstance(body, dict):
+            raise APIError(400, "expected a JSON object such as {\"url\": \"http://10.0.0.5:8080\"}")
+        _checkFields(body, ("url", "weight", "backup"))
+        if "url" not in body:
+            raise APIError(400, "url: missing")
+        if not isinstance(body["url"], str):
+            raise APIError(400, f"url: expected a string, got {body['url']!r}")
+        try:
+            url = parseBackendURL(body["url"], "url")
+        except ConfigError as e:
+            raise APIError(400, str(e)) from None
+        weight = _weight(body.get("weight", 1))
+        backup = body.get("backup", False)
+        if not isinstance(backup, bool):
+            raise APIError(400, f"backup: expected true or false, got {backup!r}")
+        config = BackendConfig(url=url, weight=weight, backup=backup)
+        existing = findServer(self.group, config)
+        if existing is not None:
+            detail = " and is being removed" if existing.removing else ""
+            raise APIError(
+                409, f"backend {url} already exists (id {existing.id}){detail}"
+            )
+        backend = self.group.add(config, awaitCheck=True, reason=f"added by {peer}")
+        self._logChange(peer, "added", backend, None, _snapshot(backend))
+        self.checkNow(backend)
+        return backendJSON(backend)
+
+    def changeBackend(self, backendID: str, body: Any, peer: str) -> Dict[str, Any]:
+        backend = self._backend(backendID)
+        if not isinstance(body, dict):
+            raise APIError(400, "expected a JSON object such as {\"state\": \"draining\"}")
+        _checkFields(body, ("state", "weight"))
+        if not body:
+            raise APIError(400, "nothing to change: give state, weight or both")
+        state = body.get("state")
+        if "state" in body and state not in PATCH_STATES:
+            raise APIError(
+                400,
+                f"state: expected one of {', '.join(PATCH_STATES)}, got {state!r}",
+            )
+        weight = _weight(body["weight"]) if "weight" in body else None
+        if backend.removing:
+            raise APIError(409, f"backend {backend.id} is being removed")
+        before = _snapshot(backend)
+        if weight is not None:
+            self.group.reconfigure(backend, weight, backend.backup)
+        if state is not None:
+            wasDisabled = backend.adminState == DISABLED
+            verb = {UP: "enabled", DRAINING: "drained", DISABLED: "disabled"}[state]
+            backend.setAdminState(state, f"{verb} by {peer}")
+            if wasDisabled and state != DISABLED:
+                self.checkNow(backend)
+        self._logChange(peer, "changed", backend, before, _snapshot(backend))
+        return backendJSON(backend)
+
+    def removeBackend(self, backendID: str, peer: str) -> None:
+        backend = self._backend(backendID)
+        if backend.removing:
+            return
+        before = _snapshot(backend)
+        inFlight = backend.active
+        self.group.retire(backend, f"removed by {peer}")
+        self.log.info(
+            "admin {peer}: removing backend {id} {url} once its {n} requests in "
+            "flight end: {before} -> removed",
+            peer=peer,
+            id=backend.id,
+            url=backend.url,
+            n=inFlight,
+            before=json.dumps(before, sort_keys=True),
+        )
+
+    def reload(self, peer: str) -> Dict[str, Any]:
+        if self.reloader is None or not self.reloader.canReload:
+            raise APIError(
+                409,
+                "reload: the balancer was started without --config, so there is "
+                "no file to read again",
+            )
+        try:
+            result = self.reloader.reload(f"API, {peer}")
+        except ConfigError as e:
+            raise APIError(400, f"{e}; the running configuration stays") from None
+        return dict(result, reloaded=True)
+
+    def status(self) -> Dict[str, Any]:
+        now = self.clock.seconds()
+        backends = list(self.group)
+        service = self.service
+        listeners: List[Dict[str, Any]] = []
+        admin = None
+        inFlight = None
+        config = None
+        if service is not None:
+            for listener in service.listeners:
+                listeners.append(
+                    {"description": listener.description, "address": listener.address()}
+                )
+            adminListener = service.adminListener
+            if adminListener is not None:
+                admin = {
+                    "description": adminListener.description,
+                    "address": adminListener.address(),
+                }
+            inFlight = service.site.inFlight
+            config = service.config.configPath
+        responses: Dict[str, int] = {}
+        for b in backends:
+            for kind, count in b.stats.responses.items():
+                responses[kind] = responses.get(kind, 0) + count
+        health = self.group.health
+        return {
+            "version": __version__,
+            "uptime": round(now - self.started, 3),
+            "started": self.started,
+            "now": now,
+            "listeners": listeners,
+            "admin": admin,
+            "config": config,
+            "health_checks": {
+                "enabled": health.enabled,
+                "path": health.path,
+                "interval": health.interval,
+                "timeout": health.timeout,
+                "rise": health.rise,
+                "fall": health.fall,
+            },
+            "totals": {
+                "backends": len(backends),
+                "up": sum(1 for b in backends if b.state == UP),
+                "available": sum(1 for b in backends if b.available),
+                "requests": sum(b.requests for b in backends),
+                "failures": sum(b.failures for b in backends),
+                "active": sum(b.active for b in backends),
+                "in_flight": inFlight,
+                "retries": self.group.retries,
+                "requests_per_second": round(
+                    sum(b.stats.requestsPerSecond() for b in backends), 3
+                ),
+                "responses": responses,
+            },
+        }

@@ -1,0 +1,213 @@
+"""
+The admin listener's web face: routes each request to the API, the
+metrics or the dashboard's files, and turns answers and L{APIError}s into
+JSON.
+"""
+
+import json
+import os
+from typing import Any, List, Optional
+
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from ..listeners import describeAddress
+from ..metrics import MetricsResource
+from ..site import BalancerSite
+from ._api import AdminAPI, APIError
+from ._guards import TokenCheck, refusal
+
+DASHBOARD_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dashboard"
+)
+DASHBOARD_FILES = {
+    "index.html": "text/html; charset=utf-8",
+    "dashboard.js": "text/javascript; charset=utf-8",
+    "dashboard.css": "text/css; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
+}
+# Bodies of admin requests are small JSON objects.
+MAX_BODY = 64 * 1024
+SECURITY_HEADERS = {
+    b"x-content-type-options": b"nosniff",
+    b"x-frame-options": b"DENY",
+    b"referrer-policy": b"no-referrer",
+    b"content-security-policy": (
+        b"default-src 'self'; img-src 'self' data:; style-src 'self'; "
+        b"script-src 'self'; connect-src 'self'; frame-ancestors 'none'; "
+        b"base-uri 'none'; form-action 'self'"
+    ),
+}
+
+
+class AdminResource(Resource):
+    """
+    The admin listener's only resource: checks the token, routes, and turns
+    answers and L{APIError}s into JSON.
+
+    @param token: the admin token, or None when none is needed.
+    """
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, api: AdminAPI, metrics: Resource, token: Optional[bytes] = None) -> None:
+        Resource.__init__(self)
+        self.api = api
+        self.metrics = metrics
+        self._token = TokenCheck(token)
+        self.assets = {}
+        for name, contentType in DASHBOARD_FILES.items():
+            with open(os.path.join(DASHBOARD_DIR, name), "rb") as f:
+                self.assets[name] = (f.read(), contentType)
+        # (path pattern, {method: handler}); "{id}" matches one segment,
+        # given to the handler.
+        self._routes = [
+            (("api", "status"), {b"GET": self._status}),
+            (("api", "reload"), {b"POST": self._reload}),
+            (("api", "backends"), {b"GET": self._listBackends, b"POST": self._addBackend}),
+            (
+                ("api", "backends", "{id}"),
+                {
+                    b"GET": self._getBackend,
+                    b"PATCH": self._changeBackend,
+                    b"DELETE": self._removeBackend,
+                },
+            ),
+            (("metrics",), {b"GET": lambda request: self.metrics.render_GET(request)}),
+        ]
+
+    def render(self, request):
+        for name, value in SECURITY_HEADERS.items():
+            request.setHeader(name, value)
+        request.setHeader(b"cache-control", b"no-store")
+        # Routed on the path itself, whatever traversal the site does.
+        segments = [
+            s.decode("utf-8", "replace") for s in request.path.split(b"/") if s
+        ]
+        isPage = not segments or segments[0] not in ("api", "metrics")
+        if not self._token.authorized(request):
+            challenge = (
+                b'Basic realm="rrbalancer admin", charset="UTF-8"'
+                if isPage
+                else b'Bearer realm="rrbalancer admin"'
+            )
+            request.setHeader(b"www-authenticate", challenge)
+            return self._error(
+                request, 401, "missing or wrong token: send Authorization: Bearer <token>"
+            )
+        refused = refusal(request, self._token.required)
+        if refused is not None:
+            return self._error(request, *refused)
+        method = request.method
+        if method == b"HEAD":
+            method = b"GET"
+        try:
+            return self._route(request, method, segments)
+        except APIError as e:
+            if e.code == 405:
+                request.setHeader(b"allow", e.allow)
+            return self._error(request, e.code, e.message)
+
+    def _route(self, request, method: bytes, segments: List[str]) -> bytes:
+        if not segments:
+            return self._asset(request, method, "index.html")
+        if len(segments) == 1 and segments[0] in self.assets:
+            return self._asset(request, method, segments[0])
+        for pattern, handlers in self._routes:
+            if len(pattern) != len(segments):
+                continue
+            args = []
+            for part, segment in zip(pattern, segments):
+                if part == "{id}":
+                    args.append(segment)
+                elif part != segment:
+                    break
+            else:
+                self._allow(method, *handlers)
+                return handlers[method](request, *args)
+        if segments[0] == "api":
+            raise APIError(404, f"no such API endpoint: /{'/'.join(segments)}")
+        raise APIError(404, f"no such page: /{'/'.join(segments)}")
+
+    # -- the API's endpoints ----------------------------------------------
+
+    def _peer(self, request) -> str:
+        return describeAddress(request.getClientAddress()) or "unknown"
+
+    def _status(self, request) -> bytes:
+        return self._json(request, 200, self.api.status())
+
+    def _reload(self, request) -> bytes:
+        return self._json(request, 200, self.api.reload(self._peer(request)))
+
+    def _listBackends(self, request) -> bytes:
+        return self._json(request, 200, self.api.listBackends())
+
+    def _addBackend(self, request) -> bytes:
+        answer = self.api.addBackend(self._body(request), self._peer(request))
+        request.setHeader(b"location", f"/api/backends/{answer['id']}".encode("ascii"))
+        return self._json(request, 201, answer)
+
+    def _getBackend(self, request, backendID: str) -> bytes:
+        return self._json(request, 200, self.api.getBackend(backendID))
+
+    def _changeBackend(self, request, backendID: str) -> bytes:
+        # An unknown id is a 404 even when the body is bad too.
+        self.api.getBackend(backendID)
+        body = self._body(request)
+        return self._json(
+            request, 200, self.api.changeBackend(backendID, body, self._peer(request))
+        )
+
+    def _removeBackend(self, request, backendID: str) -> bytes:
+        self.api.removeBackend(backendID, self._peer(request))
+        request.setResponseCode(204)
+        return b""
+
+    # -- answers -------------------------------------------------------------
+
+    def _allow(self, method: bytes, *allowed: bytes) -> None:
+        if method not in allowed:
+            error = APIError(405, f"method {method.decode('ascii', 'replace')} not allowed here")
+            error.allow = b", ".join(allowed)
+            raise error
+
+    def _asset(self, request, method: bytes, name: str) -> bytes:
+        self._allow(method, b"GET")
+        body, contentType = self.assets[name]
+        request.setHeader(b"content-type", contentType.encode("ascii"))
+        request.setHeader(b"cache-control", b"no-cache")
+        return body
+
+    def _body(self, request) -> Any:
+        content = request.content
+        data = content.read(MAX_BODY + 1) if content is not None else b""
+        if len(data) > MAX_BODY:
+            raise APIError(413, f"request body over {MAX_BODY} bytes")
+        if not data.strip():
+            raise APIError(400, "request body is empty: expected a JSON object")
+        try:
+            return json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise APIError(400, "request body is not UTF-8") from None
+        except ValueError as e:
+            raise APIError(400, f"request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise APIError(400, "request body is not valid JSON: nested too deeply") from None
+
+    def _json(self, request, code: int, value: Any) -> bytes:
+        request.setResponseCode(code)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(value).encode("utf-8") + b"\n"
+
+    def _error(self, request, code: int, message: str) -> bytes:
+        return self._json(request, code, {"error": message})
+
+
+def makeAdminSite(api: AdminAPI, registry, reactor, token: Optional[bytes] = None) -> Site:
+    resource = AdminResource(api, MetricsResource(registry), token)
+    site = BalancerSite(resource, reactor, maxBodySize=MAX_BODY)
+    site.noisy = False
+    return site
