@@ -558,7 +558,3 @@ def markdownTable() -> str:
             )
         )
     return "\n".join(rows) + "\n"
-
-
-if __name__ == "__main__":  # pragma: no cover - a maintainer's tool
-    print(markdownTable(), end="")

@@ -100,7 +100,8 @@ class ReadmeTests(SynchronousTestCase):
     def test_tableMatchesSchema(self):
         """
         The README's settings table is the one the schema makes; when this
-        fails, run C{python -m rrbalancer.settings} and paste its output.
+        fails, paste the output of C{python -c "from rrbalancer.settings
+        import markdownTable; print(markdownTable(), end='')"}.
         """
         with open(README, encoding="utf-8") as f:
             text = f.read()
