@@ -454,6 +454,9 @@ class BackendGroup:
         self._clock = clock
         self._upstream = upstream
         self._backends: Dict[str, Backend] = {}
+        # By what is dialled (BackendConfig.server): http://a and
+        # http://a:80 are one backend, found without a scan.
+        self._byServer: Dict[tuple, Backend] = {}
         self._selector: SmoothWeightedRoundRobin[Backend] = SmoothWeightedRoundRobin(
             attrgetter("weight")
         )
@@ -469,11 +472,14 @@ class BackendGroup:
     def get(self, backendID: str) -> Optional[Backend]:
         return self._backends.get(backendID)
 
+    def byServer(self, config: BackendConfig) -> Optional[Backend]:
+        """
+        The backend that dials the server C{config} names, if any.
+        """
+        return self._byServer.get(config.server)
+
     def byURL(self, url: str) -> Optional[Backend]:
-        for backend in self._backends.values():
-            if backend.url == url:
-                return backend
-        return None
+        return self.byServer(BackendConfig(url=url))
 
     def add(
         self,
@@ -488,7 +494,7 @@ class BackendGroup:
             checks on, it takes no traffic until its first check passes.
         @param reason: why it was added, as its last state change.
         """
-        if self.byURL(config.url) is not None:
+        if config.server in self._byServer:
             raise ValueError(f"backend {config.url} is already in the group")
         backendID = str(self._nextID)
         self._nextID += 1
@@ -501,6 +507,7 @@ class BackendGroup:
         elif reason is not None:
             backend._changed(reason)
         self._backends[backendID] = backend
+        self._byServer[config.server] = backend
         return backend
 
     def reconfigure(self, backend: Backend, weight: int, backup: bool) -> None:
@@ -547,6 +554,8 @@ class BackendGroup:
 
     def remove(self, backend: Backend) -> None:
         del self._backends[backend.id]
+        if self._byServer.get(backend.config.server) is backend:
+            del self._byServer[backend.config.server]
         self._selector.forget(backend)
         if backend.pool is not None:
             backend.pool.closeIdle()

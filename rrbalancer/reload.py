@@ -18,22 +18,7 @@ from typing import Callable, Dict, List, Optional
 from twisted.logger import Logger
 
 from .backends import Backend, BackendGroup
-from .config import RELOADABLE, BackendConfig, Config, ConfigError, loadConfig
-
-
-def serverOf(config: BackendConfig):
-    """
-    What is dialled: http://a and http://a:80 are the same backend.
-    """
-    return (config.scheme, config.host, config.port)
-
-
-def findServer(group: BackendGroup, config: BackendConfig) -> Optional[Backend]:
-    wanted = serverOf(config)
-    for backend in group:
-        if serverOf(backend.config) == wanted:
-            return backend
-    return None
+from .config import RELOADABLE, Config, ConfigError, loadConfig
 
 
 class Reloader:
@@ -60,7 +45,7 @@ class Reloader:
         self.group = group
         self._load = load
         self.onAdded = onAdded
-        self.managed = {serverOf(b) for b in config.backends}
+        self.managed = {b.server for b in config.backends}
 
     @property
     def canReload(self) -> bool:
@@ -115,8 +100,8 @@ class Reloader:
         added, removed, changed = [], [], []
         wanted = set()
         for backendConfig in new.backends:
-            wanted.add(serverOf(backendConfig))
-            backend = findServer(group, backendConfig)
+            wanted.add(backendConfig.server)
+            backend = group.byServer(backendConfig)
             if backend is None:
                 backend = group.add(backendConfig, awaitCheck=True, reason=reason)
                 added.append(backend.url)
@@ -133,7 +118,7 @@ class Reloader:
                 if backend.url not in changed:
                     changed.append(backend.url)
         for backend in group:
-            server = serverOf(backend.config)
+            server = backend.config.server
             if server in self.managed and server not in wanted and not backend.removing:
                 group.retire(backend, f"{reason}: no longer in the file")
                 removed.append(backend.url)

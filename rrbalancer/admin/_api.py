@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from .. import __version__
 from ..backends import DISABLED, DRAINING, UP, Backend, BackendGroup
 from ..config import BackendConfig, ConfigError, parseBackendURL
-from ..reload import Reloader, findServer
+from ..reload import Reloader
 
 PATCH_STATES = (DRAINING, DISABLED, UP)
 
@@ -166,7 +166,7 @@ class AdminAPI:
         if not isinstance(backup, bool):
             raise APIError(400, f"backup: expected true or false, got {backup!r}")
         config = BackendConfig(url=url, weight=weight, backup=backup)
-        existing = findServer(self.group, config)
+        existing = self.group.byServer(config)
         if existing is not None:
             detail = " and is being removed" if existing.removing else ""
             raise APIError(
