@@ -1,208 +1,195 @@
 """
 Prometheus metrics, read from the backends at scrape time.
 
-Nothing is counted twice: L{BalancerCollector} turns what the
-L{BackendGroup} and its L{Backend}s already keep (see
-L{rrbalancer.backends.BackendStats}) into metric families when Prometheus
-asks, so the request path pays for no metrics library call, and a backend
-added or removed at run time appears or disappears with its series.
+Nothing is counted twice: L{Metrics} turns what the L{BackendGroup} and its
+L{Backend}s already keep (see L{rrbalancer.backends.BackendStats}) into the
+exposition text when Prometheus asks, so the request path pays for no
+metrics call, and a backend added or removed at run time appears or
+disappears with its series.
 
-prometheus_client's own Twisted resource serves the registry from a thread
-pool and takes the global reactor; L{MetricsResource} is the few lines it
-takes to serve it here, with the format the scraper asks for.
+The text is written here rather than through prometheus_client's metric
+objects: a fleet of ten thousand backends is over a hundred thousand
+series, and building an object per sample made a scrape take seconds.
+Both formats a scraper may ask for are written: Prometheus text 0.0.4 and
+OpenMetrics 1.0 (the tests read both back with prometheus_client's
+parsers).
 """
 
-from typing import Iterator, Optional
+from typing import Callable, Iterator, List, Optional, Tuple
 
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.exposition import choose_encoder
-from prometheus_client.registry import CollectorRegistry
 from twisted.web.resource import Resource
 
 from . import __version__
-from .backends import ADMIN_STATES, DOWN, DURATION_BUCKETS, BackendGroup
+from .backends import ADMIN_STATES, DOWN, DURATION_BUCKETS, Backend, BackendGroup
 
 STATES = ADMIN_STATES + (DOWN,)
-STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "error")
+TEXT = "text/plain; version=0.0.4; charset=utf-8"
+OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 
 def _bound(value: float) -> str:
     return "+Inf" if value == float("inf") else repr(float(value))
 
 
-class BalancerCollector:
+BOUNDS = [_bound(bound) for bound in DURATION_BUCKETS]
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value) -> str:
+    return repr(float(value)) if isinstance(value, float) else "%d" % (value,)
+
+
+# Per-backend families: (name, type, help, samples); samples(backend) gives
+# (suffix of labels, value) pairs, the backend's own label put first.
+Samples = Callable[[Backend], List[Tuple[str, object]]]
+
+
+def _one(value: Callable[[Backend], object]) -> Samples:
+    return lambda b: [("", value(b))]
+
+
+def _state(b: Backend):
+    current = b.state
+    return [(f',state="{s}"', 1 if s == current else 0) for s in STATES]
+
+
+def _responses(b: Backend):
+    # Only the classes seen: a fleet of idle backends would otherwise be
+    # mostly zeros (a missing counter reads as 0 in rate() and increase()).
+    return [(f',code="{kind}"', count) for kind, count in b.stats.responses.items()]
+
+
+def _checks(b: Backend):
+    return [(',result="pass"', b.checksPassed), (',result="fail"', b.checksFailed)]
+
+
+BACKEND_FAMILIES = [
+    ("rrbalancer_backend_up", "gauge",
+     "1 if the backend takes new requests (healthy and enabled), else 0.",
+     _one(lambda b: 1 if b.available else 0)),
+    ("rrbalancer_backend_healthy", "gauge",
+     "1 if the health checks find the backend healthy, else 0.",
+     _one(lambda b: 1 if b.healthy else 0)),
+    ("rrbalancer_backend_state", "gauge", "The backend's state: 1 for the one it is in.", _state),
+    ("rrbalancer_backend_weight", "gauge", "The backend's weight.", _one(lambda b: b.weight)),
+    ("rrbalancer_backend_in_flight", "gauge", "Requests in flight on the backend.",
+     _one(lambda b: b.active)),
+    ("rrbalancer_backend_attempts", "counter", "Requests sent to the backend (each try counts).",
+     _one(lambda b: b.requests)),
+    ("rrbalancer_backend_requests", "counter",
+     "Responses from the backend by status class ('error': broken after the response had "
+     "started).", _responses),
+    ("rrbalancer_backend_failures", "counter",
+     "Requests the backend could not take (no connection, no answer).",
+     _one(lambda b: b.failures)),
+    ("rrbalancer_health_checks", "counter", "Active health checks by result.", _checks),
+    ("rrbalancer_backend_request_bytes", "counter", "Request body bytes sent to the backend.",
+     _one(lambda b: b.stats.bytesIn)),
+    ("rrbalancer_backend_response_bytes", "counter",
+     "Response body bytes from the backend sent to clients.",
+     _one(lambda b: b.stats.bytesOut)),
+]
+DURATION = (
+    "rrbalancer_backend_request_duration_seconds",
+    "Time from a request's turn at the backend to its response's end.",
+)
+
+
+class Metrics:
     """
-    A prometheus_client collector over one balancer's backends.
+    The balancer's metrics, rendered when asked.
 
     @param site: the client-facing site, for the requests in flight on it
         (optional).
     @param clock: for the uptime (optional).
+    @param perBackend: write the per-backend series; without them, the
+        totals only (for fleets where that many series are unwanted).
     """
 
-    def __init__(self, group: BackendGroup, site=None, clock=None) -> None:
+    def __init__(self, group: BackendGroup, site=None, clock=None, perBackend: bool = True) -> None:
         self.group = group
         self.site = site
         self.clock = clock
+        self.perBackend = perBackend
         self.started = clock.seconds() if clock is not None else None
 
-    def describe(self):
-        # Nothing to check against other collectors: this one owns its
-        # registry, and its series come and go with the backends.
-        return []
+    def render(self, openMetrics: bool = False) -> bytes:
+        return "".join(self._lines(openMetrics)).encode("utf-8")
 
-    def collect(self) -> Iterator[Metric]:
+    def _head(self, name: str, kind: str, help: str, openMetrics: bool) -> str:
+        shown = name + "_total" if kind == "counter" and not openMetrics else name
+        help = help.replace("\\", "\\\\").replace("\n", "\\n")
+        return f"# HELP {shown} {help}\n# TYPE {shown} {kind}\n"
+
+    def _lines(self, openMetrics: bool) -> Iterator[str]:
+        head = self._head
         backends = list(self.group)
-        labels = ["backend"]
-
-        info = GaugeMetricFamily(
-            "rrbalancer_info", "The balancer's version.", labels=["version"]
-        )
-        info.add_metric([__version__], 1)
-        yield info
+        yield head("rrbalancer_info", "gauge", "The balancer's version.", openMetrics)
+        yield f'rrbalancer_info{{version="{_label(__version__)}"}} 1\n'
         if self.site is not None:
-            yield GaugeMetricFamily(
-                "rrbalancer_in_flight_requests",
-                "Client requests received and not yet answered.",
-                value=self.site.inFlight,
-            )
+            yield head("rrbalancer_in_flight_requests", "gauge",
+                       "Client requests received and not yet answered.", openMetrics)
+            yield f"rrbalancer_in_flight_requests {self.site.inFlight}\n"
         if self.started is not None:
-            yield GaugeMetricFamily(
-                "rrbalancer_uptime_seconds",
-                "Seconds since the balancer started.",
-                value=self.clock.seconds() - self.started,
-            )
-        yield CounterMetricFamily(
-            "rrbalancer_retries",
-            "Requests that moved on to another backend after one failed them.",
-            value=self.group.retries,
-        )
-
-        up = GaugeMetricFamily(
-            "rrbalancer_backend_up",
-            "1 if the backend takes new requests (healthy and enabled), else 0.",
-            labels=labels,
-        )
-        healthy = GaugeMetricFamily(
-            "rrbalancer_backend_healthy",
-            "1 if the health checks find the backend healthy, else 0.",
-            labels=labels,
-        )
-        state = GaugeMetricFamily(
-            "rrbalancer_backend_state",
-            "The backend's state: 1 for the one it is in.",
-            labels=labels + ["state"],
-        )
-        weight = GaugeMetricFamily(
-            "rrbalancer_backend_weight", "The backend's weight.", labels=labels
-        )
-        inFlight = GaugeMetricFamily(
-            "rrbalancer_backend_in_flight",
-            "Requests in flight on the backend.",
-            labels=labels,
-        )
-        attempts = CounterMetricFamily(
-            "rrbalancer_backend_attempts",
-            "Requests sent to the backend (each try counts).",
-            labels=labels,
-        )
-        responses = CounterMetricFamily(
-            "rrbalancer_backend_requests",
-            "Responses from the backend by status class ('error': broken "
-            "after the response had started).",
-            labels=labels + ["code"],
-        )
-        failures = CounterMetricFamily(
-            "rrbalancer_backend_failures",
-            "Requests the backend could not take (no connection, no answer).",
-            labels=labels,
-        )
-        checks = CounterMetricFamily(
-            "rrbalancer_health_checks",
-            "Active health checks by result.",
-            labels=labels + ["result"],
-        )
-        bytesIn = CounterMetricFamily(
-            "rrbalancer_backend_request_bytes",
-            "Request body bytes sent to the backend.",
-            labels=labels,
-        )
-        bytesOut = CounterMetricFamily(
-            "rrbalancer_backend_response_bytes",
-            "Response body bytes from the backend sent to clients.",
-            labels=labels,
-        )
-        duration = HistogramMetricFamily(
-            "rrbalancer_backend_request_duration_seconds",
-            "Time from a request's turn at the backend to its response's end.",
-            labels=labels,
-        )
+            yield head("rrbalancer_uptime_seconds", "gauge",
+                       "Seconds since the balancer started.", openMetrics)
+            yield f"rrbalancer_uptime_seconds {_number(self.clock.seconds() - self.started)}\n"
+        yield head("rrbalancer_retries", "counter",
+                   "Requests that moved on to another backend after one failed them.", openMetrics)
+        yield f"rrbalancer_retries_total {self.group.retries}\n"
+        counts = dict.fromkeys(STATES, 0)
         for backend in backends:
-            name = [backend.url]
+            counts[backend.state] += 1
+        yield head("rrbalancer_backends", "gauge", "Backends in each state.", openMetrics)
+        for state, count in counts.items():
+            yield f'rrbalancer_backends{{state="{state}"}} {count}\n'
+        if self.perBackend:
+            names = [f'{{backend="{_label(b.url)}"' for b in backends]
+            for name, kind, help, samples in BACKEND_FAMILIES:
+                yield head(name, kind, help, openMetrics)
+                sample = name + "_total" if kind == "counter" else name
+                for backend, label in zip(backends, names):
+                    for suffix, value in samples(backend):
+                        yield f"{sample}{label}{suffix}}} {_number(value)}\n"
+            yield from self._durations(backends, names, openMetrics)
+        if openMetrics:
+            yield "# EOF\n"
+
+    def _durations(self, backends, names, openMetrics: bool) -> Iterator[str]:
+        name, help = DURATION
+        yield self._head(name, "histogram", help, openMetrics)
+        for backend, label in zip(backends, names):
             stats = backend.stats
-            up.add_metric(name, 1 if backend.available else 0)
-            healthy.add_metric(name, 1 if backend.healthy else 0)
-            current = backend.state
-            for s in STATES:
-                state.add_metric(name + [s], 1 if s == current else 0)
-            weight.add_metric(name, backend.weight)
-            inFlight.add_metric(name, backend.active)
-            attempts.add_metric(name, backend.requests)
-            for kind in STATUS_CLASSES:
-                count = stats.responses.get(kind, 0)
-                if count or kind in ("2xx", "5xx"):
-                    responses.add_metric(name + [kind], count)
-            failures.add_metric(name, backend.failures)
-            checks.add_metric(name + ["pass"], backend.checksPassed)
-            checks.add_metric(name + ["fail"], backend.checksFailed)
-            bytesIn.add_metric(name, stats.bytesIn)
-            bytesOut.add_metric(name, stats.bytesOut)
+            if not stats.durationCount:
+                continue
             cumulative = 0
-            buckets = []
-            for bound, count in zip(DURATION_BUCKETS, stats.buckets):
+            for bound, count in zip(BOUNDS, stats.buckets):
                 cumulative += count
-                buckets.append((_bound(bound), cumulative))
-            duration.add_metric(name, buckets, stats.durationSum)
-        yield from (
-            up, healthy, state, weight, inFlight, attempts, responses, failures,
-            checks, bytesIn, bytesOut, duration,
-        )
-
-
-def makeRegistry(group: BackendGroup, site=None, clock=None) -> CollectorRegistry:
-    """
-    A registry of the balancer's metrics only (not the process-wide
-    default one, which other code in the process could fill).
-    """
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(BalancerCollector(group, site, clock))
-    return registry
+                yield f'{name}_bucket{label},le="{bound}"}} {cumulative}\n'
+            yield f"{name}_count{label}}} {stats.durationCount}\n"
+            yield f"{name}_sum{label}}} {_number(float(stats.durationSum))}\n"
 
 
 class MetricsResource(Resource):
     """
-    C{GET /metrics}: the registry in the Prometheus text format, or in
-    OpenMetrics when the scraper asks for it.
+    C{GET /metrics}: Prometheus text, or OpenMetrics when the scraper asks
+    for it.
     """
 
     isLeaf = True
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, metrics: Metrics) -> None:
         Resource.__init__(self)
-        self.registry = registry
+        self.metrics = metrics
 
     def render_GET(self, request) -> bytes:
         accept: Optional[bytes] = request.getHeader(b"accept")
-        encoder, contentType = choose_encoder(
-            accept.decode("latin-1") if accept else ""
-        )
-        body = encoder(self.registry)
-        request.setHeader(b"content-type", contentType.encode("ascii"))
+        openMetrics = accept is not None and b"application/openmetrics-text" in accept
+        request.setHeader(b"content-type", OPENMETRICS if openMetrics else TEXT)
         request.setHeader(b"cache-control", b"no-store")
-        return body
+        return self.metrics.render(openMetrics)
 
     render_HEAD = render_GET

@@ -17,7 +17,7 @@ from .balancer import Balancer
 from .config import Config, ConfigError
 from .demo import DemoBackends
 from .listeners import Listener
-from .metrics import makeRegistry
+from .metrics import Metrics
 from .reload import Reloader
 from .settings import readAdminToken
 from .signals import SignalHandlers
@@ -51,7 +51,7 @@ class BalancerService(MultiService):
     @ivar reloader: applies the config file again (SIGHUP, the API).
     @ivar signals: SIGHUP reloads and reopens the access log, SIGUSR1
         reopens it (logrotate).
-    @ivar metrics: the Prometheus registry the admin listener serves.
+    @ivar metrics: the Prometheus metrics the admin listener serves.
     @ivar adminAPI: what the admin endpoints do, or None without an admin
         listener.
     @ivar adminListener: the admin listener, or None.
@@ -104,7 +104,7 @@ class BalancerService(MultiService):
             listener.setServiceParent(self)
             self.listeners.append(listener)
         self.reloader = Reloader(config, self.group, onAdded=self.checkNow)
-        self.metrics = makeRegistry(self.group, self.site, reactor)
+        self.metrics = Metrics(self.group, self.site, reactor, config.metricsPerBackend)
         if config.admin is not None:
             self._addAdmin(config, reactor)
         ReadyNotifier().setServiceParent(self)

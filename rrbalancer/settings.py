@@ -514,6 +514,9 @@ SETTINGS: Tuple[Setting, ...] = (
     _s("admin_token_file", "adminTokenFile", tokenFile, None,
        "Every admin request must then carry Authorization: Bearer and this "
        "file's content.", path=True, metavar="FILE"),
+    _s("metrics_per_backend", "metricsPerBackend", boolean, True,
+       "Give /metrics a series per backend and measure; false keeps the totals "
+       "only, for fleets where that many series are unwanted.", metavar="true|false"),
     _s("demo", "demo", boolean, False,
        "Start three demo backends on loopback ports and balance over them.",
        switch=True),

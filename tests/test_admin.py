@@ -38,7 +38,7 @@ from rrbalancer.config import (
     parseAdmin,
 )
 from rrbalancer.health import USER_AGENT
-from rrbalancer.metrics import MetricsResource, makeRegistry
+from rrbalancer.metrics import Metrics, MetricsResource
 from rrbalancer.service import makeService
 from rrbalancer.tap import Options
 
@@ -82,7 +82,7 @@ class InMemoryAdmin:
         self.events = []
         self.api.log = Logger(observer=self.events.append)
         self.resource = AdminResource(
-            self.api, MetricsResource(makeRegistry(self.group)), token
+            self.api, MetricsResource(Metrics(self.group)), token
         )
         self.stub = StubTreq(self.resource)
 
@@ -1001,3 +1001,85 @@ class LoadTests(TestCase):
         text = (yield treq.content(response)).decode()
         self.assertIn(f'rrbalancer_backend_requests_total{{backend="{threeURL}",code="2xx"}}', text)
         self.assertNotIn(oneURL, text)
+
+
+class LargeSetTests(SynchronousTestCase):
+    """
+    The API for large sets: pages, filters and totals; one call that
+    applies many changes, all or nothing.
+    """
+
+    def setUp(self):
+        self.admin = InMemoryAdmin(urls=[f"http://127.0.0.1:{9000 + n}" for n in range(25)])
+
+    def test_page(self):
+        code, body, _, _ = self.admin.request("GET", "/api/backends?offset=10&limit=5")
+        self.assertEqual(code, 200)
+        self.assertEqual([b["id"] for b in body["backends"]], ["11", "12", "13", "14", "15"])
+        self.assertEqual((body["total"], body["matched"], body["offset"], body["limit"]), (25, 25, 10, 5))
+        self.assertEqual(body["counts"], {"up": 25, "down": 0, "draining": 0, "disabled": 0})
+
+    def test_filters(self):
+        self.admin.group.get("3").setAdminState("draining", "test")
+        self.admin.group.get("4").setAdminState("draining", "test")
+        code, body, _, _ = self.admin.request("GET", "/api/backends?state=draining")
+        self.assertEqual([b["id"] for b in body["backends"]], ["3", "4"])
+        self.assertEqual((body["total"], body["matched"]), (25, 2))
+        self.assertEqual(body["counts"]["draining"], 2)
+        code, body, _, _ = self.admin.request("GET", "/api/backends?q=:9012")
+        self.assertEqual([b["url"] for b in body["backends"]], ["http://127.0.0.1:9012"])
+
+    def test_badQuery(self):
+        for query in ["state=sleepy", "limit=0", "limit=x", "offset=-1", "limit=100000"]:
+            code, body, _, _ = self.admin.request("GET", "/api/backends?" + query)
+            self.assertEqual(code, 400, query)
+            self.assertIn("error", body)
+
+    def test_bulk(self):
+        before = len(self.admin.group)
+        code, body, _, _ = self.admin.request("POST", "/api/backends/bulk", {
+            "add": [{"url": "http://127.0.0.1:7001"}, {"url": "http://127.0.0.1:7002", "weight": 3}],
+            "change": [{"id": "1", "state": "draining"}, {"url": "http://127.0.0.1:9001", "weight": 4}],
+            "remove": ["3", "http://127.0.0.1:9003"],
+        })
+        self.assertEqual(code, 200, body)
+        self.assertEqual(body["changed"], ["1", "2"])
+        self.assertEqual(body["removed"], ["3", "4"])
+        group = self.admin.group
+        self.assertEqual(len(group), before)  # two in, two out (no request in flight)
+        self.assertEqual(group.byURL("http://127.0.0.1:7002").weight, 3)
+        self.assertEqual(group.get("1").state, "draining")
+        self.assertEqual(group.get("2").weight, 4)
+        self.assertIsNone(group.get("3"))
+
+    def test_bulkAllOrNothing(self):
+        """
+        One bad item anywhere refuses the whole call and changes nothing.
+        """
+        before = self.admin.snapshot()
+        for body, code in [
+            ({"add": [{"url": "http://127.0.0.1:7001"}, {"url": "ftp://x"}]}, 400),
+            ({"add": [{"url": "http://127.0.0.1:7001"}], "remove": ["999"]}, 404),
+            ({"add": [{"url": "http://127.0.0.1:9000"}]}, 409),
+            ({"add": [{"url": "http://127.0.0.1:7001"}, {"url": "http://127.0.0.1:7001/"}]}, 400),
+            ({"change": [{"id": "1", "state": "gone"}]}, 400),
+            ({"remove": "1"}, 400),
+            ({"other": []}, 400),
+        ]:
+            answer, error, _, _ = self.admin.request("POST", "/api/backends/bulk", body)
+            self.assertEqual(answer, code, (body, error))
+            self.assertIn("error", error)
+            self.assertEqual(self.admin.snapshot(), before)
+
+    def test_bulkOfThousandsIsLinear(self):
+        """
+        Ten thousand backends in one call: every check is a lookup, not a
+        scan (a quadratic call would take minutes here).
+        """
+        admin = InMemoryAdmin(urls=[])
+        adds = [{"url": f"http://127.{n // 65536}.{n // 256 % 256}.{n % 256}:80"} for n in range(10000)]
+        code, body, _, _ = admin.request("POST", "/api/backends/bulk", {"add": adds})
+        self.assertEqual(code, 200)
+        self.assertEqual(len(admin.group), 10000)
+        code, body, _, _ = admin.request("GET", "/api/backends?limit=100&offset=9950")
+        self.assertEqual((len(body["backends"]), body["total"]), (50, 10000))

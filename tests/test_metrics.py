@@ -23,7 +23,11 @@ from rrbalancer.backends import (
     statusClass,
 )
 from rrbalancer.config import BackendConfig, HealthConfig
-from rrbalancer.metrics import BalancerCollector, MetricsResource, makeRegistry
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openMetricsFamilies,
+)
+
+from rrbalancer.metrics import Metrics, MetricsResource
 
 
 def makeGroup(urls=("http://127.0.0.1:8081", "http://127.0.0.1:8082"), health=None):
@@ -39,16 +43,14 @@ class FakeSite:
     inFlight = 3
 
 
-def scrape(group, site=None, clock=None):
+def scrape(group, site=None, clock=None, openMetrics=False, perBackend=True):
     """
     The metrics as Prometheus would parse them: {name: {labels: value}}.
     """
-    registry = makeRegistry(group, site, clock)
-    from prometheus_client.exposition import generate_latest
-
-    text = generate_latest(registry).decode("utf-8")
+    text = Metrics(group, site, clock, perBackend).render(openMetrics).decode("utf-8")
+    parse = openMetricsFamilies if openMetrics else text_string_to_metric_families
     samples = {}
-    for family in text_string_to_metric_families(text):
+    for family in parse(text):
         for sample in family.samples:
             key = tuple(sorted(sample.labels.items()))
             samples.setdefault(sample.name, {})[key] = sample.value
@@ -289,7 +291,8 @@ class CollectorTests(SynchronousTestCase):
         self.assertEqual(requests[(("backend", url), ("code", "2xx"))], 2)
         self.assertEqual(requests[(("backend", url), ("code", "5xx"))], 1)
         self.assertEqual(requests[(("backend", url), ("code", "error"))], 1)
-        self.assertEqual(requests[(("backend", self.two.url), ("code", "2xx"))], 0)
+        # A class never seen has no series (it reads as 0).
+        self.assertNotIn((("backend", self.two.url), ("code", "2xx")), requests)
         self.assertEqual(
             samples["rrbalancer_backend_attempts_total"][(("backend", url),)], 4
         )
@@ -346,25 +349,45 @@ class CollectorTests(SynchronousTestCase):
         self.assertNotIn(self.two.url, text)
         self.assertIn(self.one.url, text)
 
-    def test_collectorAlone(self):
+    def test_readAtScrapeTime(self):
         """
-        The collector can be registered anywhere, and reads at scrape time.
+        A backend added after the metrics were made has its series at the
+        next scrape.
         """
-        collector = BalancerCollector(self.group)
-        self.assertEqual(collector.describe(), [])
-        before = {m.name for m in collector.collect()}
+        metrics = Metrics(self.group)
         self.group.add(BackendConfig("http://127.0.0.1:8083"))
-        after = list(collector.collect())
-        self.assertEqual({m.name for m in after}, before)
-        up = [m for m in after if m.name == "rrbalancer_backend_up"][0]
-        self.assertEqual(len(up.samples), 3)
+        self.assertIn(b'backend="http://127.0.0.1:8083"', metrics.render())
+
+    def test_openMetricsParses(self):
+        text_samples, _ = scrape(self.group, FakeSite(), self.clock)
+        om_samples, text = scrape(self.group, FakeSite(), self.clock, openMetrics=True)
+        self.assertTrue(text.endswith("# EOF\n"))
+        self.assertEqual(
+            om_samples["rrbalancer_backend_requests_total"],
+            text_samples["rrbalancer_backend_requests_total"],
+        )
+
+    def test_totalsOnly(self):
+        """
+        Without per-backend series, the totals by state remain.
+        """
+        samples, text = scrape(self.group, perBackend=False)
+        self.assertNotIn(self.one.url, text)
+        self.assertEqual(samples["rrbalancer_backends"][(("state", "up"),)], 1)
+        self.assertEqual(samples["rrbalancer_backends"][(("state", "draining"),)], 1)
+
+    def test_labelsEscaped(self):
+        group, clock = makeGroup(urls=())
+        group.add(BackendConfig("http://[::1]:8081"))
+        samples, _ = scrape(group)
+        self.assertIn((("backend", "http://[::1]:8081"),), samples["rrbalancer_backend_up"])
 
 
 class ResourceTests(SynchronousTestCase):
     def get(self, headers=None):
         group, clock = makeGroup()
         group.get("1").recordResponse(200, 0.01, 0, 0)
-        stub = StubTreq(MetricsResource(makeRegistry(group)))
+        stub = StubTreq(MetricsResource(Metrics(group)))
         d = stub.get("http://127.0.0.1/metrics", headers=headers)
         stub.flush()
         response = self.successResultOf(d)

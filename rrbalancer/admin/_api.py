@@ -14,11 +14,15 @@ from typing import Any, Dict, List, Optional, Tuple
 from twisted.logger import Logger
 
 from .. import __version__
-from ..backends import DISABLED, DRAINING, UP, Backend, BackendGroup
+from ..backends import DISABLED, DOWN, DRAINING, UP, Backend, BackendGroup
 from ..config import BackendConfig, ConfigError, parseBackendURL
 from ..reload import Reloader
 
 PATCH_STATES = (DRAINING, DISABLED, UP)
+STATES = (UP, DOWN, DRAINING, DISABLED)
+# A page of GET /api/backends: by default, and at the most.
+DEFAULT_PAGE = 500
+MAX_PAGE = 10000
 
 
 class APIError(Exception):
@@ -140,32 +144,163 @@ class AdminAPI:
 
     # -- endpoints ----------------------------------------------------------
 
-    def listBackends(self) -> Dict[str, Any]:
+    def listBackends(
+        self,
+        state: Optional[str] = None,
+        match: Optional[str] = None,
+        offset: int = 0,
+        limit: int = DEFAULT_PAGE,
+    ) -> Dict[str, Any]:
+        """
+        A page of the backends, in the order they were added, with the
+        totals a large set needs: how many there are, how many match, and
+        how many are in each state.
+
+        @param state: only backends in this state.
+        @param match: only backends whose URL or id contains this text.
+        """
+        if state is not None and state not in STATES:
+            raise APIError(400, f"state: expected one of {', '.join(STATES)}, got {state!r}")
+        if offset < 0 or not 0 < limit <= MAX_PAGE:
+            raise APIError(
+                400, f"offset must be at least 0 and limit between 1 and {MAX_PAGE}"
+            )
+        counts = dict.fromkeys(STATES, 0)
+        matched = []
+        total = 0
+        for backend in self.group:
+            total += 1
+            current = backend.state
+            counts[current] += 1
+            if state is not None and current != state:
+                continue
+            if match and match not in backend.url and match != backend.id:
+                continue
+            matched.append(backend)
         return {
-            "backends": [backendJSON(b) for b in self.group],
+            "backends": [backendJSON(b) for b in matched[offset : offset + limit]],
+            "total": total,
+            "matched": len(matched),
+            "offset": offset,
+            "limit": limit,
+            "counts": counts,
             "now": self.clock.seconds(),
         }
+
+    def bulk(self, body: Any, peer: str) -> Dict[str, Any]:
+        """
+        Add, change and remove many backends in one request, all or
+        nothing: every item is checked before any is applied.
+
+        C{{"add": [{"url", "weight", "backup"}...], "change": [{"id" or
+        "url", "state", "weight"}...], "remove": [id or url...]}}
+        """
+        if not isinstance(body, dict):
+            raise APIError(400, 'expected a JSON object such as {"add": [...], "remove": [...]}')
+        _checkFields(body, ("add", "change", "remove"))
+        for key in body:
+            if not isinstance(body[key], list):
+                raise APIError(400, f"{key}: expected a list")
+        seen: Dict[tuple, int] = {}
+        adds = []
+        for n, item in enumerate(body.get("add", [])):
+            config = self._newBackend(item, f"add[{n}]")
+            existing = self.group.byServer(config)
+            if existing is not None:
+                raise APIError(409, f"add[{n}]: backend {config.url} already exists (id {existing.id})")
+            if config.server in seen:
+                raise APIError(400, f"add[{n}]: {config.url} is also add[{seen[config.server]}]")
+            seen[config.server] = n
+            adds.append(config)
+        changes = []
+        for n, item in enumerate(body.get("change", [])):
+            if not isinstance(item, dict):
+                raise APIError(400, f"change[{n}]: expected a JSON object")
+            _checkFields(item, ("id", "url", "state", "weight"))
+            backend = self._find(item.get("id", item.get("url")), f"change[{n}]")
+            state = item.get("state")
+            if "state" in item and state not in PATCH_STATES:
+                raise APIError(400, f"change[{n}]: state: expected one of {', '.join(PATCH_STATES)}")
+            weight = _weight(item["weight"]) if "weight" in item else None
+            changes.append((backend, state, weight))
+        removes = [self._find(item, f"remove[{n}]") for n, item in enumerate(body.get("remove", []))]
+        reason = f"bulk change by {peer}"
+        added = []
+        for config in adds:
+            backend = self.group.add(config, awaitCheck=True, reason=reason)
+            self.checkNow(backend)
+            added.append(backend.id)
+        for backend, state, weight in changes:
+            if backend.removing:
+                continue
+            if weight is not None:
+                self.group.reconfigure(backend, weight, backend.backup)
+            if state is not None:
+                wasDisabled = backend.adminState == DISABLED
+                backend.setAdminState(state, reason)
+                if wasDisabled and state != DISABLED:
+                    self.checkNow(backend)
+        for backend in removes:
+            self.group.retire(backend, reason)
+        self.log.info(
+            "admin {peer}: bulk change: {added} added, {changed} changed, {removed} removed",
+            peer=peer,
+            added=len(added),
+            changed=len(changes),
+            removed=len(removes),
+        )
+        return {
+            "added": added,
+            "changed": [b.id for b, _, _ in changes],
+            "removed": [b.id for b in removes],
+        }
+
+    def _find(self, key: Any, where: str) -> Backend:
+        """
+        A backend named by its id or its URL.
+        """
+        if not isinstance(key, str):
+            raise APIError(400, f"{where}: expected a backend id or URL, got {key!r}")
+        backend = self.group.get(key)
+        if backend is None and "://" in key:
+            try:
+                backend = self.group.byURL(parseBackendURL(key, where))
+            except ConfigError as e:
+                raise APIError(400, str(e)) from None
+        if backend is None:
+            raise APIError(404, f"{where}: no backend {key!r}")
+        return backend
 
     def getBackend(self, backendID: str) -> Dict[str, Any]:
         return backendJSON(self._backend(backendID))
 
-    def addBackend(self, body: Any, peer: str) -> Dict[str, Any]:
+    def _newBackend(self, body: Any, where: str = "") -> BackendConfig:
+        """
+        A backend to add, as a request describes it.
+        """
+        prefix = f"{where}: " if where else ""
         if not isinstance(body, dict):
-            raise APIError(400, "expected a JSON object such as {\"url\": \"http://10.0.0.5:8080\"}")
+            raise APIError(
+                400, prefix + "expected a JSON object such as {\"url\": \"http://10.0.0.5:8080\"}"
+            )
         _checkFields(body, ("url", "weight", "backup"))
         if "url" not in body:
-            raise APIError(400, "url: missing")
+            raise APIError(400, prefix + "url: missing")
         if not isinstance(body["url"], str):
-            raise APIError(400, f"url: expected a string, got {body['url']!r}")
+            raise APIError(400, prefix + f"url: expected a string, got {body['url']!r}")
         try:
             url = parseBackendURL(body["url"], "url")
         except ConfigError as e:
-            raise APIError(400, str(e)) from None
+            raise APIError(400, prefix + str(e)) from None
         weight = _weight(body.get("weight", 1))
         backup = body.get("backup", False)
         if not isinstance(backup, bool):
-            raise APIError(400, f"backup: expected true or false, got {backup!r}")
-        config = BackendConfig(url=url, weight=weight, backup=backup)
+            raise APIError(400, prefix + f"backup: expected true or false, got {backup!r}")
+        return BackendConfig(url=url, weight=weight, backup=backup)
+
+    def addBackend(self, body: Any, peer: str) -> Dict[str, Any]:
+        config = self._newBackend(body)
+        url = config.url
         existing = self.group.byServer(config)
         if existing is not None:
             detail = " and is being removed" if existing.removing else ""

@@ -15,7 +15,7 @@ from twisted.web.server import Site
 from ..listeners import describeAddress
 from ..metrics import MetricsResource
 from ..site import BalancerSite
-from ._api import AdminAPI, APIError
+from ._api import DEFAULT_PAGE, AdminAPI, APIError
 from ._guards import TokenCheck, refusal
 
 DASHBOARD_DIR = os.path.join(
@@ -27,8 +27,9 @@ DASHBOARD_FILES = {
     "dashboard.css": "text/css; charset=utf-8",
     "favicon.svg": "image/svg+xml",
 }
-# Bodies of admin requests are small JSON objects.
-MAX_BODY = 64 * 1024
+# Bodies of admin requests are JSON objects; a bulk change of tens of
+# thousands of backends is the largest.
+MAX_BODY = 8 * 1024 * 1024
 SECURITY_HEADERS = {
     b"x-content-type-options": b"nosniff",
     b"x-frame-options": b"DENY",
@@ -67,6 +68,7 @@ class AdminResource(Resource):
             (("api", "status"), {b"GET": self._status}),
             (("api", "reload"), {b"POST": self._reload}),
             (("api", "backends"), {b"GET": self._listBackends, b"POST": self._addBackend}),
+            (("api", "backends", "bulk"), {b"POST": self._bulk}),
             (
                 ("api", "backends", "{id}"),
                 {
@@ -143,7 +145,31 @@ class AdminResource(Resource):
         return self._json(request, 200, self.api.reload(self._peer(request)))
 
     def _listBackends(self, request) -> bytes:
-        return self._json(request, 200, self.api.listBackends())
+        args = request.args
+
+        def arg(name: str) -> Optional[str]:
+            values = args.get(name.encode("ascii"))
+            return values[0].decode("utf-8", "replace") if values else None
+
+        def number(name: str, default: int) -> int:
+            value = arg(name)
+            if value is None:
+                return default
+            try:
+                return int(value)
+            except ValueError:
+                raise APIError(400, f"{name}: expected a whole number, got {value!r}") from None
+
+        answer = self.api.listBackends(
+            state=arg("state"),
+            match=arg("q"),
+            offset=number("offset", 0),
+            limit=number("limit", DEFAULT_PAGE),
+        )
+        return self._json(request, 200, answer)
+
+    def _bulk(self, request) -> bytes:
+        return self._json(request, 200, self.api.bulk(self._body(request), self._peer(request)))
 
     def _addBackend(self, request) -> bytes:
         answer = self.api.addBackend(self._body(request), self._peer(request))
@@ -206,8 +232,8 @@ class AdminResource(Resource):
         return self._json(request, code, {"error": message})
 
 
-def makeAdminSite(api: AdminAPI, registry, reactor, token: Optional[bytes] = None) -> Site:
-    resource = AdminResource(api, MetricsResource(registry), token)
+def makeAdminSite(api: AdminAPI, metrics, reactor, token: Optional[bytes] = None) -> Site:
+    resource = AdminResource(api, MetricsResource(metrics), token)
     site = BalancerSite(resource, reactor, maxBodySize=MAX_BODY)
     site.noisy = False
     return site
