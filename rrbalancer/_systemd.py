@@ -16,6 +16,7 @@ import time
 from typing import MutableMapping, Optional
 
 from twisted.application.service import Service
+from twisted.logger import Logger
 
 
 def nameInheritedSockets(environ: MutableMapping[str, str] = os.environ) -> None:
@@ -55,13 +56,27 @@ def notify(state: str, environ: MutableMapping[str, str] = os.environ) -> bool:
 class ReadyNotifier(Service):
     """
     Says C{READY=1} once the services started before it are up (every
-    listener bound), and C{STOPPING=1} when the stop begins: the last child
-    of a service starts last and stops first.
+    listener bound) and the reactor runs, and C{STOPPING=1} when the stop
+    begins: the last child of a service starts last and stops first.
+
+    The ready line is logged then too: from that moment SIGTERM stops the
+    balancer cleanly (the handlers that make it so are installed when the
+    reactor starts, before this).
     """
+
+    log = Logger()
+
+    def __init__(self, reactor) -> None:
+        self._reactor = reactor
 
     def startService(self) -> None:
         Service.startService(self)
-        notify("READY=1")
+        self._reactor.callWhenRunning(self._ready)
+
+    def _ready(self) -> None:
+        if self.running:
+            self.log.info("ready")
+            notify("READY=1")
 
     def stopService(self) -> None:
         Service.stopService(self)

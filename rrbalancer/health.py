@@ -7,7 +7,7 @@ cancelled request), fails it.  The rise/fall counting is the backend's own
 (L{rrbalancer.backends.Backend.recordCheck}).
 """
 
-from typing import Set
+from typing import Dict, Optional
 
 from twisted.internet.defer import (
     CancelledError,
@@ -106,16 +106,27 @@ class HealthChecker:
         self._http = http
         self._clock = clock
         self._config = config
-        self._pending: Set[Backend] = set()
+        # The checks under way, to cancel when the checker stops.
+        self._pending: Dict[Backend, Optional[Deferred]] = {}
+        self._stopped = False
         self._loop = LoopingCall(self.checkAll)
         self._loop.clock = clock
 
     def start(self) -> None:
+        self._stopped = False
         self._loop.start(self._config.interval, now=True)
 
     def stop(self) -> None:
+        """
+        Stop checking, and give up the checks under way (their result no
+        longer counts).
+        """
+        self._stopped = True
         if self._loop.running:
             self._loop.stop()
+        for d in list(self._pending.values()):
+            if d is not None:
+                d.cancel()
 
     def checkAll(self) -> None:
         """
@@ -136,7 +147,8 @@ class HealthChecker:
         """
         Check one backend now; the Deferred fires with whether it passed.
         """
-        self._pending.add(backend)
+        # Marked before the request starts: an answer may come at once.
+        self._pending[backend] = None
         timeout = self._config.timeout
         url = backend.url + self._config.path
         # A client that raises instead of failing its Deferred fails the
@@ -159,9 +171,9 @@ class HealthChecker:
             return (False, describeFailure(failure, timeout))
 
         def record(result):
-            self._pending.discard(backend)
+            self._pending.pop(backend, None)
             ok, reason = result
-            if self._group.get(backend.id) is backend:
+            if self._group.get(backend.id) is backend and not self._stopped:
                 backend.recordCheck(ok, reason)
             return ok
 
@@ -169,4 +181,6 @@ class HealthChecker:
         d.addTimeout(timeout, self._clock)
         d.addErrback(failed)
         d.addCallback(record)
+        if backend in self._pending:
+            self._pending[backend] = d
         return d

@@ -107,7 +107,7 @@ class BalancerService(MultiService):
         self.metrics = Metrics(self.group, self.site, reactor, config.metricsPerBackend)
         if config.admin is not None:
             self._addAdmin(config, reactor)
-        ReadyNotifier().setServiceParent(self)
+        ReadyNotifier(reactor).setServiceParent(self)
 
     def _addAdmin(self, config: Config, reactor) -> None:
         token = readAdminToken(config.adminTokenFile) if config.adminTokenFile else None
@@ -247,6 +247,6 @@ def makeService(config: Config, reactor, listeners=None):
             reactor,
             {"SIGHUP": lambda: pool.signalAll("HUP"), "SIGUSR1": lambda: pool.signalAll("USR1")},
         ).setServiceParent(parent)
-        ReadyNotifier().setServiceParent(parent)
+        ReadyNotifier(reactor).setServiceParent(parent)
         return parent
     return BalancerService(config, reactor, listeners)

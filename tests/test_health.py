@@ -295,7 +295,7 @@ class RealClientTests(TestCase):
         ok = yield checker.check(backend)
         self.assertIs(ok, False)
         self.assertIn("refused", backend.lastError.lower())
-        self.assertEqual(checker._pending, set())
+        self.assertEqual(checker._pending, {})
 
 
 class StallingBody(Resource):
@@ -480,6 +480,24 @@ class LoopTests(SynchronousTestCase):
         self.assertEqual(other.state, DOWN)
         self.assertEqual(len(resource.requests), 4)
 
+    def test_stopGivesUpChecksUnderWay(self):
+        """
+        Stopping cancels the checks waiting for an answer, counts none of
+        them, and leaves no timer behind.
+        """
+        resource = ScriptedBackend(hang=True)
+        stub = StubTreq(resource)
+        health = HealthConfig(interval=1.0, timeout=5.0, rise=1, fall=1)
+        checker, group, [backend], clock = makeChecker(stub, health)
+        checker.start()
+        stub.flush()
+        self.assertEqual(len(resource.requests), 1)
+        checker.stop()
+        stub.flush()
+        self.assertEqual(checker._pending, {})
+        self.assertEqual((backend.checksPassed, backend.checksFailed), (0, 0))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
     def test_pendingClearedAfterAnswer(self):
         resource = ScriptedBackend(hang=True)
         stub = StubTreq(resource)
@@ -496,7 +514,7 @@ class LoopTests(SynchronousTestCase):
         request.finish()
         stub.flush()
         self.assertEqual(backend._passes, 1)
-        self.assertEqual(checker._pending, set())
+        self.assertEqual(checker._pending, {})
         resource.hang = False
         clock.advance(1.0)
         stub.flush()

@@ -217,14 +217,16 @@ class TwistdMixin:
     def listeningPort(self, process, role="client", count=1):
         """
         The port the balancer's listener reports in its log (it listens on
-        port 0), polled for a bounded time.
+        port 0), once the balancer says it is ready, polled for a bounded
+        time.
         """
         deadline = time.monotonic() + STARTUP_TIMEOUT
         pattern = re.compile(role + r" listener on 127\.0\.0\.1:(\d+)")
         while True:
             out, err = self.output(process)
             found = pattern.findall(out + err)
-            if len(found) >= count:
+            # Signals are handled as documented once it says it is ready.
+            if len(found) >= count and len(re.findall(r"\bready\b", out + err)) >= count:
                 return int(found[-1])
             if process.poll() is not None or time.monotonic() > deadline:
                 self.fail("no listener in the log" + self.describe(process))

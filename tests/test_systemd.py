@@ -89,11 +89,17 @@ class ActivationTests(TwistdMixin, TestCase):
         )
         # systemd-socket-activate starts the service on the first connection.
         deadline = time.monotonic() + STARTUP_TIMEOUT
-        while not os.path.exists(listening) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        client.settimeout(STARTUP_TIMEOUT)
-        client.connect(listening)
+        while True:
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.settimeout(STARTUP_TIMEOUT)
+            try:
+                client.connect(listening)
+                break
+            except OSError:
+                client.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
         client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         self.assertEqual(receiver.receive(), "READY=1", self.describe(process))
         answer = b""
