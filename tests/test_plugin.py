@@ -51,15 +51,6 @@ def twistdCommand():
     ]
 
 
-def freePort():
-    """
-    A TCP port on 127.0.0.1 that was free a moment ago.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def noAdmin():
     """
     Command-line flags that keep the admin listener (if this version has
@@ -344,24 +335,22 @@ class PluginTests(TwistdMixin, TestCase):
         --demo serves from three backends in turn, and SIGTERM stops it
         cleanly with status 0.
         """
-        port = freePort()
         process = self.start(
             "-n", "--pidfile=", "rrbalancer", "--demo", *noAdmin(),
-            "--port", f"tcp:{port}:interface=127.0.0.1",
+            "--port", "tcp:0:interface=127.0.0.1",
         )
-        self.assertDemoRotation(process, port)
+        self.assertDemoRotation(process, self.listeningPort(process))
         self.assertStopsCleanly(process, signal.SIGTERM)
 
     def test_demoInterrupted(self):
         """
         SIGINT (Ctrl-C) stops it cleanly too.
         """
-        port = freePort()
         process = self.start(
             "-n", "--pidfile=", "rrbalancer", "--demo", *noAdmin(),
-            "--port", f"tcp:{port}:interface=127.0.0.1",
+            "--port", "tcp:0:interface=127.0.0.1",
         )
-        self.waitUntilServing(process, port)
+        self.waitUntilServing(process, self.listeningPort(process))
         self.assertStopsCleanly(process, signal.SIGINT)
 
 
@@ -378,14 +367,13 @@ class TacTests(TwistdMixin, TestCase):
         twistd -ny balancer.tac runs the balancer RRBALANCER_CONFIG
         describes, and stops on SIGTERM with status 0.
         """
-        port = freePort()
         path = self.writeConfig(
-            f'demo = true\nport = ["tcp:{port}:interface=127.0.0.1"]\n'
+            'demo = true\nport = ["tcp:0:interface=127.0.0.1"]\n'
             + noAdminTOML()
             + "[health]\ninterval = 0.5\n"
         )
         process = self.start("-n", "--pidfile=", "-y", TAC, env=self.tacEnv(path))
-        self.assertDemoRotation(process, port)
+        self.assertDemoRotation(process, self.listeningPort(process))
         self.assertStopsCleanly(process, signal.SIGTERM)
 
     def test_invalidConfig(self):
