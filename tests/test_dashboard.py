@@ -403,3 +403,32 @@ class BrowserTests(TestCase):
         }
         self.assertTrue(fetched)
         self.assertEqual({u for u in fetched if not u.startswith(admin + "/")}, set())
+
+    @inlineCallbacks
+    def test_largeSet(self):
+        """
+        With 250 backends the page shows them a hundred at a time, the
+        counts by state, and a filter; the pager pages.
+        """
+        settleConnections(self)
+        urls = [f"http://127.0.0.1:{20000 + n}" for n in range(250)]
+        service, balancer, admin = yield startBalancer(self, balancerConfig(urls))
+        for n in (1, 2, 3):
+            service.group.get(str(n)).setAdminState("draining", "test")
+        browser, page = yield openBrowser(self, admin + "/")
+        rows = "document.querySelectorAll('#backend-rows tr').length"
+        note = "document.getElementById('page-note').textContent"
+        yield page.waitFor(f"{rows} === 100 && {note} === '1–100 of 250'", "the first page")
+        counts = yield page.evaluate("document.getElementById('counts').textContent")
+        self.assertEqual(counts, "247 up · 0 down · 3 draining · 0 disabled")
+        yield page.click("#page-next")
+        yield page.waitFor(f"{note} === '101–200 of 250'", "the second page")
+        first = yield page.evaluate("document.querySelector('#backend-rows tr').dataset.backendId")
+        self.assertEqual(first, "101")
+        yield page.evaluate(
+            "(() => { const f = document.getElementById('state-filter');"
+            " f.value = 'draining'; f.dispatchEvent(new Event('change')); })()"
+        )
+        yield page.waitFor(f"{rows} === 3 && {note} === '1–3 of 3 matching of 250'", "the draining ones")
+        yield page.type("#filter", ":20002")
+        yield page.waitFor(f"{rows} === 1", "one match")

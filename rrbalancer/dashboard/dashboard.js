@@ -4,12 +4,14 @@
 
 (function () {
   const POLL_MS = 1000;
+  const PAGE = 100; // rows shown at once: the page stays light with 10,000 backends
   const TIMEOUT_MS = 3000;
   const CONFIRM_MS = 4000;
 
   const $ = (id) => document.getElementById(id);
   const rows = new Map(); // backend id -> row elements
   let serverSkew = 0; // server clock minus ours, in seconds
+  let offset = 0; // first row of the page shown
   let timer = null;
   let messageTimer = null;
 
@@ -273,6 +275,37 @@
     $("empty").hidden = list.length > 0;
   }
 
+  function backendsQuery() {
+    const query = new URLSearchParams({ offset: String(offset), limit: String(PAGE) });
+    const text = $("filter").value.trim();
+    if (text) query.set("q", text);
+    const state = $("state-filter").value;
+    if (state) query.set("state", state);
+    return "api/backends?" + query.toString();
+  }
+
+  function renderPager(list) {
+    const c = list.counts;
+    setText($("counts"), `${c.up} up · ${c.down} down · ${c.draining} draining · ${c.disabled} disabled`);
+    const first = list.matched ? list.offset + 1 : 0;
+    const last = list.offset + list.backends.length;
+    const of = list.matched === list.total ? `${list.total}` : `${list.matched} matching of ${list.total}`;
+    setText($("page-note"), `${first}–${last} of ${of}`);
+    $("page-prev").disabled = list.offset === 0;
+    $("page-next").disabled = last >= list.matched;
+    $("pager").hidden = list.total <= PAGE && !$("filter").value && !$("state-filter").value;
+    if (list.offset > 0 && list.backends.length === 0) {
+      // The page emptied (backends removed): show the last one there is.
+      offset = Math.max(0, Math.floor((list.matched - 1) / PAGE) * PAGE);
+      refresh();
+    }
+  }
+
+  $("page-prev").addEventListener("click", () => { offset = Math.max(0, offset - PAGE); refresh(); });
+  $("page-next").addEventListener("click", () => { offset += PAGE; refresh(); });
+  $("filter").addEventListener("input", () => { offset = 0; refresh(); });
+  $("state-filter").addEventListener("change", () => { offset = 0; refresh(); });
+
   function renderStatus(status) {
     setText($("version"), "v" + status.version);
     const t = status.totals;
@@ -294,18 +327,23 @@
 
   // -- polling --------------------------------------------------------------
 
+  let generation = 0; // only the newest refresh's answer is shown
+
   async function refresh() {
     clearTimeout(timer);
+    const mine = ++generation;
     try {
-      const [status, list] = await Promise.all([api("GET", "api/status"), api("GET", "api/backends")]);
+      const [status, list] = await Promise.all([api("GET", "api/status"), api("GET", backendsQuery())]);
+      if (mine !== generation) return;
       serverSkew = list.now - Date.now() / 1000;
       renderStatus(status);
       renderBackends(list.backends);
+      renderPager(list);
       setLive(true);
     } catch (e) {
-      setLive(false, e.message);
+      if (mine === generation) setLive(false, e.message);
     } finally {
-      timer = setTimeout(refresh, POLL_MS);
+      if (mine === generation) timer = setTimeout(refresh, POLL_MS);
     }
   }
 
