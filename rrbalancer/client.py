@@ -138,6 +138,27 @@ def _framing(headers: Headers) -> Tuple[List[bytes], List[bytes], List[bytes]]:
     return connection, codings, lengths
 
 
+def describeTLSFailure(reason) -> Optional[str]:
+    """
+    A TLS failure in words (OpenSSL gives a list of tuples), or None when
+    C{reason} is no TLS failure.
+    """
+    if not isinstance(reason, Failure):
+        return None
+    from OpenSSL import SSL
+    from service_identity import VerificationError
+
+    if reason.check(VerificationError):
+        return "the certificate does not name the backend"
+    if reason.check(SSL.Error):
+        errors = reason.value.args[0] if reason.value.args else []
+        # The stack ends with the summary ("certificate verify failed");
+        # what comes before it is OpenSSL's own detail.
+        words = [e[-1] for e in errors if isinstance(e, tuple) and e and e[-1]]
+        return words[-1] if words else "handshake failed"
+    return None
+
+
 class BackendConnection(Protocol):
     """
     One connection to a backend, carrying one exchange at a time.
@@ -190,6 +211,11 @@ class BackendConnection(Protocol):
         self.pool.lost(self)
         if self._receiver is None:
             self._cancelTimeout()
+            return
+        tls = describeTLSFailure(reason)
+        if tls is not None and not self._responseStarted:
+            # The handshake failed: nothing reached the backend.
+            self._fail(ConnectError(f"TLS with the backend failed: {tls}", reused=self.reused))
             return
         if self._decoder == self._readToClose:
             # Only a clean close ends such a body; a reset cut it short.

@@ -14,6 +14,7 @@ classes here are made from that table.
 
 import ipaddress
 import os
+import re
 import sys
 from dataclasses import field, make_dataclass, replace
 from typing import Any, Dict, Mapping, Optional
@@ -256,15 +257,39 @@ def mergeSettings(base: Mapping[str, Any], override: Mapping[str, Any]) -> Dict[
     return merged
 
 
+def _lineOf(path: str, key: str) -> Optional[int]:
+    """
+    The line of a TOML file where C{key} is set (or opens a table), if it
+    can be found; tomllib does not say.
+    """
+    pattern = re.compile(
+        r"^\s*(?:\[\[?\s*" + re.escape(key) + r"\s*\]|[\"']?" + re.escape(key) + r"[\"']?\s*=)"
+    )
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for number, text in enumerate(f, 1):
+                if pattern.match(text):
+                    return number
+    except OSError:
+        pass
+    return None
+
+
 def loadConfig(path: str, overrides: Mapping[str, Any] = {}) -> Config:
     """
     Read, merge and validate: the one way from a file to a L{Config}.
     """
     settings = readConfigFile(path)
-    config = buildConfig(
-        mergeSettings(settings, overrides),
-        baseDir=os.path.dirname(os.path.abspath(path)),
-    )
+    try:
+        config = buildConfig(
+            mergeSettings(settings, overrides),
+            baseDir=os.path.dirname(os.path.abspath(path)),
+        )
+    except ConfigError as e:
+        line = e.key and _lineOf(path, e.key)
+        if line:
+            raise ConfigError(f"{path}, line {line}: {e}") from None
+        raise
     return replace(
         config, configPath=os.path.abspath(path), configOverrides=dict(overrides)
     )

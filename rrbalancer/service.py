@@ -96,6 +96,12 @@ class BalancerService(MultiService):
         if config.demo:
             self.demo = DemoBackends(self.group, reactor)
             self.demo.setServiceParent(self)
+        self.reloader = Reloader(config, self.group, onAdded=self.checkNow)
+        self.metrics = Metrics(self.group, self.site, reactor, config.metricsPerBackend)
+        if config.admin is not None:
+            # Before the client ports: an admin port in use stops the start
+            # before any client connection can be accepted.
+            self._addAdmin(config, reactor)
         if listeners is None:
             listeners = [(d, serverEndpoint(reactor, d)) for d in config.ports]
         self.listeners: List[Listener] = []
@@ -103,10 +109,6 @@ class BalancerService(MultiService):
             listener = Listener(description, endpoint, self.site)
             listener.setServiceParent(self)
             self.listeners.append(listener)
-        self.reloader = Reloader(config, self.group, onAdded=self.checkNow)
-        self.metrics = Metrics(self.group, self.site, reactor, config.metricsPerBackend)
-        if config.admin is not None:
-            self._addAdmin(config, reactor)
         ReadyNotifier(reactor).setServiceParent(self)
 
     def _addAdmin(self, config: Config, reactor) -> None:

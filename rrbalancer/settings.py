@@ -26,7 +26,11 @@ class ConfigError(ValueError):
     """
     A setting is missing, malformed or out of range; the message is meant
     for the operator, as one line.
+
+    @ivar key: for an unknown setting, its name (to find its line).
     """
+
+    key = None
 
 
 @dataclass(frozen=True)
@@ -535,7 +539,9 @@ def _nearest(word: str, possible: Iterable[str]) -> str:
 
 
 def unknownKey(where: str, key: str, possible: Iterable[str]) -> ConfigError:
-    return ConfigError(f"{where}unknown setting {key!r}{_nearest(key, possible)}")
+    error = ConfigError(f"{where}unknown setting {key!r}{_nearest(key, possible)}")
+    error.key = key
+    return error
 
 
 def markdownTable() -> str:

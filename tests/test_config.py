@@ -621,3 +621,19 @@ class ConfigFileTests(ConfigErrorMixin, TestCase):
         config = loadConfig(os.path.join(here, "balancer.toml"))
         self.assertEqual(len(config.backends), 3)
         self.assertEqual([b.backup for b in config.backends], [False, False, True])
+
+
+class FileLineTests(ConfigErrorMixin, TestCase):
+    def test_unknownKeyNamesItsLine(self):
+        """
+        An unknown key in a file is reported with its line and the nearest
+        valid key.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write('backend = ["http://127.0.0.1:8081"]\n\n[health]\nintervall = 3\n')
+        message = self.assertConfigError(loadConfig, path, mentions=["line 4", "'intervall'", "'interval'"])
+        self.assertTrue(message.startswith(path + ", line 4: health: unknown setting"), message)
+        with open(path, "w") as f:
+            f.write('backend = ["http://127.0.0.1:8081"]\nbakend_timeout = 3\n')
+        self.assertConfigError(loadConfig, path, mentions=["line 2", "'backend_timeout'"])

@@ -338,6 +338,9 @@ class HTTPSBackendTests(RealNetworkMixin, TestCase):
         self.assertNotIn(str(backendPort).encode(), body)
         [backend] = service.group
         self.assertEqual(backend.failures, 1)
+        self.assertEqual(
+            backend.lastError, "TLS with the backend failed: certificate verify failed"
+        )
 
     def _folder(self) -> str:
         import os
@@ -552,6 +555,21 @@ class CannotListenReactor(MemoryReactorClock):
         raise self.exception
 
 
+class RecordingReactor(MemoryReactorClock):
+    """
+    A memory reactor on which one port number is taken.
+    """
+
+    def __init__(self, taken: int) -> None:
+        MemoryReactorClock.__init__(self)
+        self.taken = taken
+
+    def listenTCP(self, port, *args, **kwargs):
+        if port == self.taken:
+            raise CannotListenError("127.0.0.1", port, OSError(98, "Address already in use"))
+        return MemoryReactorClock.listenTCP(self, port, *args, **kwargs)
+
+
 class StderrMixin:
     """
     Capture what the balancer tells the operator on the real standard
@@ -575,6 +593,24 @@ class CannotListenTests(StderrMixin, SynchronousTestCase):
     """
     A listener that cannot listen ends the start with one line.
     """
+
+    def test_adminPortInUseFirst(self):
+        """
+        An admin port in use is reported before any client port listens.
+        """
+        stderr = self.captureStderr()
+        memory = RecordingReactor(8001)
+        service = makeService(
+            config(ports=("tcp:8000:interface=127.0.0.1",), admin="tcp:8001:interface=127.0.0.1"),
+            memory,
+        )
+        with self.assertRaises(SystemExit) as raised:
+            service.privilegedStartService()
+        self.assertOneLineExit(
+            raised, stderr,
+            "cannot listen on --admin tcp:8001:interface=127.0.0.1: Address already in use",
+        )
+        self.assertEqual(memory.tcpServers, [])
 
     def test_cannotListen(self):
         stderr = self.captureStderr()
