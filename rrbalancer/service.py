@@ -22,14 +22,19 @@ from .reload import Reloader
 from .settings import readAdminToken
 from .signals import SignalHandlers
 from .site import BalancerSite
+from .tls import CertificateStore, tlsEndpoint
 from .workers import WorkerPool
 
 
-def serverEndpoint(reactor, description: str, setting: str = "port"):
+def serverEndpoint(reactor, description: str, setting: str = "port", tls=None):
     """
     The server endpoint a description names, or a L{ConfigError} naming the
     setting.
+
+    @param tls: the L{CertificateStore} of C{tls:} ports.
     """
+    if description.startswith("tls:"):
+        return tlsEndpoint(reactor, description, tls)
     try:
         return serverFromString(reactor, description)
     except Exception as e:
@@ -56,6 +61,7 @@ class BalancerService(MultiService):
         listener.
     @ivar adminListener: the admin listener, or None.
     @ivar demo: the demo backends (C{--demo}), or None.
+    @ivar tls: the certificates of C{tls:} ports (C{--tls-cert}), or None.
     """
 
     log = Logger()
@@ -63,6 +69,7 @@ class BalancerService(MultiService):
     adminAPI: Optional[AdminAPI] = None
     adminListener: Optional[Listener] = None
     demo: Optional[DemoBackends] = None
+    tls: Optional[CertificateStore] = None
 
     def __init__(self, config: Config, reactor, listeners=None) -> None:
         """
@@ -102,8 +109,10 @@ class BalancerService(MultiService):
             # Before the client ports: an admin port in use stops the start
             # before any client connection can be accepted.
             self._addAdmin(config, reactor)
+        if config.tlsCert is not None:
+            self.tls = CertificateStore(config.tlsCert, config.tlsMinVersion)
         if listeners is None:
-            listeners = [(d, serverEndpoint(reactor, d)) for d in config.ports]
+            listeners = [(d, serverEndpoint(reactor, d, tls=self.tls)) for d in config.ports]
         self.listeners: List[Listener] = []
         for description, endpoint in listeners:
             listener = Listener(description, endpoint, self.site)
@@ -167,6 +176,8 @@ class BalancerService(MultiService):
         C{systemctl reload} send it to running daemons.
         """
         self.site.reopenAccessLog()
+        if self.tls is not None:
+            self.tls.reload()
         if not self.reloader.canReload:
             self.log.info(
                 "SIGHUP: started without --config, so there is no file to reload; "

@@ -331,6 +331,12 @@ def existingFile(path: str, name: str) -> str:
     return path
 
 
+def existingFolder(path: str, name: str) -> str:
+    if not os.path.isdir(path):
+        raise ConfigError(f"{name}: no such folder: {path}")
+    return path
+
+
 def logFile(path: str, name: str) -> str:
     if path != "-":
         folder = os.path.dirname(path) or "."
@@ -442,7 +448,8 @@ SETTINGS: Tuple[Setting, ...] = (
     _s("port", "ports", parsePorts, ("tcp:8000",),
        "Listen here: a port number (tcp:PORT) or any Twisted server endpoint: "
        "tcp:8000:interface=127.0.0.1, ssl:8443:privateKey=key.pem:certKey=cert.pem, "
-       "unix:/run/rr.sock, haproxy:tcp:8000 (PROXY protocol). Repeatable.",
+       "unix:/run/rr.sock, haproxy:tcp:8000 (PROXY protocol), systemd:domain=INET:index=0; "
+       "and tls:8443 for TLS with the certificates of --tls-cert. Repeatable.",
        short="p", repeatable=True, metavar="PORT|ENDPOINT", shownDefault="8000"),
     _s("backend", "backends", parseBackends, (),
        "A backend, http:// or https://, repeatable. Weights give NGINX's smooth "
@@ -468,6 +475,13 @@ SETTINGS: Tuple[Setting, ...] = (
        "Check backends (the flag turns checks off); without checks every "
        "backend is always up.",
        flag="no-health-checks", switch=False, shownDefault="true"),
+    _s("tls_cert", "tlsCert", existingFolder, None,
+       "A folder of certificates for tls:PORT ports, chosen by the name the "
+       "client asks for (SNI): NAME.pem (key and chain) or NAME/privkey.pem and "
+       "NAME/fullchain.pem; default.pem (or the first) for other names. Re-read "
+       "on SIGHUP.", path=True, metavar="DIR"),
+    _s("tls_min_version", "tlsMinVersion", oneOf("1.2", "1.3"), "1.2",
+       "The oldest TLS version tls: ports accept.", metavar="1.2|1.3"),
     _s("backend_timeout", "backendTimeout", seconds, 30.0,
        "No response byte from a backend within this many seconds: 504.", metavar="S"),
     _s("connect_timeout", "connectTimeout", seconds, 5.0,

@@ -130,8 +130,10 @@ def check(config) -> None:
 
     try:
         build(config, reactor)
-        for description in config.ports:
-            serverEndpoint(reactor, description)
+        if config.workers > 1:
+            # The workers' parent parses its ports only when it binds them.
+            for description in config.ports:
+                serverEndpoint(reactor, description)
     except ConfigError as e:
         raise _fail(str(e)) from None
     listeners = len(config.ports) + (config.admin is not None)

@@ -619,11 +619,8 @@ def makeConfig(urls, **settings) -> Config:
     settings.setdefault("health", HealthConfig(enabled=False))
     settings.setdefault("shutdownGrace", 2.0)
     settings.setdefault("admin", None)
-    return Config(
-        backends=tuple(BackendConfig(url=url) for url in urls),
-        ports=("tcp:0:interface=127.0.0.1",),
-        **settings,
-    )
+    settings.setdefault("ports", ("tcp:0:interface=127.0.0.1",))
+    return Config(backends=tuple(BackendConfig(url=url) for url in urls), **settings)
 
 
 @inlineCallbacks
