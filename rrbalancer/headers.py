@@ -40,6 +40,35 @@ _SET_BY_PROXY = frozenset(
 _BODY_METHODS = frozenset([b"POST", b"PUT", b"PATCH"])
 
 
+X_FORWARDED = "x-forwarded"
+FORWARDED = "forwarded"
+BOTH = "both"
+
+_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _quoted(value: bytes) -> bytes:
+    """
+    A C{Forwarded} parameter's value: a token as it is, anything else as a
+    quoted string (RFC 7239 section 4).
+    """
+    if value and _TOKEN.issuperset(value):
+        return value
+    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def _node(address: bytes) -> bytes:
+    """
+    A C{for=} node (RFC 7239 section 6): IPv6 in brackets, quoted; a client
+    without an IP address (a UNIX socket) is C{unknown}.
+    """
+    if address == b"unix":
+        return b"unknown"
+    if b":" in address:
+        return b'"[' + address + b']"'
+    return address
+
+
 def connectionTokens(values: Optional[Iterable[bytes]]) -> Set[bytes]:
     """
     The header names a C{Connection} header lists, lowercased.
@@ -64,6 +93,8 @@ def requestHead(
     hadBody: bool,
     prefix: Optional[bytes] = None,
     extra: Sequence[Tuple[bytes, bytes]] = (),
+    style: str = X_FORWARDED,
+    trustChain: bool = True,
 ) -> bytes:
     """
     The request head to send a backend.
@@ -79,9 +110,16 @@ def requestHead(
         C{X-Forwarded-Prefix} is never passed on).
     @param extra: headers the balancer sets, in place of any of the same
         name from the client (a request id).
+    @param style: which forwarding headers to send: the C{X-Forwarded-*}
+        family, RFC 7239's C{Forwarded}, or both.
+    @param trustChain: keep the chain of addresses the client sent (it is
+        a proxy we trust) and append to it; otherwise the chain starts
+        here, with the client's address alone, so that nobody can forge
+        their address to the backends.
     """
     lines = [method + b" " + target + b" HTTP/1.1", b"Host: " + host]
-    forwardedFor = []
+    forwardedFor: List[bytes] = []
+    forwarded: List[bytes] = []
     clientHost = None
     headers = list(headers)
     drop = HOP_BY_HOP
@@ -100,17 +138,33 @@ def requestHead(
                 clientHost = values[0]
             continue
         if lower == b"x-forwarded-for":
-            forwardedFor.extend(values)
+            if trustChain:
+                forwardedFor.extend(values)
+            continue
+        if lower == b"forwarded":
+            if trustChain:
+                if style == X_FORWARDED:
+                    lines.extend(name + b": " + value for value in values)
+                else:
+                    forwarded.extend(values)
             continue
         for value in values:
             lines.append(name + b": " + value)
-    forwardedFor.append(clientAddress)
-    lines.append(b"X-Forwarded-For: " + b", ".join(forwardedFor))
-    lines.append(b"X-Forwarded-Proto: " + proto)
-    if clientHost is not None:
-        lines.append(b"X-Forwarded-Host: " + clientHost)
-    if prefix is not None:
-        lines.append(b"X-Forwarded-Prefix: " + prefix)
+    if style != FORWARDED:
+        forwardedFor.append(clientAddress)
+        lines.append(b"X-Forwarded-For: " + b", ".join(forwardedFor))
+        lines.append(b"X-Forwarded-Proto: " + proto)
+        if clientHost is not None:
+            lines.append(b"X-Forwarded-Host: " + clientHost)
+        if prefix is not None:
+            lines.append(b"X-Forwarded-Prefix: " + prefix)
+    if style != X_FORWARDED:
+        element = b"for=" + _node(clientAddress)
+        if clientHost is not None:
+            element += b";host=" + _quoted(clientHost)
+        element += b";proto=" + proto
+        forwarded.append(element)
+        lines.append(b"Forwarded: " + b", ".join(forwarded))
     for name, value in extra:
         lines.append(name + b": " + value)
     if bodyLength or hadBody or method in _BODY_METHODS:

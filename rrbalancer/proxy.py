@@ -23,6 +23,7 @@ The rules for trying again (RFC 9110 section 9.2.2):
    whole one.
 """
 
+import ipaddress
 import os
 from typing import List, Optional, Tuple
 from urllib.parse import quote as urlquote
@@ -314,6 +315,7 @@ class _Attempt:
             hostHeader = headers.getRawHeaders(b"host", [upstream.backendHost])[0]
         address = request.getClientAddress()
         clientAddress = getattr(address, "host", None)
+        trusted = upstream.trusts(clientAddress)
         clientAddress = clientAddress.encode("ascii") if clientAddress else b"unix"
         head = requestHead(
             request.method,
@@ -326,6 +328,8 @@ class _Attempt:
             headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding"),
             self.forwarding.prefix,
             self.forwarding.extraHeaders,
+            upstream.forwardedStyle,
+            trusted,
         )
         self.bytesIn = length
         connection.request(
@@ -541,6 +545,8 @@ class BackendProxyResource(ReverseProxyResource):
         self.backendHost = netloc.encode("ascii")
         self.hostHeader = self.backendHost if config.hostHeader == "backend" else None
         self.requestIDHeader = _headerName(config.requestIDHeader)
+        self.forwardedStyle = config.forwardedHeader
+        self.trustedProxies = tuple(ipaddress.ip_network(n) for n in config.trustedProxies)
         self.timeout = config.backendTimeout
         self.rewriteLocation = LocationRewriter(self.url)
         if pool is None:
@@ -565,6 +571,21 @@ class BackendProxyResource(ReverseProxyResource):
                 "1", BackendConfig(url=self.url), HealthConfig(enabled=False), self.clock, self
             )
         return self._backend
+
+    def trusts(self, clientAddress: Optional[str]) -> bool:
+        """
+        Is the forwarding chain this client sent to be kept?  Every chain
+        is, unless trusted proxies are named; then only theirs.
+        """
+        if not self.trustedProxies:
+            return True
+        if clientAddress is None:
+            return False
+        try:
+            address = ipaddress.ip_address(clientAddress)
+        except ValueError:
+            return False
+        return any(address in network for network in self.trustedProxies)
 
     def getChild(self, path, request):
         return BackendProxyResource(

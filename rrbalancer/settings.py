@@ -15,6 +15,7 @@ the operator.
 """
 
 import difflib
+import ipaddress
 import math
 import os
 from dataclasses import dataclass
@@ -278,6 +279,20 @@ def parseBackends(value: Any, name: str = "backend") -> Tuple[BackendConfig, ...
     return backends
 
 
+def parseNetworks(value: Any, name: str) -> Tuple[str, ...]:
+    """
+    Networks in CIDR notation (an address alone is a network of one).
+    """
+    networks = []
+    for item in asList(value):
+        text = string(item, name).strip()
+        try:
+            networks.append(str(ipaddress.ip_network(text, strict=False)))
+        except ValueError:
+            raise ConfigError(f"{name}: {text!r} is not a network such as 10.0.0.0/8") from None
+    return tuple(networks)
+
+
 def parseHealthPath(value: Any, name: str) -> str:
     path = string(value, name)
     if not path.startswith("/") or " " in path:
@@ -489,6 +504,14 @@ SETTINGS: Tuple[Setting, ...] = (
     _s("host_header", "hostHeader", oneOf("client", "backend"), "client",
        "Which Host backends see: the client's, or the backend's own.",
        metavar="client|backend"),
+    _s("forwarded_header", "forwardedHeader", oneOf("x-forwarded", "forwarded", "both"),
+       "x-forwarded", "Which forwarding headers backends get: X-Forwarded-For, -Proto, "
+       "-Host; RFC 7239's Forwarded; or both.", metavar="x-forwarded|forwarded|both"),
+    _s("trusted_proxy", "trustedProxies", parseNetworks, (),
+       "A proxy in front whose X-Forwarded-For/Forwarded chain is kept and "
+       "appended to (CIDR, repeatable). Once one is given, the chain from any "
+       "other client is replaced by its own address. Without any, every chain "
+       "is appended to.", repeatable=True, metavar="CIDR"),
     _s("access_log", "accessLog", logFile, None,
        "Write an NCSA combined access log here; - is standard output.",
        path=True, metavar="PATH"),

@@ -530,3 +530,79 @@ class RequestIDTests(unittest.TestCase):
     def test_off(self):
         ids = yield self.received(requestIDHeader=None)
         self.assertEqual(ids, [])
+
+
+class ForwardingHeadersTests(unittest.TestCase):
+    """
+    RFC 7239 C{Forwarded} beside or instead of C{X-Forwarded-*}, and a
+    client's chain kept only from the proxies named as trusted.
+    """
+
+    timeout = 10
+
+    def setUp(self):
+        self.net = Net(self)
+
+    @inlineCallbacks
+    def received(self, extra=b"", **settings):
+        backend = ScriptedBackend(self.net, reply(ok()))
+        balancer = yield startBalancer(self.net, [backend.url], **settings)
+        yield exchange(self.net, balancer.port, get(extra=extra))
+        return backend.requests[0]
+
+    @inlineCallbacks
+    def test_forwarded(self):
+        received = yield self.received(forwardedHeader="forwarded")
+        self.assertEqual(
+            received.header(b"forwarded"),
+            [b'for=127.0.0.1;host=balancer.example;proto=http'],
+        )
+        self.assertEqual(received.header(b"x-forwarded-for"), [])
+
+    @inlineCallbacks
+    def test_both(self):
+        received = yield self.received(
+            b"Forwarded: for=192.0.2.60;proto=https\r\nX-Forwarded-For: 192.0.2.60\r\n",
+            forwardedHeader="both",
+        )
+        self.assertEqual(
+            received.header(b"forwarded"),
+            [b'for=192.0.2.60;proto=https, for=127.0.0.1;host=balancer.example;proto=http'],
+        )
+        self.assertEqual(received.header(b"x-forwarded-for"), [b"192.0.2.60, 127.0.0.1"])
+
+    @inlineCallbacks
+    def test_chainKeptFromTrustedProxy(self):
+        received = yield self.received(
+            b"X-Forwarded-For: 198.51.100.7\r\n", trustedProxies=("127.0.0.0/8",)
+        )
+        self.assertEqual(received.header(b"x-forwarded-for"), [b"198.51.100.7, 127.0.0.1"])
+
+    @inlineCallbacks
+    def test_chainReplacedFromOthers(self):
+        """
+        With trusted proxies named, a client outside them cannot forge its
+        address: its chain is replaced by its own address.
+        """
+        received = yield self.received(
+            b"X-Forwarded-For: 198.51.100.7\r\nForwarded: for=198.51.100.7\r\n",
+            trustedProxies=("203.0.113.0/24",),
+        )
+        self.assertEqual(received.header(b"x-forwarded-for"), [b"127.0.0.1"])
+        self.assertEqual(received.header(b"forwarded"), [])
+
+    @inlineCallbacks
+    def test_withoutTrustedProxiesChainAppended(self):
+        received = yield self.received(b"X-Forwarded-For: 198.51.100.7\r\n")
+        self.assertEqual(received.header(b"x-forwarded-for"), [b"198.51.100.7, 127.0.0.1"])
+
+
+class ForwardedValueTests(unittest.SynchronousTestCase):
+    def test_ipv6AndUnix(self):
+        head = requestHead(
+            b"GET", b"/", [(b"Host", [b"[::1]:8000"])], b"b", b"::1", b"https", 0, False,
+            style="forwarded",
+        )
+        self.assertIn(b'Forwarded: for="[::1]";host="[::1]:8000";proto=https\r\n', head)
+        head = requestHead(b"GET", b"/", [], b"b", b"unix", b"http", 0, False, style="forwarded")
+        self.assertIn(b"Forwarded: for=unknown;proto=http\r\n", head)
