@@ -648,6 +648,18 @@ def startBalancer(net: Net, urls, **settings):
     return Balancer(service, port.getHost().port)
 
 
+@inlineCallbacks
+def receivedThrough(net: Net, request: bytes, **settings):
+    """
+    Send C{request} through a balancer (with C{settings}) to a backend that
+    answers 200, and return the request as the backend received it.
+    """
+    backend = ScriptedBackend(net, reply(ok()))
+    balancer = yield startBalancer(net, [backend.url], **settings)
+    yield exchange(net, balancer.port, request)
+    return backend.requests[0]
+
+
 # -- in memory -----------------------------------------------------------------------------
 
 

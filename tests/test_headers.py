@@ -9,7 +9,17 @@ from twisted.trial import unittest
 
 from rrbalancer.headers import LocationRewriter, requestHead, responseHeaders
 
-from .support import Net, ScriptedBackend, connectClient, exchange, get, ok, reply, startBalancer
+from .support import (
+    Net,
+    ScriptedBackend,
+    connectClient,
+    exchange,
+    get,
+    ok,
+    receivedThrough,
+    reply,
+    startBalancer,
+)
 
 HOP_BY_HOP_REQUEST = (
     b"Connection: keep-alive, X-Secret\r\n"
@@ -494,10 +504,8 @@ class RequestIDTests(unittest.TestCase):
 
     @inlineCallbacks
     def received(self, extra=b"", **settings):
-        backend = ScriptedBackend(self.net, reply(ok()))
-        balancer = yield startBalancer(self.net, [backend.url], **settings)
-        yield exchange(self.net, balancer.port, get(extra=extra))
-        return backend.requests[0].header(b"x-request-id")
+        received = yield receivedThrough(self.net, get(extra=extra), **settings)
+        return received.header(b"x-request-id")
 
     @inlineCallbacks
     def test_kept(self):
@@ -543,12 +551,8 @@ class ForwardingHeadersTests(unittest.TestCase):
     def setUp(self):
         self.net = Net(self)
 
-    @inlineCallbacks
     def received(self, extra=b"", **settings):
-        backend = ScriptedBackend(self.net, reply(ok()))
-        balancer = yield startBalancer(self.net, [backend.url], **settings)
-        yield exchange(self.net, balancer.port, get(extra=extra))
-        return backend.requests[0]
+        return receivedThrough(self.net, get(extra=extra), **settings)
 
     @inlineCallbacks
     def test_forwarded(self):
