@@ -95,6 +95,8 @@ class InMemoryAdmin:
         )
         headers = dict(headers or {})
         headers[b"Host"] = [host.encode("ascii")]
+        if data is not None:
+            headers.setdefault(b"Content-Type", [b"application/json"])
         d = self.stub.request(method, f"http://127.0.0.1{path}", data=data, headers=headers)
         self.stub.flush()
         results = []
@@ -250,6 +252,8 @@ def call(client, method, url, body=None, headers=None):
     @return: fires with (status code, decoded JSON or None)
     """
     data = json.dumps(body).encode("utf-8") if body is not None else None
+    if data is not None:
+        headers = dict(headers or {}, **{"Content-Type": ["application/json"]})
     response = yield client.request(method, url, data=data, headers=headers)
     content = yield treq.content(response)
     return response.code, (json.loads(content) if content else None)
@@ -1083,3 +1087,57 @@ class LargeSetTests(SynchronousTestCase):
         self.assertEqual(len(admin.group), 10000)
         code, body, _, _ = admin.request("GET", "/api/backends?limit=100&offset=9950")
         self.assertEqual((len(body["backends"]), body["total"]), (50, 10000))
+
+
+class CrossSiteTests(SynchronousTestCase):
+    """
+    What a page on another site can make a browser send is refused: a body
+    that is not JSON (text/plain and forms need no preflight), and anything
+    the browser marks cross-site.
+    """
+
+    def setUp(self):
+        self.admin = InMemoryAdmin()
+
+    def test_bodyMustBeJSON(self):
+        before = self.admin.snapshot()
+        for contentType in (b"text/plain", b"application/x-www-form-urlencoded", None):
+            headers = {b"Content-Type": [contentType]} if contentType else {b"Content-Type": []}
+            code, body, _, _ = self.admin.request(
+                "POST", "/api/backends", {"url": "http://127.0.0.1:9000"}, headers=headers
+            )
+            self.assertEqual(code, 415, contentType)
+            self.assertIn("application/json", body["error"])
+        # A multipart body does not even parse as a form: refused too.
+        code, _, _, _ = self.admin.request(
+            "POST", "/api/backends", {"url": "http://127.0.0.1:9000"},
+            headers={b"Content-Type": [b"multipart/form-data; boundary=x"]},
+        )
+        self.assertIn(code, (400, 415))
+        code, body, _, _ = self.admin.request(
+            "PATCH", "/api/backends/1", {"state": "draining"},
+            headers={b"Content-Type": [b"text/plain;charset=UTF-8"]},
+        )
+        self.assertEqual(code, 415)
+        self.assertEqual(self.admin.snapshot(), before)
+
+    def test_jsonWithParameters(self):
+        code, _, _, _ = self.admin.request(
+            "POST", "/api/backends", {"url": "http://127.0.0.1:9000"},
+            headers={b"Content-Type": [b"application/json; charset=utf-8"]},
+        )
+        self.assertEqual(code, 201)
+
+    def test_secFetchSiteCrossSite(self):
+        before = self.admin.snapshot()
+        code, body, _, _ = self.admin.request(
+            "PATCH", "/api/backends/1", {"state": "draining"},
+            headers={b"Sec-Fetch-Site": [b"cross-site"]},
+        )
+        self.assertEqual(code, 403)
+        self.assertEqual(self.admin.snapshot(), before)
+        for site in (b"same-origin", b"none"):
+            code, _, _, _ = self.admin.request(
+                "PATCH", "/api/backends/1", {"weight": 2}, headers={b"Sec-Fetch-Site": [site]}
+            )
+            self.assertEqual(code, 200, site)

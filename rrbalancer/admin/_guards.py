@@ -7,7 +7,9 @@ with the token as password; the comparison takes constant time.  Without
 a token the listener is on loopback (checked by the config), and a request
 whose C{Host} is not a loopback name is refused, so that a web page cannot
 reach it by DNS rebinding.  A change whose C{Origin} is another site is
-refused (no cross-site request forgery).
+refused (no cross-site request forgery), and so is a change that a
+browser marks C{Sec-Fetch-Site: cross-site}; a change's body must be
+C{application/json}, which no other site can send without asking first.
 """
 
 import base64
@@ -72,6 +74,10 @@ def refusal(request, tokenRequired: bool) -> Optional[Tuple[int, str]]:
             "API answers only requests to 127.0.0.1, [::1] or localhost",
         )
     if request.method not in (b"GET", b"HEAD"):
+        # Browsers say where a request comes from; another site's is refused
+        # whatever its Origin says.
+        if (request.getHeader(b"sec-fetch-site") or b"").lower() == b"cross-site":
+            return (403, "cross-site request refused")
         origin = request.getHeader(b"origin")
         if origin is not None:
             origin = origin.decode("latin-1")

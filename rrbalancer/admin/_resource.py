@@ -208,6 +208,11 @@ class AdminResource(Resource):
         return body
 
     def _body(self, request) -> Any:
+        # Only JSON: a page on another site can send text/plain or a form
+        # without asking first (no CORS preflight), never application/json.
+        contentType = (request.getHeader(b"content-type") or b"").split(b";", 1)[0]
+        if contentType.strip().lower() != b"application/json":
+            raise APIError(415, "expected a body of Content-Type: application/json")
         content = request.content
         data = content.read(MAX_BODY + 1) if content is not None else b""
         if len(data) > MAX_BODY:
