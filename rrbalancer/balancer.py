@@ -110,7 +110,7 @@ class Balancer(MultiService):
         if config.health.enabled:
             self.healthChecker = _healthChecker(self.group, config, reactor, self._trust)
             _HealthService(self.healthChecker).setServiceParent(self)
-        self._resource = BalancerResource(self.group, config.requestIDHeader)
+        self._resource = BalancerResource(self.group, config.requestIDHeader, config.via)
 
     @classmethod
     def fromConfig(cls, path: str, reactor=None, **overrides: Any) -> "Balancer":

@@ -117,6 +117,22 @@ def requestID(request, header: bytes) -> bytes:
     return value
 
 
+def viaChain(request, name: bytes) -> Optional[bytes]:
+    """
+    The C{Via} to send on (the client's entries and ours, RFC 9110 section
+    7.6.3), or None when the client's already name this balancer: the
+    request came back to it, a loop.
+    """
+    given = request.requestHeaders.getRawHeaders(b"via", [])
+    for value in given:
+        for entry in value.split(b","):
+            parts = entry.split()
+            if len(parts) >= 2 and parts[1] == name:
+                return None
+    protocol = request.clientproto.split(b"/", 1)[-1] or b"1.1"
+    return b", ".join(given + [protocol + b" " + name])
+
+
 def respondWithError(request, code: int, message: bytes, retryAfter=None) -> None:
     """
     A short plain-text error from the balancer itself; it never names a
@@ -148,15 +164,19 @@ class _Forwarding:
     log = Logger()
 
     def __init__(
-        self, picker: IPicker, request, target: bytes, prefix=None, requestIDHeader=None
+        self, picker: IPicker, request, target: bytes, prefix=None, requestIDHeader=None,
+        via: Optional[bytes] = None,
     ) -> None:
         self.picker = picker
         self.request = request
         self.target = target
         self.prefix = prefix
-        self.extraHeaders = ()
+        extra = []
         if requestIDHeader is not None:
-            self.extraHeaders = ((requestIDHeader, requestID(request, requestIDHeader)),)
+            extra.append((requestIDHeader, requestID(request, requestIDHeader)))
+        if via is not None:
+            extra.append((b"via", via))
+        self.extraHeaders = extra
         self.tried: List[Backend] = []
         self.attempt: Optional["_Attempt"] = None
         self.clientGone = False
@@ -456,7 +476,15 @@ def _render(resource, request, picker: IPicker, target: bytes, prefix=None):
     """
     forwarding = None
     try:
-        forwarding = _Forwarding(picker, request, target, prefix, resource.requestIDHeader)
+        via = None
+        if resource.viaName is not None:
+            via = viaChain(request, resource.viaName)
+            if via is None:
+                respondWithError(request, 508, b"Loop Detected: this request has been here before")
+                return NOT_DONE_YET
+        forwarding = _Forwarding(
+            picker, request, target, prefix, resource.requestIDHeader, via
+        )
         forwarding.next()
     except Exception:
         resource.log.failure(
@@ -472,6 +500,14 @@ def _render(resource, request, picker: IPicker, target: bytes, prefix=None):
 
 
 def _headerName(name: Optional[str]) -> Optional[bytes]:
+    return name.encode("ascii") if name is not None else None
+
+
+def _viaName(name: Optional[str]) -> Optional[bytes]:
+    # "auto" is resolved by the service; a resource built elsewhere with it
+    # makes its own name.
+    if name == "auto":
+        name = "rrbalancer-" + os.urandom(4).hex()
     return name.encode("ascii") if name is not None else None
 
 
@@ -546,6 +582,7 @@ class BackendProxyResource(ReverseProxyResource):
         self.hostHeader = self.backendHost if config.hostHeader == "backend" else None
         self.requestIDHeader = _headerName(config.requestIDHeader)
         self.forwardedStyle = config.forwardedHeader
+        self.viaName = _viaName(config.via)
         self.trustedProxies = tuple(ipaddress.ip_network(n) for n in config.trustedProxies)
         self.timeout = config.backendTimeout
         self.rewriteLocation = LocationRewriter(self.url)
@@ -625,14 +662,21 @@ class BalancerResource(Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, picker: IPicker, requestIDHeader: Optional[str] = "X-Request-ID") -> None:
+    def __init__(
+        self,
+        picker: IPicker,
+        requestIDHeader: Optional[str] = "X-Request-ID",
+        via: Optional[str] = None,
+    ) -> None:
         """
         @param requestIDHeader: the header that carries a request's id to
             the backend (kept from the client or made), or None for none.
+        @param via: this balancer's name in C{Via}, or None to send none.
         """
         Resource.__init__(self)
         self.picker = picker
         self.requestIDHeader = _headerName(requestIDHeader)
+        self.viaName = _viaName(via)
 
     def render(self, request):
         if request.method == b"CONNECT":

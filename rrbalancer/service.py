@@ -4,6 +4,8 @@ reactor.  The twistd plugin and C{balancer.tac} are thin layers over
 L{makeService}.
 """
 
+import secrets
+from dataclasses import replace
 from typing import List, Optional
 
 from twisted.application.service import MultiService, Service
@@ -252,6 +254,10 @@ def makeService(config: Config, reactor, listeners=None):
 
     @raise ConfigError: a listening endpoint description is malformed.
     """
+    if config.via == "auto":
+        # One name for the whole balancer, its workers included, so that a
+        # request coming back through any of them is known.
+        config = replace(config, via="rrbalancer-" + secrets.token_hex(4))
     if config.workers > 1:
         parent = MultiService()
         pool = WorkerPool(config, reactor, config.workers)

@@ -279,6 +279,20 @@ def parseBackends(value: Any, name: str = "backend") -> Tuple[BackendConfig, ...
     return backends
 
 
+def parseVia(value: Any, name: str) -> Optional[str]:
+    """
+    A Via pseudonym: C{auto}, C{none}, or a token.
+    """
+    text = string(value, name).strip()
+    if text.lower() == "none":
+        return None
+    if text.lower() == "auto":
+        return "auto"
+    if not text or not _TOKEN.issuperset(text):
+        raise ConfigError(f"{name}: {text!r} is not a name (letters, digits, -._~)")
+    return text
+
+
 def parseNetworks(value: Any, name: str) -> Tuple[str, ...]:
     """
     Networks in CIDR notation (an address alone is a network of one).
@@ -512,6 +526,10 @@ SETTINGS: Tuple[Setting, ...] = (
        "appended to (CIDR, repeatable). Once one is given, the chain from any "
        "other client is replaced by its own address. Without any, every chain "
        "is appended to.", repeatable=True, metavar="CIDR"),
+    _s("via", "via", parseVia, "auto",
+       "The name this balancer gives itself in the Via header of the requests "
+       "it forwards; a request that comes back with it (a loop) gets 508. auto "
+       "makes one per balancer; none sends no Via.", metavar="NAME|auto|none"),
     _s("access_log", "accessLog", logFile, None,
        "Write an NCSA combined access log here; - is standard output.",
        path=True, metavar="PATH"),

@@ -9,6 +9,8 @@ from twisted.trial import unittest
 
 from rrbalancer.headers import LocationRewriter, requestHead, responseHeaders
 
+from rrbalancer.config import BackendConfig
+
 from .support import (
     Net,
     ScriptedBackend,
@@ -289,6 +291,7 @@ class EndToEndHeaderTests(unittest.TestCase):
                     b"x-forwarded-host",
                     b"content-length",
                     b"x-request-id",
+                    b"via",
                 ]
             ),
         )
@@ -610,3 +613,44 @@ class ForwardedValueTests(unittest.SynchronousTestCase):
         self.assertIn(b'Forwarded: for="[::1]";host="[::1]:8000";proto=https\r\n', head)
         head = requestHead(b"GET", b"/", [], b"b", b"unix", b"http", 0, False, style="forwarded")
         self.assertIn(b"Forwarded: for=unknown;proto=http\r\n", head)
+
+
+class ViaTests(unittest.TestCase):
+    """
+    C{Via} names the balancer on every request it forwards (RFC 9110
+    section 7.6.3), and a request that comes back to it is a loop: 508.
+    """
+
+    timeout = 10
+
+    def setUp(self):
+        self.net = Net(self)
+
+    @inlineCallbacks
+    def test_sentAndAppended(self):
+        received = yield receivedThrough(self.net, get(), via="lb-one")
+        self.assertEqual(received.header(b"via"), [b"1.1 lb-one"])
+        received = yield receivedThrough(
+            self.net, get(extra=b"Via: 1.0 edge, 1.1 cdn\r\n"), via="lb-one"
+        )
+        self.assertEqual(received.header(b"via"), [b"1.0 edge, 1.1 cdn, 1.1 lb-one"])
+
+    @inlineCallbacks
+    def test_off(self):
+        received = yield receivedThrough(self.net, get(), via=None)
+        self.assertEqual(received.header(b"via"), [])
+
+    @inlineCallbacks
+    def test_loopToItself(self):
+        """
+        A balancer whose backend is itself: the request comes back once,
+        is answered 508 there, and the client gets that 508 at once.
+        """
+        placeholder = ScriptedBackend(self.net, reply(ok()))
+        balancer = yield startBalancer(self.net, [placeholder.url])
+        group = balancer.group
+        group.add(BackendConfig(f"http://127.0.0.1:{balancer.port}"))
+        group.remove(group.byURL(placeholder.url))
+        response = yield exchange(self.net, balancer.port, get())
+        self.assertEqual(response.code, 508)
+        self.assertIn(b"Loop Detected", response.body)
