@@ -15,13 +15,7 @@ from twisted.web import client, http
 # root of one's own (the system store plus a bundle) must provide.
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 
-# The incremental chunked decoder of twisted.web's server, with its size
-# limits: the upstream client decodes backend responses with it rather than
-# keep a second parser of the same grammar.
-ChunkedTransferDecoder = http._ChunkedTransferDecoder
-
 __all__ = [
-    "ChunkedTransferDecoder",
     "IOpenSSLTrustRoot",
     "QuietHTTPConnectionPool",
     "handlingRequest",

@@ -250,6 +250,8 @@ class Backend:
         self.removing = False
         self.requests = 0
         self.failures = 0
+        # Responses that broke HTTP (bad framing, oversized head).
+        self.protocolErrors = 0
         self.checksPassed = 0
         self.checksFailed = 0
         self.lastCheck: Optional[float] = None

@@ -25,7 +25,6 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime, ISSLTransport, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
-from twisted.web.http import _ChunkedTransferDecoder
 
 # A response head larger than this is refused (NGINX's default buffers
 # allow 4-8 KiB; be generous, but bounded).
@@ -75,6 +74,14 @@ class BackendBusy(ConnectError):
     """
     The backend has its C{maxConnections} in use and its queue is full, or
     the wait for a connection was too long: nothing was sent.
+    """
+
+
+class ProtocolError(BackendError):
+    """
+    The backend broke HTTP/1.1: a malformed or oversized head, bad framing.
+    Nothing from after the fault is passed on, and the connection is not
+    used again.
     """
 
 
@@ -171,6 +178,7 @@ class BackendConnection(Protocol):
     reused = False
     _receiver = None
     _decoder = None
+    _producer = None
     _responseStarted = False
     _paused = False
     _timeoutCall = None
@@ -303,11 +311,23 @@ class BackendConnection(Protocol):
             self._bodySent = True
         else:
             self.transport.write(head)
-            self.transport.registerProducer(_BodyProducer(self, body, bodyLength), False)
+            self._producer = _BodyProducer(self, body, bodyLength)
+            self.transport.registerProducer(self._producer, False)
 
     def _bodyDone(self) -> None:
         self._bodySent = True
-        self.transport.unregisterProducer()
+        self._stopBody()
+
+    def _stopBody(self) -> None:
+        """
+        Stop sending the request body (it is all sent, or the exchange is
+        over: a backend may answer before it has read the body).  The
+        spooled body may be closed from now on.
+        """
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            producer.stopProducing()
+            self.transport.unregisterProducer()
 
     def abort(self) -> None:
         """
@@ -316,6 +336,7 @@ class BackendConnection(Protocol):
         """
         self._receiver = None
         self._cancelTimeout()
+        self._stopBody()
         if self._open:
             self._open = False
             self.transport.abortConnection()
@@ -357,20 +378,20 @@ class BackendConnection(Protocol):
     def _readHead(self) -> None:
         while True:
             end = self._buffer.find(b"\r\n\r\n")
-            if end == -1:
-                if len(self._buffer) > MAX_HEAD_SIZE:
-                    self._fail(BackendError("response head too large"))
+            if end == -1 or end > self.pool.maxHeadSize:
+                if end != -1 or len(self._buffer) > self.pool.maxHeadSize:
+                    self._fail(ProtocolError("response head too large"))
                 return
             head = self._buffer[:end]
             rest = self._buffer[end + 4 :]
             try:
                 version, code, reason, headers = _parseHead(head)
             except ValueError as e:
-                self._fail(BackendError(f"invalid response: {e}"))
+                self._fail(ProtocolError(f"invalid response: {e}"))
                 return
             if code < 200:
                 if code == 101:
-                    self._fail(BackendError("unexpected protocol switch"))
+                    self._fail(ProtocolError("unexpected protocol switch"))
                     return
                 # An interim answer (100 Continue, 103 Early Hints): the
                 # final one follows on the same connection.
@@ -395,7 +416,7 @@ class BackendConnection(Protocol):
         if lengths and not transferCodings:
             values = {v.strip() for value in lengths for v in value.split(b",")}
             if len(values) != 1 or not next(iter(values)).isdigit():
-                self._fail(BackendError("invalid Content-Length"))
+                self._fail(ProtocolError("invalid Content-Length"))
                 return
             contentLength = int(values.pop())
 
@@ -410,9 +431,9 @@ class BackendConnection(Protocol):
             if transferCodings != [b"chunked"]:
                 # Any other coding would reach the client still applied,
                 # without the (hop-by-hop) header that names it.
-                self._fail(BackendError("unsupported transfer coding"))
+                self._fail(ProtocolError("unsupported transfer coding"))
                 return
-            chunked = _ChunkedTransferDecoder(self._deliver, self._chunkedDone)
+            chunked = ChunkedDecoder(self._deliver, self._chunkedDone)
             self._decoder = self._dechunker(chunked)
         elif contentLength is not None:
             self._remaining = contentLength
@@ -449,12 +470,12 @@ class BackendConnection(Protocol):
     def _readToClose(self, data: bytes) -> None:
         self._deliver(data)
 
-    def _dechunker(self, chunked: _ChunkedTransferDecoder) -> Callable[[bytes], None]:
+    def _dechunker(self, chunked: "ChunkedDecoder") -> Callable[[bytes], None]:
         def decode(data: bytes) -> None:
             try:
                 chunked.dataReceived(data)
-            except Exception as e:
-                self._fail(BackendError(f"invalid chunked body: {e}"))
+            except ValueError as e:
+                self._fail(ProtocolError(f"invalid chunked body: {e}"))
 
         return decode
 
@@ -466,6 +487,7 @@ class BackendConnection(Protocol):
         receiver = self._receiver
         self._receiver = None
         self._decoder = None
+        self._stopBody()
         reusable = self._keepAlive and self._bodySent and not extra and self._open
         if reusable:
             # The timer is left running for the next exchange on this
@@ -481,6 +503,81 @@ class BackendConnection(Protocol):
             receiver.responseDone()
 
 
+class ChunkedDecoder:
+    """
+    A strict decoder of a chunked body (RFC 9112 section 7.1), written here
+    rather than borrowed so that its limits are the balancer's: a chunk
+    size of at most 16 hex digits, size and trailer lines of bounded
+    length, and the CRLF after each chunk required.  Data is handed on
+    only once the line that announced it was valid; an error is a
+    L{ValueError} and nothing after the fault is delivered.
+
+    @param deliver: called with the data of each chunk, as it arrives.
+    @param done: called with the bytes after the body, once it ended.
+    """
+
+    MAX_LINE = 4096
+    MAX_TRAILERS = 64 * 1024
+
+    def __init__(self, deliver: Callable[[bytes], None], done: Callable[[bytes], None]) -> None:
+        self._deliver = deliver
+        self._done = done
+        self._buffer = b""
+        self._state = "size"
+        self._left = 0
+        self._trailers = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        buffer = self._buffer + data
+        self._buffer = b""
+        while buffer:
+            state = self._state
+            if state == "data":
+                piece, buffer = buffer[: self._left], buffer[self._left :]
+                self._left -= len(piece)
+                if self._left == 0:
+                    self._state = "crlf"
+                self._deliver(piece)
+                continue
+            if state == "crlf":
+                if len(buffer) < 2:
+                    break
+                if buffer[:2] != b"\r\n":
+                    raise ValueError("no CRLF after a chunk")
+                buffer = buffer[2:]
+                self._state = "size"
+                continue
+            end = buffer.find(b"\r\n")
+            if end == -1:
+                if len(buffer) > self.MAX_LINE:
+                    raise ValueError("chunk line too long")
+                break
+            line, buffer = buffer[:end], buffer[end + 2 :]
+            if state == "size":
+                self._size(line)
+            else:
+                self._trailers += len(line) + 2
+                if self._trailers > self.MAX_TRAILERS:
+                    raise ValueError("trailers too large")
+                if not line:
+                    self._state = "done"
+                    self._done(buffer)
+                    return
+        self._buffer = buffer
+
+    def _size(self, line: bytes) -> None:
+        if len(line) > self.MAX_LINE:
+            raise ValueError("chunk line too long")
+        size = line.split(b";", 1)[0].rstrip(b" \t")
+        if not 0 < len(size) <= 16 or not _HEX.issuperset(size):
+            raise ValueError("invalid chunk size")
+        self._left = int(size, 16)
+        self._state = "data" if self._left else "trailer"
+
+
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
 class _BodyProducer:
     """
     Pulls a large request body from its spool file as the backend takes it.
@@ -494,7 +591,11 @@ class _BodyProducer:
     def resumeProducing(self) -> None:
         if self._left <= 0:
             return
-        chunk = self._body.read(min(BODY_CHUNK_SIZE, self._left))
+        try:
+            chunk = self._body.read(min(BODY_CHUNK_SIZE, self._left))
+        except ValueError:
+            # The spool was closed under us (the client went away).
+            chunk = b""
         if not chunk:
             self._left = 0
             self._connection.abort()
@@ -536,8 +637,10 @@ class ConnectionPool:
         maxConnections: int = 0,
         queueSize: int = 100,
         queueTimeout: float = 5.0,
+        maxHeadSize: int = MAX_HEAD_SIZE,
     ) -> None:
         self._connect = connect
+        self.maxHeadSize = maxHeadSize
         self._clock = clock
         self.maxIdle = maxIdle
         self.idleTimeout = idleTimeout

@@ -25,6 +25,7 @@ The rules for trying again (RFC 9110 section 9.2.2):
 
 import ipaddress
 import os
+import re
 from typing import List, Optional, Tuple
 from urllib.parse import quote as urlquote
 
@@ -39,7 +40,7 @@ from zope.interface import implementer
 
 from . import _twisted
 from .backends import Backend
-from .client import BackendBusy, BackendError, ConnectError, ResponseTimeout
+from .client import BackendBusy, BackendError, ConnectError, ProtocolError, ResponseTimeout
 from .config import Config, HealthConfig
 from .headers import LocationRewriter, requestHead, responseHeaders
 from .interfaces import IPicker, IResponseReceiver, IUpstream
@@ -81,6 +82,27 @@ def requestTarget(uri: bytes) -> bytes:
         slash = rest.find(b"/")
         return rest[slash:] if slash != -1 else b"/"
     return uri
+
+
+# An origin-form target of visible ASCII (no DEL, no byte past 0x7E): the
+# common case, checked with one match.
+_ORIGIN_FORM = re.compile(rb"/[\x21-\x7e]*\Z")
+_ABSOLUTE_FORM = re.compile(rb"(?i:https?)://([\x21-\x2e\x30-\x7e]+)(/[\x21-\x7e]*)?\Z")
+
+
+def targetAuthority(method: bytes, uri: bytes) -> Optional[bytes]:
+    """
+    For a target that is not origin-form: its authority if it is
+    absolute-form, C{b""} for C{*} on OPTIONS, None when it is no valid
+    target at all (RFC 9112 section 3.2: C{@host/x}, C{host/x}, C{*} on
+    GET, control or non-ASCII bytes).
+    """
+    if uri == b"*":
+        return b"" if method == b"OPTIONS" else None
+    match = _ABSOLUTE_FORM.match(uri)
+    if match is None or b"@" in match.group(1):
+        return None
+    return match.group(1)
 
 
 def splitMount(target: bytes, depth: int) -> Tuple[bytes, Optional[bytes]]:
@@ -436,6 +458,11 @@ class _Attempt:
     def responseFailed(self, error: BackendError) -> None:
         self.connection = None
         request = self.request
+        if isinstance(error, ProtocolError):
+            self.backend.protocolErrors += 1
+            self.log.warn(
+                "backend {url} broke HTTP: {error}", url=self.backend.url, error=str(error)
+            )
         if self.started:
             self.code = 0
             self._end()
@@ -682,5 +709,15 @@ class BalancerResource(Resource):
         if request.method == b"CONNECT":
             respondWithError(request, 405, b"Method Not Allowed")
             return NOT_DONE_YET
-        target, prefix = splitMount(requestTarget(request.uri), len(request.prepath))
+        uri = request.uri
+        if not _ORIGIN_FORM.match(uri):
+            authority = targetAuthority(request.method, uri)
+            if authority is None:
+                respondWithError(request, 400, b"Bad Request: invalid request target")
+                return NOT_DONE_YET
+            if authority:
+                # RFC 9112 section 3.2.2: an absolute-form target's authority
+                # is the request's host, whatever Host says.
+                request.requestHeaders.setRawHeaders(b"host", [authority])
+        target, prefix = splitMount(requestTarget(uri), len(request.prepath))
         return _render(self, request, self.picker, target, prefix)

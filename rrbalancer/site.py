@@ -12,7 +12,9 @@ from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
+from . import _twisted
 from .accesslog import AccessLog
+from .headers import connectionTokens
 
 
 class BalancerRequest(Request):
@@ -124,6 +126,32 @@ class BalancerRequest(Request):
             watcher(reason)
 
 
+def headProblem(requestLine: Optional[bytes], headers) -> Optional[tuple]:
+    """
+    Why a whole request head may not be read on, as (status, message), or
+    None: the framing and Host rules of RFC 9112 that Twisted leaves to its
+    users (a request that two parsers can read two ways is how requests are
+    smuggled).
+    """
+    version = requestLine.rsplit(b" ", 1)[-1] if requestLine else b""
+    codings = headers.getRawHeaders(b"transfer-encoding")
+    if codings is not None:
+        tokens = [t.strip().lower() for value in codings for t in value.split(b",") if t.strip()]
+        if version != b"HTTP/1.1":
+            return (b"400 Bad Request", b"Bad Request: Transfer-Encoding on an HTTP/1.0 request")
+        if tokens != [b"chunked"]:
+            # (Twisted itself refuses a line naming any coding but chunked
+            # or identity; the layouts that get here spread over lines.)
+            return (b"400 Bad Request", b"Bad Request: Transfer-Encoding must be chunked, once")
+    if version == b"HTTP/1.1":
+        hosts = headers.getRawHeaders(b"host")
+        if not hosts:
+            return (b"400 Bad Request", b"Bad Request: no Host header")
+        if len(hosts) > 1:
+            return (b"400 Bad Request", b"Bad Request: more than one Host header")
+    return None
+
+
 def _refuseConnection(channel, status: bytes, message: bytes) -> None:
     """
     Answer a request that cannot be read any further, and close.
@@ -162,6 +190,7 @@ class BalancerChannel(HTTPChannel):
     _idleTimeOut = None
     _refusedHead = False
     _closing = False
+    _requestLine = None
     _host = None
 
     _peer = None
@@ -189,32 +218,42 @@ class BalancerChannel(HTTPChannel):
         # Line mode without a request in hand is the only state in which
         # bytes belong to a head: a body is read in raw mode, and bytes that
         # arrive while a request is handled are buffered in raw mode too.
-        return self.line_mode and not self._handlingRequest and not self._refusedHead
+        return (
+            self.line_mode and not _twisted.handlingRequest(self) and not self._refusedHead
+        )
 
     def dataReceived(self, data):
         if self._headTimer is None and self._readingHead():
             self._headTimer = self.callLater(self.headerTimeout, self._headTimedOut)
         HTTPChannel.dataReceived(self, data)
 
-    def rawDataReceived(self, data):
-        if self._bodyTimer is not None:
-            self._bodyTimer.reset(self.bodyTimeout)
-        HTTPChannel.rawDataReceived(self, data)
-
     def lineReceived(self, line):
         if self._refusedHead:
             return
-        # The same accounting HTTPChannel does, a line early, to answer 431.
-        if (
-            self._receivedHeaderSize + len(line) > self.totalHeadersSize
-            or self._receivedHeaderCount >= self.maxHeaders
-        ):
-            self._refuseHead(
-                b"431 Request Header Fields Too Large",
-                b"Request Header Fields Too Large",
-            )
+        size, count = _twisted.headSoFar(self)
+        # The same accounting HTTPChannel does, a line early, to answer 431
+        # (414 for the request line).
+        if size + len(line) > self.totalHeadersSize or count >= self.maxHeaders:
+            self._tooLarge()
             return
+        if self._requestLine is None and line:
+            self._requestLine = line
         HTTPChannel.lineReceived(self, line)
+
+    def _tooLarge(self) -> None:
+        if self._requestLine is None:
+            self._refuseHead(b"414 URI Too Long", b"URI Too Long")
+        else:
+            self._refuseHead(
+                b"431 Request Header Fields Too Large", b"Request Header Fields Too Large"
+            )
+
+    def rawDataReceived(self, data):
+        if self._refusedHead:
+            return
+        if self._bodyTimer is not None:
+            self._bodyTimer.reset(self.bodyTimeout)
+        HTTPChannel.rawDataReceived(self, data)
 
     def headerReceived(self, line):
         # RFC 9110 section 5.5: NUL, and a CR that is not part of a line
@@ -226,12 +265,17 @@ class BalancerChannel(HTTPChannel):
         return HTTPChannel.headerReceived(self, line)
 
     def lineLengthExceeded(self, line):
-        self._refuseHead(
-            b"431 Request Header Fields Too Large", b"Request Header Fields Too Large"
-        )
+        self._tooLarge()
 
     def allHeadersReceived(self):
         self._stopHeadTimer()
+        requestLine, self._requestLine = self._requestLine, None
+        problem = headProblem(requestLine, self.requests[-1].requestHeaders)
+        if problem is not None:
+            # Before Twisted answers "100 Continue" or reads a byte of body:
+            # a request framed two ways must not be read either way.
+            self._refuseHead(*problem)
+            return
         HTTPChannel.allHeadersReceived(self)
         if self.length != 0 and not self._closing:
             # A body follows: the body timer replaces the idle timer until
@@ -242,7 +286,24 @@ class BalancerChannel(HTTPChannel):
 
     def allContentReceived(self):
         self._stopBodyTimer()
+        if self._refusedHead:
+            return
         HTTPChannel.allContentReceived(self)
+
+    def checkPersistence(self, request, version):
+        """
+        Keep the connection for another request unless the client said
+        C{close}: anywhere in a comma-separated C{Connection} list, on any
+        of its lines, in any case (RFC 9110 section 7.6.1; Twisted's own
+        check reads only the first line, split on spaces).  HTTP/1.0
+        connections end with their response, as Twisted has them.
+        """
+        if version != b"HTTP/1.1":
+            return False
+        if b"close" in connectionTokens(request.requestHeaders.getRawHeaders(b"connection")):
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            return False
+        return True
 
     def _headTimedOut(self):
         self._headTimer = None

@@ -81,4 +81,5 @@ def connectionPool(reactor, backend: BackendConfig, config, trust) -> Connection
         maxConnections=config.maxConnections,
         queueSize=config.queueSize,
         queueTimeout=config.queueTimeout,
+        maxHeadSize=config.maxResponseHeadSize,
     )

@@ -40,16 +40,6 @@ class PrivateNamesTests(SynchronousTestCase):
         self.assertIsInstance(_twisted.IOpenSSLTrustRoot, InterfaceClass)
         self.assertIn("_addCACertsToContext", _twisted.IOpenSSLTrustRoot.names())
 
-    def test_chunkedDecoder(self):
-        """
-        The decoder takes a data and a finish callback and hands over the
-        bytes after the last chunk.
-        """
-        data, rest = [], []
-        decoder = _twisted.ChunkedTransferDecoder(data.append, rest.append)
-        decoder.dataReceived(b"3\r\nabc\r\n0\r\n\r\nNEXT")
-        self.assertEqual((b"".join(data), rest), (b"abc", [b"NEXT"]))
-
     def test_handlingRequest(self):
         channel = self.channel()
         self.assertFalse(_twisted.handlingRequest(channel))
