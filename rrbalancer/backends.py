@@ -252,6 +252,15 @@ class Backend:
         self.failures = 0
         # Responses that broke HTTP (bad framing, oversized head).
         self.protocolErrors = 0
+        self.peakActive = 0
+        # How often and how long health took it out, as HAProxy's stats.
+        self.timesDown = 0
+        self.downSince: Optional[float] = None
+        self._downtime = 0.0
+        # The last active check: its HTTP status (None without one) and
+        # how long it took, in seconds.
+        self.lastCheckCode: Optional[int] = None
+        self.lastCheckDuration: Optional[float] = None
         self.checksPassed = 0
         self.checksFailed = 0
         self.lastCheck: Optional[float] = None
@@ -281,6 +290,8 @@ class Backend:
     @active.setter
     def active(self, value: int) -> None:
         self._active = value
+        if value > self.peakActive:
+            self.peakActive = value
         if value <= 0 and self._idleWaiters:
             waiters, self._idleWaiters = self._idleWaiters, []
             for d in waiters:
@@ -351,11 +362,18 @@ class Backend:
         self.lastChange = self._clock.seconds()
         self.lastChangeReason = reason
 
-    def recordCheck(self, ok: bool, reason: str) -> None:
+    def recordCheck(
+        self, ok: bool, reason: str, code: Optional[int] = None, duration: Optional[float] = None
+    ) -> None:
         """
         Count one active check's result, and change state when the rise or
         fall threshold is reached.
+
+        @param code: the check's HTTP status, if it got one.
+        @param duration: how long the check took, in seconds.
         """
+        self.lastCheckCode = code
+        self.lastCheckDuration = duration
         if ok:
             self.checksPassed += 1
         else:
@@ -415,10 +433,25 @@ class Backend:
         else:
             self.lastError = reason
 
+    def downtime(self) -> float:
+        """
+        Seconds it has spent down since it was added, the current spell
+        included.
+        """
+        current = self._clock.seconds() - self.downSince if self.downSince is not None else 0.0
+        return self._downtime + current
+
     def _setHealthy(self, healthy: bool, reason: str) -> None:
         self.healthy = healthy
         self._awaitingFirstPass = False
         self._changed(reason)
+        now = self._clock.seconds()
+        if healthy and self.downSince is not None:
+            self._downtime += now - self.downSince
+            self.downSince = None
+        elif not healthy and self.downSince is None:
+            self.timesDown += 1
+            self.downSince = now
         if healthy:
             self.log.info(
                 "backend {url} is up: {reason}", url=self.url, reason=reason

@@ -641,6 +641,7 @@ class ConnectionPool:
     ) -> None:
         self._connect = connect
         self.maxHeadSize = maxHeadSize
+        self.peakWaiting = 0
         self._clock = clock
         self.maxIdle = maxIdle
         self.idleTimeout = idleTimeout
@@ -727,6 +728,7 @@ class ConnectionPool:
 
         d = Deferred(cancel)
         timer = self._clock.callLater(self.queueTimeout, self._waitedTooLong, d)
+        self.peakWaiting = max(self.peakWaiting, len(self._waiting) + 1)
         self._waiting.append((d, timer))
         return d
 

@@ -5,16 +5,19 @@ logged in NCSA combined format only when an access log is asked for; and
 whose connections bound the time and size of a request head.
 """
 
-from typing import Optional
+from typing import Dict, List, Optional
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import ILoggingContext, IProtocolFactory
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
+from zope.interface import implementer_only
 
 from . import _twisted
 from .accesslog import AccessLog
 from .headers import connectionTokens
+from .listeners import describeAddress
 
 
 class BalancerRequest(Request):
@@ -152,6 +155,16 @@ def headProblem(requestLine: Optional[bytes], headers) -> Optional[tuple]:
     return None
 
 
+def listenerKey(address):
+    """
+    What tells listeners apart in the address a connection reached: the
+    port (a listener on every interface is reached at a particular one),
+    or the UNIX socket's name.
+    """
+    port = getattr(address, "port", None)
+    return port if port is not None else describeAddress(address)
+
+
 def _refuseConnection(channel, status: bytes, message: bytes) -> None:
     """
     Answer a request that cannot be read any further, and close.
@@ -191,6 +204,7 @@ class BalancerChannel(HTTPChannel):
     _refusedHead = False
     _closing = False
     _requestLine = None
+    _counted = None
     _host = None
 
     _peer = None
@@ -213,6 +227,10 @@ class BalancerChannel(HTTPChannel):
         if self._secure is None:
             self._secure = HTTPChannel.isSecure(self)
         return self._secure
+
+    def connectionMade(self):
+        HTTPChannel.connectionMade(self)
+        self.site._channelOpened(self)
 
     def _readingHead(self) -> bool:
         # Line mode without a request in hand is the only state in which
@@ -354,6 +372,10 @@ class BalancerChannel(HTTPChannel):
         self.site._channelClosed(self)
 
 
+# Not IProtocolNegotiationFactory: the channel speaks HTTP/1.1 only, so a
+# TLS port must not offer h2 by ALPN on its behalf (a client that took it
+# would get nothing), nor set up ALPN on a context shared by connections.
+@implementer_only(IProtocolFactory, ILoggingContext)
 class BalancerSite(Site):
     """
     @ivar inFlight: requests received and not yet answered.
@@ -389,12 +411,14 @@ class BalancerSite(Site):
         self._idleWaiters = []
         self._channels = set()
         self._closedWaiters = []
+        # Connections by the listener they reached (see listenerKey):
+        # [open, accepted since start].
+        self.connections: Dict[object, List[int]] = {}
 
     def buildProtocol(self, addr):
         channel = Site.buildProtocol(self, addr)
         channel.headerTimeout = self.headerTimeout
         channel.bodyTimeout = self.bodyTimeout
-        self._channels.add(channel)
         return channel
 
     # The access log is this site's own (see L{AccessLog}), not Site's.
@@ -415,8 +439,21 @@ class BalancerSite(Site):
         if self.accessLog is not None:
             self.accessLog.reopen()
 
+    def _channelOpened(self, channel) -> None:
+        # Counted once connected: a connection whose TLS setup failed
+        # never was, and must not hold up a stop.
+        self._channels.add(channel)
+        counts = self.connections.setdefault(listenerKey(channel.getHost()), [0, 0])
+        counts[0] += 1
+        counts[1] += 1
+        channel._counted = counts
+
     def _channelClosed(self, channel) -> None:
         self._channels.discard(channel)
+        counts = channel._counted
+        if counts is not None:
+            counts[0] -= 1
+            channel._counted = None
         if not self._channels and self._closedWaiters:
             waiters, self._closedWaiters = self._closedWaiters, []
             for d in waiters:

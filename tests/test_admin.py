@@ -9,6 +9,8 @@ bound) are shared with the dashboard and reload tests.
 """
 
 import base64
+import csv
+import io
 import json
 import os
 
@@ -1141,3 +1143,60 @@ class CrossSiteTests(SynchronousTestCase):
                 "PATCH", "/api/backends/1", {"weight": 2}, headers={b"Sec-Fetch-Site": [site]}
             )
             self.assertEqual(code, 200, site)
+
+
+class StatsPageTests(SynchronousTestCase):
+    """
+    The per-backend figures HAProxy's stats page shows.
+    """
+
+    def test_figures(self):
+        admin = InMemoryAdmin(health=HealthConfig(fall=1, rise=1))
+        backend = admin.group.get("1")
+        backend.active = 3
+        backend.active = 1
+        backend.recordResponse(200, 0.01, 10, 100)
+        backend.recordResponse(503, 0.02, 0, 5)
+        backend.recordCheck(False, "HTTP 500", code=500, duration=0.004)
+        admin.clock.advance(7)
+        code, body, _, _ = admin.request("GET", "/api/backends/1")
+        self.assertEqual(code, 200)
+        self.assertEqual(body["responses"], {"2xx": 1, "5xx": 1})
+        self.assertEqual((body["bytes_in"], body["bytes_out"]), (10, 105))
+        self.assertEqual(body["peak_active"], 3)
+        self.assertEqual((body["last_check_code"], body["last_check_ms"]), (500, 4.0))
+        self.assertEqual((body["times_down"], body["downtime"]), (1, 7.0))
+        backend.recordCheck(True, "HTTP 200", code=200, duration=0.001)
+        admin.clock.advance(5)
+        code, body, _, _ = admin.request("GET", "/api/backends/1")
+        self.assertEqual((body["times_down"], body["downtime"]), (1, 7.0))
+
+
+class ListenerRowsTests(TestCase):
+    timeout = 20
+
+    @inlineCallbacks
+    def test_listenerConnections(self):
+        settleConnections(self)
+        one, oneURL = startBackend(self, "one")
+        service, balancer, admin = yield startBalancer(self, balancerConfig([oneURL]))
+        client = makeClient(self)
+        yield client.get(balancer + "/x")
+        code, status = yield call(client, "GET", admin + "/api/status")
+        [listener] = status["listeners"]
+        self.assertGreaterEqual(listener["connections_total"], 1)
+        self.assertIn("connections", listener)
+
+
+class ExportTests(SynchronousTestCase):
+    def test_csv(self):
+        admin = InMemoryAdmin()
+        admin.group.get("1").recordResponse(200, 0.01, 0, 0)
+        code, _, response, content = admin.request("GET", "/api/backends?format=csv")
+        self.assertEqual(code, 200)
+        self.assertTrue(response.headers.getRawHeaders(b"content-type")[0].startswith(b"text/csv"))
+        rows = list(csv.reader(io.StringIO(content.decode("utf-8"))))
+        self.assertEqual(len(rows), 3)
+        header = rows[0]
+        self.assertEqual(rows[1][header.index("url")], "http://127.0.0.1:8081")
+        self.assertEqual(rows[1][header.index("responses_2xx")], "1")

@@ -17,6 +17,7 @@ from .. import __version__
 from ..backends import DISABLED, DOWN, DRAINING, UP, Backend, BackendGroup
 from ..config import BackendConfig, ConfigError, parseBackendURL
 from ..reload import Reloader
+from ..site import listenerKey
 
 PATCH_STATES = (DRAINING, DISABLED, UP)
 STATES = (UP, DOWN, DRAINING, DISABLED)
@@ -64,6 +65,38 @@ def backendJSON(backend: Backend) -> Dict[str, Any]:
         "last_change_reason": backend.lastChangeReason,
         "removing": backend.removing,
         "history": stats.history(),
+        # The rest of what HAProxy's stats page shows of a server.
+        "responses": dict(stats.responses),
+        "bytes_in": stats.bytesIn,
+        "bytes_out": stats.bytesOut,
+        "peak_active": backend.peakActive,
+        "protocol_errors": backend.protocolErrors,
+        "connections": _connections(backend),
+        "last_check_code": backend.lastCheckCode,
+        "last_check_ms": (
+            round(backend.lastCheckDuration * 1000, 3)
+            if backend.lastCheckDuration is not None
+            else None
+        ),
+        "times_down": backend.timesDown,
+        "downtime": round(backend.downtime(), 3),
+    }
+
+
+def _connections(backend: Backend) -> Optional[Dict[str, Any]]:
+    """
+    The backend's connections: open, idle, the limit (0: none), and the
+    requests waiting for one.
+    """
+    pool = backend.pool
+    if pool is None:
+        return None
+    return {
+        "open": pool.openCount,
+        "idle": pool.idleCount,
+        "limit": pool.maxConnections,
+        "queue": pool.waitingCount,
+        "queue_peak": pool.peakWaiting,
     }
 
 
@@ -380,8 +413,16 @@ class AdminAPI:
         config = None
         if service is not None:
             for listener in service.listeners:
+                address = listener.address()
+                key = listenerKey(listener.port.getHost()) if listener.port is not None else None
+                opened, accepted = service.site.connections.get(key, (0, 0))
                 listeners.append(
-                    {"description": listener.description, "address": listener.address()}
+                    {
+                        "description": listener.description,
+                        "address": address,
+                        "connections": opened,
+                        "connections_total": accepted,
+                    }
                 )
             adminListener = service.adminListener
             if adminListener is not None:

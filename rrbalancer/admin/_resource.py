@@ -4,6 +4,8 @@ metrics or the dashboard's files, and turns answers and L{APIError}s into
 JSON.
 """
 
+import csv
+import io
 import json
 import os
 from typing import Any, List, Optional
@@ -166,6 +168,12 @@ class AdminResource(Resource):
             offset=number("offset", 0),
             limit=number("limit", DEFAULT_PAGE),
         )
+        if arg("format") == "csv":
+            request.setHeader(b"content-type", b"text/csv; charset=utf-8")
+            request.setHeader(
+                b"content-disposition", b'attachment; filename="rrbalancer-backends.csv"'
+            )
+            return backendsCSV(answer["backends"])
         return self._json(request, 200, answer)
 
     def _bulk(self, request) -> bytes:
@@ -235,6 +243,33 @@ class AdminResource(Resource):
 
     def _error(self, request, code: int, message: str) -> bytes:
         return self._json(request, code, {"error": message})
+
+
+CSV_COLUMNS = (
+    "id", "url", "weight", "backup", "state", "healthy", "active", "peak_active",
+    "requests", "failures", "protocol_errors", "bytes_in", "bytes_out",
+    "requests_per_second", "error_rate", "times_down", "downtime",
+    "last_check", "last_check_code", "last_check_ms", "last_error",
+    "last_change", "last_change_reason",
+)
+
+
+def backendsCSV(backends) -> bytes:
+    """
+    The backends as a spreadsheet reads them: one row each, the columns of
+    L{CSV_COLUMNS}, responses by class and latency spread into columns.
+    """
+    out = io.StringIO()
+    classes = ("1xx", "2xx", "3xx", "4xx", "5xx", "error")
+    writer = csv.writer(out)
+    writer.writerow(CSV_COLUMNS + tuple(f"responses_{c}" for c in classes) + ("p50_ms", "p99_ms"))
+    for b in backends:
+        writer.writerow(
+            [b[c] for c in CSV_COLUMNS]
+            + [b["responses"].get(c, 0) for c in classes]
+            + [b["latency_ms"]["p50"], b["latency_ms"]["p99"]]
+        )
+    return out.getvalue().encode("utf-8")
 
 
 def makeAdminSite(api: AdminAPI, metrics, reactor, token: Optional[bytes] = None) -> Site:

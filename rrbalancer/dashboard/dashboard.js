@@ -137,7 +137,7 @@
     cells.sub = el("div", "sub");
     who.append(cells.url, cells.sub);
 
-    for (const name of ["weight", "active", "rps", "errors", "p50", "p99"]) add(name, "num");
+    for (const name of ["weight", "active", "conns", "rps", "errors", "p50", "p99", "down"]) add(name, "num");
 
     const spark = document.createElementNS(SVG, "svg");
     spark.setAttribute("class", "spark");
@@ -233,6 +233,15 @@
     c.errors.classList.toggle("bad", b.error_rate >= 0.05);
     setText(c.p50, fmtMs(b.latency_ms.p50));
     setText(c.p99, fmtMs(b.latency_ms.p99));
+    const k = b.connections;
+    setText(c.conns, k ? `${k.open}${k.limit ? " / " + k.limit : ""}${k.queue ? " +" + k.queue : ""}` : "–");
+    c.conns.title = k ? `${k.open} open, ${k.idle} idle, limit ${k.limit || "none"}; ${k.queue} waiting (peak ${k.queue_peak}); peak in flight ${b.peak_active}` : "";
+    setText(c.down, b.times_down ? `${b.times_down}× · ${fmtDuration(b.downtime)}` : "0");
+    const classes = Object.entries(b.responses || {}).map(([k2, v]) => `${k2}: ${v}`).join(", ");
+    c.rps.title = classes ? "Responses: " + classes : "";
+    c.sub.title = [b.last_error ? "Last error: " + b.last_error : "",
+      b.last_check_code !== null && b.last_check_code !== undefined
+        ? `Last check: HTTP ${b.last_check_code} in ${fmtMs(b.last_check_ms)}` : ""].filter(Boolean).join(" · ");
     drawSpark(c, b.history || []);
 
     setText(c.when, fmtDuration(serverNow() - b.last_change) + " ago");
