@@ -20,7 +20,6 @@ cut.
 import math
 from bisect import bisect_left
 from collections import deque
-from operator import attrgetter
 from typing import Callable, Collection, Deque, Dict, Iterator, List, Optional
 
 from twisted.internet.defer import Deferred, succeed
@@ -28,7 +27,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from .config import BackendConfig, HealthConfig
-from .selection import SmoothWeightedRoundRobin
+from .selection import Candidates
 
 UP = "up"
 DOWN = "down"
@@ -235,14 +234,15 @@ class Backend:
         self.id = backendID
         self.config = config
         self.url = config.url
-        self.weight = config.weight
-        self.backup = config.backup
+        self._weight = config.weight
+        self._backup = config.backup
+        self._group: Optional["BackendGroup"] = None
         self.pool = None
         self.resource = None
         self._health = health
         self._clock = clock
-        self.healthy = True
-        self.adminState = UP
+        self._healthy = True
+        self._adminState = UP
         self._active = 0
         self._idleWaiters: List[Deferred] = []
         self.removing = False
@@ -261,6 +261,50 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"<Backend {self.id} {self.url} {self.state}>"
+
+    # Whatever changes whether or how this backend can be picked tells its
+    # group, which keeps the candidates for a pick up to date as they
+    # change instead of looking at every backend at every pick.
+
+    def _placeInGroup(self) -> None:
+        if self._group is not None:
+            self._group._place(self)
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    @healthy.setter
+    def healthy(self, value: bool) -> None:
+        self._healthy = value
+        self._placeInGroup()
+
+    @property
+    def adminState(self) -> str:
+        return self._adminState
+
+    @adminState.setter
+    def adminState(self, value: str) -> None:
+        self._adminState = value
+        self._placeInGroup()
+
+    @property
+    def weight(self) -> int:
+        return self._weight
+
+    @weight.setter
+    def weight(self, value: int) -> None:
+        self._weight = value
+        self._placeInGroup()
+
+    @property
+    def backup(self) -> bool:
+        return self._backup
+
+    @backup.setter
+    def backup(self, value: bool) -> None:
+        self._backup = value
+        self._placeInGroup()
 
     @property
     def active(self) -> int:
@@ -286,16 +330,16 @@ class Backend:
 
     @property
     def state(self) -> str:
-        if self.adminState != UP:
-            return self.adminState
-        return UP if self.healthy else DOWN
+        if self._adminState != UP:
+            return self._adminState
+        return UP if self._healthy else DOWN
 
     @property
     def available(self) -> bool:
         """
         May this backend take a new request?
         """
-        return self.healthy and self.adminState == UP
+        return self._healthy and self._adminState == UP
 
     def awaitFirstCheck(self, reason: str) -> None:
         """
@@ -442,9 +486,10 @@ class BackendGroup:
         self._clock = clock
         self._prepare = prepare
         self._backends: Dict[str, Backend] = {}
-        self._selector: SmoothWeightedRoundRobin[Backend] = SmoothWeightedRoundRobin(
-            attrgetter("weight")
-        )
+        self._urls: Dict[str, Backend] = {}
+        # The backends a pick may choose, kept up to date by _place.
+        self._primaries: Candidates[Backend] = Candidates(_addedOrder)
+        self._backups: Candidates[Backend] = Candidates(_addedOrder)
         self._nextID = 1
         self.retries = 0
 
@@ -458,10 +503,7 @@ class BackendGroup:
         return self._backends.get(backendID)
 
     def byURL(self, url: str) -> Optional[Backend]:
-        for backend in self._backends.values():
-            if backend.url == url:
-                return backend
-        return None
+        return self._urls.get(url)
 
     def add(
         self,
@@ -489,7 +531,26 @@ class BackendGroup:
             backend._changed(reason)
         self._prepare(backend)
         self._backends[backendID] = backend
+        self._urls[backend.url] = backend
+        backend._group = self
+        self._place(backend)
         return backend
+
+    def _place(self, backend: Backend) -> None:
+        """
+        Put C{backend} among the candidates it belongs to now (primaries,
+        backups, or none), with its current weight.
+        """
+        if backend._group is not self:
+            return
+        primaries, backups = self._primaries, self._backups
+        if backend._healthy and backend._adminState == UP:
+            here, there = (backups, primaries) if backend._backup else (primaries, backups)
+            there.remove(backend)
+            here.add(backend, backend._weight)
+        else:
+            primaries.remove(backend)
+            backups.remove(backend)
 
     def reconfigure(self, backend: Backend, weight: int, backup: bool) -> None:
         """
@@ -535,27 +596,43 @@ class BackendGroup:
 
     def remove(self, backend: Backend) -> None:
         del self._backends[backend.id]
-        self._selector.forget(backend)
+        if self._urls.get(backend.url) is backend:
+            del self._urls[backend.url]
+        backend._group = None
+        self._primaries.remove(backend)
+        self._backups.remove(backend)
         if backend.pool is not None:
             backend.pool.closeIdle()
 
     def pick(self, exclude: Collection[Backend] = ()) -> Optional[Backend]:
         """
         The next backend for a request, skipping those already tried.
+
+        Its cost does not grow with the number of backends: the candidates
+        are kept up to date as backends change (see L{_place}).
         """
-        primaries: List[Backend] = []
-        backups: List[Backend] = []
-        for b in self._backends.values():
-            if b.healthy and b.adminState == UP:  # b.available, inlined
-                (backups if b.backup else primaries).append(b)
-        choice = self._selector.pick(primaries, exclude)
+        choice = self._primaries.pick(exclude)
         if choice is None:
             # No primary is up, or every one already failed this request
             # (NGINX moves on to the backups in both cases).
-            choice = self._selector.pick(backups, exclude)
+            choice = self._backups.pick(exclude)
         if choice is not None and exclude:
             self.retries += 1
         return choice
 
     def anyAvailable(self) -> bool:
-        return any(b.available for b in self._backends.values())
+        return bool(self._primaries) or bool(self._backups)
+
+    def availableCount(self) -> int:
+        """
+        Backends that may take a new request, primaries and backups.
+        """
+        return len(self._primaries) + len(self._backups)
+
+
+def _addedOrder(backend: Backend) -> int:
+    """
+    The order backends were added in, which NGINX's algorithm uses to break
+    ties among a few weighted backends.
+    """
+    return int(backend.id)
