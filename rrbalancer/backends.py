@@ -491,6 +491,7 @@ class BackendGroup:
         self._primaries: Candidates[Backend] = Candidates(_addedOrder)
         self._backups: Candidates[Backend] = Candidates(_addedOrder)
         self._nextID = 1
+        self._onAdd: List[Callable[[Backend], None]] = []
         self.retries = 0
 
     def __iter__(self) -> Iterator[Backend]:
@@ -534,7 +535,20 @@ class BackendGroup:
         self._urls[backend.url] = backend
         backend._group = self
         self._place(backend)
+        for callback in list(self._onAdd):
+            callback(backend)
         return backend
+
+    def watchAdditions(self, callback: Callable[[Backend], None]) -> None:
+        """
+        Call C{callback} with each backend added from now on (the health
+        checker schedules its checks so, without looking at the others).
+        """
+        self._onAdd.append(callback)
+
+    def unwatchAdditions(self, callback: Callable[[Backend], None]) -> None:
+        if callback in self._onAdd:
+            self._onAdd.remove(callback)
 
     def _place(self, backend: Backend) -> None:
         """

@@ -153,6 +153,7 @@ class BackendConnection(Protocol):
     _responseStarted = False
     _paused = False
     _timeoutCall = None
+    _timeoutPerRead = True
 
     def __init__(self, pool: "ConnectionPool", clock: IReactorTime) -> None:
         self.pool = pool
@@ -177,7 +178,7 @@ class BackendConnection(Protocol):
             self.transport.abortConnection()
             return
         self._responseStarted = True
-        if self._timeoutCall is not None:
+        if self._timeoutCall is not None and self._timeoutPerRead:
             self._timeoutCall.reset(self._timeout)
         if self._decoder is None:
             self._buffer += data
@@ -247,6 +248,7 @@ class BackendConnection(Protocol):
         isHead: bool,
         receiver,
         timeout: float,
+        overall: bool = False,
     ) -> None:
         """
         Send a request and hand its response to C{receiver}.
@@ -254,8 +256,13 @@ class BackendConnection(Protocol):
         @param head: the request line and headers, framing included, ending
             with the blank line.
         @param body: a file positioned at the start of the body, or L{None}.
+        @param timeout: how long to wait for each read of the response.
+        @param overall: C{timeout} bounds the whole exchange instead (a
+            health check's answer is due within its timeout, however it
+            trickles in).
         """
         self._receiver = receiver
+        self._timeoutPerRead = not overall
         self._isHead = isHead
         self._decoder = None
         self._buffer = b""

@@ -254,13 +254,8 @@ def makeService(config: Config, reactor, listeners=None):
         listener.setServiceParent(service)
         service.listeners.append(listener)
     if config.health.enabled:
-        agent = Agent(
-            reactor,
-            contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trust),
-            connectTimeout=config.health.timeout,
-            pool=_QuietPool(reactor, persistent=False),
-        )
-        checker = HealthChecker(group, HTTPClient(agent), reactor, config.health)
+        # Checks share each backend's own pool of kept connections.
+        checker = HealthChecker(group, None, reactor, config.health)
         _HealthService(checker).setServiceParent(service)
         service.healthChecker = checker
     # The admin API, dashboard and metrics (--admin), and reload on SIGHUP.
