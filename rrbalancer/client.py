@@ -272,8 +272,14 @@ class BackendConnection(Protocol):
         call = self._timeoutCall
         if call is not None and call.active():
             # The last exchange's timer, left running: moving a timer later
-            # costs less than a new one (see _finish).
-            call.reset(timeout)
+            # costs less than a new one (see _finish).  Moving one sooner
+            # does not: the reactor then searches its whole heap of timers
+            # for it, one per kept connection, so it is replaced instead.
+            if call.getTime() <= self._clock.seconds() + timeout:
+                call.reset(timeout)
+            else:
+                call.cancel()
+                self._timeoutCall = self._clock.callLater(timeout, self._timedOut)
         else:
             self._timeoutCall = self._clock.callLater(timeout, self._timedOut)
         self._bodySent = body is None or bodyLength == 0

@@ -441,6 +441,43 @@ class TimeoutTests(_Base):
         self.assertEqual(self.pool.idleCount, 1)
         self.assertFalse(connection.transport.disconnecting)
 
+    def test_keptTimerMovedLaterNotSooner(self):
+        """
+        The next exchange on a kept connection moves the timer left running
+        when its timeout ends later, and replaces it when sooner (a reactor
+        searches its whole heap of timers to move one sooner); either way
+        the new timeout holds.
+        """
+        connection, receiver = self.exchange(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", timeout=30
+        )
+        first = connection._timeoutCall
+        self.exchange(connection=self.connection(), timeout=1)
+        self.assertIsNot(connection._timeoutCall, first)
+        self.assertTrue(first.cancelled)
+        connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        second = connection._timeoutCall
+        again, receiver = self.exchange(connection=self.connection(), timeout=20)
+        self.assertIs(again._timeoutCall, second)
+        self.clock.advance(19.9)
+        self.assertEqual(receiver.events, [])
+        self.clock.advance(0.1)
+        self.assertIsInstance(receiver.error, ResponseTimeout)
+
+    def test_overallTimeout(self):
+        """
+        With C{overall}, the timeout bounds the whole exchange: bytes that
+        trickle in do not move it.
+        """
+        connection = self.connection()
+        receiver = Receiver()
+        connection.request(HEAD, None, 0, False, receiver, 3, overall=True)
+        connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc")
+        self.clock.advance(2)
+        connection.dataReceived(b"def")
+        self.clock.advance(1)
+        self.assertIsInstance(receiver.error, ResponseTimeout)
+
     def test_cancelledWhenClosed(self):
         connection, receiver = self.exchange(
             b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", timeout=3
