@@ -20,7 +20,7 @@ cut.
 import math
 from bisect import bisect_left
 from collections import deque
-from typing import Callable, Collection, Deque, Dict, Iterator, List, Optional
+from typing import Callable, Collection, Dict, Iterator, List, Optional, Sequence
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -54,6 +54,9 @@ DURATION_BUCKETS = (
 )
 
 
+_NO_DURATIONS = (0,) * len(DURATION_BUCKETS)
+
+
 def statusClass(code: int) -> str:
     """
     C{"2xx"} for 204 and so on; C{"error"} for an exchange that broke after
@@ -82,25 +85,45 @@ class BackendStats:
     Recent counts are kept in one-second slots for the last
     C{HISTORY_STEP * HISTORY_POINTS} seconds; latencies as samples for the
     last C{WINDOW} seconds.
+
+    A balancer may have thousands of backends that take few requests (or
+    only backups that take none): what a backend without recent requests
+    holds is kept small, its recent figures allocated on first use.
     """
+
+    __slots__ = (
+        "_clock",
+        "started",
+        "responses",
+        "buckets",
+        "durationSum",
+        "durationCount",
+        "bytesIn",
+        "bytesOut",
+        "_slots",
+        "_samples",
+    )
 
     def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock
         self.started = clock.seconds()
         # Since start.
         self.responses: Dict[str, int] = {}
-        self.buckets = [0] * len(DURATION_BUCKETS)
+        self.buckets: Sequence[int] = _NO_DURATIONS
         self.durationSum = 0.0
         self.durationCount = 0
         self.bytesIn = 0
         self.bytesOut = 0
-        # Recent: [second, requests, errors, latency sum, latency count]
-        self._slots: Deque[list] = deque()
-        self._samples: Deque[tuple] = deque()
+        # Recent: [second, requests, errors, latency sum, latency count],
+        # and (when, seconds) samples; empty tuples until the first.
+        self._slots: Sequence[list] = ()
+        self._samples: Sequence[tuple] = ()
 
     def _slot(self, now: float) -> list:
         second = math.floor(now)
         slots = self._slots
+        if not slots:
+            slots = self._slots = deque()
         if not slots or slots[-1][0] != second:
             slots.append([second, 0, 0, 0.0, 0])
             horizon = second - HISTORY_STEP * (HISTORY_POINTS + 1)
@@ -112,8 +135,11 @@ class BackendStats:
         kind = statusClass(code)
         self.responses[kind] = self.responses.get(kind, 0) + 1
         seconds = max(0.0, seconds)
+        buckets = self.buckets
+        if buckets is _NO_DURATIONS:
+            buckets = self.buckets = list(_NO_DURATIONS)
         # The first bucket whose upper bound is at least C{seconds}.
-        self.buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
         self.durationSum += seconds
         self.durationCount += 1
         self.bytesIn += bytesIn
@@ -126,6 +152,8 @@ class BackendStats:
         slot[3] += seconds
         slot[4] += 1
         samples = self._samples
+        if not samples:
+            samples = self._samples = deque()
         samples.append((now, seconds))
         if len(samples) > MAX_SAMPLES:
             samples.popleft()
@@ -244,7 +272,7 @@ class Backend:
         self._healthy = True
         self._adminState = UP
         self._active = 0
-        self._idleWaiters: List[Deferred] = []
+        self._idleWaiters: Optional[List[Deferred]] = None
         self.removing = False
         self.requests = 0
         self.failures = 0
@@ -314,7 +342,7 @@ class Backend:
     def active(self, value: int) -> None:
         self._active = value
         if value <= 0 and self._idleWaiters:
-            waiters, self._idleWaiters = self._idleWaiters, []
+            waiters, self._idleWaiters = self._idleWaiters, None
             for d in waiters:
                 d.callback(self)
 
@@ -325,6 +353,8 @@ class Backend:
         if self._active <= 0:
             return succeed(self)
         d = Deferred()
+        if self._idleWaiters is None:
+            self._idleWaiters = []
         self._idleWaiters.append(d)
         return d
 

@@ -495,6 +495,9 @@ class _BodyProducer:
         self._left = 0
 
 
+_NO_WAITERS: Deque = deque(maxlen=0)
+
+
 class ConnectionPool:
     """
     Connections to one backend, kept alive between exchanges.
@@ -534,7 +537,9 @@ class ConnectionPool:
         self._idle: List[BackendConnection] = []
         self._open: Set[BackendConnection] = set()
         self._connecting = 0
-        self._waiting: Deque[Tuple[Deferred, object]] = deque()
+        # A queue only with a connection limit, made when first needed:
+        # most pools never queue anyone.
+        self._waiting: Deque[Tuple[Deferred, object]] = _NO_WAITERS
         self._sweepCall = None
         self.opened = 0
 
@@ -611,6 +616,8 @@ class ConnectionPool:
 
         d = Deferred(cancel)
         timer = self._clock.callLater(self.queueTimeout, self._waitedTooLong, d)
+        if self._waiting is _NO_WAITERS:
+            self._waiting = deque()
         self._waiting.append((d, timer))
         return d
 

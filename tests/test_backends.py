@@ -301,6 +301,27 @@ class ScaleTests(GroupMixin, TestCase):
         self.assertEqual(walks.walks, 0)
 
 
+class IdleBackendTests(GroupMixin, TestCase):
+    def test_idleBackendHoldsLittle(self):
+        """
+        A backend that has had no request yet holds no containers for its
+        recent figures, and its figures read as empty.
+        """
+        group, b = self.makeGroup("a")
+        stats = b["a"].stats
+        self.assertEqual((stats._slots, stats._samples), ((), ()))
+        self.assertIsNone(b["a"]._idleWaiters)
+        self.assertFalse(hasattr(stats, "__dict__"))
+        self.assertEqual(list(stats.buckets), [0] * 16)
+        self.assertEqual(stats.requestsPerSecond(), 0)
+        self.assertEqual(stats.latency(), {"p50": None, "p99": None})
+        self.assertEqual(stats.errorRate(), 0.0)
+        stats.recordResponse(200, 0.02, 0, 10)
+        self.assertEqual(sum(stats.buckets), 1)
+        self.assertEqual(stats.latency()["p50"], 20.0)
+        self.successResultOf(b["a"].whenIdle())
+
+
 class RiseFallTests(GroupMixin, TestCase):
     def setUp(self):
         self.logs = captureStateLogs(self)
