@@ -24,6 +24,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime, ISSLTransport, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.tcp import Client as _TCP_CLIENT
 from twisted.python.failure import Failure
 from twisted.web.http import _ChunkedTransferDecoder
 
@@ -138,6 +139,35 @@ def _framing(headers: Headers) -> Tuple[List[bytes], List[bytes], List[bytes]]:
     return connection, codings, lengths
 
 
+def writeNow(transport, data: bytes) -> None:
+    """
+    Write C{data}, sending it at once where that is safe: a plain TCP
+    connection with nothing already waiting to be sent.
+
+    A transport's C{write} only buffers, and asks the reactor to wait until
+    the socket can be written to; the send happens on the reactor's next
+    turn.  For a request of a few hundred bytes on an idle connection that
+    costs an event and two epoll changes on top of the send itself: a
+    quarter of what a health check costs the balancer.  Anything not sent
+    at once (a full socket buffer, an error) goes through C{write}, which
+    also reports a lost connection the usual way.
+    """
+    if (
+        type(transport) is _TCP_CLIENT
+        and not transport.TLS
+        and transport.connected
+        and not transport.disconnecting
+        and not transport.dataBuffer
+        and not transport._tempDataBuffer
+    ):
+        sent = transport.writeSomeData(data)
+        if type(sent) is int and sent > 0:
+            if sent == len(data):
+                return
+            data = data[sent:]
+    transport.write(data)
+
+
 class BackendConnection(Protocol):
     """
     One connection to a backend, carrying one exchange at a time.
@@ -153,7 +183,6 @@ class BackendConnection(Protocol):
     _responseStarted = False
     _paused = False
     _timeoutCall = None
-    _timeoutPerRead = True
 
     def __init__(self, pool: "ConnectionPool", clock: IReactorTime) -> None:
         self.pool = pool
@@ -178,7 +207,7 @@ class BackendConnection(Protocol):
             self.transport.abortConnection()
             return
         self._responseStarted = True
-        if self._timeoutCall is not None and self._timeoutPerRead:
+        if self._timeoutCall is not None:
             self._timeoutCall.reset(self._timeout)
         if self._decoder is None:
             self._buffer += data
@@ -247,8 +276,7 @@ class BackendConnection(Protocol):
         bodyLength: int,
         isHead: bool,
         receiver,
-        timeout: float,
-        overall: bool = False,
+        timeout: Optional[float],
     ) -> None:
         """
         Send a request and hand its response to C{receiver}.
@@ -256,13 +284,12 @@ class BackendConnection(Protocol):
         @param head: the request line and headers, framing included, ending
             with the blank line.
         @param body: a file positioned at the start of the body, or L{None}.
-        @param timeout: how long to wait for each read of the response.
-        @param overall: C{timeout} bounds the whole exchange instead (a
-            health check's answer is due within its timeout, however it
-            trickles in).
+        @param timeout: how long to wait for each read of the response; or
+            None for no timer at all, where the caller keeps a deadline of
+            its own and calls L{abort} when it passes (health checks do, a
+            timer per check being what thousands of them cannot afford).
         """
         self._receiver = receiver
-        self._timeoutPerRead = not overall
         self._isHead = isHead
         self._decoder = None
         self._buffer = b""
@@ -270,7 +297,9 @@ class BackendConnection(Protocol):
         self._responseStarted = False
         self._timeout = timeout
         call = self._timeoutCall
-        if call is not None and call.active():
+        if timeout is None:
+            self._cancelTimeout()
+        elif call is not None and call.active():
             # The last exchange's timer, left running: moving a timer later
             # costs less than a new one (see _finish).  Moving one sooner
             # does not: the reactor then searches its whole heap of timers
@@ -284,9 +313,9 @@ class BackendConnection(Protocol):
             self._timeoutCall = self._clock.callLater(timeout, self._timedOut)
         self._bodySent = body is None or bodyLength == 0
         if self._bodySent:
-            self.transport.write(head)
+            writeNow(self.transport, head)
         elif bodyLength <= INLINE_BODY_SIZE:
-            self.transport.write(head + body.read(bodyLength))
+            writeNow(self.transport, head + body.read(bodyLength))
             self._bodySent = True
         else:
             self.transport.write(head)

@@ -8,11 +8,13 @@ import random
 from io import BytesIO
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import CancelledError, fail, succeed
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.interfaces import ISSLTransport
-from twisted.internet.task import Clock
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -28,7 +30,9 @@ from rrbalancer.client import (
     ConnectError,
     ConnectionPool,
     ResponseTimeout,
+    _TCP_CLIENT,
     connectorFor,
+    writeNow,
 )
 
 HEAD = b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
@@ -464,19 +468,27 @@ class TimeoutTests(_Base):
         self.clock.advance(0.1)
         self.assertIsInstance(receiver.error, ResponseTimeout)
 
-    def test_overallTimeout(self):
+    def test_noTimer(self):
         """
-        With C{overall}, the timeout bounds the whole exchange: bytes that
-        trickle in do not move it.
+        Without a timeout, an exchange has no timer (one left running by an
+        earlier exchange is cancelled): the caller keeps its own deadline
+        and aborts.
         """
-        connection = self.connection()
-        receiver = Receiver()
-        connection.request(HEAD, None, 0, False, receiver, 3, overall=True)
-        connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc")
-        self.clock.advance(2)
-        connection.dataReceived(b"def")
-        self.clock.advance(1)
-        self.assertIsInstance(receiver.error, ResponseTimeout)
+        connection, receiver = self.exchange(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", timeout=30
+        )
+        left = connection._timeoutCall
+        again, receiver = self.exchange(connection=self.connection(), timeout=None)
+        self.assertTrue(left.cancelled)
+        self.assertEqual(
+            [c for c in self.clock.getDelayedCalls() if c.func == again._timedOut], []
+        )
+        again.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+        self.clock.advance(100)
+        self.assertEqual(receiver.events, ["head", "body"])
+        again.abort()
+        self.assertTrue(again.transport.disconnecting)
+        self.assertEqual(receiver.events, ["head", "body"])
 
     def test_cancelledWhenClosed(self):
         connection, receiver = self.exchange(
@@ -789,3 +801,80 @@ class MangledResponseTests(_Base):
             ends = [e for e in receiver.events if e in ("done", "failed")]
             self.assertEqual(len(ends), 1, (data, receiver.events))
             self.assertEqual(receiver.events[-1], ends[0], (data, receiver.events))
+
+
+class _Collect(Protocol):
+    def __init__(self):
+        self.data = b""
+        self.got = Deferred()
+
+    def dataReceived(self, data):
+        self.data += data
+        if not self.got.called and len(self.data) >= self.factory.expect:
+            self.got.callback(self.data)
+
+
+class WriteNowTests(unittest.TestCase):
+    """
+    L{writeNow} on real loopback connections: sent at once when nothing
+    waits, and in order behind what does.
+    """
+
+    timeout = 10
+
+    @inlineCallbacks
+    def connected(self, expect):
+        server = Factory.forProtocol(_Collect)
+        server.expect = expect
+        accepted = []
+        build = server.buildProtocol
+
+        def buildProtocol(addr):
+            protocol = build(addr)
+            protocol.factory = server
+            accepted.append(protocol)
+            return protocol
+
+        server.buildProtocol = buildProtocol
+        port = reactor.listenTCP(0, server, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        client = yield endpoint.connect(Factory.forProtocol(Protocol))
+        self.addCleanup(client.transport.abortConnection)
+        while not accepted:
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.addCleanup(accepted[0].transport.abortConnection)
+        return client.transport, accepted[0]
+
+    def test_twistedNames(self):
+        """
+        The TCP connection class writeNow recognises, and its method that
+        sends at once (the attributes it reads are those test_sentAtOnce
+        reads on a real connection).
+        """
+        from twisted.internet import tcp
+
+        self.assertIs(_TCP_CLIENT, tcp.Client)
+        self.assertTrue(callable(getattr(tcp.Client, "writeSomeData", None)))
+
+    @inlineCallbacks
+    def test_sentAtOnce(self):
+        transport, server = yield self.connected(5)
+        self.assertEqual((transport.dataBuffer, transport._tempDataBuffer), (b"", []))
+        self.assertFalse(transport.TLS)
+        writeNow(transport, b"hello")
+        self.assertEqual(transport._tempDataBuffer, [], "buffered, not sent")
+        self.assertEqual((yield server.got), b"hello")
+
+    @inlineCallbacks
+    def test_inOrderBehindBuffered(self):
+        transport, server = yield self.connected(10)
+        transport.write(b"first")
+        writeNow(transport, b"after")
+        self.assertEqual(transport._tempDataBuffer, [b"first", b"after"])
+        self.assertEqual((yield server.got), b"firstafter")
+
+    def test_otherTransports(self):
+        transport = StringTransport()
+        writeNow(transport, b"data")
+        self.assertEqual(transport.value(), b"data")
