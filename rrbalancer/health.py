@@ -18,18 +18,20 @@ timeout, refused, reset, a malformed answer).  Redirects are not followed:
 a 3xx passes as it is, and its Location may name another server entirely.
 
 A check whose timeout expired while the event loop itself was late by more
-than half the timeout counts neither way: the answer may well have come in
-time and sat unread while the balancer was busy, and a balancer that marks
-its healthy backends down because it is overloaded only makes matters
-worse.  The rise/fall counting is the backend's own
+than half the timeout is given one more timeout, and counts neither way if
+the loop is late again: the answer may well have come in time and sat
+unread while the balancer was busy, and a balancer that marks its healthy
+backends down (or reconnects to them) because it is overloaded only makes
+matters worse.  The rise/fall counting is the backend's own
 (L{rrbalancer.backends.Backend.recordCheck}).
 """
 
 import heapq
 import math
 import random as _random
+from collections import deque
 from itertools import count
-from typing import Callable, List, Optional, Set
+from typing import Callable, Deque, List, Optional, Set
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ConnectingCancelledError
@@ -93,8 +95,9 @@ class _Check:
         "code",
         "fresh",
         "connecting",
-        "connectTimer",
+        "connection",
         "timedOut",
+        "verdict",
         "done",
     )
 
@@ -107,8 +110,11 @@ class _Check:
         self.code = 0
         self.fresh = False
         self.connecting = None
-        self.connectTimer = None
+        self.connection = None
+        # Given one more timeout, the loop having been late.
         self.timedOut = False
+        # (ok, reason), decided at the deadline.
+        self.verdict = None
         self.done = False
 
     def run(self) -> None:
@@ -120,49 +126,74 @@ class _Check:
             self._connect(pool)
 
     def _connect(self, pool: ConnectionPool) -> None:
-        clock = self.checker._clock
-        self.connectTimer = clock.callLater(
-            max(self.deadline - clock.seconds(), 0.0), self._connectTimedOut
-        )
         d = self.connecting = pool.connect()
         d.addCallbacks(self._connected, self._connectFailed)
 
-    def _connectTimedOut(self) -> None:
-        self.connectTimer = None
-        self.timedOut = True
-        if self.connecting is not None:
-            self.connecting.cancel()
-
-    def _stopConnectTimer(self) -> None:
-        self.connecting = None
-        if self.connectTimer is not None:
-            if self.connectTimer.active():
-                self.connectTimer.cancel()
-            self.connectTimer = None
-
     def _connected(self, connection: BackendConnection) -> None:
-        self._stopConnectTimer()
+        self.connecting = None
         self._send(connection)
 
     def _connectFailed(self, failure) -> None:
-        self._stopConnectTimer()
-        if self.timedOut:
-            self._timedOut()
+        self.connecting = None
+        if self.verdict is not None:
+            self._finish(*self.verdict)
         else:
             self._finish(False, describeFailure(failure, self.checker._config.timeout))
 
     def _send(self, connection: BackendConnection) -> None:
-        checker = self.checker
-        remaining = self.deadline - checker._clock.seconds()
+        self.connection = connection
         connection.request(
-            checkRequest(self.backend, checker._config.path),
-            None,
-            0,
-            False,
-            self,
-            max(remaining, 0.001),
-            overall=True,
+            checkRequest(self.backend, self.checker._config.path), None, 0, False, self, None
         )
+
+    def expire(self) -> None:
+        """
+        The deadline passed with no verdict.
+
+        If the event loop was late meanwhile by more than half the timeout,
+        the answer may have come in time and still be unread: the check
+        gets one more timeout, on the same connection (closing it would
+        only cost a new connection to a backend that did nothing wrong,
+        and when many checks time out at once, that cost is what keeps
+        the loop late).  Otherwise, or the second time, the connection
+        attempt or the exchange is given up.
+        """
+        checker = self.checker
+        timeout = checker._config.timeout
+        now = checker._clock.seconds()
+        late = max(now - self.deadline, checker.lagMonitor.lateSince(self.started))
+        if late > timeout / 2:
+            if not self.timedOut:
+                self.timedOut = True
+                self.started = now
+                self.deadline = now + timeout
+                checker._inFlight.append(self)
+                return
+            reason = f"the balancer's event loop was {late:.3g}s late"
+            checker._notCounted(reason)
+            self.verdict = (None, reason)
+        else:
+            self.verdict = (False, f"no answer within {timeout:g}s")
+        self._giveUp()
+
+    def giveUp(self) -> None:
+        """
+        Stop waiting (the checker is stopping): the check counts neither
+        way.
+        """
+        if not self.done and self.verdict is None:
+            self.verdict = (None, "the health checker stopped")
+            self._giveUp()
+
+    def _giveUp(self) -> None:
+        if self.connecting is not None:
+            # A cancelled Deferred always fails: back in _connectFailed.
+            self.connecting.cancel()
+            return
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            connection.abort()
+        self._finish(*self.verdict)
 
     # -- the receiver ---------------------------------------------------------
 
@@ -173,13 +204,13 @@ class _Check:
         pass
 
     def responseDone(self) -> None:
+        self.connection = None
         code = self.code
         self._finish(200 <= code < 400, f"HTTP {code}")
 
     def responseFailed(self, error: Exception) -> None:
-        if isinstance(error, ResponseTimeout):
-            self._timedOut()
-        elif getattr(error, "reused", False) and not error.gotBytes and not self.fresh:
+        self.connection = None
+        if getattr(error, "reused", False) and not error.gotBytes and not self.fresh:
             # A kept connection that the backend had closed meanwhile: that
             # says nothing of the backend, so ask again on a new one.
             self.fresh = True
@@ -192,18 +223,6 @@ class _Check:
 
     # -- the verdict ---------------------------------------------------------
 
-    def _timedOut(self) -> None:
-        checker = self.checker
-        timeout = checker._config.timeout
-        late = max(
-            checker._clock.seconds() - self.deadline,
-            checker.lagMonitor.lateSince(self.started),
-        )
-        if late > timeout / 2:
-            self._finish(None, f"the balancer's event loop was {late:.3g}s late")
-        else:
-            self._finish(False, f"no answer within {timeout:g}s")
-
     def _finish(self, ok: Optional[bool], reason: str) -> None:
         """
         @param ok: passed, failed, or None for a check that counts neither
@@ -215,12 +234,11 @@ class _Check:
         checker = self.checker
         backend = self.backend
         checker._pending.discard(backend)
-        if ok is None:
-            checker.lateChecks += 1
-            checker.log.debug(
-                "health check of {url} not counted: {reason}", url=backend.url, reason=reason
-            )
-        elif checker._group.get(backend.id) is backend:
+        if not checker.running:
+            # Its deadline needs no waking for any more (while running, the
+            # timer wakes often enough that it is not worth moving).
+            checker._arm()
+        if ok is not None and checker._group.get(backend.id) is backend:
             backend.recordCheck(ok, reason)
         if self.deferred is not None:
             self.deferred.callback(ok)
@@ -250,8 +268,8 @@ class HealthChecker:
         together, so that the timer fires at most about 1/tick times a
         second however many backends there are.
 
-    @ivar lateChecks: checks that timed out while the loop was late, and so
-        did not count.
+    @ivar lateChecks: checks that timed out twice while the loop was late,
+        and so did not count.
     """
 
     log = Logger()
@@ -277,12 +295,38 @@ class HealthChecker:
         self.lagMonitor = lagMonitor if lagMonitor is not None else LagMonitor(clock)
         self.tick = tick
         self.lateChecks = 0
+        self._lateSinceLog = 0
+        self._lateLoggedAt: Optional[float] = None
         self.running = False
         self._pending: Set[Backend] = set()
         # (when, sequence, backend): each backend's next check.
         self._schedule: List[tuple] = []
         self._sequence = count()
+        # The checks under way, in the order they started, which is the
+        # order of their deadlines (one timeout for all): the one timer
+        # also wakes for the first deadline, and a check needs none of its
+        # own.
+        self._inFlight: Deque[_Check] = deque()
         self._call = None
+
+    # Lateness is logged at most this often (seconds): when it strikes, it
+    # strikes thousands of checks at once.
+    LATE_LOG_EVERY = 60.0
+
+    def _notCounted(self, reason: str) -> None:
+        self.lateChecks += 1
+        self._lateSinceLog += 1
+        now = self._clock.seconds()
+        if self._lateLoggedAt is None or now - self._lateLoggedAt >= self.LATE_LOG_EVERY:
+            self.log.warn(
+                "{n} health checks timed out twice while the event loop was late, "
+                "and were not counted (the last: {reason}); the balancer is "
+                "overloaded",
+                n=self._lateSinceLog,
+                reason=reason,
+            )
+            self._lateLoggedAt = now
+            self._lateSinceLog = 0
 
     # -- the schedule ----------------------------------------------------------
 
@@ -302,19 +346,26 @@ class HealthChecker:
         for position, backend in enumerate(backends):
             self._push(now + position * step, backend)
         self._group.watchAdditions(self._added)
-        self._fire()
+        self._wake()
 
     def stop(self) -> None:
+        """
+        Stop checking, and give up the checks under way (they count neither
+        way, and their Deferreds fire with None).
+        """
         if not self.running:
             return
         self.running = False
         self._group.unwatchAdditions(self._added)
         if self._ownMonitor:
             self.lagMonitor.stop()
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
         self._schedule = []
+        # The checks under way are given up: their results would come from
+        # a checker that no longer runs.
+        inFlight, self._inFlight = self._inFlight, deque()
+        for check in inFlight:
+            check.giveUp()
+        self._arm()
 
     def _push(self, when: float, backend: Backend) -> None:
         heapq.heappush(self._schedule, (when, next(self._sequence), backend))
@@ -329,23 +380,45 @@ class HealthChecker:
         self._arm()
 
     def _arm(self) -> None:
-        if not self.running or not self._schedule:
-            return
-        due = self._schedule[0][0]
+        """
+        Have the timer wake for the next check due (while running) or the
+        first deadline of a check under way, whichever is sooner.
+        """
+        inFlight = self._inFlight
+        while inFlight and inFlight[0].done:
+            inFlight.popleft()
+        wake = inFlight[0].deadline if inFlight else None
+        if self.running and self._schedule:
+            due = self._schedule[0][0]
+            if wake is None or due < wake:
+                wake = due
         call = self._call
         if call is not None and call.active():
-            if call.getTime() <= due:
+            if wake is not None and call.getTime() <= wake:
                 return
             call.cancel()
-        self._call = self._clock.callLater(max(due - self._clock.seconds(), 0.0), self._fire)
+        self._call = None
+        if wake is not None:
+            self._call = self._clock.callLater(max(wake - self._clock.seconds(), 0.0), self._wake)
 
-    def _fire(self) -> None:
+    def _wake(self) -> None:
         """
-        Start the checks now due, and schedule each backend's next.
+        Expire the checks whose deadline has passed, start the checks now
+        due, and schedule each backend's next.
         """
         self._call = None
         clock = self._clock
         now = clock.seconds()
+        inFlight = self._inFlight
+        while inFlight and (inFlight[0].done or inFlight[0].deadline <= now):
+            check = inFlight.popleft()
+            if not check.done:
+                check.expire()
+        if self.running:
+            self._startDue(now)
+        self._arm()
+
+    def _startDue(self, now: float) -> None:
         horizon = now + self.tick
         interval = self._config.interval
         jitter = self.jitter
@@ -366,8 +439,7 @@ class HealthChecker:
             self._push(due + interval * (1.0 + jitter * (2.0 * random() - 1.0)), backend)
             if backend.adminState == DISABLED or backend in pending:
                 continue
-            self._run(backend, None)
-        self._arm()
+            self._run(backend, None, arm=False)
 
     def checkAll(self) -> None:
         """
@@ -387,18 +459,22 @@ class HealthChecker:
     def check(self, backend: Backend) -> Deferred:
         """
         Check one backend now; the Deferred fires with whether it passed,
-        or None if the check did not count (the loop was late).
+        or None if the check did not count (the loop was late, or the
+        checker stopped).
         """
         d = Deferred()
         self._run(backend, d)
         return d
 
-    def _run(self, backend: Backend, deferred: Optional[Deferred]) -> None:
+    def _run(self, backend: Backend, deferred: Optional[Deferred], arm: bool = True) -> None:
         self._pending.add(backend)
         check = _Check(self, backend, deferred)
+        self._inFlight.append(check)
         try:
             check.run()
         except Exception as e:
             # A pool that cannot even start fails the check like any error
             # (and does not leave it pending for ever).
             check._finish(False, str(e) or type(e).__name__)
+        if arm and not check.done:
+            self._arm()

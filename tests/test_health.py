@@ -18,6 +18,7 @@ from twisted.internet.error import (
 )
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
+from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -374,13 +375,29 @@ class LateLoopTests(SynchronousTestCase):
     def setUp(self):
         self.checker, self.group, [self.backend], self.clock, self.server = makeChecker()
         self.server.answer = None
+        self.logged = []
+        self.checker.log = Logger(observer=self.logged.append)
 
-    def test_lateTimeoutNotCounted(self):
+    def test_lateTimeoutGetsAnotherTimeout(self):
         """
         The timeout's timer fired more than half the timeout late: the
-        check counts neither way.
+        exchange goes on, on the same connection, for one more timeout, and
+        an answer within it counts.
         """
         d = self.checker.check(self.backend)
+        self.clock.advance(1.6)
+        self.assertNoResult(d)
+        [(protocol, transport)] = self.server.connections
+        self.assertFalse(transport.disconnecting)
+        step(self.clock, 0.9)
+        protocol.dataReceived(response(200))
+        self.assertIs(self.successResultOf(d), True)
+        self.assertEqual(len(self.server.connections), 1)
+        self.assertEqual(self.checker.lateChecks, 0)
+
+    def test_lateTwiceNotCounted(self):
+        d = self.checker.check(self.backend)
+        self.clock.advance(1.6)
         self.clock.advance(1.6)
         self.assertIsNone(self.successResultOf(d))
         self.assertEqual(self.backend._fails, 0)
@@ -389,6 +406,43 @@ class LateLoopTests(SynchronousTestCase):
         self.assertEqual(self.checker.lateChecks, 1)
         self.assertEqual(self.checker._pending, set())
         self.assertTrue(self.server.connections[0][1].disconnecting)
+        [event] = self.logged
+        self.assertIn("1 health checks timed out twice", formatEvent(event))
+
+    def test_lateLoggedOncePerMinute(self):
+        for _ in range(3):
+            d = self.checker.check(self.backend)
+            self.clock.advance(1.6)
+            self.clock.advance(1.6)
+            self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(len(self.logged), 1)
+        step(self.clock, 60.0, by=1.0)
+        d = self.checker.check(self.backend)
+        self.clock.advance(1.6)
+        self.clock.advance(1.6)
+        self.assertEqual(self.checker.lateChecks, 4)
+        self.assertEqual(len(self.logged), 2)
+        self.assertIn("3 health checks", formatEvent(self.logged[1]))
+
+    def test_lateThenTimedOutCounted(self):
+        """
+        Late once, then on time at the second deadline: a failure.
+        """
+        d = self.checker.check(self.backend)
+        self.clock.advance(1.6)
+        step(self.clock, 1.0)
+        self.assertIs(self.successResultOf(d), False)
+        self.assertEqual(self.backend.lastError, "no answer within 1s")
+
+    def test_lateWhileConnecting(self):
+        self.server.hang = True
+        d = self.checker.check(self.backend)
+        self.clock.advance(1.6)
+        self.assertNoResult(d)
+        self.assertFalse(self.server.hanging[0].called)
+        step(self.clock, 1.0)
+        self.assertIs(self.successResultOf(d), False)
+        self.assertEqual(self.backend.lastError, "no answer within 1s")
 
     def test_slightlyLateTimeoutCounted(self):
         d = self.checker.check(self.backend)
@@ -399,7 +453,7 @@ class LateLoopTests(SynchronousTestCase):
     def test_loopLateDuringTheCheck(self):
         """
         The loop stalled while the check waited (seen by the lag monitor),
-        though the timeout itself fired on time: not counted.
+        though the timeout itself fired on time: one more timeout.
         """
         monitor = self.checker.lagMonitor
         monitor.start()
@@ -409,8 +463,9 @@ class LateLoopTests(SynchronousTestCase):
         self.clock.advance(0.7)  # the monitor's 0.25 call runs at 0.9
         self.assertAlmostEqual(monitor.lag, 0.65)
         step(self.clock, 0.1)
-        self.assertIsNone(self.successResultOf(d))
-        self.assertEqual(self.backend._fails, 0)
+        self.assertNoResult(d)
+        step(self.clock, 1.0)
+        self.assertIs(self.successResultOf(d), False)
 
     def test_smallLagDuringTheCheckCounted(self):
         monitor = self.checker.lagMonitor
@@ -490,8 +545,12 @@ class ScheduleTests(SynchronousTestCase):
             clock.advance(0.01)
             server.flush()
             perStep.append(len(server.requests) - before)
-            timers = [c for c in clock.getDelayedCalls() if c.func == checker._fire]
+            timers = [c for c in clock.getDelayedCalls() if c.func == checker._wake]
             self.assertEqual(len(timers), 1)
+        # No check holds a timer of its own: the checker's, the lag
+        # monitor's, and the pools' idle sweeps are all.
+        kinds = {c.func.__name__ for c in clock.getDelayedCalls()}
+        self.assertEqual(kinds, {"_wake", "_tick", "_sweep"})
         self.assertTrue(2900 <= sum(perStep) <= 3100, sum(perStep))
         self.assertLessEqual(max(perStep), 50)
         self.assertEqual(len(server.attempts), 1000, "one connection per backend, kept")
@@ -639,6 +698,32 @@ class ScheduleTests(SynchronousTestCase):
         step(clock, 2.0, server)
         self.assertEqual(len(server.requests), 4)
         checker.stop()
+
+    def test_stopGivesUpChecksUnderWay(self):
+        """
+        Stopping gives up the checks waiting for an answer or a connection,
+        counts none of them, and leaves no timer behind.
+        """
+        urls = ["http://127.0.0.1:8081", "http://127.0.0.1:8082"]
+        health = HealthConfig(interval=2.0, timeout=1.5)
+        checker, group, [a, b], clock, server = makeChecker(health, urls=urls)
+        server.answer = None
+        checker.start()
+        server.hang = True
+        step(clock, 1.0, server)
+        now = checker.check(a)
+        self.assertEqual(len(server.hanging), 2)
+        checker.stop()
+        self.assertIsNone(self.successResultOf(now))
+        self.assertTrue(server.connections[0][1].disconnecting)
+        self.assertTrue(all(d.called for d in server.hanging))
+        for backend in (a, b):
+            self.assertEqual((backend.checksPassed, backend.checksFailed), (0, 0))
+        self.assertEqual(checker._pending, set())
+        self.assertEqual(checker.lateChecks, 0)
+        self.assertEqual(
+            [c for c in clock.getDelayedCalls() if c.func.__name__ != "_sweep"], []
+        )
 
     def test_sharedLagMonitorLeftRunning(self):
         clock = Clock()
