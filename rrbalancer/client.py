@@ -17,6 +17,7 @@ C{responseDone()} or C{responseFailed(error)} (C{responseFailed} may also
 come before any head).
 """
 
+import re
 from collections import deque
 from typing import Callable, Deque, List, Optional, Set, Tuple
 
@@ -88,6 +89,17 @@ class ResponseTimeout(BackendError):
 Headers = List[Tuple[bytes, bytes]]
 
 
+# A well-formed header line, as _headerLines accepts it: a token, a colon,
+# and a value without CR, LF or NUL, its surrounding blanks dropped.
+_HEADER_LINES = re.compile(
+    rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[ \t]*[^\r\n\x00]*\r\n)*"
+)
+_HEADER_LINE = re.compile(
+    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n\x00]*?)[ \t]*\r\n"
+)
+_BAD_REASON = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 def _parseHead(head: bytes) -> Tuple[bytes, int, bytes, Headers]:
     """
     Parse a response head (status line and header lines, CRLF-separated,
@@ -95,8 +107,8 @@ def _parseHead(head: bytes) -> Tuple[bytes, int, bytes, Headers]:
 
     @raise ValueError: the head is not one a proxy can pass on safely.
     """
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ", 2)
+    statusLine, sep, block = head.partition(b"\r\n")
+    parts = statusLine.split(b" ", 2)
     if len(parts) < 2:
         raise ValueError("malformed status line")
     version, code = parts[0], parts[1]
@@ -105,11 +117,26 @@ def _parseHead(head: bytes) -> Tuple[bytes, int, bytes, Headers]:
         raise ValueError("unsupported HTTP version")
     if len(code) != 3 or not code.isdigit() or code[0:1] == b"0":
         raise ValueError("malformed status code")
-    if any((c < 0x20 and c != 0x09) or c == 0x7F for c in reason):
+    if _BAD_REASON.search(reason) is not None:
         # A bare CR would end the status line for some clients.
         raise ValueError("malformed reason phrase")
+    if not sep:
+        return version, int(code), reason, []
+    block += b"\r\n"
+    if _HEADER_LINES.fullmatch(block) is not None:
+        # Every line well-formed (the usual case): split in one pass.
+        headers = _HEADER_LINE.findall(block)
+    else:
+        headers = _headerLines(block[:-2].split(b"\r\n"))
+    return version, int(code), reason, headers
+
+
+def _headerLines(lines: List[bytes]) -> Headers:
+    """
+    Header lines one by one, for the exact reason a head is refused.
+    """
     headers = []
-    for line in lines[1:]:
+    for line in lines:
         name, sep, value = line.partition(b":")
         if not sep or not name or not _TOKEN_CHARS.issuperset(name):
             # Also refuses obsolete line folding (RFC 9112 section 5.2).
@@ -118,7 +145,7 @@ def _parseHead(head: bytes) -> Tuple[bytes, int, bytes, Headers]:
         if b"\n" in value or b"\x00" in value or b"\r" in value:
             raise ValueError("malformed header value")
         headers.append((name, value))
-    return version, int(code), reason, headers
+    return headers
 
 
 def _framing(headers: Headers) -> Tuple[List[bytes], List[bytes], List[bytes]]:

@@ -31,6 +31,7 @@ from rrbalancer.client import (
     ConnectionPool,
     ResponseTimeout,
     _TCP_CLIENT,
+    _parseHead,
     connectorFor,
     writeNow,
 )
@@ -878,3 +879,84 @@ class WriteNowTests(unittest.TestCase):
         transport = StringTransport()
         writeNow(transport, b"data")
         self.assertEqual(transport.value(), b"data")
+
+
+def _referenceParseHead(head):
+    """
+    The response head parser as it was written first, line by line: the
+    one-pass parser must agree with it on every head.
+    """
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2:
+        raise ValueError("malformed status line")
+    version, code = parts[0], parts[1]
+    reason = parts[2] if len(parts) == 3 else b""
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise ValueError("unsupported HTTP version")
+    if len(code) != 3 or not code.isdigit() or code[0:1] == b"0":
+        raise ValueError("malformed status code")
+    if any((c < 0x20 and c != 0x09) or c == 0x7F for c in reason):
+        raise ValueError("malformed reason phrase")
+    headers = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or not frozenset(
+            b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+        ).issuperset(name):
+            raise ValueError("malformed header line")
+        value = value.strip(b" \t")
+        if b"\n" in value or b"\x00" in value or b"\r" in value:
+            raise ValueError("malformed header value")
+        headers.append((name, value))
+    return version, int(code), reason, headers
+
+
+def _outcome(parse, head):
+    try:
+        version, code, reason, headers = parse(head)
+    except ValueError as e:
+        return ("refused", str(e))
+    return (version, code, reason, [tuple(h) for h in headers])
+
+
+class ParseHeadTests(unittest.SynchronousTestCase):
+    def test_agreesWithReference(self):
+        heads = [
+            b"HTTP/1.1 200 OK",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: keep-alive",
+            b"HTTP/1.0 204 \r\nA:\r\nB: \t \r\nC:x \t",
+            b"HTTP/1.1 200 OK\r\nBad Name: x",
+            b"HTTP/1.1 200 OK\r\n folded: x",
+            b"HTTP/1.1 200 OK\r\nA: x\ry",
+            b"HTTP/1.1 200 OK\r\nA: x\ny",
+            b"HTTP/1.1 200 OK\r\nA: x\x00y",
+            b"HTTP/1.1 200 OK\r\nA\x00: x",
+            b"HTTP/1.1 200 OK\r\nA: x\r\n",
+            b"HTTP/1.1 200 OK\r\n\r\nA: x",
+            b"HTTP/1.1 200 O\rK\r\nA: x",
+            b"HTTP/1.1 200 OK\r\nA: \x01\x0bv\x0b",
+            b"HTTP/1.1 200 OK\r\nA: x\r\nB",
+            b"HTTP/1.1 200 OK\r\n:x",
+        ]
+        for head in heads:
+            self.assertEqual(
+                _outcome(_parseHead, head), _outcome(_referenceParseHead, head), head
+            )
+
+    def test_agreesOnAnyHead(self):
+        """
+        Heads made of the pieces that matter to a parser, at random (from a
+        fixed seed): both parsers give the same headers, or refuse for the
+        same reason.
+        """
+        rng = random.Random(1515)
+        pieces = [b"A", b"b-c", b":", b": ", b" ", b"\t", b"x", b"\r", b"\n", b"\x00",
+                  b"\x7f", b"\x0b", b"\r\n", b"\r\n", b"\r\nX-Y: z"]
+        for _ in range(3000):
+            head = b"HTTP/1.1 200 OK\r\n" + b"".join(
+                rng.choice(pieces) for _ in range(rng.randrange(0, 20))
+            )
+            self.assertEqual(
+                _outcome(_parseHead, head), _outcome(_referenceParseHead, head), head
+            )
