@@ -238,7 +238,7 @@ class _Check:
             # Its deadline needs no waking for any more (while running, the
             # timer wakes often enough that it is not worth moving).
             checker._arm()
-        if ok is not None and checker._group.get(backend.id) is backend:
+        if ok is not None and backend._group is checker._group:
             backend.recordCheck(ok, reason)
         if self.deferred is not None:
             self.deferred.callback(ok)
@@ -430,7 +430,7 @@ class HealthChecker:
             if not schedule or schedule[0][0] > horizon:
                 break
             due, _, backend = heapq.heappop(schedule)
-            if group.get(backend.id) is not backend:
+            if backend._group is not group:
                 continue  # removed: forget it
             if due + interval <= now:
                 # The loop was more than an interval late: skip the missed
