@@ -8,6 +8,7 @@ Twisted) rather than the balancer, silently, at run time.  Everything else
 goes through Twisted's public API.
 """
 
+from twisted.internet.tcp import Client as _TCP_CLIENT
 from twisted.web import client, http
 
 # trustRoot= of optionsForClientTLS takes an object providing this; Twisted
@@ -21,6 +22,7 @@ __all__ = [
     "handlingRequest",
     "headSoFar",
     "waitingForTransport",
+    "writeNow",
 ]
 
 
@@ -58,3 +60,35 @@ class QuietHTTPConnectionPool(client.HTTPConnectionPool):
 
     class _factory(client.HTTPConnectionPool._factory):
         noisy = False
+
+
+def writeNow(transport, data: bytes) -> None:
+    """
+    Write C{data}, sending it at once where that is safe: a plain TCP
+    connection with nothing already waiting to be sent.
+
+    (It reads a TCP client transport's private buffers, to know that
+    nothing is waiting to be sent before it.)
+
+    A transport's C{write} only buffers, and asks the reactor to wait until
+    the socket can be written to; the send happens on the reactor's next
+    turn.  For a request of a few hundred bytes on an idle connection that
+    costs an event and two epoll changes on top of the send itself: a
+    quarter of what a health check costs the balancer.  Anything not sent
+    at once (a full socket buffer, an error) goes through C{write}, which
+    also reports a lost connection the usual way.
+    """
+    if (
+        type(transport) is _TCP_CLIENT
+        and not transport.TLS
+        and transport.connected
+        and not transport.disconnecting
+        and not transport.dataBuffer
+        and not transport._tempDataBuffer
+    ):
+        sent = transport.writeSomeData(data)
+        if type(sent) is int and sent > 0:
+            if sent == len(data):
+                return
+            data = data[sent:]
+    transport.write(data)

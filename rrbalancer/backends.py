@@ -20,8 +20,7 @@ cut.
 import math
 from bisect import bisect_left
 from collections import deque
-from operator import attrgetter
-from typing import Callable, Collection, Deque, Dict, Iterator, List, Optional
+from typing import Callable, Collection, Dict, Iterator, List, Optional, Sequence
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -30,7 +29,7 @@ from zope.interface import implementer
 
 from .config import BackendConfig, HealthConfig
 from .interfaces import IPicker, IUpstream
-from .selection import SmoothWeightedRoundRobin
+from .selection import Candidates
 
 UP = "up"
 DOWN = "down"
@@ -55,6 +54,9 @@ DURATION_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
     7.5, 10.0, 30.0, math.inf,
 )
+
+
+_NO_DURATIONS = (0,) * len(DURATION_BUCKETS)
 
 
 def statusClass(code: int) -> str:
@@ -85,25 +87,45 @@ class BackendStats:
     Recent counts are kept in one-second slots for the last
     C{HISTORY_STEP * HISTORY_POINTS} seconds; latencies as samples for the
     last C{WINDOW} seconds.
+
+    A balancer may have thousands of backends that take few requests (or
+    only backups that take none): what a backend without recent requests
+    holds is kept small, its recent figures allocated on first use.
     """
+
+    __slots__ = (
+        "_clock",
+        "started",
+        "responses",
+        "buckets",
+        "durationSum",
+        "durationCount",
+        "bytesIn",
+        "bytesOut",
+        "_slots",
+        "_samples",
+    )
 
     def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock
         self.started = clock.seconds()
         # Since start.
         self.responses: Dict[str, int] = {}
-        self.buckets = [0] * len(DURATION_BUCKETS)
+        self.buckets: Sequence[int] = _NO_DURATIONS
         self.durationSum = 0.0
         self.durationCount = 0
         self.bytesIn = 0
         self.bytesOut = 0
-        # Recent: [second, requests, errors, latency sum, latency count]
-        self._slots: Deque[list] = deque()
-        self._samples: Deque[tuple] = deque()
+        # Recent: [second, requests, errors, latency sum, latency count],
+        # and (when, seconds) samples; empty tuples until the first.
+        self._slots: Sequence[list] = ()
+        self._samples: Sequence[tuple] = ()
 
     def _slot(self, now: float) -> list:
         second = math.floor(now)
         slots = self._slots
+        if not slots:
+            slots = self._slots = deque()
         if not slots or slots[-1][0] != second:
             slots.append([second, 0, 0, 0.0, 0])
             horizon = second - HISTORY_STEP * (HISTORY_POINTS + 1)
@@ -115,8 +137,11 @@ class BackendStats:
         kind = statusClass(code)
         self.responses[kind] = self.responses.get(kind, 0) + 1
         seconds = max(0.0, seconds)
+        buckets = self.buckets
+        if buckets is _NO_DURATIONS:
+            buckets = self.buckets = list(_NO_DURATIONS)
         # The first bucket whose upper bound is at least C{seconds}.
-        self.buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
         self.durationSum += seconds
         self.durationCount += 1
         self.bytesIn += bytesIn
@@ -129,6 +154,8 @@ class BackendStats:
         slot[3] += seconds
         slot[4] += 1
         samples = self._samples
+        if not samples:
+            samples = self._samples = deque()
         samples.append((now, seconds))
         if len(samples) > MAX_SAMPLES:
             samples.popleft()
@@ -238,15 +265,16 @@ class Backend:
         self.id = backendID
         self.config = config
         self.url = config.url
-        self.weight = config.weight
-        self.backup = config.backup
+        self._weight = config.weight
+        self._backup = config.backup
+        self._group: Optional["BackendGroup"] = None
         self.upstream = upstream
         self._health = health
         self._clock = clock
-        self.healthy = True
-        self.adminState = UP
+        self._healthy = True
+        self._adminState = UP
         self._active = 0
-        self._idleWaiters: List[Deferred] = []
+        self._idleWaiters: Optional[List[Deferred]] = None
         self.removing = False
         self.requests = 0
         self.failures = 0
@@ -275,6 +303,50 @@ class Backend:
     def __repr__(self) -> str:
         return f"<Backend {self.id} {self.url} {self.state}>"
 
+    # Whatever changes whether or how this backend can be picked tells its
+    # group, which keeps the candidates for a pick up to date as they
+    # change instead of looking at every backend at every pick.
+
+    def _placeInGroup(self) -> None:
+        if self._group is not None:
+            self._group._place(self)
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    @healthy.setter
+    def healthy(self, value: bool) -> None:
+        self._healthy = value
+        self._placeInGroup()
+
+    @property
+    def adminState(self) -> str:
+        return self._adminState
+
+    @adminState.setter
+    def adminState(self, value: str) -> None:
+        self._adminState = value
+        self._placeInGroup()
+
+    @property
+    def weight(self) -> int:
+        return self._weight
+
+    @weight.setter
+    def weight(self, value: int) -> None:
+        self._weight = value
+        self._placeInGroup()
+
+    @property
+    def backup(self) -> bool:
+        return self._backup
+
+    @backup.setter
+    def backup(self, value: bool) -> None:
+        self._backup = value
+        self._placeInGroup()
+
     @property
     def pool(self):
         """
@@ -293,7 +365,7 @@ class Backend:
         if value > self.peakActive:
             self.peakActive = value
         if value <= 0 and self._idleWaiters:
-            waiters, self._idleWaiters = self._idleWaiters, []
+            waiters, self._idleWaiters = self._idleWaiters, None
             for d in waiters:
                 d.callback(self)
 
@@ -304,21 +376,23 @@ class Backend:
         if self._active <= 0:
             return succeed(self)
         d = Deferred()
+        if self._idleWaiters is None:
+            self._idleWaiters = []
         self._idleWaiters.append(d)
         return d
 
     @property
     def state(self) -> str:
-        if self.adminState != UP:
-            return self.adminState
-        return UP if self.healthy else DOWN
+        if self._adminState != UP:
+            return self._adminState
+        return UP if self._healthy else DOWN
 
     @property
     def available(self) -> bool:
         """
         May this backend take a new request?
         """
-        return self.healthy and self.adminState == UP
+        return self._healthy and self._adminState == UP
 
     def awaitFirstCheck(self, reason: str) -> None:
         """
@@ -492,10 +566,11 @@ class BackendGroup:
         # By what is dialled (BackendConfig.server): http://a and
         # http://a:80 are one backend, found without a scan.
         self._byServer: Dict[tuple, Backend] = {}
-        self._selector: SmoothWeightedRoundRobin[Backend] = SmoothWeightedRoundRobin(
-            attrgetter("weight")
-        )
+        # The backends a pick may choose, kept up to date by _place.
+        self._primaries: Candidates[Backend] = Candidates(_addedOrder)
+        self._backups: Candidates[Backend] = Candidates(_addedOrder)
         self._nextID = 1
+        self._onAdd: List[Callable[[Backend], None]] = []
         self.retries = 0
 
     def __iter__(self) -> Iterator[Backend]:
@@ -543,7 +618,38 @@ class BackendGroup:
             backend._changed(reason)
         self._backends[backendID] = backend
         self._byServer[config.server] = backend
+        backend._group = self
+        self._place(backend)
+        for callback in list(self._onAdd):
+            callback(backend)
         return backend
+
+    def watchAdditions(self, callback: Callable[[Backend], None]) -> None:
+        """
+        Call C{callback} with each backend added from now on (the health
+        checker schedules its checks so, without looking at the others).
+        """
+        self._onAdd.append(callback)
+
+    def unwatchAdditions(self, callback: Callable[[Backend], None]) -> None:
+        if callback in self._onAdd:
+            self._onAdd.remove(callback)
+
+    def _place(self, backend: Backend) -> None:
+        """
+        Put C{backend} among the candidates it belongs to now (primaries,
+        backups, or none), with its current weight.
+        """
+        if backend._group is not self:
+            return
+        primaries, backups = self._primaries, self._backups
+        if backend._healthy and backend._adminState == UP:
+            here, there = (backups, primaries) if backend._backup else (primaries, backups)
+            there.remove(backend)
+            here.add(backend, backend._weight)
+        else:
+            primaries.remove(backend)
+            backups.remove(backend)
 
     def reconfigure(self, backend: Backend, weight: int, backup: bool) -> None:
         """
@@ -591,24 +697,38 @@ class BackendGroup:
         del self._backends[backend.id]
         if self._byServer.get(backend.config.server) is backend:
             del self._byServer[backend.config.server]
-        self._selector.forget(backend)
+        backend._group = None
+        self._primaries.remove(backend)
+        self._backups.remove(backend)
         if backend.pool is not None:
             backend.pool.closeIdle()
 
     def pick(self, exclude: Collection[Backend] = ()) -> Optional[Backend]:
         """
         The next backend for a request, skipping those already tried.
+
+        Its cost does not grow with the number of backends: the candidates
+        are kept up to date as backends change (see L{_place}).
         """
-        primaries: List[Backend] = []
-        backups: List[Backend] = []
-        for b in self._backends.values():
-            if b.healthy and b.adminState == UP:  # b.available, inlined
-                (backups if b.backup else primaries).append(b)
-        choice = self._selector.pick(primaries, exclude)
+        choice = self._primaries.pick(exclude)
         if choice is None:
             # No primary is up, or every one already failed this request
             # (NGINX moves on to the backups in both cases).
-            choice = self._selector.pick(backups, exclude)
+            choice = self._backups.pick(exclude)
         if choice is not None and exclude:
             self.retries += 1
         return choice
+
+    def availableCount(self) -> int:
+        """
+        Backends that may take a new request, primaries and backups.
+        """
+        return len(self._primaries) + len(self._backups)
+
+
+def _addedOrder(backend: Backend) -> int:
+    """
+    The order backends were added in, which NGINX's algorithm uses to break
+    ties among a few weighted backends.
+    """
+    return int(backend.id)

@@ -17,11 +17,7 @@ from typing import Any, Iterable, Optional
 
 from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 
-from treq.client import HTTPClient
-
-from ._twisted import QuietHTTPConnectionPool
 from .backends import BackendGroup
 from .config import Config, buildConfig, loadConfig
 from .health import HealthChecker
@@ -46,16 +42,6 @@ class _HealthService(Service):
     def stopService(self):
         Service.stopService(self)
         self.checker.stop()
-
-
-def _healthChecker(group: BackendGroup, config: Config, reactor, trust) -> HealthChecker:
-    agent = Agent(
-        reactor,
-        contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trust),
-        connectTimeout=config.health.timeout,
-        pool=QuietHTTPConnectionPool(reactor, persistent=False),
-    )
-    return HealthChecker(group, HTTPClient(agent), reactor, config.health)
 
 
 class Balancer(MultiService):
@@ -108,7 +94,8 @@ class Balancer(MultiService):
         for backend in config.backends:
             self.group.add(backend)
         if config.health.enabled:
-            self.healthChecker = _healthChecker(self.group, config, reactor, self._trust)
+            # Checks share each backend's own pool of kept connections.
+            self.healthChecker = HealthChecker(self.group, None, reactor, config.health)
             _HealthService(self.healthChecker).setServiceParent(self)
         self._resource = BalancerResource(self.group, config.requestIDHeader, config.via)
 

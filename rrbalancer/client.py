@@ -17,6 +17,7 @@ C{responseDone()} or C{responseFailed(error)} (C{responseFailed} may also
 come before any head).
 """
 
+import re
 from collections import deque
 from typing import Callable, Deque, List, Optional, Set, Tuple
 
@@ -25,6 +26,8 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime, ISSLTransport, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
+
+from ._twisted import writeNow
 
 # A response head larger than this is refused (NGINX's default buffers
 # allow 4-8 KiB; be generous, but bounded).
@@ -94,6 +97,17 @@ class ResponseTimeout(BackendError):
 Headers = List[Tuple[bytes, bytes]]
 
 
+# A well-formed header line, as _headerLines accepts it: a token, a colon,
+# and a value without CR, LF or NUL, its surrounding blanks dropped.
+_HEADER_LINES = re.compile(
+    rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[ \t]*[^\r\n\x00]*\r\n)*"
+)
+_HEADER_LINE = re.compile(
+    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n\x00]*?)[ \t]*\r\n"
+)
+_BAD_REASON = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 def _parseHead(head: bytes) -> Tuple[bytes, int, bytes, Headers]:
     """
     Parse a response head (status line and header lines, CRLF-separated,
@@ -101,8 +115,8 @@ def _parseHead(head: bytes) -> Tuple[bytes, int, bytes, Headers]:
 
     @raise ValueError: the head is not one a proxy can pass on safely.
     """
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ", 2)
+    statusLine, sep, block = head.partition(b"\r\n")
+    parts = statusLine.split(b" ", 2)
     if len(parts) < 2:
         raise ValueError("malformed status line")
     version, code = parts[0], parts[1]
@@ -111,11 +125,26 @@ def _parseHead(head: bytes) -> Tuple[bytes, int, bytes, Headers]:
         raise ValueError("unsupported HTTP version")
     if len(code) != 3 or not code.isdigit() or code[0:1] == b"0":
         raise ValueError("malformed status code")
-    if any((c < 0x20 and c != 0x09) or c == 0x7F for c in reason):
+    if _BAD_REASON.search(reason) is not None:
         # A bare CR would end the status line for some clients.
         raise ValueError("malformed reason phrase")
+    if not sep:
+        return version, int(code), reason, []
+    block += b"\r\n"
+    if _HEADER_LINES.fullmatch(block) is not None:
+        # Every line well-formed (the usual case): split in one pass.
+        headers = _HEADER_LINE.findall(block)
+    else:
+        headers = _headerLines(block[:-2].split(b"\r\n"))
+    return version, int(code), reason, headers
+
+
+def _headerLines(lines: List[bytes]) -> Headers:
+    """
+    Header lines one by one, for the exact reason a head is refused.
+    """
     headers = []
-    for line in lines[1:]:
+    for line in lines:
         name, sep, value = line.partition(b":")
         if not sep or not name or not _TOKEN_CHARS.issuperset(name):
             # Also refuses obsolete line folding (RFC 9112 section 5.2).
@@ -124,7 +153,7 @@ def _parseHead(head: bytes) -> Tuple[bytes, int, bytes, Headers]:
         if b"\n" in value or b"\x00" in value or b"\r" in value:
             raise ValueError("malformed header value")
         headers.append((name, value))
-    return version, int(code), reason, headers
+    return headers
 
 
 def _framing(headers: Headers) -> Tuple[List[bytes], List[bytes], List[bytes]]:
@@ -280,7 +309,7 @@ class BackendConnection(Protocol):
         bodyLength: int,
         isHead: bool,
         receiver,
-        timeout: float,
+        timeout: Optional[float],
     ) -> None:
         """
         Send a request and hand its response to C{receiver}.
@@ -288,6 +317,10 @@ class BackendConnection(Protocol):
         @param head: the request line and headers, framing included, ending
             with the blank line.
         @param body: a file positioned at the start of the body, or L{None}.
+        @param timeout: how long to wait for each read of the response; or
+            None for no timer at all, where the caller keeps a deadline of
+            its own and calls L{abort} when it passes (health checks do, a
+            timer per check being what thousands of them cannot afford).
         """
         self._receiver = receiver
         self._isHead = isHead
@@ -297,17 +330,25 @@ class BackendConnection(Protocol):
         self._responseStarted = False
         self._timeout = timeout
         call = self._timeoutCall
-        if call is not None and call.active():
+        if timeout is None:
+            self._cancelTimeout()
+        elif call is not None and call.active():
             # The last exchange's timer, left running: moving a timer later
-            # costs less than a new one (see _finish).
-            call.reset(timeout)
+            # costs less than a new one (see _finish).  Moving one sooner
+            # does not: the reactor then searches its whole heap of timers
+            # for it, one per kept connection, so it is replaced instead.
+            if call.getTime() <= self._clock.seconds() + timeout:
+                call.reset(timeout)
+            else:
+                call.cancel()
+                self._timeoutCall = self._clock.callLater(timeout, self._timedOut)
         else:
             self._timeoutCall = self._clock.callLater(timeout, self._timedOut)
         self._bodySent = body is None or bodyLength == 0
         if self._bodySent:
-            self.transport.write(head)
+            writeNow(self.transport, head)
         elif bodyLength <= INLINE_BODY_SIZE:
-            self.transport.write(head + body.read(bodyLength))
+            writeNow(self.transport, head + body.read(bodyLength))
             self._bodySent = True
         else:
             self.transport.write(head)
@@ -609,6 +650,9 @@ class _BodyProducer:
         self._left = 0
 
 
+_NO_WAITERS: Deque = deque(maxlen=0)
+
+
 class ConnectionPool:
     """
     Connections to one backend, kept alive between exchanges.
@@ -651,7 +695,9 @@ class ConnectionPool:
         self._idle: List[BackendConnection] = []
         self._open: Set[BackendConnection] = set()
         self._connecting = 0
-        self._waiting: Deque[Tuple[Deferred, object]] = deque()
+        # A queue only with a connection limit, made when first needed:
+        # most pools never queue anyone.
+        self._waiting: Deque[Tuple[Deferred, object]] = _NO_WAITERS
         self._sweepCall = None
         self.opened = 0
 
@@ -728,6 +774,8 @@ class ConnectionPool:
 
         d = Deferred(cancel)
         timer = self._clock.callLater(self.queueTimeout, self._waitedTooLong, d)
+        if self._waiting is _NO_WAITERS:
+            self._waiting = deque()
         self.peakWaiting = max(self.peakWaiting, len(self._waiting) + 1)
         self._waiting.append((d, timer))
         return d

@@ -1,32 +1,48 @@
 """
-Active health checks: every interval, one GET per backend with treq.
+Active health checks, spread over the interval.
 
-A check passes on a 2xx or 3xx answer within the timeout; anything else,
-whatever form the failure takes (status, timeout, refused, reset, a
-cancelled request), fails it.  The rise/fall counting is the backend's own
+Each backend is checked once per interval at a phase of its own: the first
+checks are spread evenly over the first interval (as HAProxy spreads them),
+and each next one comes an interval later, give or take C{jitter}, so that
+checks never all fall on one instant and a thousand backends cost the loop
+a steady trickle rather than a burst.  One timer drives them all: a heap of
+the next checks' times, whose earliest is the one call scheduled.
+
+A check is one C{GET} of the configured path on the backend's own
+connection pool (L{rrbalancer.client}): a kept connection when there is
+one, so that a check usually costs one write and one read, and a new one
+otherwise, left open for the next check or request where the backend
+allows.  It passes on a 2xx or 3xx answer received whole within the
+timeout; anything else fails it, whatever form the failure takes (status,
+timeout, refused, reset, a malformed answer).  Redirects are not followed:
+a 3xx passes as it is, and its Location may name another server entirely.
+
+A check whose timeout expired while the event loop itself was late by more
+than half the timeout is given one more timeout, and counts neither way if
+the loop is late again: the answer may well have come in time and sat
+unread while the balancer was busy, and a balancer that marks its healthy
+backends down (or reconnects to them) because it is overloaded only makes
+matters worse.  The rise/fall counting is the backend's own
 (L{rrbalancer.backends.Backend.recordCheck}).
 """
 
-from typing import Dict, Optional
+import heapq
+import math
+import random as _random
+from collections import deque
+from itertools import count
+from typing import Callable, Deque, List, Optional, Set
 
-from twisted.internet.defer import (
-    CancelledError,
-    Deferred,
-    TimeoutError,
-    maybeDeferred,
-    succeed,
-)
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.web.client import ResponseDone
-from twisted.web.http import PotentialDataLoss
 
 from .backends import DISABLED, Backend, BackendGroup
+from .client import BackendConnection, ConnectionPool, ResponseTimeout
 from .config import HealthConfig
+from .lag import LagMonitor
 
 USER_AGENT = b"rrbalancer-health-check"
 
@@ -35,62 +51,225 @@ def describeFailure(failure, timeout: float) -> str:
     """
     One short reason for the log and the admin API.
     """
-    # The client's own connect timeout, and the timeout cancelling a
-    # connection attempt (whose message would only be the address).
+    # A connect timeout, and the timeout cancelling a connection attempt
+    # (whose message would only be the address).
     if failure.check(
-        CancelledError, TimeoutError, ConnectTimeoutError, ConnectingCancelledError
+        CancelledError,
+        TimeoutError,
+        ConnectTimeoutError,
+        ConnectingCancelledError,
+        ResponseTimeout,
     ):
         return f"no answer within {timeout:g}s"
     reasons = getattr(failure.value, "reasons", None)
-    if reasons:  # treq/Agent wrap the real cause in a list of failures
+    if reasons:  # some clients wrap the real cause in a list of failures
         return describeFailure(reasons[0], timeout)
     return failure.getErrorMessage() or failure.type.__name__
 
 
-class _Discard(Protocol):
+def checkRequest(backend: Backend, path: str) -> bytes:
     """
-    Reads a check's body to its end, and drops it.
+    A check's request head: C{GET path HTTP/1.1} with the backend's
+    address as C{Host}.
+    """
+    host = backend.url.partition("://")[2]
+    return b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: %s\r\n\r\n" % (
+        path.encode("utf-8"),
+        host.encode("utf-8"),
+        USER_AGENT,
+    )
+
+
+class _Check:
+    """
+    One check in flight, and the receiver of its response (see
+    L{rrbalancer.client}).
     """
 
-    def __init__(self) -> None:
-        self.finished = Deferred(self._cancel)
+    __slots__ = (
+        "checker",
+        "backend",
+        "deferred",
+        "started",
+        "deadline",
+        "code",
+        "fresh",
+        "connecting",
+        "connection",
+        "timedOut",
+        "verdict",
+        "done",
+    )
 
-    def _cancel(self, d: Deferred) -> None:
-        # Timed out: close the connection rather than leave it to a backend
-        # that may never end the body.
-        if self.transport is not None:
-            self.transport.stopProducing()
+    def __init__(self, checker: "HealthChecker", backend: Backend, deferred) -> None:
+        self.checker = checker
+        self.backend = backend
+        self.deferred = deferred
+        self.started = checker._clock.seconds()
+        self.deadline = self.started + checker._config.timeout
+        self.code = 0
+        self.fresh = False
+        self.connecting = None
+        self.connection = None
+        # Given one more timeout, the loop having been late.
+        self.timedOut = False
+        # (ok, reason), decided at the deadline.
+        self.verdict = None
+        self.done = False
 
-    def dataReceived(self, data: bytes) -> None:
+    def run(self) -> None:
+        pool = self.checker._poolFor(self.backend)
+        connection = pool.idleConnection()
+        if connection is not None:
+            self._send(connection)
+        else:
+            self._connect(pool)
+
+    def _connect(self, pool: ConnectionPool) -> None:
+        d = self.connecting = pool.connect()
+        d.addCallbacks(self._connected, self._connectFailed)
+
+    def _connected(self, connection: BackendConnection) -> None:
+        self.connecting = None
+        self._send(connection)
+
+    def _connectFailed(self, failure) -> None:
+        self.connecting = None
+        if self.verdict is not None:
+            self._finish(*self.verdict)
+        else:
+            self._finish(False, describeFailure(failure, self.checker._config.timeout))
+
+    def _send(self, connection: BackendConnection) -> None:
+        self.connection = connection
+        connection.request(
+            checkRequest(self.backend, self.checker._config.path), None, 0, False, self, None
+        )
+
+    def expire(self) -> None:
+        """
+        The deadline passed with no verdict.
+
+        If the event loop was late meanwhile by more than half the timeout,
+        the answer may have come in time and still be unread: the check
+        gets one more timeout, on the same connection (closing it would
+        only cost a new connection to a backend that did nothing wrong,
+        and when many checks time out at once, that cost is what keeps
+        the loop late).  Otherwise, or the second time, the connection
+        attempt or the exchange is given up.
+        """
+        checker = self.checker
+        timeout = checker._config.timeout
+        now = checker._clock.seconds()
+        late = max(now - self.deadline, checker.lagMonitor.lateSince(self.started))
+        if late > timeout / 2:
+            if not self.timedOut:
+                self.timedOut = True
+                self.started = now
+                self.deadline = now + timeout
+                checker._inFlight.append(self)
+                return
+            reason = f"the balancer's event loop was {late:.3g}s late"
+            checker._notCounted(reason)
+            self.verdict = (None, reason)
+        else:
+            self.verdict = (False, f"no answer within {timeout:g}s")
+        self._giveUp()
+
+    def giveUp(self) -> None:
+        """
+        Stop waiting (the checker is stopping): the check counts neither
+        way.
+        """
+        if not self.done and self.verdict is None:
+            self.verdict = (None, "the health checker stopped")
+            self._giveUp()
+
+    def _giveUp(self) -> None:
+        if self.connecting is not None:
+            # A cancelled Deferred always fails: back in _connectFailed.
+            self.connecting.cancel()
+            return
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            connection.abort()
+        self._finish(*self.verdict)
+
+    # -- the receiver ---------------------------------------------------------
+
+    def responseHead(self, code: int, reason: bytes, headers, contentLength) -> None:
+        self.code = code
+
+    def responseBody(self, data: bytes) -> None:
         pass
 
-    def connectionLost(self, reason) -> None:
-        if self.finished.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.finished.callback(None)
+    def responseDone(self) -> None:
+        self.connection = None
+        code = self.code
+        self._finish(200 <= code < 400, f"HTTP {code}")
+
+    def responseFailed(self, error: Exception) -> None:
+        self.connection = None
+        if getattr(error, "reused", False) and not error.gotBytes and not self.fresh:
+            # A kept connection that the backend had closed meanwhile: that
+            # says nothing of the backend, so ask again on a new one.
+            self.fresh = True
+            try:
+                self._connect(self.checker._poolFor(self.backend))
+            except Exception as e:
+                self._finish(False, str(e) or type(e).__name__)
         else:
-            self.finished.errback(reason)
+            self._finish(False, str(error) or type(error).__name__)
+
+    # -- the verdict ---------------------------------------------------------
+
+    def _finish(self, ok: Optional[bool], reason: str) -> None:
+        """
+        @param ok: passed, failed, or None for a check that counts neither
+            way.
+        """
+        if self.done:
+            return
+        self.done = True
+        checker = self.checker
+        backend = self.backend
+        checker._pending.discard(backend)
+        if not checker.running:
+            # Its deadline needs no waking for any more (while running, the
+            # timer wakes often enough that it is not worth moving).
+            checker._arm()
+        if ok is not None and backend._group is checker._group:
+            backend.recordCheck(ok, reason)
+        if self.deferred is not None:
+            self.deferred.callback(ok)
 
 
-def discardBody(response) -> Deferred:
-    """
-    Read and drop a response's body, so that its connection is freed; the
-    Deferred's cancellation closes the connection.
-    """
-    if response.length == 0:
-        return succeed(None)
-    protocol = _Discard()
-    response.deliverBody(protocol)
-    return protocol.finished
+def _ownPool(backend: Backend) -> ConnectionPool:
+    return backend.pool
 
 
 class HealthChecker:
     """
-    Runs the checks on a L{LoopingCall}.
+    Checks every backend that is not disabled, once per interval each, at
+    phases spread over the interval.
 
-    @param http: a treq C{HTTPClient} (or L{treq.testing.StubTreq}) whose
-        C{get} reaches the backends.
+    @param poolFor: the connection pool a backend's checks use; by default
+        the backend's own, whose kept connections checks and requests then
+        share (one connection per backend for both, where a separate pool
+        would double the connections held open).
+    @param jitter: each wait between two checks of one backend is the
+        interval times a random factor between C{1 - jitter} and
+        C{1 + jitter} (HAProxy's C{spread-checks}, as a fraction), so that
+        balancers and backends that started together drift apart.
+    @param random: a random number in [0, 1) (tests give their own).
+    @param lagMonitor: measures the event loop's lateness; by default one
+        of the checker's own, started and stopped with it.
+    @param tick: checks due within this many seconds of each other start
+        together, so that the timer fires at most about 1/tick times a
+        second however many backends there are.
+
+    @ivar lateChecks: checks that timed out twice while the loop was late,
+        and so did not count.
     """
 
     log = Logger()
@@ -98,42 +277,174 @@ class HealthChecker:
     def __init__(
         self,
         group: BackendGroup,
-        http,
+        poolFor: Optional[Callable[[Backend], ConnectionPool]],
         clock: IReactorTime,
         config: HealthConfig,
+        jitter: float = 0.05,
+        random: Callable[[], float] = _random.random,
+        lagMonitor: Optional[LagMonitor] = None,
+        tick: float = 0.01,
     ) -> None:
         self._group = group
-        self._http = http
+        self._poolFor = poolFor if poolFor is not None else _ownPool
         self._clock = clock
         self._config = config
-        # The checks under way, to cancel when the checker stops.
-        self._pending: Dict[Backend, Optional[Deferred]] = {}
-        self._stopped = False
-        self._loop = LoopingCall(self.checkAll)
-        self._loop.clock = clock
+        self.jitter = jitter
+        self._random = random
+        self._ownMonitor = lagMonitor is None
+        self.lagMonitor = lagMonitor if lagMonitor is not None else LagMonitor(clock)
+        self.tick = tick
+        self.lateChecks = 0
+        self._lateSinceLog = 0
+        self._lateLoggedAt: Optional[float] = None
+        self.running = False
+        self._pending: Set[Backend] = set()
+        # (when, sequence, backend): each backend's next check.
+        self._schedule: List[tuple] = []
+        self._sequence = count()
+        # The checks under way, in the order they started, which is the
+        # order of their deadlines (one timeout for all): the one timer
+        # also wakes for the first deadline, and a check needs none of its
+        # own.
+        self._inFlight: Deque[_Check] = deque()
+        self._call = None
+
+    # Lateness is logged at most this often (seconds): when it strikes, it
+    # strikes thousands of checks at once.
+    LATE_LOG_EVERY = 60.0
+
+    def _notCounted(self, reason: str) -> None:
+        self.lateChecks += 1
+        self._lateSinceLog += 1
+        now = self._clock.seconds()
+        if self._lateLoggedAt is None or now - self._lateLoggedAt >= self.LATE_LOG_EVERY:
+            self.log.warn(
+                "{n} health checks timed out twice while the event loop was late, "
+                "and were not counted (the last: {reason}); the balancer is "
+                "overloaded",
+                n=self._lateSinceLog,
+                reason=reason,
+            )
+            self._lateLoggedAt = now
+            self._lateSinceLog = 0
+
+    # -- the schedule ----------------------------------------------------------
 
     def start(self) -> None:
-        self._stopped = False
-        self._loop.start(self._config.interval, now=True)
+        """
+        Start checking: the backends there now are checked over the first
+        interval, one after another, the first at once.
+        """
+        if self.running:
+            return
+        self.running = True
+        if self._ownMonitor:
+            self.lagMonitor.start()
+        backends = list(self._group)
+        now = self._clock.seconds()
+        step = self._config.interval / max(len(backends), 1)
+        for position, backend in enumerate(backends):
+            self._push(now + position * step, backend)
+        self._group.watchAdditions(self._added)
+        self._wake()
 
     def stop(self) -> None:
         """
-        Stop checking, and give up the checks under way (their result no
-        longer counts).
+        Stop checking, and give up the checks under way (they count neither
+        way, and their Deferreds fire with None).
         """
-        self._stopped = True
-        if self._loop.running:
-            self._loop.stop()
-        for d in list(self._pending.values()):
-            if d is not None:
-                d.cancel()
+        if not self.running:
+            return
+        self.running = False
+        self._group.unwatchAdditions(self._added)
+        if self._ownMonitor:
+            self.lagMonitor.stop()
+        self._schedule = []
+        # The checks under way are given up: their results would come from
+        # a checker that no longer runs.
+        inFlight, self._inFlight = self._inFlight, deque()
+        for check in inFlight:
+            check.giveUp()
+        self._arm()
+
+    def _push(self, when: float, backend: Backend) -> None:
+        heapq.heappush(self._schedule, (when, next(self._sequence), backend))
+
+    def _added(self, backend: Backend) -> None:
+        """
+        A backend added at run time is first checked at a random point of
+        the next interval, so that many added at once do not come due
+        together.
+        """
+        self._push(self._clock.seconds() + self._random() * self._config.interval, backend)
+        self._arm()
+
+    def _arm(self) -> None:
+        """
+        Have the timer wake for the next check due (while running) or the
+        first deadline of a check under way, whichever is sooner.
+        """
+        inFlight = self._inFlight
+        while inFlight and inFlight[0].done:
+            inFlight.popleft()
+        wake = inFlight[0].deadline if inFlight else None
+        if self.running and self._schedule:
+            due = self._schedule[0][0]
+            if wake is None or due < wake:
+                wake = due
+        call = self._call
+        if call is not None and call.active():
+            if wake is not None and call.getTime() <= wake:
+                return
+            call.cancel()
+        self._call = None
+        if wake is not None:
+            self._call = self._clock.callLater(max(wake - self._clock.seconds(), 0.0), self._wake)
+
+    def _wake(self) -> None:
+        """
+        Expire the checks whose deadline has passed, start the checks now
+        due, and schedule each backend's next.
+        """
+        self._call = None
+        clock = self._clock
+        now = clock.seconds()
+        inFlight = self._inFlight
+        while inFlight and (inFlight[0].done or inFlight[0].deadline <= now):
+            check = inFlight.popleft()
+            if not check.done:
+                check.expire()
+        if self.running:
+            self._startDue(now)
+        self._arm()
+
+    def _startDue(self, now: float) -> None:
+        horizon = now + self.tick
+        interval = self._config.interval
+        jitter = self.jitter
+        random = self._random
+        schedule = self._schedule
+        group = self._group
+        pending = self._pending
+        for _ in range(len(schedule)):
+            if not schedule or schedule[0][0] > horizon:
+                break
+            due, _, backend = heapq.heappop(schedule)
+            if backend._group is not group:
+                continue  # removed: forget it
+            if due + interval <= now:
+                # The loop was more than an interval late: skip the missed
+                # checks, keeping this backend's phase.
+                due += interval * math.floor((now - due) / interval)
+            self._push(due + interval * (1.0 + jitter * (2.0 * random() - 1.0)), backend)
+            if backend.adminState == DISABLED or backend in pending:
+                continue
+            self._run(backend, None, arm=False)
 
     def checkAll(self) -> None:
         """
-        Check every backend that is not disabled and has no check under way
-        (a check can outlive an interval when the timeout is longer).
-        It never raises: a L{LoopingCall} stops for good when its function
-        does.
+        Check now every backend that is not disabled and has no check under
+        way.  It never raises.
         """
         for backend in self._group:
             if backend.adminState == DISABLED or backend in self._pending:
@@ -143,44 +454,27 @@ class HealthChecker:
             except Exception:
                 self.log.failure("health check of {url} could not start", url=backend.url)
 
-    def check(self, backend: Backend):
+    # -- one check -------------------------------------------------------------
+
+    def check(self, backend: Backend) -> Deferred:
         """
-        Check one backend now; the Deferred fires with whether it passed.
+        Check one backend now; the Deferred fires with whether it passed,
+        or None if the check did not count (the loop was late, or the
+        checker stopped).
         """
-        # Marked before the request starts: an answer may come at once.
-        self._pending[backend] = None
-        timeout = self._config.timeout
-        url = backend.url + self._config.path
-        # A client that raises instead of failing its Deferred fails the
-        # check like any error (and does not leave it pending for ever).
-        # Redirects are not followed: a 3xx passes as it is, and its
-        # Location may name another server entirely.
-        d = maybeDeferred(
-            self._http.get,
-            url,
-            headers={b"User-Agent": [USER_AGENT]},
-            allow_redirects=False,
-        )
-
-        def answered(response):
-            code = response.code
-            ok = 200 <= code < 400
-            return discardBody(response).addCallback(lambda _: (ok, f"HTTP {code}"))
-
-        def failed(failure):
-            return (False, describeFailure(failure, timeout))
-
-        def record(result):
-            self._pending.pop(backend, None)
-            ok, reason = result
-            if self._group.get(backend.id) is backend and not self._stopped:
-                backend.recordCheck(ok, reason)
-            return ok
-
-        d.addCallback(answered)
-        d.addTimeout(timeout, self._clock)
-        d.addErrback(failed)
-        d.addCallback(record)
-        if backend in self._pending:
-            self._pending[backend] = d
+        d = Deferred()
+        self._run(backend, d)
         return d
+
+    def _run(self, backend: Backend, deferred: Optional[Deferred], arm: bool = True) -> None:
+        self._pending.add(backend)
+        check = _Check(self, backend, deferred)
+        self._inFlight.append(check)
+        try:
+            check.run()
+        except Exception as e:
+            # A pool that cannot even start fails the check like any error
+            # (and does not leave it pending for ever).
+            check._finish(False, str(e) or type(e).__name__)
+        if arm and not check.done:
+            self._arm()

@@ -166,6 +166,20 @@ class PickTests(GroupMixin, TestCase):
         counts = Counter(self.picks(group, 40))
         self.assertEqual(counts, Counter({"a": 30, "b": 10}))
 
+    def test_weightedTiesInOrderAdded(self):
+        """
+        A few weighted backends get NGINX's exact sequence, its ties broken
+        in the order the backends were added, even after one went down and
+        came back.
+        """
+        group, b = self.makeGroup(("a", 2), ("b", 2), "c")
+        self.assertEqual("".join(self.picks(group, 5)), "abcab")
+        self.down(b["a"])
+        for _ in range(2):
+            b["a"].recordCheck(True, "HTTP 200")
+        self.assertTrue(b["a"].available)
+        self.assertEqual(Counter(self.picks(group, 50)), Counter({"a": 20, "b": 20, "c": 10}))
+
     def test_addAndRemove(self):
         group, b = self.makeGroup("a", "b")
         c = group.add(BackendConfig(url="http://c"))
@@ -176,6 +190,136 @@ class PickTests(GroupMixin, TestCase):
         self.assertIs(group.byURL("http://c"), c)
         self.assertEqual(len(group), 2)
         self.assertRaises(ValueError, group.add, BackendConfig(url="http://c"))
+
+
+class CountingExclude(frozenset):
+    """
+    An C{exclude} that counts the backends a pick looks at: each one it
+    considers is tested against it.
+    """
+
+    looks = 0
+
+    def __contains__(self, item):
+        self.looks += 1
+        return frozenset.__contains__(self, item)
+
+    def __bool__(self):
+        return True
+
+    def __len__(self):
+        return max(1, frozenset.__len__(self))
+
+
+class WalkCountingDict(dict):
+    """
+    The group's backends, counting every walk over all of them.
+    """
+
+    walks = 0
+
+    def values(self):
+        self.walks += 1
+        return dict.values(self)
+
+    def __iter__(self):
+        self.walks += 1
+        return dict.__iter__(self)
+
+
+class ScaleTests(GroupMixin, TestCase):
+    """
+    What a pick and a change cost does not grow with the number of
+    backends.
+    """
+
+    def bigGroup(self, n=10000, weight=lambda i: 1):
+        group, _ = self.makeGroup()
+        backends = [
+            group.add(BackendConfig(url=f"http://10.{i // 250}.{i % 250}.1", weight=weight(i)))
+            for i in range(n)
+        ]
+        walks = WalkCountingDict(group._backends)
+        group._backends = walks
+        return group, backends, walks
+
+    def test_pickLooksAtOneBackend(self):
+        for weight in (lambda i: 1, lambda i: 1 + i % 3):
+            group, backends, walks = self.bigGroup(weight=weight)
+            for b in backends[:3000]:
+                self.down(b)
+            for b in backends[3000:3100]:
+                b.setAdminState(DRAINING, "test")
+            exclude = CountingExclude()
+            chosen = [group.pick(exclude) for _ in range(1000)]
+            self.assertEqual(exclude.looks, 1000)
+            self.assertTrue(all(b.available for b in chosen))
+            self.assertEqual(walks.walks, 0)
+
+    def test_roundRobinOverEveryAvailable(self):
+        group, backends, walks = self.bigGroup(n=1000)
+        for b in backends[::2]:
+            self.down(b)
+        chosen = [group.pick() for _ in range(1000)]
+        self.assertEqual(Counter(chosen), Counter({b: 2 for b in backends[1::2]}))
+
+    def test_backupsOnlyWhenNoPrimaryLeft(self):
+        group, backends, walks = self.bigGroup(n=2000)
+        for b in backends[:1000]:
+            b.backup = True
+        primaries = backends[1000:]
+        tried = CountingExclude(primaries[:3])
+        self.assertNotIn(group.pick(tried), primaries[:3])
+        self.assertFalse(group.pick(tried).backup)
+        self.assertLessEqual(tried.looks, 8)
+        for b in primaries:
+            b.setAdminState(DRAINING, "test")
+        self.assertTrue(group.pick().backup)
+        primaries[7].setAdminState(UP, "test")
+        self.assertEqual({group.pick() for _ in range(5)}, {primaries[7]})
+        self.assertEqual(walks.walks, 0)
+
+    def test_changesTouchOneBackend(self):
+        """
+        Adding, draining, failing, recovering, re-weighting and removing a
+        backend never walks the others.
+        """
+        group, backends, walks = self.bigGroup(weight=lambda i: 1 + i % 2)
+        b = backends[1234]
+        b.setAdminState(DRAINING, "test")
+        b.setAdminState(UP, "test")
+        self.down(b)
+        for _ in range(3):
+            b.recordCheck(True, "HTTP 200")
+        group.reconfigure(b, 5, False)
+        new = group.add(BackendConfig(url="http://10.99.0.1"))
+        group.remove(b)
+        self.assertIs(group.byURL("http://10.99.0.1"), new)
+        self.assertIsNone(group.byURL(b.url))
+        self.assertGreater(group.availableCount(), 0)
+        self.assertEqual(group.availableCount(), 10000)
+        self.assertEqual(walks.walks, 0)
+
+
+class IdleBackendTests(GroupMixin, TestCase):
+    def test_idleBackendHoldsLittle(self):
+        """
+        A backend that has had no request yet holds no containers for its
+        recent figures, and its figures read as empty.
+        """
+        group, b = self.makeGroup("a")
+        stats = b["a"].stats
+        self.assertEqual((stats._slots, stats._samples), ((), ()))
+        self.assertIsNone(b["a"]._idleWaiters)
+        self.assertFalse(hasattr(stats, "__dict__"))
+        self.assertEqual(list(stats.buckets), [0] * 16)
+        self.assertEqual(stats.requestsPerSecond(), 0)
+        self.assertEqual(stats.latency(), {"p50": None, "p99": None})
+        self.assertEqual(stats.errorRate(), 0.0)
+        stats.recordResponse(200, 0.02, 0, 10)
+        self.assertEqual(sum(stats.buckets), 1)
+        self.assertEqual(stats.latency()["p50"], 20.0)
+        self.successResultOf(b["a"].whenIdle())
 
 
 class RiseFallTests(GroupMixin, TestCase):

@@ -8,16 +8,19 @@ import random
 from io import BytesIO
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import CancelledError, fail, succeed
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.interfaces import ISSLTransport
-from twisted.internet.task import Clock
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import directlyProvides
 
+from rrbalancer._twisted import _TCP_CLIENT
 from rrbalancer.client import (
     BODY_CHUNK_SIZE,
     BackendBusy,
@@ -28,7 +31,9 @@ from rrbalancer.client import (
     ConnectError,
     ConnectionPool,
     ResponseTimeout,
+    _parseHead,
     connectorFor,
+    writeNow,
 )
 
 HEAD = b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
@@ -441,6 +446,51 @@ class TimeoutTests(_Base):
         self.assertEqual(self.pool.idleCount, 1)
         self.assertFalse(connection.transport.disconnecting)
 
+    def test_keptTimerMovedLaterNotSooner(self):
+        """
+        The next exchange on a kept connection moves the timer left running
+        when its timeout ends later, and replaces it when sooner (a reactor
+        searches its whole heap of timers to move one sooner); either way
+        the new timeout holds.
+        """
+        connection, receiver = self.exchange(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", timeout=30
+        )
+        first = connection._timeoutCall
+        self.exchange(connection=self.connection(), timeout=1)
+        self.assertIsNot(connection._timeoutCall, first)
+        self.assertTrue(first.cancelled)
+        connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        second = connection._timeoutCall
+        again, receiver = self.exchange(connection=self.connection(), timeout=20)
+        self.assertIs(again._timeoutCall, second)
+        self.clock.advance(19.9)
+        self.assertEqual(receiver.events, [])
+        self.clock.advance(0.1)
+        self.assertIsInstance(receiver.error, ResponseTimeout)
+
+    def test_noTimer(self):
+        """
+        Without a timeout, an exchange has no timer (one left running by an
+        earlier exchange is cancelled): the caller keeps its own deadline
+        and aborts.
+        """
+        connection, receiver = self.exchange(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", timeout=30
+        )
+        left = connection._timeoutCall
+        again, receiver = self.exchange(connection=self.connection(), timeout=None)
+        self.assertTrue(left.cancelled)
+        self.assertEqual(
+            [c for c in self.clock.getDelayedCalls() if c.func == again._timedOut], []
+        )
+        again.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+        self.clock.advance(100)
+        self.assertEqual(receiver.events, ["head", "body"])
+        again.abort()
+        self.assertTrue(again.transport.disconnecting)
+        self.assertEqual(receiver.events, ["head", "body"])
+
     def test_cancelledWhenClosed(self):
         connection, receiver = self.exchange(
             b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", timeout=3
@@ -752,3 +802,161 @@ class MangledResponseTests(_Base):
             ends = [e for e in receiver.events if e in ("done", "failed")]
             self.assertEqual(len(ends), 1, (data, receiver.events))
             self.assertEqual(receiver.events[-1], ends[0], (data, receiver.events))
+
+
+class _Collect(Protocol):
+    def __init__(self):
+        self.data = b""
+        self.got = Deferred()
+
+    def dataReceived(self, data):
+        self.data += data
+        if not self.got.called and len(self.data) >= self.factory.expect:
+            self.got.callback(self.data)
+
+
+class WriteNowTests(unittest.TestCase):
+    """
+    L{writeNow} on real loopback connections: sent at once when nothing
+    waits, and in order behind what does.
+    """
+
+    timeout = 10
+
+    @inlineCallbacks
+    def connected(self, expect):
+        server = Factory.forProtocol(_Collect)
+        server.expect = expect
+        accepted = []
+        build = server.buildProtocol
+
+        def buildProtocol(addr):
+            protocol = build(addr)
+            protocol.factory = server
+            accepted.append(protocol)
+            return protocol
+
+        server.buildProtocol = buildProtocol
+        port = reactor.listenTCP(0, server, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        client = yield endpoint.connect(Factory.forProtocol(Protocol))
+        self.addCleanup(client.transport.abortConnection)
+        while not accepted:
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.addCleanup(accepted[0].transport.abortConnection)
+        return client.transport, accepted[0]
+
+    def test_twistedNames(self):
+        """
+        The TCP connection class writeNow recognises, and its method that
+        sends at once (the attributes it reads are those test_sentAtOnce
+        reads on a real connection).
+        """
+        from twisted.internet import tcp
+
+        self.assertIs(_TCP_CLIENT, tcp.Client)
+        self.assertTrue(callable(getattr(tcp.Client, "writeSomeData", None)))
+
+    @inlineCallbacks
+    def test_sentAtOnce(self):
+        transport, server = yield self.connected(5)
+        self.assertEqual((transport.dataBuffer, transport._tempDataBuffer), (b"", []))
+        self.assertFalse(transport.TLS)
+        writeNow(transport, b"hello")
+        self.assertEqual(transport._tempDataBuffer, [], "buffered, not sent")
+        self.assertEqual((yield server.got), b"hello")
+
+    @inlineCallbacks
+    def test_inOrderBehindBuffered(self):
+        transport, server = yield self.connected(10)
+        transport.write(b"first")
+        writeNow(transport, b"after")
+        self.assertEqual(transport._tempDataBuffer, [b"first", b"after"])
+        self.assertEqual((yield server.got), b"firstafter")
+
+    def test_otherTransports(self):
+        transport = StringTransport()
+        writeNow(transport, b"data")
+        self.assertEqual(transport.value(), b"data")
+
+
+def _referenceParseHead(head):
+    """
+    The response head parser as it was written first, line by line: the
+    one-pass parser must agree with it on every head.
+    """
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2:
+        raise ValueError("malformed status line")
+    version, code = parts[0], parts[1]
+    reason = parts[2] if len(parts) == 3 else b""
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise ValueError("unsupported HTTP version")
+    if len(code) != 3 or not code.isdigit() or code[0:1] == b"0":
+        raise ValueError("malformed status code")
+    if any((c < 0x20 and c != 0x09) or c == 0x7F for c in reason):
+        raise ValueError("malformed reason phrase")
+    headers = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or not frozenset(
+            b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+        ).issuperset(name):
+            raise ValueError("malformed header line")
+        value = value.strip(b" \t")
+        if b"\n" in value or b"\x00" in value or b"\r" in value:
+            raise ValueError("malformed header value")
+        headers.append((name, value))
+    return version, int(code), reason, headers
+
+
+def _outcome(parse, head):
+    try:
+        version, code, reason, headers = parse(head)
+    except ValueError as e:
+        return ("refused", str(e))
+    return (version, code, reason, [tuple(h) for h in headers])
+
+
+class ParseHeadTests(unittest.SynchronousTestCase):
+    def test_agreesWithReference(self):
+        heads = [
+            b"HTTP/1.1 200 OK",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: keep-alive",
+            b"HTTP/1.0 204 \r\nA:\r\nB: \t \r\nC:x \t",
+            b"HTTP/1.1 200 OK\r\nBad Name: x",
+            b"HTTP/1.1 200 OK\r\n folded: x",
+            b"HTTP/1.1 200 OK\r\nA: x\ry",
+            b"HTTP/1.1 200 OK\r\nA: x\ny",
+            b"HTTP/1.1 200 OK\r\nA: x\x00y",
+            b"HTTP/1.1 200 OK\r\nA\x00: x",
+            b"HTTP/1.1 200 OK\r\nA: x\r\n",
+            b"HTTP/1.1 200 OK\r\n\r\nA: x",
+            b"HTTP/1.1 200 O\rK\r\nA: x",
+            b"HTTP/1.1 200 OK\r\nA: \x01\x0bv\x0b",
+            b"HTTP/1.1 200 OK\r\nA: x\r\nB",
+            b"HTTP/1.1 200 OK\r\n:x",
+        ]
+        for head in heads:
+            self.assertEqual(
+                _outcome(_parseHead, head), _outcome(_referenceParseHead, head), head
+            )
+
+    def test_agreesOnAnyHead(self):
+        """
+        Heads made of the pieces that matter to a parser, at random (from a
+        fixed seed): both parsers give the same headers, or refuse for the
+        same reason.
+        """
+        rng = random.Random(1515)
+        pieces = [b"A", b"b-c", b":", b": ", b" ", b"\t", b"x", b"\r", b"\n", b"\x00",
+                  b"\x7f", b"\x0b", b"\r\n", b"\r\n", b"\r\nX-Y: z"]
+        for _ in range(3000):
+            head = b"HTTP/1.1 200 OK\r\n" + b"".join(
+                rng.choice(pieces) for _ in range(rng.randrange(0, 20))
+            )
+            self.assertEqual(
+                _outcome(_parseHead, head), _outcome(_referenceParseHead, head), head
+            )

@@ -1,87 +1,139 @@
 """
-Tests for L{rrbalancer.health}: the checks run against in-memory backends
-(L{treq.testing.StubTreq}) on a L{Clock}, so that no test waits for time.
+Tests for L{rrbalancer.health}: checks over in-memory connections
+(L{BackendConnection}s on L{StringTransport}s) on a L{Clock}, so that no
+test waits for time, and one real-socket test per outcome.
 """
 
-from twisted.internet import error, reactor
-from twisted.internet.defer import Deferred, fail, inlineCallbacks
-from twisted.internet.protocol import Factory
+from itertools import cycle
+from random import Random
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import (
+    ConnectingCancelledError,
+    ConnectionDone,
+    ConnectionLost,
+    ConnectionRefusedError,
+)
 from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
+from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web._newclient import ResponseNeverReceived
-from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
-
-from treq.client import HTTPClient
-from treq.testing import StubTreq
 
 from rrbalancer.backends import DISABLED, DOWN, DRAINING, UP, BackendGroup
+from rrbalancer.client import ConnectionPool, connectorFor
 from rrbalancer.config import BackendConfig, HealthConfig
 from rrbalancer.health import USER_AGENT, HealthChecker, describeFailure
+from rrbalancer.lag import LagMonitor
+
+from .support import Net, ScriptedBackend, ok, reply
 
 
-class ScriptedBackend(Resource):
+def response(code: int, body: bytes = b"fine\n", extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n%s\r\n%s" % (
+        code,
+        len(body),
+        extra,
+        body,
+    )
+
+
+class MemoryServer:
     """
-    A backend whose health endpoint answers with C{self.code}, or (with
-    C{hang}) never answers until the test finishes the request.
+    Backends in memory: each connection attempt (to any backend) gives a
+    L{BackendConnection} on a L{StringTransport}, or is refused or left
+    hanging; L{flush} answers the requests sent since with C{answer}.
+
+    @ivar answer: the response bytes, or None to leave requests unanswered.
     """
 
-    isLeaf = True
-
-    def __init__(self, code: int = 200, hang: bool = False) -> None:
-        Resource.__init__(self)
-        self.code = code
-        self.hang = hang
-        self.requests = []
+    def __init__(self, clock: Clock, answer: bytes = None) -> None:
+        self.clock = clock
+        self.answer = response(200) if answer is None else answer
+        self.refuse = False
+        self.hang = False
+        self.connections = []  # (protocol, transport)
+        self.attempts = []  # (url, when)
         self.hanging = []
+        self.requests = []  # (url, bytes)
+        self._answered = {}
+        self._pools = {}
 
-    def render(self, request):
-        self.requests.append(request)
+    def poolFor(self, backend):
+        pool = self._pools.get(backend)
+        if pool is None:
+            pool = self._pools[backend] = ConnectionPool(
+                lambda pool: self._connect(backend, pool), self.clock, maxIdle=4
+            )
+        return pool
+
+    def _connect(self, backend, pool):
+        self.attempts.append((backend.url, self.clock.seconds()))
+        if self.refuse:
+            return fail(ConnectionRefusedError("111: Connection refused"))
         if self.hang:
-            self.hanging.append(request)
-            return NOT_DONE_YET
-        request.setResponseCode(self.code)
-        if 300 <= self.code < 400:
-            request.setHeader(b"location", b"/elsewhere")
-        return b"status %d\n" % (self.code,)
+            d = Deferred(lambda d: d.errback(ConnectingCancelledError(backend.url)))
+            self.hanging.append(d)
+            return d
+        protocol = pool.buildProtocol()
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.url = backend.url
+        self.connections.append((protocol, transport))
+        return succeed(protocol)
+
+    def flush(self) -> None:
+        """
+        Answer every request written since the last flush.
+        """
+        for protocol, transport in list(self.connections):
+            data = transport.value()
+            seen = self._answered.get(id(transport), 0)
+            new = data[seen:]
+            self._answered[id(transport)] = len(data)
+            while new:
+                end = new.index(b"\r\n\r\n") + 4
+                self.requests.append((protocol.url, new[:end]))
+                new = new[end:]
+                if self.answer is not None and not transport.disconnecting:
+                    protocol.dataReceived(self.answer)
+
+    def close(self, index: int, reason=ConnectionDone) -> None:
+        protocol, transport = self.connections[index]
+        protocol.connectionLost(Failure(reason()))
 
 
-class RecordingHTTP:
-    """
-    An http client whose C{get} is scripted by the test: each call records
-    its arguments and returns what C{answer} gives (or raises it).
-    """
-
-    def __init__(self, answer) -> None:
-        self.answer = answer
-        self.calls = []
-
-    def get(self, url, **kwargs):
-        self.calls.append((url, kwargs))
-        return self.answer()
-
-
-def makeChecker(http, health=None, urls=("http://127.0.0.1:8081",)):
+def makeChecker(
+    health=None,
+    urls=("http://127.0.0.1:8081",),
+    answer=None,
+    jitter=0.0,
+    random=lambda: 0.5,
+):
     health = health or HealthConfig(interval=2.0, timeout=1.0, rise=2, fall=3)
     clock = Clock()
     group = BackendGroup(health, clock)
+    server = MemoryServer(clock, answer)
     backends = [group.add(BackendConfig(url=url)) for url in urls]
-    checker = HealthChecker(group, http, clock, health)
-    return checker, group, backends, clock
+    checker = HealthChecker(
+        group, server.poolFor, clock, health, jitter=jitter, random=random
+    )
+    return checker, group, backends, clock, server
 
 
-def results(d):
+def step(clock: Clock, seconds: float, server: MemoryServer = None, by: float = 0.05):
     """
-    The result a Deferred has already fired with.
+    Move time on in small steps (a jump would read as a late event loop),
+    answering requests as they come.
     """
-    out = []
-    d.addBoth(out.append)
-    assert out, "the check has not finished"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
+    start = clock.seconds()
+    for i in range(1, round(seconds / by) + 1):
+        # Land on round times, for checks due at round times to run then.
+        clock.advance(round(start + i * by, 9) - clock.seconds())
+        if server is not None:
+            server.flush()
 
 
 class CheckTests(SynchronousTestCase):
@@ -89,170 +141,197 @@ class CheckTests(SynchronousTestCase):
     One check: what passes, what fails, and why.
     """
 
-    def check(self, backendResource, health=None):
-        stub = StubTreq(backendResource)
-        checker, group, [backend], clock = makeChecker(stub, health)
+    def check(self, answer, health=None):
+        checker, group, [backend], clock, server = makeChecker(health, answer=answer)
         d = checker.check(backend)
-        stub.flush()
-        return results(d), backend
+        server.flush()
+        return self.successResultOf(d), backend, server
 
     def test_2xxPasses(self):
         for code in (200, 204, 299):
-            ok, backend = self.check(ScriptedBackend(code))
-            self.assertIs(ok, True, code)
+            ok_, backend, server = self.check(response(code, b"" if code == 204 else b"x"))
+            self.assertIs(ok_, True, code)
             self.assertEqual(backend._passes, 1)
             self.assertIsNone(backend.lastError)
 
     def test_3xxPasses(self):
         """
-        A 3xx passes as it is: its Location is not followed (it may name
-        another server entirely).
+        A 3xx passes as it is: its Location is not followed.
         """
         for code in (301, 302, 304, 307, 399):
-            resource = ScriptedBackend(code)
-            ok, backend = self.check(resource)
-            self.assertIs(ok, True, code)
-            self.assertEqual(len(resource.requests), 1, "redirect followed")
-            self.assertEqual(backend._passes, 1)
+            answer = response(code, b"" if code == 304 else b"moved", b"Location: /x\r\n")
+            ok_, backend, server = self.check(answer)
+            self.assertIs(ok_, True, code)
+            self.assertEqual(len(server.requests), 1, "redirect followed")
 
     def test_5xxFails(self):
-        ok, backend = self.check(ScriptedBackend(503))
-        self.assertIs(ok, False)
+        ok_, backend, _ = self.check(response(503))
+        self.assertIs(ok_, False)
         self.assertEqual(backend.lastError, "HTTP 503")
         self.assertEqual(backend._fails, 1)
 
     def test_4xxFails(self):
-        ok, backend = self.check(ScriptedBackend(404))
-        self.assertIs(ok, False)
+        ok_, backend, _ = self.check(response(404))
+        self.assertIs(ok_, False)
         self.assertEqual(backend.lastError, "HTTP 404")
 
-    def test_hitsBackendURLPlusPath(self):
+    def test_request(self):
         """
-        The check is a GET of the backend's URL plus the configured path,
-        with the checker's User-Agent.
+        A check is a GET of the configured path, HTTP/1.1, with the
+        backend's address as Host and the checker's User-Agent.
         """
-        resource = ScriptedBackend(200)
-        health = HealthConfig(path="/healthz?full=1", timeout=1.0)
-        self.check(resource, health)
-        [request] = resource.requests
-        self.assertEqual(request.method, b"GET")
-        self.assertEqual(request.uri, b"/healthz?full=1")
-        self.assertEqual(request.getHeader(b"host"), b"127.0.0.1:8081")
-        self.assertEqual(request.getHeader(b"user-agent"), USER_AGENT)
+        _, _, server = self.check(response(200), HealthConfig(path="/healthz?full=1"))
+        [(url, request)] = server.requests
+        self.assertEqual(
+            request,
+            b"GET /healthz?full=1 HTTP/1.1\r\nHost: 127.0.0.1:8081\r\n"
+            b"User-Agent: " + USER_AGENT + b"\r\n\r\n",
+        )
 
-    def test_urlIsExactlyURLPlusPath(self):
-        http = RecordingHTTP(lambda: Deferred())
-        checker, group, [backend], clock = makeChecker(
-            http,
-            HealthConfig(path="/status"),
-            urls=("https://backend.example:8443",),
+    def test_hostOfNamedBackend(self):
+        checker, group, [backend], clock, server = makeChecker(
+            HealthConfig(path="/status"), urls=("https://backend.example:8443",)
         )
         checker.check(backend)
-        [(url, kwargs)] = http.calls
-        self.assertEqual(url, "https://backend.example:8443/status")
-        self.assertEqual(kwargs["headers"], {b"User-Agent": [USER_AGENT]})
-        self.assertIs(kwargs["allow_redirects"], False)
+        server.flush()
+        [(url, request)] = server.requests
+        self.assertTrue(request.startswith(b"GET /status HTTP/1.1\r\nHost: backend.example:8443\r\n"))
+
+    def test_connectionKeptForTheNextCheck(self):
+        """
+        A check leaves its connection in the backend's pool, and the next
+        check (or request) uses it.
+        """
+        checker, group, [backend], clock, server = makeChecker()
+        for _ in range(3):
+            d = checker.check(backend)
+            server.flush()
+            self.assertIs(self.successResultOf(d), True)
+        self.assertEqual(len(server.attempts), 1)
+        self.assertEqual(len(server.requests), 3)
+        self.assertEqual(server.poolFor(backend).idleCount, 1)
+
+    def test_connectionClosedWhenTheBackendSaysSo(self):
+        checker, group, [backend], clock, server = makeChecker(
+            answer=response(200, extra=b"Connection: close\r\n")
+        )
+        for _ in range(2):
+            d = checker.check(backend)
+            server.flush()
+            self.assertIs(self.successResultOf(d), True)
+        self.assertEqual(len(server.attempts), 2)
+        self.assertTrue(server.connections[0][1].disconnecting)
+        self.assertEqual(server.poolFor(backend).idleCount, 0)
 
     def test_timeout(self):
         """
         A backend that never answers fails the check once the timeout has
-        passed, not before, with a reason that says so.
+        passed, not before, and its connection is closed.
         """
-        resource = ScriptedBackend(hang=True)
-        stub = StubTreq(resource)
-        checker, group, [backend], clock = makeChecker(stub)
+        checker, group, [backend], clock, server = makeChecker()
+        server.answer = None
         d = checker.check(backend)
-        stub.flush()
-        self.assertEqual(len(resource.hanging), 1)
+        server.flush()
+        step(clock, 0.95)
         self.assertNoResult(d)
-        clock.advance(0.999)
-        self.assertNoResult(d)
-        clock.advance(0.001)
+        step(clock, 0.05)
         self.assertIs(self.successResultOf(d), False)
         self.assertEqual(backend.lastError, "no answer within 1s")
-        stub.flush()
-        # The server saw its client go away.
-        self.assertTrue(resource.hanging[0]._disconnected)
+        self.assertTrue(server.connections[0][1].disconnecting)
+        self.assertEqual(checker._pending, set())
 
     def test_timeoutReasonUsesConfiguredTimeout(self):
-        http = RecordingHTTP(lambda: Deferred())
-        checker, group, [backend], clock = makeChecker(
-            http, HealthConfig(timeout=2.5)
-        )
+        checker, group, [backend], clock, server = makeChecker(HealthConfig(timeout=2.5))
+        server.answer = None
         d = checker.check(backend)
-        clock.advance(2.5)
+        step(clock, 2.5)
         self.assertIs(self.successResultOf(d), False)
         self.assertEqual(backend.lastError, "no answer within 2.5s")
 
     def test_timeoutWhileReadingBody(self):
         """
-        The timeout covers the body too: a backend that sends its head and
-        then stalls fails the check.
+        The timeout covers the body too, as one deadline: a backend that
+        sends its head and then trickles or stalls fails the check.
         """
-
-        class Stalling(Resource):
-            isLeaf = True
-
-            def render(self, request):
-                request.setHeader(b"content-length", b"100")
-                request.write(b"partial")
-                return NOT_DONE_YET
-
-        stub = StubTreq(Stalling())
-        checker, group, [backend], clock = makeChecker(stub)
+        checker, group, [backend], clock, server = makeChecker()
+        server.answer = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial"
         d = checker.check(backend)
-        stub.flush()
+        server.flush()
+        step(clock, 0.5)
+        server.connections[0][0].dataReceived(b"more")
+        step(clock, 0.45)
         self.assertNoResult(d)
-        clock.advance(1.0)
+        step(clock, 0.05)
         self.assertIs(self.successResultOf(d), False)
         self.assertEqual(backend.lastError, "no answer within 1s")
+        self.assertTrue(server.connections[0][1].disconnecting)
 
-    def test_connectTimeoutReason(self):
+    def test_connectTimeout(self):
         """
-        The client's own connection timeout reads like the check's.
+        A connection attempt that does not succeed within the timeout is
+        given up, and reads as a timeout.
         """
-        http = RecordingHTTP(lambda: fail(error.TimeoutError()))
-        checker, group, [backend], clock = makeChecker(http)
-        self.assertIs(self.successResultOf(checker.check(backend)), False)
+        checker, group, [backend], clock, server = makeChecker()
+        server.hang = True
+        d = checker.check(backend)
+        step(clock, 0.95)
+        self.assertNoResult(d)
+        step(clock, 0.05)
+        self.assertIs(self.successResultOf(d), False)
         self.assertEqual(backend.lastError, "no answer within 1s")
-
-    def test_cancelledConnectionAttemptReason(self):
-        """
-        The timeout cancelling a connection attempt reads as a timeout, not
-        as the address the attempt was for.
-        """
-        from twisted.internet.address import HostnameAddress
-
-        http = RecordingHTTP(
-            lambda: fail(error.ConnectingCancelledError(HostnameAddress(b"backend", 80)))
-        )
-        checker, group, [backend], clock = makeChecker(http)
-        self.assertIs(self.successResultOf(checker.check(backend)), False)
-        self.assertEqual(backend.lastError, "no answer within 1s")
+        self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_connectionRefused(self):
-        http = RecordingHTTP(
-            lambda: fail(error.ConnectionRefusedError("111: Connection refused"))
-        )
-        checker, group, [backend], clock = makeChecker(http)
+        checker, group, [backend], clock, server = makeChecker()
+        server.refuse = True
         self.assertIs(self.successResultOf(checker.check(backend)), False)
         self.assertIn("Connection refused", backend.lastError)
         self.assertNotIn("\n", backend.lastError)
+        self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_connectionLostBeforeResponse(self):
+        checker, group, [backend], clock, server = makeChecker()
+        d = checker.check(backend)
+        server.close(0, ConnectionLost)
+        self.assertIs(self.successResultOf(d), False)
+        self.assertIn("closed the connection", backend.lastError)
+
+    def test_badResponse(self):
+        ok_, backend, _ = self.check(b"HTTP/1.1 2x0 OK\r\n\r\n")
+        self.assertIs(ok_, False)
+        self.assertEqual(backend.lastError, "invalid response: malformed status code")
+
+    def test_keptConnectionClosedMeanwhile(self):
         """
-        Agent wraps the cause of a lost request in L{ResponseNeverReceived};
-        the reason names the cause.
+        A kept connection that the backend closed just as the check was
+        sent says nothing about the backend: the check asks again once, on
+        a new connection.
         """
-        http = RecordingHTTP(
-            lambda: fail(
-                ResponseNeverReceived([Failure(error.ConnectionLost("reset by peer"))])
-            )
-        )
-        checker, group, [backend], clock = makeChecker(http)
-        self.assertIs(self.successResultOf(checker.check(backend)), False)
-        self.assertIn("reset by peer", backend.lastError)
-        self.assertNotIn("ResponseNeverReceived", backend.lastError)
+        checker, group, [backend], clock, server = makeChecker()
+        d = checker.check(backend)
+        server.flush()
+        self.assertIs(self.successResultOf(d), True)
+        d = checker.check(backend)
+        server.close(0, ConnectionDone)
+        self.assertNoResult(d)
+        server.flush()
+        self.assertIs(self.successResultOf(d), True)
+        self.assertEqual(len(server.attempts), 2)
+        self.assertEqual(backend._fails, 0)
+
+    def test_freshConnectionClosedFails(self):
+        """
+        The same on the new connection fails the check: once is enough.
+        """
+        checker, group, [backend], clock, server = makeChecker()
+        d = checker.check(backend)
+        server.flush()
+        self.successResultOf(d)
+        d = checker.check(backend)
+        server.close(0)
+        server.close(1)
+        self.assertIs(self.successResultOf(d), False)
+        self.assertIn("closed the connection", backend.lastError)
 
     def test_reasonNamesTypeWithoutMessage(self):
         class Odd(Exception):
@@ -260,319 +339,489 @@ class CheckTests(SynchronousTestCase):
 
         self.assertEqual(describeFailure(Failure(Odd()), 1.0), "Odd")
 
+    def test_poolRaises(self):
+        """
+        A pool that raises instead of connecting fails that check, without
+        leaving it pending.
+        """
+        checker, group, [backend], clock, server = makeChecker()
+
+        def broken(backend):
+            raise RuntimeError("pool exploded")
+
+        checker._poolFor = broken
+        self.assertIs(self.successResultOf(checker.check(backend)), False)
+        self.assertEqual(backend.lastError, "pool exploded")
+        self.assertEqual(checker._pending, set())
+
     def test_backendRemovedDuringCheck(self):
         """
         A check that ends after its backend left the group changes nothing.
         """
-        pending = Deferred()
-        http = RecordingHTTP(lambda: pending)
-        checker, group, [backend], clock = makeChecker(http)
+        checker, group, [backend], clock, server = makeChecker()
+        server.answer = response(500)
         d = checker.check(backend)
         group.remove(backend)
-        pending.errback(error.ConnectionRefusedError())
+        server.flush()
         self.assertIs(self.successResultOf(d), False)
         self.assertIsNone(backend.lastCheck)
         self.assertEqual(backend._fails, 0)
 
 
-class RealClientTests(TestCase):
+class LateLoopTests(SynchronousTestCase):
     """
-    The checker with a real treq client, against a closed port on loopback.
-    """
-
-    timeout = 10
-
-    @inlineCallbacks
-    def test_connectionRefused(self):
-        port = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
-        number = port.getHost().port
-        yield port.stopListening()
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        http = HTTPClient(Agent(reactor, pool=pool, connectTimeout=5))
-        checker, group, [backend], clock = makeChecker(
-            http, urls=(f"http://127.0.0.1:{number}",)
-        )
-        ok = yield checker.check(backend)
-        self.assertIs(ok, False)
-        self.assertIn("refused", backend.lastError.lower())
-        self.assertEqual(checker._pending, {})
-
-
-class StallingBody(Resource):
-    """
-    Sends its head and part of its body, then never ends.
-    """
-
-    isLeaf = True
-
-    def __init__(self):
-        Resource.__init__(self)
-        self.lost = Deferred()
-
-    def render_GET(self, request):
-        request.setHeader(b"content-length", b"100")
-        request.write(b"partial")
-        request.notifyFinish().addBoth(lambda _: self.lost.callback(None))
-        return NOT_DONE_YET
-
-
-class StalledBodyTests(TestCase):
-    timeout = 10
-
-    @inlineCallbacks
-    def test_connectionClosedAtTimeout(self):
-        """
-        A check whose body stalls fails at the timeout and closes its
-        connection, rather than leave one open per check to a backend that
-        never finishes.
-        """
-        backend = StallingBody()
-        site = Site(backend)
-        site.log = lambda request: None
-        port = reactor.listenTCP(0, site, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        heads = []
-
-        class Watching:
-            def get(self, *args, **kwargs):
-                return http.get(*args, **kwargs).addCallback(
-                    lambda response: heads.append(response) or response
-                )
-
-        http = HTTPClient(Agent(reactor, pool=pool, connectTimeout=5))
-        checker, group, [checked], clock = makeChecker(
-            Watching(), urls=(f"http://127.0.0.1:{port.getHost().port}",)
-        )
-        d = checker.check(checked)
-        for _ in range(500):
-            if heads:
-                break
-            yield deferLater(reactor, 0.01, lambda: None)
-        self.assertTrue(heads, "no response head arrived")
-        clock.advance(1.0)
-        self.assertIs((yield d), False)
-        self.assertIn("no answer within 1s", checked.lastError)
-        yield backend.lost
-
-
-class RiseFallTests(SynchronousTestCase):
-    """
-    The checks, run by the loop, move a backend down after C{fall} failures
-    and up after C{rise} passes.
+    A timeout that the balancer's own lateness may have caused is not held
+    against the backend.
     """
 
     def setUp(self):
-        self.resource = ScriptedBackend(200)
-        self.stub = StubTreq(self.resource)
-        self.health = HealthConfig(interval=2.0, timeout=1.0, rise=2, fall=3)
-        self.checker, self.group, [self.backend], self.clock = makeChecker(
-            self.stub, self.health
+        self.checker, self.group, [self.backend], self.clock, self.server = makeChecker()
+        self.server.answer = None
+        self.logged = []
+        self.checker.log = Logger(observer=self.logged.append)
+
+    def test_lateTimeoutGetsAnotherTimeout(self):
+        """
+        The timeout's timer fired more than half the timeout late: the
+        exchange goes on, on the same connection, for one more timeout, and
+        an answer within it counts.
+        """
+        d = self.checker.check(self.backend)
+        self.clock.advance(1.6)
+        self.assertNoResult(d)
+        [(protocol, transport)] = self.server.connections
+        self.assertFalse(transport.disconnecting)
+        step(self.clock, 0.9)
+        protocol.dataReceived(response(200))
+        self.assertIs(self.successResultOf(d), True)
+        self.assertEqual(len(self.server.connections), 1)
+        self.assertEqual(self.checker.lateChecks, 0)
+
+    def test_lateTwiceNotCounted(self):
+        d = self.checker.check(self.backend)
+        self.clock.advance(1.6)
+        self.clock.advance(1.6)
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.backend._fails, 0)
+        self.assertEqual(self.backend.checksFailed, 0)
+        self.assertIsNone(self.backend.lastError)
+        self.assertEqual(self.checker.lateChecks, 1)
+        self.assertEqual(self.checker._pending, set())
+        self.assertTrue(self.server.connections[0][1].disconnecting)
+        [event] = self.logged
+        self.assertIn("1 health checks timed out twice", formatEvent(event))
+
+    def test_lateLoggedOncePerMinute(self):
+        for _ in range(3):
+            d = self.checker.check(self.backend)
+            self.clock.advance(1.6)
+            self.clock.advance(1.6)
+            self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(len(self.logged), 1)
+        step(self.clock, 60.0, by=1.0)
+        d = self.checker.check(self.backend)
+        self.clock.advance(1.6)
+        self.clock.advance(1.6)
+        self.assertEqual(self.checker.lateChecks, 4)
+        self.assertEqual(len(self.logged), 2)
+        self.assertIn("3 health checks", formatEvent(self.logged[1]))
+
+    def test_lateThenTimedOutCounted(self):
+        """
+        Late once, then on time at the second deadline: a failure.
+        """
+        d = self.checker.check(self.backend)
+        self.clock.advance(1.6)
+        step(self.clock, 1.0)
+        self.assertIs(self.successResultOf(d), False)
+        self.assertEqual(self.backend.lastError, "no answer within 1s")
+
+    def test_lateWhileConnecting(self):
+        self.server.hang = True
+        d = self.checker.check(self.backend)
+        self.clock.advance(1.6)
+        self.assertNoResult(d)
+        self.assertFalse(self.server.hanging[0].called)
+        step(self.clock, 1.0)
+        self.assertIs(self.successResultOf(d), False)
+        self.assertEqual(self.backend.lastError, "no answer within 1s")
+
+    def test_slightlyLateTimeoutCounted(self):
+        d = self.checker.check(self.backend)
+        self.clock.advance(1.4)
+        self.assertIs(self.successResultOf(d), False)
+        self.assertEqual(self.checker.lateChecks, 0)
+
+    def test_loopLateDuringTheCheck(self):
+        """
+        The loop stalled while the check waited (seen by the lag monitor),
+        though the timeout itself fired on time: one more timeout.
+        """
+        monitor = self.checker.lagMonitor
+        monitor.start()
+        self.addCleanup(monitor.stop)
+        d = self.checker.check(self.backend)
+        step(self.clock, 0.2)
+        self.clock.advance(0.7)  # the monitor's 0.25 call runs at 0.9
+        self.assertAlmostEqual(monitor.lag, 0.65)
+        step(self.clock, 0.1)
+        self.assertNoResult(d)
+        step(self.clock, 1.0)
+        self.assertIs(self.successResultOf(d), False)
+
+    def test_smallLagDuringTheCheckCounted(self):
+        monitor = self.checker.lagMonitor
+        monitor.start()
+        self.addCleanup(monitor.stop)
+        d = self.checker.check(self.backend)
+        step(self.clock, 0.2)
+        self.clock.advance(0.4)
+        step(self.clock, 0.4)
+        self.assertIs(self.successResultOf(d), False)
+
+    def test_lateLoopDoesNotHidePromptFailures(self):
+        """
+        Lateness excuses timeouts only: a refusal counts whatever the lag.
+        """
+        self.server.refuse = True
+        d = self.checker.check(self.backend)
+        self.assertIs(self.successResultOf(d), False)
+        self.assertEqual(self.backend._fails, 1)
+
+
+class ScheduleTests(SynchronousTestCase):
+    """
+    When checks run: spread over the interval, once per interval each.
+    """
+
+    def starts(self, server):
+        return [round(when, 6) for url, when in server.attempts]
+
+    def test_firstChecksSpreadOverTheInterval(self):
+        urls = [f"http://127.0.0.1:{8081 + i}" for i in range(4)]
+        checker, group, backends, clock, server = makeChecker(urls=urls)
+        checker.start()
+        self.addCleanup(checker.stop)
+        step(clock, 2.0, server)
+        self.assertEqual(self.starts(server), [0.0, 0.5, 1.0, 1.5])
+        self.assertEqual([u for u, _ in server.attempts], urls)
+        step(clock, 1.9, server)
+        self.assertEqual(len(server.requests), 8)
+        self.assertEqual(
+            sorted(round(when, 6) for _, when in server.attempts), [0.0, 0.5, 1.0, 1.5]
         )
-        self.checker.start()
-        self.addCleanup(self.checker.stop)
-        self.stub.flush()
 
-    def tick(self):
-        self.clock.advance(self.health.interval)
-        self.stub.flush()
-
-    def test_firstCheckAtStart(self):
-        self.assertEqual(len(self.resource.requests), 1)
-        self.assertEqual(self.backend.lastCheck, 0)
-
-    def test_fallThenRise(self):
-        backend = self.backend
-        self.resource.code = 503
-        self.tick()
-        self.tick()
-        self.assertEqual(backend.state, UP, "two failures are not enough")
-        self.assertTrue(backend.available)
-        self.tick()
-        self.assertEqual(backend.state, DOWN)
-        self.assertFalse(backend.available)
-        self.assertEqual(backend.lastChangeReason, "HTTP 503")
-        self.assertEqual(backend.lastChange, 3 * self.health.interval)
-
-        self.tick()
-        self.assertEqual(backend.state, DOWN, "more failures change nothing")
-        self.resource.code = 200
-        self.tick()
-        self.assertEqual(backend.state, DOWN, "one pass is not enough")
-        self.tick()
-        self.assertEqual(backend.state, UP)
-        self.assertEqual(backend.lastChangeReason, "HTTP 200")
-        self.assertEqual(len(self.resource.requests), 7)
-
-    def test_passResetsFailures(self):
-        self.resource.code = 500
-        self.tick()
-        self.tick()
-        self.resource.code = 200
-        self.tick()
-        self.resource.code = 500
-        self.tick()
-        self.tick()
-        self.assertEqual(self.backend.state, UP)
-        self.tick()
-        self.assertEqual(self.backend.state, DOWN)
-
-    def test_failuresByTimeout(self):
+    def test_oncePerIntervalWithJitter(self):
         """
-        Checks that time out count towards C{fall} like any failure.
+        Each next check comes an interval later, give or take the jitter.
         """
-        self.resource.hang = True
-        for i in range(3):
-            self.tick()
-            self.clock.advance(self.health.timeout)
-        self.assertEqual(self.backend.state, DOWN)
-        self.assertEqual(self.backend.lastChangeReason, "no answer within 1s")
+        randoms = cycle([0.0, 0.999999])
+        checker, group, [backend], clock, server = makeChecker(
+            jitter=0.1, random=lambda: next(randoms)
+        )
+        times = []
+        group.get(backend.id).recordCheck = lambda ok, reason: times.append(clock.seconds())
+        checker.start()
+        self.addCleanup(checker.stop)
+        server.flush()
+        step(clock, 7.9, server, by=0.01)
+        self.assertEqual(len(times), 4)
+        gaps = [round(b - a, 2) for a, b in zip(times, times[1:])]
+        self.assertEqual(gaps, [1.8, 2.2, 1.8])
+
+    def test_neverAllAtOnce(self):
+        """
+        A thousand backends checked every second: checks start a few at a
+        time, about ten every 10 ms, from one timer.
+        """
+        health = HealthConfig(interval=1.0, timeout=0.5)
+        urls = [f"http://127.2.{i // 250}.{i % 250 + 2}:9100" for i in range(1000)]
+        checker, group, backends, clock, server = makeChecker(
+            health, urls=urls, jitter=0.05, random=Random(7).random
+        )
+        checker.start()
+        self.addCleanup(checker.stop)
+        perStep = []
+        for _ in range(300):
+            before = len(server.requests)
+            clock.advance(0.01)
+            server.flush()
+            perStep.append(len(server.requests) - before)
+            timers = [c for c in clock.getDelayedCalls() if c.func == checker._wake]
+            self.assertEqual(len(timers), 1)
+        # No check holds a timer of its own: the checker's, the lag
+        # monitor's, and the pools' idle sweeps are all.
+        kinds = {c.func.__name__ for c in clock.getDelayedCalls()}
+        self.assertEqual(kinds, {"_wake", "_tick", "_sweep"})
+        self.assertTrue(2900 <= sum(perStep) <= 3100, sum(perStep))
+        self.assertLessEqual(max(perStep), 50)
+        self.assertEqual(len(server.attempts), 1000, "one connection per backend, kept")
 
     def test_disabledNotChecked(self):
-        self.backend.adminState = DISABLED
-        self.tick()
-        self.tick()
-        self.assertEqual(len(self.resource.requests), 1)
-        self.backend.adminState = UP
-        self.tick()
-        self.assertEqual(len(self.resource.requests), 2)
+        checker, group, [backend], clock, server = makeChecker()
+        checker.start()
+        self.addCleanup(checker.stop)
+        server.flush()
+        backend.adminState = DISABLED
+        step(clock, 4.0, server)
+        self.assertEqual(len(server.requests), 1)
+        backend.adminState = UP
+        step(clock, 2.0, server)
+        self.assertEqual(len(server.requests), 2)
 
     def test_drainingStillChecked(self):
-        self.backend.adminState = DRAINING
-        self.tick()
-        self.assertEqual(len(self.resource.requests), 2)
+        checker, group, [backend], clock, server = makeChecker()
+        checker.start()
+        self.addCleanup(checker.stop)
+        backend.adminState = DRAINING
+        step(clock, 2.0, server)
+        self.assertEqual(len(server.requests), 2)
 
-    def test_stop(self):
-        self.checker.stop()
-        self.assertFalse(self.checker._loop.running)
-        self.tick()
-        self.assertEqual(len(self.resource.requests), 1)
-        self.checker.stop()  # a second stop is harmless
+    def test_fallThenRise(self):
+        health = HealthConfig(interval=2.0, timeout=1.0, rise=2, fall=3)
+        checker, group, [backend], clock, server = makeChecker(health)
+        checker.start()
+        self.addCleanup(checker.stop)
+        server.flush()
+        server.answer = response(503)
+        step(clock, 4.0, server)
+        self.assertEqual(backend.state, UP, "two failures are not enough")
+        step(clock, 2.0, server)
+        self.assertEqual(backend.state, DOWN)
+        self.assertEqual(backend.lastChangeReason, "HTTP 503")
+        self.assertAlmostEqual(backend.lastChange, 6.0)
+        server.answer = response(200)
+        step(clock, 2.0, server)
+        self.assertEqual(backend.state, DOWN, "one pass is not enough")
+        step(clock, 2.0, server)
+        self.assertEqual(backend.state, UP)
+        self.assertEqual(len(server.requests), 6)
 
-
-class LoopTests(SynchronousTestCase):
-    """
-    The loop itself: one check at a time per backend, and it never dies.
-    """
+    def test_failuresByTimeout(self):
+        health = HealthConfig(interval=2.0, timeout=1.0, rise=2, fall=3)
+        checker, group, [backend], clock, server = makeChecker(health)
+        server.answer = None
+        checker.start()
+        self.addCleanup(checker.stop)
+        step(clock, 5.0, server)
+        self.assertEqual(backend.state, DOWN)
+        self.assertEqual(backend.lastChangeReason, "no answer within 1s")
+        self.assertEqual(checker.lateChecks, 0)
 
     def test_pendingCheckNotStartedTwice(self):
         """
         With a timeout longer than the interval, a check still waiting for
         its answer is not started again; once it ends, checks go on.
         """
-        resource = ScriptedBackend(hang=True)
-        stub = StubTreq(resource)
         health = HealthConfig(interval=1.0, timeout=5.0, rise=1, fall=1)
-        checker, group, [backend, other], clock = makeChecker(
-            stub, health, urls=("http://127.0.0.1:8081", "http://127.0.0.1:8082")
-        )
+        checker, group, [backend], clock, server = makeChecker(health)
+        server.answer = None
         checker.start()
         self.addCleanup(checker.stop)
-        stub.flush()
-        self.assertEqual(len(resource.requests), 2)
-        for i in range(4):
-            clock.advance(1.0)
-            stub.flush()
-        self.assertEqual(len(resource.requests), 2, "no second check while one is pending")
-        clock.advance(1.0)  # t=5: both checks time out, and new ones start
-        stub.flush()
+        step(clock, 4.5, server)
+        self.assertEqual(len(server.requests), 1)
+        step(clock, 1.0, server)  # t=5: the check times out, the next starts
         self.assertEqual(backend.state, DOWN)
-        self.assertEqual(other.state, DOWN)
-        self.assertEqual(len(resource.requests), 4)
+        self.assertEqual(len(server.requests), 2)
+
+    def test_addedBackendScheduled(self):
+        """
+        A backend added at run time is checked within an interval, and
+        from then on once per interval; a removed one no more.
+        """
+        checker, group, [first], clock, server = makeChecker()
+        checker.start()
+        self.addCleanup(checker.stop)
+        step(clock, 0.5, server)
+        added = group.add(BackendConfig(url="http://127.0.0.1:9999"))
+        step(clock, 1.0, server)  # random() is 0.5: due at 0.5 + 1.0
+        self.assertEqual([u for u, _ in server.requests], [first.url, added.url])
+        step(clock, 4.0, server)
+        self.assertEqual([u for u, _ in server.requests].count(added.url), 3)
+        group.remove(added)
+        step(clock, 4.0, server)
+        self.assertEqual([u for u, _ in server.requests].count(added.url), 3)
+        self.assertEqual(len(checker._schedule), 1)
+
+    def test_lateLoopSkipsMissedChecks(self):
+        """
+        A loop late by several intervals checks each backend once, not
+        once per missed interval, and keeps its phase.
+        """
+        urls = ["http://127.0.0.1:8081", "http://127.0.0.1:8082"]
+        checker, group, backends, clock, server = makeChecker(urls=urls)
+        checker.start()
+        self.addCleanup(checker.stop)
+        server.flush()
+        clock.advance(10.2)
+        server.flush()
+        self.assertEqual(len(server.requests), 3)
+        self.assertEqual(sorted(entry[0] for entry in checker._schedule), [11.0, 12.0])
+
+    def test_poolErrorsKeepTheScheduleGoing(self):
+        health = HealthConfig(interval=1.0, timeout=0.5, rise=1, fall=2)
+        urls = ["http://127.0.0.1:8081", "http://127.0.0.1:8082"]
+        checker, group, [bad, good], clock, server = makeChecker(health, urls=urls)
+        poolFor = checker._poolFor
+
+        def sometimesBroken(backend):
+            if backend is bad:
+                raise RuntimeError("pool exploded")
+            return poolFor(backend)
+
+        checker._poolFor = sometimesBroken
+        checker.start()
+        self.addCleanup(checker.stop)
+        step(clock, 3.0, server)
+        self.assertEqual(bad.state, DOWN)
+        self.assertEqual(bad.lastError, "pool exploded")
+        self.assertEqual(good.state, UP)
+        self.assertEqual(len(server.requests), 3)
+
+    def test_stop(self):
+        checker, group, [backend], clock, server = makeChecker()
+        checker.start()
+        self.assertTrue(checker.running)
+        self.assertTrue(checker.lagMonitor.running)
+        checker.stop()
+        self.assertFalse(checker.running)
+        self.assertFalse(checker.lagMonitor.running)
+        step(clock, 4.0, server)
+        self.assertEqual(len(server.requests), 1)
+
+        def timers():
+            return [c for c in clock.getDelayedCalls() if c.func != server.poolFor(backend)._sweep]
+
+        self.assertEqual(timers(), [])
+        group.add(BackendConfig(url="http://127.0.0.1:9999"))
+        self.assertEqual(timers(), [])
+        checker.stop()  # a second stop is harmless
+        checker.start()
+        step(clock, 2.0, server)
+        self.assertEqual(len(server.requests), 4)
+        checker.stop()
 
     def test_stopGivesUpChecksUnderWay(self):
         """
-        Stopping cancels the checks waiting for an answer, counts none of
-        them, and leaves no timer behind.
+        Stopping gives up the checks waiting for an answer or a connection,
+        counts none of them, and leaves no timer behind.
         """
-        resource = ScriptedBackend(hang=True)
-        stub = StubTreq(resource)
-        health = HealthConfig(interval=1.0, timeout=5.0, rise=1, fall=1)
-        checker, group, [backend], clock = makeChecker(stub, health)
+        urls = ["http://127.0.0.1:8081", "http://127.0.0.1:8082"]
+        health = HealthConfig(interval=2.0, timeout=1.5)
+        checker, group, [a, b], clock, server = makeChecker(health, urls=urls)
+        server.answer = None
         checker.start()
-        stub.flush()
-        self.assertEqual(len(resource.requests), 1)
+        server.hang = True
+        step(clock, 1.0, server)
+        now = checker.check(a)
+        self.assertEqual(len(server.hanging), 2)
         checker.stop()
-        stub.flush()
-        self.assertEqual(checker._pending, {})
-        self.assertEqual((backend.checksPassed, backend.checksFailed), (0, 0))
-        self.assertEqual(clock.getDelayedCalls(), [])
-
-    def test_pendingClearedAfterAnswer(self):
-        resource = ScriptedBackend(hang=True)
-        stub = StubTreq(resource)
-        health = HealthConfig(interval=1.0, timeout=5.0)
-        checker, group, [backend], clock = makeChecker(stub, health)
-        checker.start()
-        self.addCleanup(checker.stop)
-        stub.flush()
-        clock.advance(1.0)
-        stub.flush()
-        self.assertEqual(len(resource.requests), 1)
-        request = resource.hanging.pop()
-        request.write(b"late but fine")
-        request.finish()
-        stub.flush()
-        self.assertEqual(backend._passes, 1)
-        self.assertEqual(checker._pending, {})
-        resource.hang = False
-        clock.advance(1.0)
-        stub.flush()
-        self.assertEqual(len(resource.requests), 2)
-
-    def test_synchronousRaiseKeepsLoopRunning(self):
-        """
-        An http client that raises instead of returning a Deferred fails
-        that check; checkAll does not raise, the loop keeps running, the
-        other backends are still checked, and the next round checks again.
-        """
-        calls = []
-
-        class Raising:
-            def get(self, url, **kwargs):
-                calls.append(url)
-                if url.startswith("http://127.0.0.1:8081"):
-                    raise RuntimeError("client exploded")
-                return Deferred()
-
-        health = HealthConfig(interval=1.0, timeout=0.5, rise=1, fall=2)
-        checker, group, [bad, good], clock = makeChecker(
-            Raising(),
-            health,
-            urls=("http://127.0.0.1:8081", "http://127.0.0.1:8082"),
-        )
-        checker.start()
-        self.addCleanup(checker.stop)
-        self.assertTrue(checker._loop.running)
-        self.assertEqual(len(calls), 2)
-        self.assertEqual(bad.lastError, "client exploded")
-        self.assertNotIn(bad, checker._pending)
-
-        checker.checkAll()  # direct call: never raises
-        clock.advance(1.0)
-        self.assertTrue(checker._loop.running)
+        self.assertIsNone(self.successResultOf(now))
+        self.assertTrue(server.connections[0][1].disconnecting)
+        self.assertTrue(all(d.called for d in server.hanging))
+        for backend in (a, b):
+            self.assertEqual((backend.checksPassed, backend.checksFailed), (0, 0))
+        self.assertEqual(checker._pending, set())
+        self.assertEqual(checker.lateChecks, 0)
         self.assertEqual(
-            calls.count("http://127.0.0.1:8081/"), 3, "the raising backend is retried"
-        )
-        self.assertEqual(bad.state, DOWN, "a client that cannot check counts as failed")
-
-    def test_errorOutsideCheckDoesNotStopLoop(self):
-        """
-        Even an error that escapes L{HealthChecker.check} itself is logged,
-        not raised.
-        """
-        health = HealthConfig(interval=1.0)
-        checker, group, [backend], clock = makeChecker(
-            RecordingHTTP(lambda: Deferred()), health
+            [c for c in clock.getDelayedCalls() if c.func.__name__ != "_sweep"], []
         )
 
-        def broken(backend):
-            raise ValueError("broken check")
-
-        checker.check = broken
+    def test_sharedLagMonitorLeftRunning(self):
+        clock = Clock()
+        monitor = LagMonitor(clock)
+        monitor.start()
+        group = BackendGroup(HealthConfig(), clock)
+        checker = HealthChecker(group, None, clock, HealthConfig(), lagMonitor=monitor)
         checker.start()
-        self.addCleanup(checker.stop)
+        checker.stop()
+        self.assertTrue(monitor.running)
+        monitor.stop()
+
+    def test_checkAll(self):
+        """
+        checkAll checks every backend not disabled at once, and never
+        raises.
+        """
+        urls = ["http://127.0.0.1:8081", "http://127.0.0.1:8082", "http://127.0.0.1:8083"]
+        checker, group, [a, b, c], clock, server = makeChecker(urls=urls)
+        c.adminState = DISABLED
+        checker.checkAll()
+        server.flush()
+        self.assertEqual([u for u, _ in server.requests], [a.url, b.url])
+        checker.check = lambda backend: 1 / 0
+        checker.checkAll()
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 2)
+
+
+class RealSocketTests(TestCase):
+    """
+    Checks over real connections to loopback backends.
+    """
+
+    timeout = 10
+
+    def checker(self, url, clock=reactor, timeout=1.0):
+        health = HealthConfig(timeout=timeout, fall=1)
+        group = BackendGroup(health, clock)
+        backend = group.add(BackendConfig(url=url))
+        host, port = url.rsplit(":", 1)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", int(port), timeout=5)
+        pool = ConnectionPool(connectorFor(endpoint), clock)
+        self.addCleanup(pool.closeIdle)
+        return HealthChecker(group, lambda backend: pool, clock, health), backend
+
+    @inlineCallbacks
+    def test_pass(self):
+        net = Net(self)
+        server = ScriptedBackend(net, reply(ok()))
+        checker, backend = self.checker(server.url)
+        self.assertIs((yield checker.check(backend)), True)
+        self.assertIs((yield checker.check(backend)), True)
+        self.assertEqual(len(server.connections), 1, "the connection was kept")
+        [request] = server.requests[:1]
+        self.assertEqual(request.requestLine, b"GET / HTTP/1.1")
+        self.assertEqual(request.header(b"user-agent"), [USER_AGENT])
+
+    @inlineCallbacks
+    def test_failStatus(self):
+        net = Net(self)
+        server = ScriptedBackend(net, reply(response(503)))
+        checker, backend = self.checker(server.url)
+        self.assertIs((yield checker.check(backend)), False)
+        self.assertEqual(backend.lastError, "HTTP 503")
+        self.assertEqual(backend.state, DOWN)
+
+    @inlineCallbacks
+    def test_stalledBodyTimesOut(self):
+        """
+        A check whose body stalls fails at the timeout and closes its
+        connection, rather than leave it to a backend that never finishes.
+        """
+        net = Net(self)
+        server = ScriptedBackend(
+            net, reply(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+        )
+        clock = Clock()
+        checker, backend = self.checker(server.url, clock=clock)
+        d = checker.check(backend)
+        pool = checker._poolFor(backend)
+        for _ in range(500):
+            if any(c._responseStarted for c in pool._open):
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        else:
+            self.fail("no response head arrived")
+        self.assertNoResult(d)
         clock.advance(1.0)
-        self.assertTrue(checker._loop.running)
-        errors = self.flushLoggedErrors(ValueError)
-        self.assertEqual(len(errors), 2)
+        self.assertIs((yield d), False)
+        self.assertEqual(backend.lastError, "no answer within 1s")
+        yield server.waitForAllClosed()
+
+    @inlineCallbacks
+    def test_refused(self):
+        net = Net(self)
+        checker, backend = self.checker(f"http://127.0.0.1:{net.refusingPort()}")
+        self.assertIs((yield checker.check(backend)), False)
+        self.assertIn("refused", backend.lastError.lower())
+        self.assertEqual(checker._pending, set())

@@ -1,12 +1,20 @@
 """
-Tests for L{rrbalancer.selection.SmoothWeightedRoundRobin}.
+Tests for L{rrbalancer.selection}: NGINX's smooth weighted round robin,
+and the structures that pick in a time that does not grow with the number
+of candidates.
 """
 
 from collections import Counter
 
 from twisted.trial.unittest import TestCase
 
-from rrbalancer.selection import SmoothWeightedRoundRobin
+from rrbalancer.selection import (
+    SMALL_SET,
+    Candidates,
+    EarliestDeadlineFirst,
+    Rotation,
+    SmoothWeightedRoundRobin,
+)
 
 
 def selector(weights):
@@ -18,6 +26,12 @@ def selector(weights):
 
 
 def picks(s, candidates, n, exclude=()):
+    """
+    C{n} picks as one string; C{candidates} is None for the structures that
+    keep their own.
+    """
+    if candidates is None:
+        return "".join(s.pick(exclude) for _ in range(n))
     return "".join(s.pick(candidates, exclude) for _ in range(n))
 
 
@@ -129,3 +143,240 @@ class SmoothWeightedRoundRobinTests(TestCase):
         s.forget("c")
         weights["c"] = 1
         self.assertEqual(picks(s, "abc", 3), "abc")
+
+
+class CountingExclude(frozenset):
+    """
+    An C{exclude} that counts the membership tests a pick makes: every
+    candidate a pick looks at is tested against it.
+    """
+
+    def __new__(cls, items=()):
+        self = super().__new__(cls, items)
+        self.looks = 0
+        return self
+
+    def __contains__(self, item):
+        self.looks += 1
+        return frozenset.__contains__(self, item)
+
+    def __len__(self):
+        # Counted as non-empty, so that every pick tests its candidates.
+        return max(1, frozenset.__len__(self))
+
+    def __bool__(self):
+        return True
+
+
+class RotationTests(TestCase):
+    def rotation(self, items):
+        r = Rotation()
+        for item in items:
+            r.add(item)
+        return r
+
+    def test_roundRobinInOrderAdded(self):
+        r = self.rotation("abcd")
+        self.assertEqual(picks(r, None, 9), "abcdabcda")
+        self.assertEqual(list(r), list("bcda"))
+
+    def test_empty(self):
+        r = Rotation()
+        self.assertIsNone(r.pick())
+        r.add("a")
+        r.remove("a")
+        self.assertIsNone(r.pick())
+        self.assertEqual(len(r), 0)
+
+    def test_removeKeepsTheTurn(self):
+        """
+        Removing the member whose turn is next hands the turn to the one
+        after it; removing another changes nothing else.
+        """
+        r = self.rotation("abcd")
+        self.assertEqual(picks(r, None, 1), "a")
+        r.remove("b")
+        self.assertEqual(picks(r, None, 3), "cda")
+        r.remove("a")
+        self.assertEqual(picks(r, None, 4), "cdcd")
+        r.remove("nothing")
+
+    def test_addedMemberEndsTheCurrentRound(self):
+        """
+        A member that joins gets its first turn once every member already
+        there has had one more.
+        """
+        r = self.rotation("abc")
+        self.assertEqual(picks(r, None, 1), "a")
+        r.add("x")
+        self.assertEqual(picks(r, None, 8), "bcaxbcax")
+        r.add("x")  # already there: no change
+        self.assertEqual(len(r), 4)
+
+    def test_exclude(self):
+        r = self.rotation("abc")
+        self.assertEqual(picks(r, None, 6, exclude={"b"}), "acacac")
+        self.assertIsNone(r.pick(exclude="abc"))
+        self.assertIsNone(r.pick(exclude="cbaxyz"))
+        self.assertEqual(r.pick(exclude="xyzab"), "c")
+
+    def test_pickLooksAtOneMember(self):
+        """
+        A pick looks at one member however many there are; with C{exclude},
+        at most one more than it names.
+        """
+        r = self.rotation(range(10000))
+        exclude = CountingExclude()
+        for _ in range(100):
+            r.pick(exclude)
+        self.assertEqual(exclude.looks, 100)
+        self.assertEqual(r.pick(), 100)
+        tried = CountingExclude([101, 102, 5000])
+        self.assertEqual(r.pick(tried), 103)
+        self.assertEqual(tried.looks, 3)
+
+
+class EarliestDeadlineFirstTests(TestCase):
+    def edf(self, weights):
+        e = EarliestDeadlineFirst()
+        for item, weight in weights.items():
+            e.add(item, weight)
+        return e
+
+    def test_shares(self):
+        e = self.edf({"a": 5, "b": 1, "c": 1})
+        counts = Counter(picks(e, None, 700))
+        self.assertEqual(counts, Counter({"a": 500, "b": 100, "c": 100}))
+
+    def test_spread(self):
+        """
+        The heavy member's turns are spread among the light ones'.
+        """
+        e = self.edf({"a": 5, "b": 1, "c": 1})
+        self.assertEqual(picks(e, None, 7), "aabcaaa")
+        e = self.edf({"a": 3, "b": 2, "c": 1})
+        self.assertNotIn("aaa", picks(e, None, 60))
+
+    def test_equalWeightsRotate(self):
+        e = self.edf({"a": 2, "b": 2, "c": 2})
+        self.assertEqual(picks(e, None, 9), "abcabcabc")
+
+    def test_exclude(self):
+        e = self.edf({"a": 5, "b": 1, "c": 1})
+        self.assertNotIn("a", picks(e, None, 10, exclude={"a"}))
+        self.assertIsNone(e.pick(exclude="abc"))
+        counts = Counter(picks(e, None, 700))
+        self.assertApproximates(counts["a"], 500, 10)
+
+    def test_removeAndAddBack(self):
+        e = self.edf({"a": 1, "b": 1, "c": 1})
+        e.remove("b")
+        e.remove("b")
+        self.assertEqual(sorted(picks(e, None, 4)), list("aacc"))
+        e.add("b", 1)
+        self.assertEqual(Counter(picks(e, None, 30)), Counter({"a": 10, "b": 10, "c": 10}))
+        self.assertEqual(len(e), 3)
+        self.assertNotIn("z", e)
+
+    def test_weightChange(self):
+        e = self.edf({"a": 1, "b": 1})
+        e.add("a", 3)
+        self.assertEqual(Counter(picks(e, None, 40)), Counter({"a": 30, "b": 10}))
+
+    def test_removedEntriesDoNotPileUp(self):
+        e = self.edf({i: 1 + i % 3 for i in range(100)})
+        for _ in range(50):
+            for i in range(90):
+                e.remove(i)
+            for i in range(90):
+                e.add(i, 2)
+        self.assertLess(len(e._heap), 300)
+        self.assertEqual(len(e), 100)
+
+    def test_pickLooksAtLogarithmicallyManyMembers(self):
+        """
+        A pick looks at only the member it takes (the earliest deadline).
+        """
+        e = self.edf({i: 1 + i % 7 for i in range(10000)})
+        exclude = CountingExclude()
+        for _ in range(1000):
+            e.pick(exclude)
+        self.assertEqual(exclude.looks, 1000)
+
+
+class CandidatesTests(TestCase):
+    def candidates(self, weights):
+        c = Candidates()
+        for item, weight in weights.items():
+            c.add(item, weight)
+        return c
+
+    def test_smallWeightedSetIsNGINXs(self):
+        c = self.candidates({"a": 5, "b": 1, "c": 1})
+        for cycle in range(3):
+            self.assertEqual(picks(c, None, 7), "aabacaa", f"cycle {cycle}")
+
+    def test_order(self):
+        """
+        The order that breaks a small weighted set's ties is C{order}'s.
+        """
+        c = Candidates(order=lambda name: -ord(name))
+        for name in "abc":
+            c.add(name, 1 if name == "a" else 2)
+        self.assertEqual(picks(c, None, 5), "cbacb")
+
+    def test_equalWeightsAtAnySize(self):
+        c = self.candidates({name: 3 for name in "abcd"})
+        self.assertEqual(picks(c, None, 8), "abcdabcd")
+
+    def test_weightChangeSwitchesToWeighted(self):
+        c = self.candidates({"a": 1, "b": 1})
+        self.assertEqual(picks(c, None, 2), "ab")
+        c.add("a", 3)
+        self.assertEqual(c.weightOf("a"), 3)
+        self.assertEqual(Counter(picks(c, None, 40)), Counter({"a": 30, "b": 10}))
+        c.add("a", 1)
+        self.assertEqual(sorted(picks(c, None, 4)), list("aabb"))
+
+    def test_largeWeightedSet(self):
+        weights = {i: 1 + i % 4 for i in range(SMALL_SET * 4)}
+        c = self.candidates(weights)
+        total = sum(weights.values())
+        counts = Counter(c.pick() for _ in range(total * 3))
+        self.assertEqual(counts, Counter({i: w * 3 for i, w in weights.items()}))
+
+    def test_removeAndAdd(self):
+        c = self.candidates({"a": 1, "b": 2, "c": 1})
+        c.remove("b")
+        c.remove("b")
+        self.assertNotIn("b", c)
+        self.assertEqual(len(c), 2)
+        self.assertEqual(sorted(picks(c, None, 4)), list("aacc"))
+        self.assertEqual(sorted(c), ["a", "c"])
+
+    def test_pickCostDoesNotGrow(self):
+        """
+        Whatever the weights, a pick among ten thousand looks at a bounded
+        number of them (NGINX's own loop over every one is kept for sets
+        of at most C{SMALL_SET}).
+        """
+        for weights in ({i: 1 for i in range(10000)}, {i: 1 + i % 5 for i in range(10000)}):
+            c = self.candidates(weights)
+            exclude = CountingExclude()
+            for _ in range(500):
+                c.pick(exclude)
+            self.assertEqual(exclude.looks, 500)
+        small = self.candidates({i: 1 + i % 5 for i in range(SMALL_SET)})
+        exclude = CountingExclude()
+        small.pick(exclude)
+        self.assertEqual(exclude.looks, SMALL_SET)
+
+    def test_oldPickLooksAtEveryCandidate(self):
+        """
+        The counting itself: NGINX's loop, offered every candidate, looks
+        at each of them.
+        """
+        s = SmoothWeightedRoundRobin(lambda item: 1)
+        exclude = CountingExclude()
+        s.pick(range(1000), exclude)
+        self.assertEqual(exclude.looks, 1000)

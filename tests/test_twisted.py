@@ -5,7 +5,7 @@ mean.  When a Twisted release changes one, this fails, naming it, instead
 of the balancer misbehaving at run time.
 """
 
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.http import HTTPChannel
@@ -67,3 +67,17 @@ class PrivateNamesTests(SynchronousTestCase):
         """
         self.assertTrue(issubclass(_twisted.QuietHTTPConnectionPool._factory, HTTPConnectionPool._factory))
         self.assertFalse(_twisted.QuietHTTPConnectionPool._factory.noisy)
+
+    def test_tcpClientBuffers(self):
+        """
+        writeNow reads a TCP client transport's buffers and writes to its
+        socket directly.
+        """
+        from twisted.internet.abstract import FileDescriptor
+        from twisted.internet.tcp import Client
+
+        self.assertIs(_twisted._TCP_CLIENT, Client)
+        for name in ("writeSomeData", "TLS", "connected", "disconnecting"):
+            self.assertTrue(hasattr(Client, name), name)
+        descriptor = FileDescriptor(reactor=MemoryReactorClock())
+        self.assertEqual((descriptor.dataBuffer, descriptor._tempDataBuffer), (b"", []))
