@@ -239,7 +239,12 @@ class _Check:
             # timer wakes often enough that it is not worth moving).
             checker._arm()
         if ok is not None and backend._group is checker._group:
-            backend.recordCheck(ok, reason)
+            backend.recordCheck(
+                ok,
+                reason,
+                code=self.code or None,
+                duration=checker._clock.seconds() - self.started,
+            )
         if self.deferred is not None:
             self.deferred.callback(ok)
 

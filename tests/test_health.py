@@ -520,7 +520,7 @@ class ScheduleTests(SynchronousTestCase):
             jitter=0.1, random=lambda: next(randoms)
         )
         times = []
-        group.get(backend.id).recordCheck = lambda ok, reason: times.append(clock.seconds())
+        group.get(backend.id).recordCheck = lambda ok, reason, **details: times.append(clock.seconds())
         checker.start()
         self.addCleanup(checker.stop)
         server.flush()
