@@ -110,11 +110,16 @@ class Metrics:
     @param clock: for the uptime (optional).
     @param perBackend: write the per-backend series; without them, the
         totals only (for fleets where that many series are unwanted).
+    @param health: the health checker, for the event loop's lateness it
+        measures (optional).
     """
 
-    def __init__(self, group: BackendGroup, site=None, clock=None, perBackend: bool = True) -> None:
+    def __init__(
+        self, group: BackendGroup, site=None, clock=None, perBackend: bool = True, health=None
+    ) -> None:
         self.group = group
         self.site = site
+        self.health = health
         self.clock = clock
         self.perBackend = perBackend
         self.started = clock.seconds() if clock is not None else None
@@ -136,6 +141,22 @@ class Metrics:
             yield head("rrbalancer_in_flight_requests", "gauge",
                        "Client requests received and not yet answered.", openMetrics)
             yield f"rrbalancer_in_flight_requests {self.site.inFlight}\n"
+            yield head("rrbalancer_shed_requests", "counter",
+                       "Requests answered 503 at once because too many were in flight.",
+                       openMetrics)
+            yield f"rrbalancer_shed_requests_total {self.site.shed}\n"
+        if self.health is not None:
+            monitor = self.health.lagMonitor
+            yield head("rrbalancer_event_loop_lag_seconds", "gauge",
+                       "How late the event loop ran its last timer.", openMetrics)
+            yield f"rrbalancer_event_loop_lag_seconds {_number(float(monitor.lag))}\n"
+            yield head("rrbalancer_event_loop_lag_max_seconds", "gauge",
+                       "The latest the event loop has run a timer.", openMetrics)
+            yield f"rrbalancer_event_loop_lag_max_seconds {_number(float(monitor.maxLag))}\n"
+            yield head("rrbalancer_health_checks_late", "counter",
+                       "Health checks not counted because the event loop was late.",
+                       openMetrics)
+            yield f"rrbalancer_health_checks_late_total {self.health.lateChecks}\n"
         if self.started is not None:
             yield head("rrbalancer_uptime_seconds", "gauge",
                        "Seconds since the balancer started.", openMetrics)

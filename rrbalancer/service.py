@@ -95,6 +95,7 @@ class BalancerService(MultiService):
             timeout=config.clientTimeout,
             headerTimeout=config.headerTimeout,
             bodyTimeout=config.bodyTimeout,
+            maxInFlight=config.maxInFlight,
         )
         # Handlers first: once a listener says where it listens, a signal
         # must find them installed.
@@ -106,7 +107,9 @@ class BalancerService(MultiService):
             self.demo = DemoBackends(self.group, reactor)
             self.demo.setServiceParent(self)
         self.reloader = Reloader(config, self.group, onAdded=self.checkNow)
-        self.metrics = Metrics(self.group, self.site, reactor, config.metricsPerBackend)
+        self.metrics = Metrics(
+            self.group, self.site, reactor, config.metricsPerBackend, self.healthChecker
+        )
         if config.admin is not None:
             # Before the client ports: an admin port in use stops the start
             # before any client connection can be accepted.

@@ -556,6 +556,9 @@ SETTINGS: Tuple[Setting, ...] = (
     _s("max_response_head_size", "maxResponseHeadSize", atLeastOne, 64 * 1024,
        "A backend's response head larger than this many bytes is refused (502).",
        metavar="BYTES"),
+    _s("max_in_flight", "maxInFlight", count, 0,
+       "Past this many requests in flight on the balancer, new ones get 503 with "
+       "Retry-After at once (load shedding); 0 is no bound.", metavar="N"),
     _s("max_connections", "maxConnections", count, 0,
        "Most connections open to one backend; 0 is no limit.", metavar="N"),
     _s("queue_size", "queueSize", count, 100,

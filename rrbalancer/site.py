@@ -97,6 +97,19 @@ class BalancerRequest(Request):
             return
         self.prepath = []
         self.postpath = []
+        if site.maxInFlight and site.inFlight > site.maxInFlight:
+            # Overloaded: say so at once (the client may come back), rather
+            # than let every request wait until backends and health checks
+            # time out behind a late event loop.
+            site.shed += 1
+            self.setResponseCode(503)
+            body = b"Service Unavailable: the balancer is overloaded\n"
+            self.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            self.setHeader(b"content-length", b"%d" % (len(body),))
+            self.setHeader(b"retry-after", b"1")
+            self.write(body)
+            self.finish()
+            return
         try:
             self.render(site.resource)
         except BaseException:
@@ -379,6 +392,9 @@ class BalancerChannel(HTTPChannel):
 class BalancerSite(Site):
     """
     @ivar inFlight: requests received and not yet answered.
+    @ivar maxInFlight: past this many (0: no bound), new requests are
+        answered 503 at once.
+    @ivar shed: requests so answered.
     """
 
     requestFactory = BalancerRequest
@@ -401,12 +417,15 @@ class BalancerSite(Site):
         timeout: float = 60.0,
         headerTimeout: float = 10.0,
         bodyTimeout: float = 60.0,
+        maxInFlight: int = 0,
     ) -> None:
         Site.__init__(self, resource, timeout=timeout, reactor=reactor)
         self.accessLog = AccessLog(accessLog, reactor, accessLogFormat) if accessLog else None
         self.maxBodySize = maxBodySize
         self.headerTimeout = headerTimeout
         self.bodyTimeout = bodyTimeout
+        self.maxInFlight = maxInFlight
+        self.shed = 0
         self.inFlight = 0
         self._idleWaiters = []
         self._channels = set()

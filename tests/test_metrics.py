@@ -41,6 +41,7 @@ def makeGroup(urls=("http://127.0.0.1:8081", "http://127.0.0.1:8082"), health=No
 
 class FakeSite:
     inFlight = 3
+    shed = 2
 
 
 def scrape(group, site=None, clock=None, openMetrics=False, perBackend=True):
@@ -329,6 +330,7 @@ class CollectorTests(SynchronousTestCase):
         self.assertEqual(state[(("backend", self.two.url), ("state", "up"))], 0)
         self.assertEqual(state[(("backend", self.one.url), ("state", "up"))], 1)
         self.assertEqual(samples["rrbalancer_in_flight_requests"][()], 3)
+        self.assertEqual(samples["rrbalancer_shed_requests_total"][()], 2)
         self.assertEqual(samples["rrbalancer_uptime_seconds"][()], 0)
 
     def test_checksRetriesBytes(self):

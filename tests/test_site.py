@@ -209,3 +209,22 @@ class ChannelTests(SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
         channel.dataReceived(b"ok")
         self.assertEqual(len(self.resource.requests), 1)
+
+    def test_shedsPastMaxInFlight(self):
+        """
+        Past max_in_flight requests in flight, a new one is answered 503
+        with Retry-After at once, and counted.
+        """
+        self.site.maxInFlight = 1
+        first, _ = self.connect()
+        first.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        second, transport = self.connect()
+        second.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 503 "))
+        self.assertIn(b"Retry-After: 1", transport.value())
+        self.assertEqual((len(self.resource.requests), self.site.shed), (1, 1))
+        self.resource.requests[0].finish()
+        third, transport = self.connect()
+        third.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(len(self.resource.requests), 2)
