@@ -410,6 +410,36 @@ class RawClient(Protocol):
         self.transport.write(data)
 
 
+@inlineCallbacks
+def rawRequest(port: int, request: bytes):
+    """
+    Open a connection to 127.0.0.1:C{port} (not tracked: for tests that
+    wait for the balancer to close it) and send C{request}; the returned
+    L{RawClient}'s C{closed} fires with every byte received.
+    """
+    client = yield withTimeout(
+        connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=WAIT), RawClient())
+    )
+    client.send(request)
+    return client
+
+
+def splitResponse(data: bytes):
+    """
+    Status line, headers (lower-cased names, the last of each) and body of
+    one response, leniently: for tests that look at a few fields of what
+    arrived before a close (L{parseResponse} checks framing strictly).
+    """
+    head, sep, body = data.partition(b"\r\n\r\n")
+    assert sep, f"no complete response head in {data!r}"
+    lines = head.split(b"\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    return lines[0], headers, body
+
+
 def connectClient(net: Net, port: int) -> Deferred:
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=WAIT)
     client = net.track(RawClient(), client=True)

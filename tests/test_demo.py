@@ -17,7 +17,8 @@ from rrbalancer.backends import BackendGroup
 from rrbalancer.config import Config, HealthConfig
 from rrbalancer.demo import DEMO_BACKENDS, DemoBackendResource, DemoBackends
 
-from .test_service import RealNetworkMixin, parseResponse, rawRequest
+from .support import rawRequest, splitResponse
+from .test_service import RealNetworkMixin
 
 HELLO = re.compile(rb"^Hello from demo backend (\d) \(request (\d+) to this backend\)\n$")
 
@@ -40,8 +41,8 @@ class DemoBackendsTests(RealNetworkMixin, TestCase):
         client = yield rawRequest(
             port, method + b" /anything HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n"
         )
-        data = yield client.done
-        return parseResponse(data)
+        data = yield client.closed
+        return splitResponse(data)
 
     def test_listensOnLoopbackOnly(self):
         """

@@ -42,7 +42,7 @@ from rrbalancer.listeners import Listener
 from rrbalancer.service import BalancerService, makeService
 from rrbalancer.site import BalancerSite
 
-from .support import memoryReactor
+from .support import memoryReactor, rawRequest, splitResponse
 
 NO_HEALTH = HealthConfig(enabled=False)
 
@@ -68,50 +68,6 @@ def waitUntil(predicate, what: str, limit: float = 5.0):
             return
         yield deferLater(reactor, 0.005, lambda: None)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-class RawClient(Protocol):
-    """
-    Collects everything the server sends until the connection closes.
-    """
-
-    def __init__(self) -> None:
-        self.data = b""
-        self.done = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason=None) -> None:
-        self.done.callback(self.data)
-
-
-@inlineCallbacks
-def rawRequest(port: int, request: bytes):
-    """
-    Open a connection to 127.0.0.1:C{port}, send C{request}; the returned
-    L{RawClient}'s C{done} fires with the bytes received once closed.
-    """
-    client = yield connectProtocol(
-        TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5), RawClient()
-    )
-    client.transport.write(request)
-    return client
-
-
-def parseResponse(data: bytes):
-    """
-    Status line, headers (lower-cased names) and body of one response with
-    a Content-Length (or none, for HEAD).
-    """
-    head, sep, body = data.partition(b"\r\n\r\n")
-    assert sep, f"no complete response head in {data!r}"
-    lines = head.split(b"\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        headers[name.strip().lower()] = value.strip()
-    return lines[0], headers, body
 
 
 class SlowBackend(Resource):
@@ -307,8 +263,8 @@ class HTTPSBackendTests(RealNetworkMixin, TestCase):
         client = yield rawRequest(
             port, b"GET / HTTP/1.1\r\nHost: balancer\r\nConnection: close\r\n\r\n"
         )
-        data = yield client.done
-        return service, parseResponse(data)
+        data = yield client.closed
+        return service, splitResponse(data)
 
     @inlineCallbacks
     def test_verified(self):
@@ -377,7 +333,7 @@ class ProxyProtocolTests(RealNetworkMixin, TestCase):
             b"PROXY TCP4 203.0.113.9 127.0.0.1 50000 80\r\n"
             b"GET / HTTP/1.1\r\nHost: balancer\r\nConnection: close\r\n\r\n",
         )
-        status, headers, body = parseResponse((yield client.done))
+        status, headers, body = splitResponse((yield client.closed))
         self.assertEqual(status, b"HTTP/1.1 200 OK")
         self.assertEqual(body, b"203.0.113.9")
 
@@ -789,11 +745,11 @@ class GracefulStopTests(RealNetworkMixin, TestCase):
             yield deferLater(reactor, 0.01, lambda: None)
         self.assertEqual(refused, [True], "the listening port is still open")
         self.assertEqual(events, [])
-        self.assertFalse(client.done.called)
+        self.assertFalse(client.closed.called)
 
         backend.answer(b"worth the wait\n")
-        data = yield client.done
-        status, headers, body = parseResponse(data)
+        data = yield client.closed
+        status, headers, body = splitResponse(data)
         self.assertEqual(status, b"HTTP/1.1 200 OK")
         self.assertEqual(body, b"worth the wait\n")
         yield stopped
@@ -818,7 +774,7 @@ class GracefulStopTests(RealNetworkMixin, TestCase):
         yield service.stopService()
         # Past the grace, the client's connection is closed, which frees
         # the backend too.
-        yield client.done
+        yield client.closed
         yield waitUntil(lambda: not self.backendConnections, "backend connection to close")
         self.assertEqual(service.site.inFlight, 0)
 
@@ -852,8 +808,8 @@ class GracefulStopTests(RealNetworkMixin, TestCase):
         yield waitUntil(lambda: serverSide, "the balancer to accept")
         backend.answer(b"x" * 100000)
         yield stopped
-        data = yield client.done
-        status, headers, body = parseResponse(data)
+        data = yield client.closed
+        status, headers, body = splitResponse(data)
         self.assertEqual(status, b"HTTP/1.1 200 OK")
         self.assertEqual(len(body), 100000)
 
@@ -883,7 +839,7 @@ class AccessLogTests(RealNetworkMixin, TestCase):
         responses = []
         for request in requests:
             client = yield rawRequest(port, request)
-            responses.append(parseResponse((yield client.done)))
+            responses.append(splitResponse((yield client.closed)))
         yield service.stopService()
         return responses
 
@@ -1036,7 +992,7 @@ class AccessLogTests(RealNetworkMixin, TestCase):
         stopped = service.stopService()
         yield waitUntil(lambda: listening.disconnected, "the port to close")
         backend.answer()
-        yield client.done
+        yield client.closed
         yield stopped
         with open(path) as f:
             lines = f.read().splitlines()
