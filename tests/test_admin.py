@@ -206,7 +206,7 @@ def startBackend(testCase, name):
 
 
 @inlineCallbacks
-def startBalancer(testCase, config: Config):
+def startWithAdmin(testCase, config: Config):
     """
     Start a balancer on loopback port 0 with its admin listener; stopped at
     the end of the test.
@@ -905,7 +905,7 @@ class DrainWithoutCutTests(TestCase):
         settleConnections(self)
         one, oneURL = startBackend(self, "one")
         two, twoURL = startBackend(self, "two")
-        service, balancer, admin = yield startBalancer(self, balancerConfig([oneURL, twoURL]))
+        service, balancer, admin = yield startWithAdmin(self, balancerConfig([oneURL, twoURL]))
         client = makeClient(self)
 
         slow = client.get(balancer + "/slow")
@@ -956,7 +956,7 @@ class LoadTests(TestCase):
         two, twoURL = startBackend(self, "two")
         three, threeURL = startBackend(self, "three")
         health = HealthConfig(interval=self.interval, timeout=1.0, rise=2, fall=3)
-        service, balancer, admin = yield startBalancer(
+        service, balancer, admin = yield startWithAdmin(
             self, balancerConfig([oneURL, twoURL], health=health)
         )
         client = makeClient(self)
@@ -1179,7 +1179,7 @@ class ListenerRowsTests(TestCase):
     def test_listenerConnections(self):
         settleConnections(self)
         one, oneURL = startBackend(self, "one")
-        service, balancer, admin = yield startBalancer(self, balancerConfig([oneURL]))
+        service, balancer, admin = yield startWithAdmin(self, balancerConfig([oneURL]))
         client = makeClient(self)
         yield client.get(balancer + "/x")
         code, status = yield call(client, "GET", admin + "/api/status")

@@ -31,7 +31,7 @@ from .test_admin import (
     poll,
     settleConnections,
     startBackend,
-    startBalancer,
+    startWithAdmin,
 )
 
 CHROMIUM_FLAGS = [
@@ -303,7 +303,7 @@ class BrowserTests(TestCase):
         two, twoURL = startBackend(self, "two")
         three, threeURL = startBackend(self, "three")
         health = HealthConfig(interval=0.5, timeout=1.0)
-        service, balancer, admin = yield startBalancer(
+        service, balancer, admin = yield startWithAdmin(
             self, balancerConfig([oneURL, twoURL], health=health)
         )
         group = service.group
@@ -412,7 +412,7 @@ class BrowserTests(TestCase):
         """
         settleConnections(self)
         urls = [f"http://127.0.0.1:{20000 + n}" for n in range(250)]
-        service, balancer, admin = yield startBalancer(self, balancerConfig(urls))
+        service, balancer, admin = yield startWithAdmin(self, balancerConfig(urls))
         for n in (1, 2, 3):
             service.group.get(str(n)).setAdminState("draining", "test")
         browser, page = yield openBrowser(self, admin + "/")
