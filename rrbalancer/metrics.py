@@ -20,7 +20,8 @@ from typing import Callable, Iterator, List, Optional, Tuple
 from twisted.web.resource import Resource
 
 from . import __version__
-from .backends import ADMIN_STATES, DOWN, DURATION_BUCKETS, Backend, BackendGroup
+from .backends import ADMIN_STATES, DOWN, Backend, BackendGroup
+from .stats import DURATION_BUCKETS
 
 STATES = ADMIN_STATES + (DOWN,)
 TEXT = "text/plain; version=0.0.4; charset=utf-8"

@@ -1,0 +1,209 @@
+"""
+What a backend's responses looked like: counters since start (for
+Prometheus) and recent figures (for the admin API and the dashboard).
+
+Kept apart from the server model (L{rrbalancer.backends}): the model
+decides where requests go, these figures only describe what happened.
+"""
+
+import math
+from bisect import bisect_left
+from collections import deque
+from typing import Dict, List, Optional, Sequence
+
+from twisted.internet.interfaces import IReactorTime
+
+# Recent statistics: latency percentiles and the error rate are over the
+# last WINDOW seconds, requests per second over the last RATE_WINDOW, and
+# the history keeps HISTORY_POINTS steps of HISTORY_STEP seconds.
+WINDOW = 60.0
+RATE_WINDOW = 10.0
+HISTORY_STEP = 10.0
+HISTORY_POINTS = 30
+# At most this many latency samples are kept for the percentiles (the most
+# recent ones): enough for a p99 that means something, bounded in memory.
+MAX_SAMPLES = 4096
+
+# Upper bounds, in seconds, of the request duration histogram's buckets
+# (the Prometheus client's defaults, and 30 s: the default backend timeout).
+DURATION_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+    7.5, 10.0, 30.0, math.inf,
+)
+
+
+_NO_DURATIONS = (0,) * len(DURATION_BUCKETS)
+
+
+def statusClass(code: int) -> str:
+    """
+    C{"2xx"} for 204 and so on; C{"error"} for an exchange that broke after
+    its response had started (code 0).
+    """
+    if 100 <= code <= 599:
+        return f"{code // 100}xx"
+    return "error"
+
+
+def percentile(ordered: List[float], fraction: float) -> Optional[float]:
+    """
+    The nearest-rank percentile of sorted values, or None without any.
+    """
+    if not ordered:
+        return None
+    rank = max(1, math.ceil(fraction * len(ordered)))
+    return ordered[rank - 1]
+
+
+class BackendStats:
+    """
+    What a backend's responses looked like: counters since start (for
+    Prometheus) and recent figures (for the admin API and the dashboard).
+
+    Recent counts are kept in one-second slots for the last
+    C{HISTORY_STEP * HISTORY_POINTS} seconds; latencies as samples for the
+    last C{WINDOW} seconds.
+
+    A balancer may have thousands of backends that take few requests (or
+    only backups that take none): what a backend without recent requests
+    holds is kept small, its recent figures allocated on first use.
+    """
+
+    __slots__ = (
+        "_clock",
+        "started",
+        "responses",
+        "buckets",
+        "durationSum",
+        "durationCount",
+        "bytesIn",
+        "bytesOut",
+        "_slots",
+        "_samples",
+    )
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self.started = clock.seconds()
+        # Since start.
+        self.responses: Dict[str, int] = {}
+        self.buckets: Sequence[int] = _NO_DURATIONS
+        self.durationSum = 0.0
+        self.durationCount = 0
+        self.bytesIn = 0
+        self.bytesOut = 0
+        # Recent: [second, requests, errors, latency sum, latency count],
+        # and (when, seconds) samples; empty tuples until the first.
+        self._slots: Sequence[list] = ()
+        self._samples: Sequence[tuple] = ()
+
+    def _slot(self, now: float) -> list:
+        second = math.floor(now)
+        slots = self._slots
+        if not slots:
+            slots = self._slots = deque()
+        if not slots or slots[-1][0] != second:
+            slots.append([second, 0, 0, 0.0, 0])
+            horizon = second - HISTORY_STEP * (HISTORY_POINTS + 1)
+            while slots and slots[0][0] < horizon:
+                slots.popleft()
+        return slots[-1]
+
+    def recordResponse(self, code: int, seconds: float, bytesIn: int, bytesOut: int) -> None:
+        kind = statusClass(code)
+        self.responses[kind] = self.responses.get(kind, 0) + 1
+        seconds = max(0.0, seconds)
+        buckets = self.buckets
+        if buckets is _NO_DURATIONS:
+            buckets = self.buckets = list(_NO_DURATIONS)
+        # The first bucket whose upper bound is at least C{seconds}.
+        buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.durationSum += seconds
+        self.durationCount += 1
+        self.bytesIn += bytesIn
+        self.bytesOut += bytesOut
+        now = self._clock.seconds()
+        slot = self._slot(now)
+        slot[1] += 1
+        if kind in ("5xx", "error"):
+            slot[2] += 1
+        slot[3] += seconds
+        slot[4] += 1
+        samples = self._samples
+        if not samples:
+            samples = self._samples = deque()
+        samples.append((now, seconds))
+        if len(samples) > MAX_SAMPLES:
+            samples.popleft()
+
+    def recordFailure(self) -> None:
+        """
+        A request this backend could not take (no connection, no answer):
+        it counts as a request and an error in the recent figures.
+        """
+        slot = self._slot(self._clock.seconds())
+        slot[1] += 1
+        slot[2] += 1
+
+    def _recent(self, seconds: float):
+        since = self._clock.seconds() - seconds
+        return [s for s in self._slots if s[0] >= since]
+
+    def requestsPerSecond(self) -> float:
+        now = self._clock.seconds()
+        span = min(RATE_WINDOW, max(1.0, now - self.started))
+        return sum(s[1] for s in self._recent(span)) / span
+
+    def errorRate(self) -> float:
+        """
+        The share of the last minute's requests that failed (5xx, broken or
+        never answered); 0 without requests.
+        """
+        slots = self._recent(WINDOW)
+        total = sum(s[1] for s in slots)
+        return sum(s[2] for s in slots) / total if total else 0.0
+
+    def latency(self) -> Dict[str, Optional[float]]:
+        """
+        p50 and p99 in milliseconds over the last minute (None without any
+        response in it).
+        """
+        since = self._clock.seconds() - WINDOW
+        samples = self._samples
+        while samples and samples[0][0] < since:
+            samples.popleft()
+        ordered = sorted(s for _, s in samples)
+        result = {}
+        for name, fraction in (("p50", 0.5), ("p99", 0.99)):
+            value = percentile(ordered, fraction)
+            result[name] = None if value is None else round(value * 1000, 3)
+        return result
+
+    def history(self) -> List[dict]:
+        """
+        The last C{HISTORY_POINTS} whole steps, oldest first (fewer for a
+        backend that has not been there that long): requests per second,
+        errors per second and mean latency (ms) in each.
+        """
+        now = self._clock.seconds()
+        current = math.floor(now / HISTORY_STEP) * HISTORY_STEP
+        first = current - HISTORY_STEP * HISTORY_POINTS
+        steps = [[0, 0, 0.0, 0] for _ in range(HISTORY_POINTS)]
+        for second, requests, errors, latency, count in self._slots:
+            index = int((second - first) // HISTORY_STEP)
+            if 0 <= index < HISTORY_POINTS:
+                step = steps[index]
+                step[0] += requests
+                step[1] += errors
+                step[2] += latency
+                step[3] += count
+        return [
+            {
+                "t": first + i * HISTORY_STEP,
+                "rps": round(requests / HISTORY_STEP, 3),
+                "errors": round(errors / HISTORY_STEP, 3),
+                "latency_ms": round(latency / count * 1000, 3) if count else None,
+            }
+            for i, (requests, errors, latency, count) in enumerate(steps)
+            if first + (i + 1) * HISTORY_STEP > self.started
+        ]
