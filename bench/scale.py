@@ -211,8 +211,11 @@ def measure(procs, target, n, addrs, args, out):
         time.sleep(args.idle)
         idle = (cpuSeconds(p.pid) - before) / args.idle * 100
         idleRSS = rssMiB(p.pid)
+        before = cpuSeconds(p.pid)
+        started = time.monotonic()
         result = runWrk(port, args.duration, args.connections)
-        result.update(idle=idle, idleRSS=idleRSS, rss=rssMiB(p.pid))
+        busy = (cpuSeconds(p.pid) - before) / (time.monotonic() - started) * 100
+        result.update(idle=idle, idleRSS=idleRSS, rss=rssMiB(p.pid), busy=busy)
         return result
     finally:
         procs.stop(p)
@@ -226,7 +229,7 @@ def median(results):
         if "error" in r:
             return r
     merged = dict(results[0])
-    for key in ("rps", "p99", "idle", "idleRSS", "rss"):
+    for key in ("rps", "p99", "idle", "idleRSS", "rss", "busy"):
         values = sorted(r[key] for r in results if r[key] is not None)
         merged[key] = values[len(values) // 2] if values else None
     merged["non2xx"] = sum(r["non2xx"] for r in results)
@@ -274,8 +277,8 @@ def main():
     signal.signal(signal.SIGTERM, interrupted)
     first = {}
     print(f"logs and configs in {out}", file=sys.stderr)
-    header = "%-11s %6s %10s %9s %9s %9s %8s %9s %s" % (
-        "target", "N", "req/s", "p99-ms", "idle-cpu", "idle-rss", "rss-MiB",
+    header = "%-11s %6s %10s %9s %9s %9s %9s %8s %9s %s" % (
+        "target", "N", "req/s", "p99-ms", "load-cpu", "idle-cpu", "idle-rss", "rss-MiB",
         "vs-N" + str(counts[0]), "notes",
     )
     print(header)
@@ -303,10 +306,10 @@ def main():
                 if r["errors"]:
                     notes.append(f"socket errors: {r['errors']}")
                 print(
-                    "%-11s %6d %10.0f %9.2f %8.1f%% %9.1f %8.1f %9s %s"
+                    "%-11s %6d %10.0f %9.2f %8.0f%% %8.1f%% %9.1f %8.1f %9s %s"
                     % (
-                        target, n, r["rps"], r["p99"] or 0, r["idle"], r["idleRSS"], r["rss"],
-                        ratio, "; ".join(notes),
+                        target, n, r["rps"], r["p99"] or 0, r["busy"], r["idle"], r["idleRSS"],
+                        r["rss"], ratio, "; ".join(notes),
                     ),
                     flush=True,
                 )
@@ -316,8 +319,9 @@ def main():
     finally:
         procs.stopAll()
     print(
-        "(idle-rss: RSS in MiB before the load, rss-MiB after it; vs-N: throughput"
-        " ratio / p99 ratio against the first N)"
+        "(load-cpu: the balancer's CPU under wrk, 100% being its whole core; idle-rss:"
+        " RSS in MiB before the load, rss-MiB after it; vs-N: throughput ratio / p99"
+        " ratio against the first N)"
     )
 
 
