@@ -1,11 +1,19 @@
 """
-Choosing the next backend: smooth weighted round robin.
+Choosing the next backend.
 
-This is the algorithm NGINX uses: every pick, each candidate's running score
-grows by its weight, the highest score wins and pays back the total weight.
-It spreads a heavy backend's turns out (weights 5, 1, 1 give
-C{a a b a c a a}) instead of sending it five requests in a row, and with
-equal weights it is plain round robin.
+The semantics are NGINX's smooth weighted round robin: every pick, each
+candidate's running score grows by its weight, the highest score wins and
+pays back the total weight.  It spreads a heavy backend's turns out
+(weights 5, 1, 1 give C{a a b a c a a}) instead of sending it five requests
+in a row, and with equal weights it is plain round robin.
+
+That algorithm looks at every candidate at every pick, which a balancer of
+ten thousand backends cannot afford per request.  L{Candidates} keeps the
+candidates as they change instead, and picks in a time that does not grow
+with their number: a ring (L{Rotation}) when weights are equal, NGINX's own
+loop over a set small enough for it, and an earliest-deadline-first heap
+(L{EarliestDeadlineFirst}) for a large weighted set, whose shares are the
+same and whose order differs from NGINX's only in how ties fall.
 """
 
 import heapq
