@@ -26,6 +26,7 @@ from zope.interface import implementer
 
 from .config import BackendConfig, HealthConfig
 from .interfaces import IPicker, IUpstream
+from .policies import RoundRobin
 from .selection import Candidates
 from .stats import BackendStats
 
@@ -294,6 +295,8 @@ class Backend:
         @param bytesIn: request body bytes sent to the backend.
         @param bytesOut: response body bytes sent to the client.
         """
+        if self._group is not None:
+            self._group.policy.finished(self, seconds, not 100 <= code < 500)
         self.stats.recordResponse(code, seconds, bytesIn, bytesOut)
 
     def recordPassiveFailure(self, reason: str) -> None:
@@ -302,6 +305,8 @@ class Backend:
         counts as a failed check (with them off nothing would ever bring the
         backend back, so it only counts as a failure).
         """
+        if self._group is not None:
+            self._group.policy.finished(self, 0.0, True)
         self.failures += 1
         self.stats.recordFailure()
         if self._health.enabled:
@@ -349,6 +354,8 @@ class BackendGroup:
     @param upstream: makes the way to each new backend (its connection pool
         and proxy resource) from its config, before it takes traffic;
         without it the group is a model of servers only.
+    @param policy: how a backend is chosen among the candidates (an
+        L{IBalancingPolicy}); round robin by default.
     @ivar retries: requests that moved on to another backend after one
         failed them.
     """
@@ -360,8 +367,10 @@ class BackendGroup:
         health: HealthConfig,
         clock: IReactorTime,
         upstream: Optional[Callable[[BackendConfig], IUpstream]] = None,
+        policy=None,
     ) -> None:
         self.health = health
+        self.policy = policy if policy is not None else RoundRobin()
         self._clock = clock
         self._upstream = upstream
         self._backends: Dict[str, Backend] = {}
@@ -502,6 +511,7 @@ class BackendGroup:
         backend._group = None
         self._primaries.remove(backend)
         self._backups.remove(backend)
+        self.policy.forget(backend)
         if backend.pool is not None:
             backend.pool.closeIdle()
 
@@ -512,11 +522,12 @@ class BackendGroup:
         Its cost does not grow with the number of backends: the candidates
         are kept up to date as backends change (see L{_place}).
         """
-        choice = self._primaries.pick(exclude)
+        policy = self.policy
+        choice = policy.pick(self._primaries, exclude)
         if choice is None:
             # No primary is up, or every one already failed this request
             # (NGINX moves on to the backups in both cases).
-            choice = self._backups.pick(exclude)
+            choice = policy.pick(self._backups, exclude)
         if choice is not None and exclude:
             self.retries += 1
         return choice

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from .backends import BackendGroup
 from .config import Config, buildConfig, loadConfig
 from .health import HealthChecker
+from .policies import policyFor
 from .interfaces import IHealthChecker
 from .proxy import BackendProxyResource, BalancerResource
 from .settings import BackendConfig
@@ -90,7 +91,9 @@ class Balancer(MultiService):
         self.config = config
         self.reactor = reactor
         self._trust = trustRoot(config.backendCA)
-        self.group = BackendGroup(config.health, reactor, self._upstream)
+        self.group = BackendGroup(
+            config.health, reactor, self._upstream, policyFor(config, reactor)
+        )
         for backend in config.backends:
             self.group.add(backend)
         if config.health.enabled:

@@ -256,6 +256,10 @@ class Candidates(Generic[T]):
         )
         self._order = order
         self._small: Optional[List[T]] = None
+        # The members in a list, for a pick at random in constant time (a
+        # removal swaps the last member into the gap).
+        self._members: List[T] = []
+        self._index: Dict[T, int] = {}
 
     def __len__(self) -> int:
         return len(self._weights)
@@ -280,6 +284,9 @@ class Candidates(Generic[T]):
             self._uncount(old)
         self._weights[item] = weight
         self._weightCounts[weight] = self._weightCounts.get(weight, 0) + 1
+        if item not in self._index:
+            self._index[item] = len(self._members)
+            self._members.append(item)
         self._rotation.add(item)
         self._edf.add(item, weight)
         self._small = None
@@ -289,6 +296,11 @@ class Candidates(Generic[T]):
         if weight is None:
             return
         self._uncount(weight)
+        at = self._index.pop(item)
+        last = self._members.pop()
+        if last is not item:
+            self._members[at] = last
+            self._index[last] = at
         self._rotation.remove(item)
         self._edf.remove(item)
         self._smooth.forget(item)
@@ -300,6 +312,19 @@ class Candidates(Generic[T]):
             self._weightCounts[weight] = left
         else:
             del self._weightCounts[weight]
+
+    def randomMember(self, random: Callable[[], float]) -> Optional[T]:
+        """
+        A member chosen uniformly at random, in constant time.
+        """
+        members = self._members
+        if not members:
+            return None
+        return members[int(random() * len(members)) % len(members)]
+
+    @property
+    def maxWeight(self) -> int:
+        return max(self._weightCounts) if self._weightCounts else 0
 
     def pick(self, exclude: Collection[T] = ()) -> Optional[T]:
         if len(self._weightCounts) <= 1:

@@ -161,8 +161,9 @@ class BalancerService(MultiService):
         else:
             checks = "off"
         self.log.info(
-            "balancing over {n} backends in round robin; health checks: {checks}",
+            "balancing over {n} backends by {policy}; health checks: {checks}",
             n=len(self.group),
+            policy=self.config.balance,
             checks=checks,
         )
         for backend in self.group:

@@ -307,6 +307,16 @@ def parseNetworks(value: Any, name: str) -> Tuple[str, ...]:
     return tuple(networks)
 
 
+def parsePolicy(value: Any, name: str) -> str:
+    from .policies import policyNames
+
+    text = string(value, name).strip()
+    names = policyNames()
+    if text not in names:
+        raise ConfigError(f"{name}: {text!r} is not a policy (one of {', '.join(names)})")
+    return text
+
+
 def parseHealthPath(value: Any, name: str) -> str:
     path = string(value, name)
     if not path.startswith("/") or " " in path:
@@ -511,6 +521,14 @@ SETTINGS: Tuple[Setting, ...] = (
        "on SIGHUP.", path=True, metavar="DIR"),
     _s("tls_min_version", "tlsMinVersion", oneOf("1.2", "1.3"), "1.2",
        "The oldest TLS version tls: ports accept.", metavar="1.2|1.3"),
+    _s("balance", "balance", parsePolicy, "round-robin",
+       "How a backend is chosen: round-robin (NGINX's smooth weighted round "
+       "robin), least-conn (fewest requests in flight for the weight), random "
+       "(weighted), p2c (two at random, the faster by peak-EWMA latency times "
+       "load), or a policy a plugin offers.", metavar="NAME"),
+    _s("ewma_decay", "ewmaDecay", seconds, 10.0,
+       "p2c: the time constant, in seconds, over which a backend's slow "
+       "answers are forgotten.", metavar="S"),
     _s("backend_timeout", "backendTimeout", seconds, 30.0,
        "No response byte from a backend within this many seconds: 504.", metavar="S"),
     _s("connect_timeout", "connectTimeout", seconds, 5.0,

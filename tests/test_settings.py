@@ -108,3 +108,21 @@ class ReadmeTests(SynchronousTestCase):
         start = text.index("-->\n", text.index("<!-- settings table")) + 4
         end = text.index("<!-- end of settings table -->")
         self.assertEqual(text[start:end], markdownTable())
+
+
+class PackagingTests(SynchronousTestCase):
+    def test_everyPackageListed(self):
+        """
+        setup.cfg lists its packages by hand (find: would miss
+        twisted/plugins): every package of rrbalancer must be there, or the
+        wheel lacks it.
+        """
+        root = os.path.dirname(README)
+        with open(os.path.join(root, "setup.cfg"), encoding="utf-8") as f:
+            text = f.read()
+        listed = set(text.split("packages =", 1)[1].split("install_requires", 1)[0].split())
+        found = set()
+        for folder, _, files in os.walk(os.path.join(root, "rrbalancer")):
+            if "__init__.py" in files:
+                found.add(os.path.relpath(folder, root).replace(os.sep, "."))
+        self.assertEqual(found - listed, set())

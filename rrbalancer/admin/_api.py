@@ -445,6 +445,7 @@ class AdminAPI:
             "listeners": listeners,
             "admin": admin,
             "config": config,
+            "balance": self.group.policy.name,
             "health_checks": {
                 "enabled": health.enabled,
                 "path": health.path,

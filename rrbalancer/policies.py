@@ -1,0 +1,264 @@
+"""
+Balancing policies: how the group chooses among the backends that may take
+a request.
+
+Every policy sees the same candidates (the primaries that are up, or the
+backups when none is or all were tried, as the group decides) and the
+backends this request already tried; it picks one.  Load-aware policies
+also hear how each response went.  Each is small, and a policy of one's
+own is a class providing L{IBalancingPolicy}, offered to C{--balance}
+through a Twisted plugin in the C{rrbalancer.plugins} package (see
+L{IBalancingPolicyFactory}).
+
+The cost of a pick is bounded whatever the number of backends, except
+C{least-conn}'s, which looks at every candidate as NGINX's C{least_conn}
+does.
+"""
+
+import math
+import random as _random
+from typing import Callable, Collection, Dict, Optional
+
+from twisted.plugin import getPlugins
+from zope.interface import Attribute, Interface, implementer
+
+from .selection import Candidates
+
+
+class IBalancingPolicy(Interface):
+    """
+    A way to choose a backend.
+    """
+
+    def pick(candidates, exclude):
+        """
+        A member of C{candidates} (a L{Candidates}) not in C{exclude}, or
+        None when there is none.
+        """
+
+    def finished(backend, seconds, failed):
+        """
+        A request on C{backend} ended after C{seconds}; C{failed} when it
+        got no good answer (no connection, a broken exchange, a 5xx).
+        """
+
+    def forget(backend):
+        """
+        C{backend} left the group: drop what is kept about it.
+        """
+
+
+class IBalancingPolicyFactory(Interface):
+    """
+    A policy offered to C{--balance NAME} by a Twisted plugin: an object
+    providing this (and L{twisted.plugin.IPlugin}) in a module of the
+    C{rrbalancer.plugins} package.
+    """
+
+    name = Attribute("The name C{--balance} takes.")
+
+    def build(config, clock):
+        """
+        The policy for a balancer's settings (a L{rrbalancer.config.Config})
+        on C{clock}.
+        """
+
+
+@implementer(IBalancingPolicy)
+class RoundRobin:
+    """
+    NGINX's smooth weighted round robin (the default).
+    """
+
+    name = "round-robin"
+
+    def pick(self, candidates: Candidates, exclude: Collection) -> Optional[object]:
+        return candidates.pick(exclude)
+
+    def finished(self, backend, seconds: float, failed: bool) -> None:
+        pass
+
+    def forget(self, backend) -> None:
+        pass
+
+
+@implementer(IBalancingPolicy)
+class LeastConnections:
+    """
+    Fewest requests in flight for its weight (in flight / weight); ties go
+    round in turn, so that idle backends still share the requests.
+    """
+
+    name = "least-conn"
+
+    def __init__(self) -> None:
+        self._turn = 0
+
+    def pick(self, candidates: Candidates, exclude: Collection) -> Optional[object]:
+        members = list(candidates)
+        n = len(members)
+        if not n:
+            return None
+        self._turn = (self._turn + 1) % n
+        best = None
+        bestLoad = math.inf
+        for i in range(n):
+            backend = members[(self._turn + i) % n]
+            if backend in exclude:
+                continue
+            load = backend.active / candidates.weightOf(backend)
+            if load < bestLoad:
+                best, bestLoad = backend, load
+        return best
+
+    def finished(self, backend, seconds: float, failed: bool) -> None:
+        pass
+
+    def forget(self, backend) -> None:
+        pass
+
+
+def _randomPick(candidates: Candidates, exclude: Collection, random, weighted: bool):
+    """
+    A member at random (by weight when C{weighted}), in constant expected
+    time: a uniform draw kept with a chance of its weight over the largest
+    weight.  After a few draws that all met excluded members, a scan.
+    """
+    top = candidates.maxWeight
+    for _ in range(16):
+        backend = candidates.randomMember(random)
+        if backend is None:
+            return None
+        if backend in exclude:
+            continue
+        if not weighted or random() * top < candidates.weightOf(backend):
+            return backend
+    rest = [b for b in candidates if b not in exclude]
+    return rest[int(random() * len(rest))] if rest else None
+
+
+@implementer(IBalancingPolicy)
+class WeightedRandom:
+    """
+    A backend at random, each as likely as its weight.
+    """
+
+    name = "random"
+
+    def __init__(self, random: Callable[[], float] = _random.random) -> None:
+        self._random = random
+
+    def pick(self, candidates: Candidates, exclude: Collection) -> Optional[object]:
+        return _randomPick(candidates, exclude, self._random, weighted=True)
+
+    def finished(self, backend, seconds: float, failed: bool) -> None:
+        pass
+
+    def forget(self, backend) -> None:
+        pass
+
+
+@implementer(IBalancingPolicy)
+class PowerOfTwoChoices:
+    """
+    Two backends at random, and the one with the lower cost: its peak EWMA
+    latency times its requests in flight plus one (as Finagle and Linkerd
+    do).  A slow backend's latency goes up at once and comes down with
+    C{decay} seconds' time constant, so that it gets less traffic while it
+    is slow, and some still, to learn when it is fast again.  A failure
+    counts as a response as slow as C{penalty} seconds.
+
+    @param weights: divide the cost by the weight, so that a heavier
+        backend looks cheaper.
+    """
+
+    name = "p2c"
+    # A backend not heard from yet costs as little as a fast one.
+    INITIAL = 0.001
+
+    def __init__(
+        self, clock, decay: float = 10.0, random: Callable[[], float] = _random.random,
+        penalty: float = 1.0,
+    ) -> None:
+        self._clock = clock
+        self.decay = decay
+        self._random = random
+        self.penalty = penalty
+        self._ewma: Dict[object, float] = {}
+        self._updated: Dict[object, float] = {}
+
+    def cost(self, backend, weight: int) -> float:
+        latency = self.latency(backend)
+        return latency * (backend.active + 1) / weight
+
+    def latency(self, backend) -> float:
+        """
+        The backend's EWMA latency now (decayed since it was last updated).
+        """
+        ewma = self._ewma.get(backend)
+        if ewma is None:
+            return self.INITIAL
+        elapsed = self._clock.seconds() - self._updated[backend]
+        return ewma * math.exp(-elapsed / self.decay) if elapsed > 0 else ewma
+
+    def pick(self, candidates: Candidates, exclude: Collection) -> Optional[object]:
+        first = _randomPick(candidates, exclude, self._random, weighted=False)
+        if first is None:
+            return None
+        second = _randomPick(candidates, set(exclude) | {first}, self._random, weighted=False)
+        if second is None:
+            return first
+        if self.cost(second, candidates.weightOf(second)) < self.cost(
+            first, candidates.weightOf(first)
+        ):
+            return second
+        return first
+
+    def finished(self, backend, seconds: float, failed: bool) -> None:
+        sample = max(seconds, self.penalty) if failed else seconds
+        now = self._clock.seconds()
+        ewma = self._ewma.get(backend)
+        if ewma is None or sample > ewma:
+            # Peak: a slowdown shows at once.
+            value = sample
+        else:
+            elapsed = max(0.0, now - self._updated[backend])
+            keep = math.exp(-elapsed / self.decay)
+            value = ewma * keep + sample * (1 - keep)
+        self._ewma[backend] = value
+        self._updated[backend] = now
+
+    def forget(self, backend) -> None:
+        self._ewma.pop(backend, None)
+        self._updated.pop(backend, None)
+
+
+BUILT_IN = {
+    "round-robin": lambda config, clock: RoundRobin(),
+    "least-conn": lambda config, clock: LeastConnections(),
+    "random": lambda config, clock: WeightedRandom(),
+    "p2c": lambda config, clock: PowerOfTwoChoices(clock, config.ewmaDecay),
+}
+
+
+def plugins() -> Dict[str, IBalancingPolicyFactory]:
+    """
+    The policies other packages offer, by name.
+    """
+    from . import plugins as package
+
+    return {p.name: p for p in getPlugins(IBalancingPolicyFactory, package)}
+
+
+def policyNames():
+    return sorted(set(BUILT_IN) | set(plugins()))
+
+
+def policyFor(config, clock) -> IBalancingPolicy:
+    """
+    The policy C{config.balance} names.
+    """
+    build = BUILT_IN.get(config.balance)
+    if build is not None:
+        return build(config, clock)
+    return plugins()[config.balance].build(config, clock)
