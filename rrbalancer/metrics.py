@@ -136,35 +136,35 @@ class Metrics:
     def _lines(self, openMetrics: bool) -> Iterator[str]:
         head = self._head
         backends = list(self.group)
-        yield head("rrbalancer_info", "gauge", "The balancer's version.", openMetrics)
-        yield f'rrbalancer_info{{version="{_label(__version__)}"}} 1\n'
-        if self.site is not None:
-            yield head("rrbalancer_in_flight_requests", "gauge",
-                       "Client requests received and not yet answered.", openMetrics)
-            yield f"rrbalancer_in_flight_requests {self.site.inFlight}\n"
-            yield head("rrbalancer_shed_requests", "counter",
-                       "Requests answered 503 at once because too many were in flight.",
-                       openMetrics)
-            yield f"rrbalancer_shed_requests_total {self.site.shed}\n"
-        if self.health is not None:
-            monitor = self.health.lagMonitor
-            yield head("rrbalancer_event_loop_lag_seconds", "gauge",
-                       "How late the event loop ran its last timer.", openMetrics)
-            yield f"rrbalancer_event_loop_lag_seconds {_number(float(monitor.lag))}\n"
-            yield head("rrbalancer_event_loop_lag_max_seconds", "gauge",
-                       "The latest the event loop has run a timer.", openMetrics)
-            yield f"rrbalancer_event_loop_lag_max_seconds {_number(float(monitor.maxLag))}\n"
-            yield head("rrbalancer_health_checks_late", "counter",
-                       "Health checks not counted because the event loop was late.",
-                       openMetrics)
-            yield f"rrbalancer_health_checks_late_total {self.health.lateChecks}\n"
+
+        def one(name: str, kind: str, help: str, value, labels: str = "") -> str:
+            sample = name + "_total" if kind == "counter" else name
+            return head(name, kind, help, openMetrics) + f"{sample}{labels} {_number(value)}\n"
+
+        yield one("rrbalancer_info", "gauge", "The balancer's version.", 1,
+                  f'{{version="{_label(__version__)}"}}')
+        site, health = self.site, self.health
+        if site is not None:
+            yield one("rrbalancer_in_flight_requests", "gauge",
+                      "Client requests received and not yet answered.", site.inFlight)
+            yield one("rrbalancer_shed_requests", "counter",
+                      "Requests answered 503 at once because too many were in flight.",
+                      site.shed)
+        if health is not None:
+            monitor = health.lagMonitor
+            yield one("rrbalancer_event_loop_lag_seconds", "gauge",
+                      "How late the event loop ran its last timer.", float(monitor.lag))
+            yield one("rrbalancer_event_loop_lag_max_seconds", "gauge",
+                      "The latest the event loop has run a timer.", float(monitor.maxLag))
+            yield one("rrbalancer_health_checks_late", "counter",
+                      "Health checks not counted because the event loop was late.",
+                      health.lateChecks)
         if self.started is not None:
-            yield head("rrbalancer_uptime_seconds", "gauge",
-                       "Seconds since the balancer started.", openMetrics)
-            yield f"rrbalancer_uptime_seconds {_number(self.clock.seconds() - self.started)}\n"
-        yield head("rrbalancer_retries", "counter",
-                   "Requests that moved on to another backend after one failed them.", openMetrics)
-        yield f"rrbalancer_retries_total {self.group.retries}\n"
+            yield one("rrbalancer_uptime_seconds", "gauge", "Seconds since the balancer started.",
+                      self.clock.seconds() - self.started)
+        yield one("rrbalancer_retries", "counter",
+                  "Requests that moved on to another backend after one failed them.",
+                  self.group.retries)
         counts = dict.fromkeys(STATES, 0)
         for backend in backends:
             counts[backend.state] += 1
