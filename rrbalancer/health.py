@@ -412,16 +412,26 @@ class HealthChecker:
         due, and schedule each backend's next.
         """
         self._call = None
-        clock = self._clock
-        now = clock.seconds()
+        now = self._clock.seconds()
         inFlight = self._inFlight
-        while inFlight and (inFlight[0].done or inFlight[0].deadline <= now):
-            check = inFlight.popleft()
-            if not check.done:
-                check.expire()
-        if self.running:
-            self._startDue(now)
-        self._arm()
+        try:
+            while inFlight and (inFlight[0].done or inFlight[0].deadline <= now):
+                check = inFlight.popleft()
+                if not check.done:
+                    try:
+                        check.expire()
+                    except Exception:
+                        self.log.failure(
+                            "health check of {url} could not end", url=check.backend.url
+                        )
+            if self.running:
+                self._startDue(now)
+        except Exception:
+            # Whatever went wrong, the checks must go on: the timer is
+            # armed again below.
+            self.log.failure("health checks could not be scheduled")
+        finally:
+            self._arm()
 
     def _startDue(self, now: float) -> None:
         horizon = now + self.tick
@@ -444,7 +454,10 @@ class HealthChecker:
             self._push(due + interval * (1.0 + jitter * (2.0 * random() - 1.0)), backend)
             if backend.adminState == DISABLED or backend in pending:
                 continue
-            self._run(backend, None, arm=False)
+            try:
+                self._run(backend, None, arm=False)
+            except Exception:
+                self.log.failure("health check of {url} could not start", url=backend.url)
 
     def checkAll(self) -> None:
         """

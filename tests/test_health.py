@@ -678,6 +678,27 @@ class ScheduleTests(SynchronousTestCase):
         self.assertEqual(good.state, UP)
         self.assertEqual(len(server.requests), 3)
 
+    def test_errorsDoNotStopTheSchedule(self):
+        """
+        An error recording one backend's check is logged; the other
+        backends' checks, and the next rounds, go on.
+        """
+        urls = ["http://127.0.0.1:8081", "http://127.0.0.1:8082"]
+        health = HealthConfig(interval=1.0, timeout=0.5, rise=1, fall=1)
+        checker, group, [bad, good], clock, server = makeChecker(health, urls=urls)
+        server.answer = None
+
+        def broken(ok, reason):
+            raise ValueError("recording failed")
+
+        bad.recordCheck = broken
+        checker.start()
+        self.addCleanup(checker.stop)
+        step(clock, 3.0, server)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 3)
+        self.assertEqual(good.checksFailed, 3)
+        self.assertEqual(len(server.requests), 7)
+
     def test_stop(self):
         checker, group, [backend], clock, server = makeChecker()
         checker.start()
