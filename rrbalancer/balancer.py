@@ -98,7 +98,9 @@ class Balancer(MultiService):
             self.group.add(backend)
         if config.health.enabled:
             # Checks share each backend's own pool of kept connections.
-            self.healthChecker = HealthChecker(self.group, None, reactor, config.health)
+            self.healthChecker = HealthChecker(
+                self.group, None, reactor, config.health, jitter=config.health.jitter
+            )
             _HealthService(self.healthChecker).setServiceParent(self)
         self._resource = BalancerResource(self.group, config.requestIDHeader, config.via)
 

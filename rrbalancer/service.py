@@ -4,6 +4,7 @@ reactor.  The twistd plugin and C{balancer.tac} are thin layers over
 L{makeService}.
 """
 
+import gc
 import secrets
 from dataclasses import replace
 from typing import List, Optional
@@ -174,6 +175,7 @@ class BalancerService(MultiService):
                 backup=" (backup)" if backend.backup else "",
             )
         MultiService.startService(self)
+        self._clock.callWhenRunning(settleMemory)
 
     def hangup(self) -> None:
         """
@@ -246,6 +248,19 @@ class BalancerService(MultiService):
         d.addErrback(late)
         d.addCallback(closeConnections)
         return d
+
+
+def settleMemory() -> None:
+    """
+    Once built, the balancer's long-lived objects (backends, pools, the
+    settings) need never be looked at by the collector again: frozen, a
+    full collection costs what the request traffic leaves behind, not
+    tens of milliseconds per thousand backends.  (CPython only: PyPy's
+    collector has no such generation.)
+    """
+    if hasattr(gc, "freeze"):
+        gc.collect()
+        gc.freeze()
 
 
 def makeService(config: Config, reactor, listeners=None):

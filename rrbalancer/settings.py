@@ -126,6 +126,13 @@ def secondsOrZero(value: Any, name: str) -> float:
     return number(value, name)
 
 
+def fraction(value: Any, name: str) -> float:
+    result = number(value, name)
+    if result >= 1:
+        raise ConfigError(f"{name}: must be less than 1, got {value!r}")
+    return result
+
+
 def count(value: Any, name: str) -> int:
     """
     A whole number, 0 allowed (for limits, 0 means none).
@@ -510,6 +517,10 @@ SETTINGS: Tuple[Setting, ...] = (
        "Passing checks in a row that bring a backend up.", metavar="N"),
     _s("health.fall", "fall", atLeastOne, 3,
        "Failing checks in a row that take a backend down.", metavar="N"),
+    _s("health.jitter", "jitter", fraction, 0.05,
+       "Each wait between two checks of a backend is the interval times 1 plus "
+       "or minus up to this fraction (HAProxy's spread-checks), so that checks "
+       "never fall due all at once.", flag="health-jitter", metavar="F"),
     _s("health.enabled", "enabled", boolean, True,
        "Check backends (the flag turns checks off); without checks every "
        "backend is always up.",

@@ -688,7 +688,7 @@ class ScheduleTests(SynchronousTestCase):
         checker, group, [bad, good], clock, server = makeChecker(health, urls=urls)
         server.answer = None
 
-        def broken(ok, reason):
+        def broken(ok, reason, **details):
             raise ValueError("recording failed")
 
         bad.recordCheck = broken
