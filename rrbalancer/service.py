@@ -199,6 +199,8 @@ class BalancerService(MultiService):
             pass  # logged by the reloader
         finally:
             notify("READY=1")
+        # Once the backends it removed have drained (within their timeout).
+        self._clock.callLater(self.config.backendTimeout + 1, settleMemory)
 
     def stopService(self):
         # The site stops (closing its access log) with its last port; hold
@@ -255,10 +257,13 @@ def settleMemory() -> None:
     Once built, the balancer's long-lived objects (backends, pools, the
     settings) need never be looked at by the collector again: frozen, a
     full collection costs what the request traffic leaves behind, not
-    tens of milliseconds per thousand backends.  (CPython only: PyPy's
-    collector has no such generation.)
+    tens of milliseconds per thousand backends.  Done again after a
+    reload, with what was frozen before thawed first, so that backends a
+    reload removed are collected.  (CPython only: PyPy's collector has no
+    such generation.)
     """
     if hasattr(gc, "freeze"):
+        gc.unfreeze()
         gc.collect()
         gc.freeze()
 
