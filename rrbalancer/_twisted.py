@@ -9,7 +9,7 @@ goes through Twisted's public API.
 """
 
 from twisted.internet.tcp import Client as _TCP_CLIENT
-from twisted.web import client, http
+from twisted.web import http
 
 # trustRoot= of optionsForClientTLS takes an object providing this; Twisted
 # exports platformTrust() and Certificate-based roots, not the interface a
@@ -18,7 +18,6 @@ from twisted.internet._sslverify import IOpenSSLTrustRoot
 
 __all__ = [
     "IOpenSSLTrustRoot",
-    "QuietHTTPConnectionPool",
     "handlingRequest",
     "headSoFar",
     "waitingForTransport",
@@ -49,17 +48,6 @@ def waitingForTransport(channel: http.HTTPChannel) -> bool:
     not ask again.
     """
     return channel._waitingForTransport
-
-
-class QuietHTTPConnectionPool(client.HTTPConnectionPool):
-    """
-    A pool whose connections' factory logs nothing: a health check every
-    few seconds per backend would otherwise log two lines each.  (The
-    factory class is only reachable as the pool's private C{_factory}.)
-    """
-
-    class _factory(client.HTTPConnectionPool._factory):
-        noisy = False
 
 
 def writeNow(transport, data: bytes) -> None:

@@ -7,7 +7,6 @@ of the balancer misbehaving at run time.
 
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import HTTPConnectionPool
 from twisted.web.http import HTTPChannel
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.resource import Resource
@@ -60,13 +59,6 @@ class PrivateNamesTests(SynchronousTestCase):
         self.assertFalse(_twisted.waitingForTransport(channel))
         channel.pauseProducing()
         self.assertTrue(_twisted.waitingForTransport(channel))
-
-    def test_quietPool(self):
-        """
-        The pool's connection factory is the class its C{_factory} names.
-        """
-        self.assertTrue(issubclass(_twisted.QuietHTTPConnectionPool._factory, HTTPConnectionPool._factory))
-        self.assertFalse(_twisted.QuietHTTPConnectionPool._factory.noisy)
 
     def test_tcpClientBuffers(self):
         """
