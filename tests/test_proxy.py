@@ -758,6 +758,25 @@ class BodyLimitTests(_Integration):
         self.assertEqual(response.code, 413)
 
     @inlineCallbacks
+    def test_expectContinueUnderLimit(self):
+        """
+        A declared body within the limit is invited with 100 Continue, and
+        flows to the backend once sent.
+        """
+        backend = self.backend(echo)
+        balancer = yield self.balancer(backend, maxBodySize=1000)
+        client = yield connectClient(self.net, balancer.port)
+        client.send(
+            b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        yield client.waitForBytes(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.assertEqual(backend.requests, [])
+        client.send(b"hello")
+        yield client.waitForBytes(b"hello")
+        self.assertEqual(backend.requests[0].body, b"hello")
+
+    @inlineCallbacks
     def test_chunkedOverLimit(self):
         chunk = b"x" * 600
         response, backend = yield self._send(
