@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import tempfile
 import time
 
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -19,15 +20,24 @@ from .test_plugin import STARTUP_TIMEOUT, TwistdMixin, twistdCommand
 ACTIVATE = shutil.which("systemd-socket-activate")
 
 
+def shortFolder(testCase) -> str:
+    """
+    A folder for UNIX sockets, whose paths may not exceed 107 bytes: the
+    test's own temporary folder can be deeper than that, wherever the
+    checkout lies.
+    """
+    folder = tempfile.mkdtemp(prefix="rr-")
+    testCase.addCleanup(shutil.rmtree, folder, True)
+    return folder
+
+
 class NotifySocket:
     """
     A datagram socket standing in for systemd's, collecting messages.
     """
 
     def __init__(self, testCase) -> None:
-        folder = os.path.abspath(testCase.mktemp())
-        os.makedirs(folder)
-        self.path = os.path.join(folder, "notify")
+        self.path = os.path.join(shortFolder(testCase), "notify")
         self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.socket.bind(self.path)
         self.socket.settimeout(STARTUP_TIMEOUT)
@@ -76,7 +86,7 @@ class ActivationTests(TwistdMixin, TestCase):
 
     def test_activatedAndNotified(self):
         receiver = NotifySocket(self)
-        listening = os.path.join(self.cwd, "rr.sock")
+        listening = os.path.join(shortFolder(self), "rr.sock")
         env = dict(self.env, NOTIFY_SOCKET=receiver.path)
         path = self.writeConfig(
             'port = "systemd:domain=UNIX:index=0"\nadmin = "none"\ndemo = true\n'
