@@ -432,3 +432,19 @@ class BrowserTests(TestCase):
         yield page.waitFor(f"{rows} === 3 && {note} === '1–3 of 3 matching of 250'", "the draining ones")
         yield page.type("#filter", ":20002")
         yield page.waitFor(f"{rows} === 1", "one match")
+        # The stats columns, and the export the footer links to.
+        cells = yield page.evaluate(
+            "[...document.querySelectorAll('#backend-rows tr:first-child td')]"
+            ".map(td => td.dataset.col)"
+        )
+        self.assertTrue({"conns", "down"} <= set(cells), cells)
+        down = yield page.evaluate(
+            "document.querySelector('#backend-rows tr:first-child [data-col=down]').textContent"
+        )
+        self.assertEqual(down, "0")
+        csv = yield page.evaluate(
+            "fetch(document.querySelector('footer a[href*=csv]').href)"
+            ".then(r => r.text())"
+        )
+        self.assertTrue(csv.startswith("id,url,"), csv[:80])
+        self.assertEqual(len(csv.strip().splitlines()), 251)
