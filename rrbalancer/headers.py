@@ -20,6 +20,8 @@ HOP_BY_HOP = frozenset(
         b"trailer",
         b"transfer-encoding",
         b"upgrade",
+        # Only meaningful with the h2c upgrade, which is never passed on.
+        b"http2-settings",
     ]
 )
 

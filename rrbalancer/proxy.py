@@ -79,15 +79,24 @@ def requestTarget(uri: bytes) -> bytes:
         return uri
     scheme, sep, rest = uri.partition(b"://")
     if sep and scheme.lower() in (b"http", b"https"):
-        slash = rest.find(b"/")
-        return rest[slash:] if slash != -1 else b"/"
+        end = len(rest)
+        for mark in (b"/", b"?"):
+            at = rest.find(mark)
+            if at != -1 and at < end:
+                end = at
+        path = rest[end:]
+        # An empty path is "/", and a query alone keeps it: http://h?q=1
+        # asks for /?q=1.
+        return path if path[:1] == b"/" else b"/" + path
     return uri
 
 
 # An origin-form target of visible ASCII (no DEL, no byte past 0x7E): the
 # common case, checked with one match.
 _ORIGIN_FORM = re.compile(rb"/[\x21-\x7e]*\Z")
-_ABSOLUTE_FORM = re.compile(rb"(?i:https?)://([\x21-\x2e\x30-\x7e]+)(/[\x21-\x7e]*)?\Z")
+_ABSOLUTE_FORM = re.compile(
+    rb"(?i:https?)://([\x21-\x22\x24-\x2e\x30-\x3e\x40-\x7e]+)([/?][\x21-\x7e]*)?\Z"
+)
 
 
 def targetAuthority(method: bytes, uri: bytes) -> Optional[bytes]:

@@ -192,6 +192,16 @@ class TargetTests(_Hardening):
         self.assertEqual((received.target, received.header(b"host")), (b"/p?q=1", [b"a.example"]))
 
     @inlineCallbacks
+    def test_absoluteFormQueryWithoutPath(self):
+        backend = self.backend(reply(ok()))
+        balancer = yield startBalancer(self.net, [backend.url])
+        yield exchange(
+            self.net, balancer.port, b"GET http://a.example?q=1 HTTP/1.1\r\nHost: b\r\n\r\n"
+        )
+        received = backend.requests[0]
+        self.assertEqual((received.target, received.header(b"host")), (b"/?q=1", [b"a.example"]))
+
+    @inlineCallbacks
     def test_optionsStar(self):
         backend = self.backend(reply(ok()))
         balancer = yield startBalancer(self.net, [backend.url])
@@ -285,6 +295,9 @@ class UpgradeTests(_Hardening):
         self.assertEqual(response.code, 200)
         received = backend.requests[0]
         self.assertEqual((received.header(b"upgrade"), received.header(b"http2-settings")), ([], []))
+        # Not named in Connection, HTTP2-Settings is still not passed on.
+        yield exchange(self.net, balancer.port, get(extra=b"HTTP2-Settings: AAMAAABk\r\n"))
+        self.assertEqual(backend.requests[-1].header(b"http2-settings"), [])
 
         def always(connection, request):
             connection.write(
