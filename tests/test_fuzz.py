@@ -1,0 +1,63 @@
+"""
+The fuzz harnesses of L{tests.fuzz} without atheris: every file of each
+target's committed corpus replayed through its C{check}, and what the
+fuzzers found, each as a test of its own.
+"""
+
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from .fuzz import fuzz_config, fuzz_headers, fuzz_request_head, fuzz_response
+from .fuzz._common import corpus, join, split
+
+
+class SplitTests(SynchronousTestCase):
+    """
+    How the harnesses read their input.
+    """
+
+    def test_roundTrip(self):
+        for choices, sizes, stream, extra in [
+            (0, [], b"abc", 0),
+            (31, [1], b"abcd", 0),
+            (8191, [2, 3], b"abcdefghij", 1),
+            (5, [256], b"x" * 300, 0),
+        ]:
+            got, pieces = split(join(choices, sizes, stream, extra), extra)
+            self.assertEqual(got, choices)
+            self.assertEqual(b"".join(pieces), stream)
+        self.assertEqual(split(join(0, [2, 3], b"abcdefgh")), (0, [b"ab", b"cde", b"fg", b"h"]))
+
+    def test_short(self):
+        self.assertEqual(split(b""), (0, []))
+        self.assertEqual(split(b"\x03\x01"), (0, []))
+
+
+class CorpusTests(SynchronousTestCase):
+    """
+    Every committed corpus file still passes its harness.
+    """
+
+    def replay(self, target, check):
+        files = corpus(target)
+        self.assertTrue(files, f"no corpus for {target}")
+        for path in files:
+            with open(path, "rb") as f:
+                data = f.read()
+            try:
+                check(data)
+            except AssertionError as e:
+                self.fail(f"{os.path.basename(path)} ({data[:200]!r}...): {e}")
+
+    def test_requestHead(self):
+        self.replay("request_head", fuzz_request_head.check)
+
+    def test_response(self):
+        self.replay("response", fuzz_response.check)
+
+    def test_headers(self):
+        self.replay("headers", fuzz_headers.check)
+
+    def test_config(self):
+        self.replay("config", fuzz_config.check)
