@@ -8,6 +8,8 @@ import os
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from rrbalancer.config import ConfigError, loadConfig
+
 from .fuzz import fuzz_config, fuzz_headers, fuzz_request_head, fuzz_response
 from .fuzz._common import corpus, join, split
 
@@ -61,3 +63,21 @@ class CorpusTests(SynchronousTestCase):
 
     def test_config(self):
         self.replay("config", fuzz_config.check)
+
+
+class FoundTests(SynchronousTestCase):
+    """
+    What the fuzzers found, each with the input that found it.
+    """
+
+    def test_configFileNotUTF8(self):
+        """
+        A config file that is not UTF-8 is a ConfigError, not the
+        UnicodeDecodeError tomllib lets out.
+        """
+        fuzz_config.check(b"\x00backt\nhea*lth =\xa03\n")
+        path = os.path.abspath(self.mktemp())
+        with open(path, "wb") as f:
+            f.write(b'backend = "http://a"\nport = "\xa08000"\n')
+        e = self.assertRaises(ConfigError, loadConfig, path)
+        self.assertEqual(str(e), f"config: {path} is not valid TOML: not UTF-8 (byte 30)")
