@@ -9,6 +9,7 @@ import os
 from twisted.trial.unittest import SynchronousTestCase
 
 from rrbalancer.config import ConfigError, loadConfig
+from rrbalancer.tap import Options
 
 from .fuzz import fuzz_config, fuzz_headers, fuzz_request_head, fuzz_response
 from .fuzz._common import corpus, join, split
@@ -81,3 +82,16 @@ class FoundTests(SynchronousTestCase):
             f.write(b'backend = "http://a"\nport = "\xa08000"\n')
         e = self.assertRaises(ConfigError, loadConfig, path)
         self.assertEqual(str(e), f"config: {path} is not valid TOML: not UTF-8 (byte 30)")
+
+    def test_lineBreakInArgumentIsOneLine(self):
+        """
+        An argument holding a line break, quoted in the message that
+        refuses it, leaves that message one line long.
+        """
+        fuzz_config.check(b"\x01--v\n\x00sion")
+        for argv, message in [
+            (["--v\n"], "rrbalancer: option --v\\n not recognized (see --help)"),
+            (["--config", "a\r\nb"], "rrbalancer: config: no such file: a\\r\\nb"),
+        ]:
+            e = self.assertRaises(SystemExit, Options().parseOptions, argv)
+            self.assertEqual(e.code, message)
