@@ -213,6 +213,11 @@ def parseBackendURL(value: Any, name: str = "backend") -> str:
         raise ConfigError(f"{name}: {text!r} has no host")
     if parts.username is not None or parts.password is not None:
         raise ConfigError(f"{name}: {text!r} must not carry credentials")
+    if not parts.netloc.isascii():
+        # The host goes into request heads and endpoints as ASCII.
+        raise ConfigError(
+            f"{name}: {text!r}: write the host in ASCII (a name in its xn-- form)"
+        )
     if parts.query or parts.fragment or parts.path not in ("", "/"):
         raise ConfigError(
             f"{name}: {text!r} must name a server only (no path, query or fragment)"

@@ -8,7 +8,7 @@ import os
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from rrbalancer.config import ConfigError, loadConfig
+from rrbalancer.config import ConfigError, loadConfig, parseBackendURL
 from rrbalancer.tap import Options
 
 from .fuzz import fuzz_config, fuzz_headers, fuzz_request_head, fuzz_response
@@ -95,3 +95,15 @@ class FoundTests(SynchronousTestCase):
         ]:
             e = self.assertRaises(SystemExit, Options().parseOptions, argv)
             self.assertEqual(e.code, message)
+
+    def test_nonASCIIBackendHost(self):
+        """
+        A backend whose host is not ASCII (here bytes that are not UTF-8,
+        as argv gives them) is refused as a setting; it used to pass, and
+        building the balancer then raised UnicodeEncodeError.
+        """
+        fuzz_config.check(b"\x01-b\x00http://\xad\xad\x00--check")
+        for url in ["http://\udcad", "http://\u00e9.example", "https://a\udcad:81"]:
+            e = self.assertRaises(ConfigError, parseBackendURL, url)
+            self.assertIn("write the host in ASCII", str(e))
+        self.assertEqual(parseBackendURL("http://xn--9ca.example"), "http://xn--9ca.example")
