@@ -159,7 +159,11 @@ def parseWorkers(value: Any, name: str = "workers") -> int:
 
 
 def tcpPortNumber(name: str, text: str) -> int:
-    port = int(text)
+    try:
+        port = int(text)
+    except ValueError:
+        # str.isdigit() says yes to digits int() refuses, such as "²".
+        raise ConfigError(f"{name}: {text} is not a TCP port number (1-65535)") from None
     if not 0 < port < 65536:
         raise ConfigError(f"{name}: {text} is not a TCP port number (1-65535)")
     return port

@@ -8,7 +8,7 @@ import os
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from rrbalancer.config import ConfigError, loadConfig, parseBackendURL
+from rrbalancer.config import ConfigError, buildConfig, loadConfig, parseBackendURL
 from rrbalancer.tap import Options
 
 from .fuzz import fuzz_config, fuzz_headers, fuzz_request_head, fuzz_response
@@ -107,3 +107,19 @@ class FoundTests(SynchronousTestCase):
             e = self.assertRaises(ConfigError, parseBackendURL, url)
             self.assertIn("write the host in ASCII", str(e))
         self.assertEqual(parseBackendURL("http://xn--9ca.example"), "http://xn--9ca.example")
+
+    def test_portOfOtherDigits(self):
+        """
+        A port or admin port of characters str.isdigit() takes for digits
+        but int() does not (a superscript two) is a ConfigError, not the
+        ValueError int() raised.
+        """
+        fuzz_config.check(
+            b"\x01-b\x00http://a\x00-b\x00http://b,weight=2\x00-p\x008000\xc2\xb2"
+            b"\x00-p\x00tcp:8000\x00--admin\x00none"
+        )
+        for settings in [{"port": "8000\u00b2"}, {"admin": "\u00b2"}]:
+            e = self.assertRaises(
+                ConfigError, buildConfig, dict(settings, backend="http://a")
+            )
+            self.assertIn("is not a TCP port number", str(e))
