@@ -13,6 +13,7 @@ from rrbalancer.tap import Options
 
 from .fuzz import fuzz_config, fuzz_headers, fuzz_request_head, fuzz_response
 from .fuzz._common import corpus, join, split
+from .support import MemoryBalancer, parseResponse
 
 
 class SplitTests(SynchronousTestCase):
@@ -123,3 +124,23 @@ class FoundTests(SynchronousTestCase):
                 ConfigError, buildConfig, dict(settings, backend="http://a")
             )
             self.assertIn("is not a TCP port number", str(e))
+
+    def test_noSecondAnswerAfter413InChunkedBody(self):
+        """
+        A chunked body refused with 413 part way through data that goes on
+        malformed gets that one answer; Twisted's decoder used to read on
+        and add its own 400 after it, on the closing connection.
+        """
+        data = (
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"20\r\n" + b"y" * 32 + b"\r\n30\r\n" + b"z" * 27 + b"\xff" * 77 + b"z" * 21
+            + b"\r\n0\r\n\r\n"
+        )
+        fuzz_request_head.check(join(0, [], data))
+        balancer = MemoryBalancer(maxBodySize=64)
+        channel, transport = balancer.client()
+        # A real transport lets its producer be unregistered twice.
+        transport.unregisterProducer = lambda: None
+        channel.dataReceived(data)
+        response, rest = parseResponse(transport.value(), closed=True)
+        self.assertEqual((response.code, rest), (413, b""))
