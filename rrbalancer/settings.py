@@ -15,6 +15,7 @@ the operator.
 """
 
 import difflib
+import ipaddress
 import math
 import os
 from dataclasses import dataclass
@@ -228,7 +229,25 @@ def parseBackendURL(value: Any, name: str = "backend") -> str:
         )
     if port == 0:
         raise ConfigError(f"{name}: {text!r} has port 0")
+    if parts.scheme == "https" and not _isAddress(parts.hostname):
+        # The name the certificate is verified against goes through IDNA
+        # (Twisted uses the idna package, which Twisted[tls] installs); one
+        # it cannot encode would fail every start with a traceback.
+        import idna
+
+        try:
+            idna.encode(parts.hostname)
+        except UnicodeError as e:
+            raise ConfigError(f"{name}: {text!r}: not a host name TLS can verify ({e})") from None
     return f"{parts.scheme}://{parts.netloc.lower()}"
+
+
+def _isAddress(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 BACKEND_KEYS = ("url", "weight", "backup")
