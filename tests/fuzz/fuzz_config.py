@@ -24,7 +24,6 @@ Run it as a fuzzer with C{tests/fuzz/run.sh config}.
 import contextlib
 import io
 import os
-import shutil
 import sys
 import tempfile
 
@@ -36,34 +35,23 @@ with instrumented(__name__):
 
 _SPECIAL = ("dev", "proc", "sys", "run", "tmp", "..", "~")
 
-_folder = None
-
-
-def _workFolder() -> str:
-    """
-    A folder of this process's own, removed when the process exits.
-    """
-    global _folder
-    if _folder is None:
-        import atexit
-
-        _folder = tempfile.mkdtemp(prefix="rrbalancer-fuzz-config-")
-        atexit.register(shutil.rmtree, _folder, True)
-    return _folder
-
-
 def _special(text: str) -> bool:
     return any(word in text for word in _SPECIAL)
 
 
 @contextlib.contextmanager
-def _inFolder(folder: str):
+def _inEmptyFolder():
+    """
+    Work in a new empty folder, removed after: one per input, since a
+    fuzzer ends its process without running atexit handlers.
+    """
     previous = os.getcwd()
-    os.chdir(folder)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
+    with tempfile.TemporaryDirectory(prefix="rrbalancer-fuzz-config-") as folder:
+        os.chdir(folder)
+        try:
+            yield folder
+        finally:
+            os.chdir(previous)
 
 
 def _oneLine(message: str, what: str) -> None:
@@ -75,11 +63,10 @@ def checkFile(text: bytes) -> None:
     if _special(text.decode("utf-8", "replace")) or b"\\" in text:
         # A TOML escape could spell a special name; not worth decoding.
         return
-    folder = _workFolder()
-    path = os.path.join(folder, "balancer.toml")
-    with open(path, "wb") as f:
-        f.write(text)
-    with _inFolder(folder):
+    with _inEmptyFolder() as folder:
+        path = os.path.join(folder, "balancer.toml")
+        with open(path, "wb") as f:
+            f.write(text)
         try:
             loadConfig(path)
         except ConfigError as e:
@@ -96,7 +83,7 @@ def checkCommandLine(argv) -> None:
         # Twisted's protocol with its zsh completion, not a user's setting.
         return
     out, err = io.StringIO(), io.StringIO()
-    with _inFolder(_workFolder()), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with _inEmptyFolder(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             Options().parseOptions(argv)
         except SystemExit as e:
