@@ -241,6 +241,11 @@ def readConfigFile(path: str) -> Dict[str, Any]:
         raise ConfigError(f"config: cannot read {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        # TOML is UTF-8; tomllib decodes before it parses.
+        raise ConfigError(
+            f"config: {path} is not valid TOML: not UTF-8 (byte {e.start + 1})"
+        ) from None
 
 
 def mergeSettings(base: Mapping[str, Any], override: Mapping[str, Any]) -> Dict[str, Any]:

@@ -171,7 +171,11 @@ def parseWorkers(value: Any, name: str = "workers") -> int:
 
 
 def tcpPortNumber(name: str, text: str) -> int:
-    port = int(text)
+    try:
+        port = int(text)
+    except ValueError:
+        # str.isdigit() says yes to digits int() refuses, such as "²".
+        raise ConfigError(f"{name}: {text} is not a TCP port number (1-65535)") from None
     if not 0 < port < 65536:
         raise ConfigError(f"{name}: {text} is not a TCP port number (1-65535)")
     return port
@@ -225,13 +229,36 @@ def parseBackendURL(value: Any, name: str = "backend") -> str:
         raise ConfigError(f"{name}: {text!r} has no host")
     if parts.username is not None or parts.password is not None:
         raise ConfigError(f"{name}: {text!r} must not carry credentials")
+    if not parts.netloc.isascii():
+        # The host goes into request heads and endpoints as ASCII.
+        raise ConfigError(
+            f"{name}: {text!r}: write the host in ASCII (a name in its xn-- form)"
+        )
     if parts.query or parts.fragment or parts.path not in ("", "/"):
         raise ConfigError(
             f"{name}: {text!r} must name a server only (no path, query or fragment)"
         )
     if port == 0:
         raise ConfigError(f"{name}: {text!r} has port 0")
+    if parts.scheme == "https" and not _isAddress(parts.hostname):
+        # The name the certificate is verified against goes through IDNA
+        # (Twisted uses the idna package, which Twisted[tls] installs); one
+        # it cannot encode would fail every start with a traceback.
+        import idna
+
+        try:
+            idna.encode(parts.hostname)
+        except UnicodeError as e:
+            raise ConfigError(f"{name}: {text!r}: not a host name TLS can verify ({e})") from None
     return f"{parts.scheme}://{parts.netloc.lower()}"
+
+
+def _isAddress(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 BACKEND_KEYS = ("url", "weight", "backup")

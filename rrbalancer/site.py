@@ -295,6 +295,15 @@ class BalancerChannel(HTTPChannel):
             return False
         return HTTPChannel.headerReceived(self, line)
 
+    def _respondToBadRequestAndDisconnect(self):
+        # Twisted's 400 for bytes it cannot parse: none once the connection
+        # is closing with its answer already written (a 413 in the middle
+        # of a chunked body, whose decoder reads on to the end of the data
+        # at hand and may find it malformed).
+        if self._closing:
+            return
+        HTTPChannel._respondToBadRequestAndDisconnect(self)
+
     def lineLengthExceeded(self, line):
         self._tooLarge()
 

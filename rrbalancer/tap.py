@@ -21,6 +21,8 @@ from .signals import exitCleanlyOnSignals
 
 
 def _fail(message: str) -> SystemExit:
+    # One line, even when it quotes an argument that holds a line break.
+    message = message.replace("\r", "\\r").replace("\n", "\\n")
     return SystemExit(f"rrbalancer: {message}")
 
 

@@ -108,6 +108,21 @@ class BackendURLTests(ConfigErrorMixin, TestCase):
             parseBackendURL, "http://a\n.example", mentions=["backend", "LF"]
         )
 
+    def test_httpsHostTLSCannotVerify(self):
+        """
+        An https backend's host name must be one the certificate check can
+        encode (IDNA); any other used to pass, and building the balancer
+        then raised an IDNA error.  Addresses are not names, and plain
+        http does no such check.
+        """
+        for url in ["https://-a-", "https://a_b", "https://a..b", "https://xn--zz"]:
+            self.assertConfigError(
+                parseBackendURL, url, mentions=["backend", url, "not a host name TLS can verify"]
+            )
+        for url in ["https://a--b.example", "https://xn--9ca.example", "https://10.0.0.1",
+                    "https://[::1]:8443", "https://a.example.", "http://a_b"]:
+            parseBackendURL(url)
+
     def test_nameIsUsed(self):
         """
         The caller's setting name is the one a message names.

@@ -73,3 +73,13 @@ class PrivateNamesTests(SynchronousTestCase):
             self.assertTrue(hasattr(Client, name), name)
         descriptor = FileDescriptor(reactor=MemoryReactorClock())
         self.assertEqual((descriptor.dataBuffer, descriptor._tempDataBuffer), (b"", []))
+
+    def test_badRequestAnswer(self):
+        """
+        L{rrbalancer.site.BalancerChannel} overrides the method with which
+        Twisted answers 400 to bytes it cannot parse, and closes.
+        """
+        channel = self.channel()
+        channel._respondToBadRequestAndDisconnect()
+        self.assertEqual(channel.transport.value(), b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        self.assertTrue(channel.transport.disconnecting)
