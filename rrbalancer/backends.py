@@ -15,9 +15,16 @@ What the operator wants (C{adminState}):
 Removing a backend (L{BackendGroup.retire}) drains it first: it is
 forgotten once its last request in flight has ended, so that no request is
 cut.
+
+Two judges of health are kept apart, as Envoy keeps them: the active checks
+(rise/fall, see L{Backend.recordCheck}) and the failures client requests
+meet (L{Ejection}: a backend failing them in a row is set aside for a while,
+whatever its checks say).
 """
 
-from typing import Callable, Collection, Dict, Iterator, List, Optional
+import hashlib
+from dataclasses import dataclass
+from typing import Callable, Collection, Dict, Iterator, List, Optional, Set
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -34,7 +41,36 @@ UP = "up"
 DOWN = "down"
 DRAINING = "draining"
 DISABLED = "disabled"
+EJECTED = "ejected"
 ADMIN_STATES = (UP, DRAINING, DISABLED)
+
+# However often a backend was ejected, it is back after this long.
+MAX_EJECTION = 300.0
+
+
+@dataclass(frozen=True)
+class Ejection:
+    """
+    When failures seen on client requests set a backend aside (outlier
+    ejection: NGINX's C{max_fails}/C{fail_timeout}, Envoy's consecutive
+    gateway failures).
+
+    @ivar after: failures in a row that eject; 0 never ejects.
+    @ivar time: seconds of the first ejection; the n-th lasts n times as
+        long, up to L{MAX_EJECTION}.
+    @ivar on5xx: a 5xx answer counts as a failure.
+    @ivar maxPercent: at most this share of the group is ejected at once.
+    """
+
+    after: int = 5
+    time: float = 30.0
+    on5xx: bool = False
+    maxPercent: int = 50
+
+    @classmethod
+    def fromConfig(cls, config) -> "Ejection":
+        return cls(config.ejectAfter, config.ejectTime, config.ejectOn5xx,
+                   config.maxEjectedPercent)
 
 class Backend:
     """
@@ -42,10 +78,10 @@ class Backend:
 
     Health follows HAProxy's rise/fall rule: C{fall} failures in a row take a
     healthy backend out, C{rise} passes in a row bring it back, and a
-    failure or pass resets the other count.  Active checks and passive
-    failures (a connection the proxy could not open) feed the same counts.
-    A backend added at run time waits for its first passing check instead
-    (see L{BackendGroup.add}).
+    failure or pass resets the other count.  Only active checks feed those
+    counts; failures on client requests lead to an ejection instead (see
+    L{Ejection}).  A backend added at run time waits for its first passing
+    check (see L{BackendGroup.add}).
 
     @ivar upstream: the way to it (an L{IUpstream}: the
         L{rrbalancer.proxy.BackendProxyResource} that forwards requests to
@@ -53,6 +89,10 @@ class Backend:
         model (in tests of the model).
     @ivar active: requests in flight on it; the proxy counts them.
     @ivar removing: it is draining on its way out of the group.
+    @ivar stickyID: names it in a sticky-session cookie: stable across
+        restarts and balancers, and not its address.
+    @ivar ejectedUntil: while it is ejected, when it comes back.
+    @ivar rampStart: while its weight ramps up (slow start), since when.
     """
 
     log = Logger()
@@ -102,6 +142,21 @@ class Backend:
         self._passes = 0
         self._fails = 0
         self._awaitingFirstPass = False
+        self.stickyID = hashlib.sha256(
+            b"rrbalancer-backend:" + repr(config.server).encode("utf-8")
+        ).hexdigest()[:16]
+        # Failures on client requests, apart from the active checks.
+        self.consecutiveFailures = 0
+        self.ejections = 0
+        self.ejectedUntil: Optional[float] = None
+        self._ejectionEnded: Optional[float] = None
+        self._readmission = None
+        # Slow start: whether it is among the candidates now, and whether
+        # joining them ramps its weight up (not for the backends a balancer
+        # starts with).
+        self.rampStart: Optional[float] = None
+        self._placed = False
+        self._rampOnJoin = False
 
     def __repr__(self) -> str:
         return f"<Backend {self.id} {self.url} {self.state}>"
@@ -188,14 +243,16 @@ class Backend:
     def state(self) -> str:
         if self._adminState != UP:
             return self._adminState
-        return UP if self._healthy else DOWN
+        if not self._healthy:
+            return DOWN
+        return UP if self.ejectedUntil is None else EJECTED
 
     @property
     def available(self) -> bool:
         """
         May this backend take a new request?
         """
-        return self._healthy and self._adminState == UP
+        return self._healthy and self._adminState == UP and self.ejectedUntil is None
 
     def awaitFirstCheck(self, reason: str) -> None:
         """
@@ -295,24 +352,27 @@ class Backend:
         @param bytesIn: request body bytes sent to the backend.
         @param bytesOut: response body bytes sent to the client.
         """
-        if self._group is not None:
-            self._group.policy.finished(self, seconds, not 100 <= code < 500)
+        group = self._group
+        if group is not None:
+            group.policy.finished(self, seconds, not 100 <= code < 500)
+            if code == 0 or (code >= 500 and group.ejection.on5xx):
+                group._requestFailed(self, f"answered {code}" if code else "response cut short")
+            else:
+                self.consecutiveFailures = 0
         self.stats.recordResponse(code, seconds, bytesIn, bytesOut)
 
     def recordPassiveFailure(self, reason: str) -> None:
         """
-        The proxy could not use this backend; with health checks on, that
-        counts as a failed check (with them off nothing would ever bring the
-        backend back, so it only counts as a failure).
+        The proxy could not use this backend (no connection, a reset, a
+        timeout before the response): a failure towards an ejection.
         """
-        if self._group is not None:
-            self._group.policy.finished(self, 0.0, True)
         self.failures += 1
         self.stats.recordFailure()
-        if self._health.enabled:
-            self._count(False, reason)
-        else:
-            self.lastError = reason
+        self.lastError = reason
+        group = self._group
+        if group is not None:
+            group.policy.finished(self, 0.0, True)
+            group._requestFailed(self, reason)
 
     def downtime(self) -> float:
         """
@@ -356,8 +416,15 @@ class BackendGroup:
         without it the group is a model of servers only.
     @param policy: how a backend is chosen among the candidates (an
         L{IBalancingPolicy}); round robin by default.
+    @param ejection: when failures on client requests set a backend aside.
+    @param slowStart: seconds over which a backend that comes up ramps from
+        a tenth of its weight to all of it; 0 is off.
+    @param panicThreshold: percent of the enabled primaries below which,
+        with no backup up, every enabled primary is picked whatever its
+        health; 0 is off.
     @ivar retries: requests that moved on to another backend after one
         failed them.
+    @ivar panicking: the panic threshold is crossed now.
     """
 
     log = Logger()
@@ -368,9 +435,15 @@ class BackendGroup:
         clock: IReactorTime,
         upstream: Optional[Callable[[BackendConfig], IUpstream]] = None,
         policy=None,
+        ejection: Ejection = Ejection(),
+        slowStart: float = 0.0,
+        panicThreshold: int = 0,
     ) -> None:
         self.health = health
         self.policy = policy if policy is not None else RoundRobin()
+        self.ejection = ejection
+        self.slowStart = slowStart
+        self.panicThreshold = panicThreshold
         self._clock = clock
         self._upstream = upstream
         self._backends: Dict[str, Backend] = {}
@@ -382,7 +455,16 @@ class BackendGroup:
         self._backups: Candidates[Backend] = Candidates(_addedOrder)
         self._nextID = 1
         self._onAdd: List[Callable[[Backend], None]] = []
+        self._bySticky: Dict[str, Backend] = {}
         self.retries = 0
+        self.ejected = 0
+        self._ramping: Set[Backend] = set()
+        self._rampCall = None
+        # Every enabled primary, whatever its health: the candidates while
+        # panicking (kept only when a threshold is set).
+        self._enabledPrimaries: Candidates[Backend] = Candidates(_addedOrder)
+        self.panicking = False
+        self.panics = 0
 
     def __iter__(self) -> Iterator[Backend]:
         return iter(list(self._backends.values()))
@@ -429,8 +511,13 @@ class BackendGroup:
             backend._changed(reason)
         self._backends[backendID] = backend
         self._byServer[config.server] = backend
+        self._bySticky[backend.stickyID] = backend
         backend._group = self
+        # A backend the balancer starts with takes its full weight at once;
+        # one added at run time ramps up like a recovered one.
+        backend._rampOnJoin = awaitCheck
         self._place(backend)
+        backend._rampOnJoin = True
         for callback in list(self._onAdd):
             callback(backend)
         return backend
@@ -449,18 +536,143 @@ class BackendGroup:
     def _place(self, backend: Backend) -> None:
         """
         Put C{backend} among the candidates it belongs to now (primaries,
-        backups, or none), with its current weight.
+        backups, or none), with its current weight (ramped, in slow start).
         """
         if backend._group is not self:
             return
         primaries, backups = self._primaries, self._backups
-        if backend._healthy and backend._adminState == UP:
+        if backend._healthy and backend._adminState == UP and backend.ejectedUntil is None:
+            weight = backend._weight
+            if not backend._placed:
+                backend._placed = True
+                if self.slowStart and backend._rampOnJoin:
+                    backend.rampStart = self._clock.seconds()
+                    self._ramping.add(backend)
+                    self._scheduleRamp()
+            if backend.rampStart is not None:
+                weight = self._ramped(backend, weight)
             here, there = (backups, primaries) if backend._backup else (primaries, backups)
             there.remove(backend)
-            here.add(backend, backend._weight)
+            here.add(backend, weight)
         else:
+            backend._placed = False
+            backend.rampStart = None
+            self._ramping.discard(backend)
             primaries.remove(backend)
             backups.remove(backend)
+        if self.panicThreshold:
+            if backend._adminState == UP and not backend._backup:
+                self._enabledPrimaries.add(backend, backend._weight)
+            else:
+                self._enabledPrimaries.remove(backend)
+            self._judgePanic()
+
+    # -- slow start -------------------------------------------------------
+
+    def _ramped(self, backend: Backend, weight: int) -> float:
+        """
+        C{backend}'s share of C{weight} now: a tenth when it joined, all of
+        it C{slowStart} seconds later (when it leaves the ramp).
+        """
+        elapsed = self._clock.seconds() - backend.rampStart
+        if elapsed >= self.slowStart:
+            backend.rampStart = None
+            self._ramping.discard(backend)
+            return weight
+        return weight * (0.1 + 0.9 * elapsed / self.slowStart)
+
+    def _scheduleRamp(self) -> None:
+        if self._rampCall is None and self._ramping:
+            # Ten steps at least, a second apart at most.
+            step = min(1.0, self.slowStart / 10)
+            self._rampCall = self._clock.callLater(step, self._rampStep)
+
+    def _rampStep(self) -> None:
+        self._rampCall = None
+        for backend in list(self._ramping):
+            self._place(backend)
+        self._scheduleRamp()
+
+    def rampFraction(self, backend: Backend) -> float:
+        """
+        The share of its weight C{backend} takes now: 1 unless it ramps up.
+        """
+        if backend.rampStart is None or not self.slowStart:
+            return 1.0
+        elapsed = self._clock.seconds() - backend.rampStart
+        return min(1.0, 0.1 + 0.9 * elapsed / self.slowStart)
+
+    # -- outlier ejection -------------------------------------------------
+
+    def _requestFailed(self, backend: Backend, reason: str) -> None:
+        """
+        A client request failed on C{backend}: eject it once that has
+        happened C{ejection.after} times in a row, as long as the group may
+        spare it.
+        """
+        ejection = self.ejection
+        backend.consecutiveFailures += 1
+        if (
+            not ejection.after
+            or backend.consecutiveFailures < ejection.after
+            or backend.ejectedUntil is not None
+            or backend._group is not self
+        ):
+            return
+        if (self.ejected + 1) * 100 > ejection.maxPercent * len(self._backends):
+            return
+        now = self._clock.seconds()
+        if backend._ejectionEnded is not None and now - backend._ejectionEnded > MAX_EJECTION:
+            # Well for long enough: its next ejection is short again.
+            backend.ejections = 0
+        backend.ejections += 1
+        seconds = min(ejection.time * backend.ejections, MAX_EJECTION)
+        failures, backend.consecutiveFailures = backend.consecutiveFailures, 0
+        backend.ejectedUntil = now + seconds
+        self.ejected += 1
+        backend._readmission = self._clock.callLater(seconds, self._readmit, backend)
+        backend._changed(f"ejected after {failures} failed requests in a row: {reason}")
+        self._place(backend)
+        self.log.warn(
+            "backend {url} ejected for {seconds:g} s after {n} failed requests in a row: {reason}",
+            url=backend.url, seconds=seconds, n=failures, reason=reason,
+        )
+
+    def _readmit(self, backend: Backend) -> None:
+        backend._readmission = None
+        if backend.ejectedUntil is None:
+            return
+        backend.ejectedUntil = None
+        backend._ejectionEnded = self._clock.seconds()
+        self.ejected -= 1
+        backend._changed("ejection over")
+        self._place(backend)
+        self.log.info("backend {url} is back from its ejection", url=backend.url)
+
+    # -- panic ------------------------------------------------------------
+
+    def _judgePanic(self) -> None:
+        enabled = len(self._enabledPrimaries)
+        panicking = (
+            enabled > 0
+            and not len(self._backups)
+            and len(self._primaries) * 100 < self.panicThreshold * enabled
+        )
+        if panicking == self.panicking:
+            return
+        self.panicking = panicking
+        if panicking:
+            self.panics += 1
+            self.log.warn(
+                "panic: {up} of {enabled} primaries up, under {threshold}%; "
+                "balancing over all of them whatever their health",
+                up=len(self._primaries), enabled=enabled, threshold=self.panicThreshold,
+            )
+        else:
+            self.log.info(
+                "panic over: {up} of {enabled} primaries up",
+                up=len(self._primaries), enabled=enabled,
+            )
 
     def reconfigure(self, backend: Backend, weight: int, backup: bool) -> None:
         """
@@ -508,9 +720,21 @@ class BackendGroup:
         del self._backends[backend.id]
         if self._byServer.get(backend.config.server) is backend:
             del self._byServer[backend.config.server]
+        if self._bySticky.get(backend.stickyID) is backend:
+            del self._bySticky[backend.stickyID]
+        if backend._readmission is not None:
+            backend._readmission.cancel()
+            backend._readmission = None
+        if backend.ejectedUntil is not None:
+            backend.ejectedUntil = None
+            self.ejected -= 1
         backend._group = None
         self._primaries.remove(backend)
         self._backups.remove(backend)
+        self._ramping.discard(backend)
+        if self.panicThreshold:
+            self._enabledPrimaries.remove(backend)
+            self._judgePanic()
         self.policy.forget(backend)
         if backend.pool is not None:
             backend.pool.closeIdle()
@@ -523,7 +747,10 @@ class BackendGroup:
         are kept up to date as backends change (see L{_place}).
         """
         policy = self.policy
-        choice = policy.pick(self._primaries, exclude)
+        if self.panicking:
+            choice = policy.pick(self._enabledPrimaries, exclude)
+        else:
+            choice = policy.pick(self._primaries, exclude)
         if choice is None:
             # No primary is up, or every one already failed this request
             # (NGINX moves on to the backups in both cases).
@@ -531,6 +758,25 @@ class BackendGroup:
         if choice is not None and exclude:
             self.retries += 1
         return choice
+
+    def byStickyID(self, stickyID: str) -> Optional[Backend]:
+        """
+        The backend a sticky-session cookie names, if it is still here.
+        """
+        return self._bySticky.get(stickyID)
+
+    def stop(self) -> None:
+        """
+        Cancel the timers the group runs (ramps, ejections), as the
+        balancer stops.
+        """
+        if self._rampCall is not None:
+            self._rampCall.cancel()
+            self._rampCall = None
+        for backend in self._backends.values():
+            if backend._readmission is not None:
+                backend._readmission.cancel()
+                backend._readmission = None
 
     def availableCount(self) -> int:
         """

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Optional
 from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
 
-from .backends import BackendGroup
+from .backends import BackendGroup, Ejection
 from .config import Config, buildConfig, loadConfig
 from .health import HealthChecker
 from .policies import policyFor
@@ -92,7 +92,13 @@ class Balancer(MultiService):
         self.reactor = reactor
         self._trust = trustRoot(config.backendCA)
         self.group = BackendGroup(
-            config.health, reactor, self._upstream, policyFor(config, reactor)
+            config.health,
+            reactor,
+            self._upstream,
+            policyFor(config, reactor),
+            ejection=Ejection.fromConfig(config),
+            slowStart=config.slowStart,
+            panicThreshold=config.panicThreshold,
         )
         for backend in config.backends:
             self.group.add(backend)
@@ -139,6 +145,7 @@ class Balancer(MultiService):
             backend.pool.closeIdle()
 
     def stopService(self):
+        self.group.stop()
         d = MultiService.stopService(self)
         d.addCallback(lambda _: self.closeConnections())
         return d

@@ -144,6 +144,13 @@ def atLeastOne(value: Any, name: str) -> int:
     return integer(value, name, minimum=1)
 
 
+def percent(value: Any, name: str) -> int:
+    number = integer(value, name, minimum=0)
+    if number > 100:
+        raise ConfigError(f"{name}: {number} is more than 100 percent")
+    return number
+
+
 def oneOf(*choices: str) -> Callable[[str, Any], str]:
     def parse(value: Any, name: str) -> str:
         text = string(value, name)
@@ -348,6 +355,14 @@ def parsePolicy(value: Any, name: str) -> str:
     names = policyNames()
     if text not in names:
         raise ConfigError(f"{name}: {text!r} is not a policy (one of {', '.join(names)})")
+    return text
+
+
+def parseCookieName(value: Any, name: str) -> Optional[str]:
+    text = string(value, name)
+    # RFC 6265's cookie-name is an RFC 9110 token.
+    if not text or not set(text) <= _TOKEN:
+        raise ConfigError(f"{name}: {text!r} is not a cookie name")
     return text
 
 
@@ -567,6 +582,35 @@ SETTINGS: Tuple[Setting, ...] = (
     _s("ewma_decay", "ewmaDecay", seconds, 10.0,
        "p2c: the time constant, in seconds, over which a backend's slow "
        "answers are forgotten.", metavar="S"),
+    _s("slow_start", "slowStart", secondsOrZero, 0.0,
+       "A backend that comes up (added at run time, enabled again, recovered "
+       "or readmitted) ramps from a tenth of its weight to all of it over this "
+       "many seconds, in every policy; 0 is off. Backends there at start take "
+       "their full weight at once.", metavar="S"),
+    _s("panic_threshold", "panicThreshold", percent, 0,
+       "When fewer than this percent of the enabled primaries are up and no "
+       "backup is, spread requests over every enabled primary whatever its "
+       "health (Envoy's panic mode), so that the last healthy one is not "
+       "crushed while checks flap; 0 is off.", metavar="PERCENT"),
+    _s("eject_after", "ejectAfter", count, 5,
+       "Failures in a row seen on client requests (no connection, a reset, a "
+       "timeout, a response cut short; 5xx too with --eject-on-5xx) that eject "
+       "a backend for a while, apart from the active checks; 0 is off.",
+       metavar="N"),
+    _s("eject_time", "ejectTime", seconds, 30.0,
+       "How long an ejection lasts, times the number of times the backend was "
+       "ejected (capped at 300 s; the count starts again after 300 s without "
+       "one).", metavar="S"),
+    _s("eject_on_5xx", "ejectOn5xx", boolean, False,
+       "Count 5xx answers as failures for --eject-after.", switch=True),
+    _s("max_ejected_percent", "maxEjectedPercent", percent, 50,
+       "Never eject more than this percent of the backends at once (rounded "
+       "down: one backend alone is never ejected at 50).", metavar="PERCENT"),
+    _s("sticky_cookie", "stickyCookie", parseCookieName, None,
+       "Sticky sessions: the first answer sets this cookie to an opaque id of "
+       "the backend (never its address); later requests carrying it go to that "
+       "backend while it is available, and are stuck to another when it is "
+       "not. HttpOnly, SameSite=Lax, and Secure on TLS ports.", metavar="NAME"),
     _s("backend_timeout", "backendTimeout", seconds, 30.0,
        "No response byte from a backend within this many seconds: 504.", metavar="S"),
     _s("connect_timeout", "connectTimeout", seconds, 5.0,

@@ -9,7 +9,15 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from rrbalancer.backends import DISABLED, DOWN, DRAINING, UP, BackendGroup
+from rrbalancer.backends import (
+    DISABLED,
+    DOWN,
+    DRAINING,
+    EJECTED,
+    UP,
+    BackendGroup,
+    Ejection,
+)
 from rrbalancer.config import BackendConfig, HealthConfig
 
 
@@ -29,15 +37,18 @@ def captureStateLogs(testCase):
 
 
 class GroupMixin:
-    def makeGroup(self, *specs, rise=2, fall=3, enabled=True):
+    def makeGroup(self, *specs, rise=2, fall=3, enabled=True, **options):
         """
         A group of backends named by their URLs' hosts: C{("a", 5)} is
         http://a with weight 5, C{("z", 1, True)} a backup.
+
+        @param options: the group's other parameters (C{ejection},
+            C{slowStart}, C{panicThreshold}).
         """
         self.clock = Clock()
         self.clock.advance(1000)
         group = BackendGroup(
-            HealthConfig(rise=rise, fall=fall, enabled=enabled), self.clock
+            HealthConfig(rise=rise, fall=fall, enabled=enabled), self.clock, **options
         )
         backends = {}
         for spec in specs:
@@ -447,29 +458,16 @@ class RiseFallTests(GroupMixin, TestCase):
             ],
         )
 
-    def test_passiveFailures(self):
+    def test_passiveFailuresLeaveChecksAlone(self):
         """
-        With health checks on, a failure the proxy saw counts as a failed
-        check.
+        Failures on client requests do not count as failed checks: the
+        checks' rise/fall state is their own.
         """
-        group, b = self.makeGroup("a", "b", fall=2)
-        b["a"].recordPassiveFailure("connection refused")
-        self.assertTrue(b["a"].available)
-        b["a"].recordPassiveFailure("connection refused")
-        self.assertFalse(b["a"].available)
-        self.assertEqual(b["a"].failures, 2)
-        self.assertEqual(self.picks(group, 2), ["b", "b"])
-        self.assertEqual(len(self.logs), 1)
-
-    def test_passiveFailuresWithoutHealthChecks(self):
-        """
-        With health checks off nothing could bring a backend back, so
-        passive failures never take it down.
-        """
-        group, b = self.makeGroup("a", fall=1, enabled=False)
+        group, b = self.makeGroup("a", "b", fall=1, ejection=Ejection(after=0))
         for _ in range(5):
             b["a"].recordPassiveFailure("connection refused")
         self.assertTrue(b["a"].available)
+        self.assertEqual(b["a"].state, UP)
         self.assertEqual(b["a"].failures, 5)
         self.assertEqual(b["a"].lastError, "connection refused")
         self.assertEqual(self.logs, [])
@@ -480,3 +478,267 @@ class RiseFallTests(GroupMixin, TestCase):
         self.clock.advance(3)
         b["a"].recordCheck(True, "HTTP 200")
         self.assertEqual(b["a"].lastCheck, 1003)
+
+
+class EjectionTests(GroupMixin, TestCase):
+    """
+    Failures in a row on client requests set a backend aside for a while,
+    apart from the active checks.
+    """
+
+    def setUp(self):
+        self.logs = captureStateLogs(self)
+
+    def fail(self, backend, n):
+        for _ in range(n):
+            backend.recordPassiveFailure("connection refused")
+
+    def test_ejectedAfterFailuresInARow(self):
+        group, b = self.makeGroup("a", "b", "c", ejection=Ejection(after=3, time=30))
+        self.fail(b["a"], 2)
+        self.assertTrue(b["a"].available)
+        self.fail(b["a"], 1)
+        self.assertFalse(b["a"].available)
+        self.assertEqual(b["a"].state, EJECTED)
+        self.assertEqual(b["a"].ejectedUntil, 1030)
+        self.assertEqual(group.ejected, 1)
+        self.assertEqual(self.picks(group, 4), ["b", "c", "b", "c"])
+        self.clock.advance(29.9)
+        self.assertFalse(b["a"].available)
+        self.clock.advance(0.1)
+        self.assertTrue(b["a"].available)
+        self.assertEqual(group.ejected, 0)
+        self.assertEqual(
+            [text for _, text in self.logs],
+            [
+                "backend http://a ejected for 30 s after 3 failed requests in a row: "
+                "connection refused",
+                "backend http://a is back from its ejection",
+            ],
+        )
+
+    def test_successResetsTheCount(self):
+        group, b = self.makeGroup("a", "b", ejection=Ejection(after=3))
+        self.fail(b["a"], 2)
+        b["a"].recordResponse(200, 0.01, 0, 10)
+        self.fail(b["a"], 2)
+        self.assertTrue(b["a"].available)
+
+    def test_cutShortCounts(self):
+        """
+        A response cut short is a failure; a 5xx answer only with
+        C{on5xx}; a 4xx never.
+        """
+        group, b = self.makeGroup("a", "b", "c", ejection=Ejection(after=2))
+        b["a"].recordResponse(0, 0.01, 0, 10)
+        b["a"].recordResponse(0, 0.01, 0, 10)
+        self.assertEqual(b["a"].state, EJECTED)
+        for _ in range(5):
+            b["b"].recordResponse(503, 0.01, 0, 10)
+            b["b"].recordResponse(404, 0.01, 0, 10)
+        self.assertEqual(b["b"].state, UP)
+
+    def test_on5xx(self):
+        group, b = self.makeGroup("a", "b", ejection=Ejection(after=2, on5xx=True))
+        b["a"].recordResponse(502, 0.01, 0, 10)
+        b["a"].recordResponse(500, 0.01, 0, 10)
+        self.assertEqual(b["a"].state, EJECTED)
+
+    def test_longerEachTime(self):
+        """
+        The n-th ejection lasts n times the first, up to 300 s; after 300 s
+        without one the count starts again.
+        """
+        group, b = self.makeGroup("a", "b", ejection=Ejection(after=1, time=100))
+        durations = []
+        for _ in range(4):
+            start = self.clock.seconds()
+            self.fail(b["a"], 1)
+            durations.append(b["a"].ejectedUntil - start)
+            self.clock.advance(durations[-1])
+            self.assertTrue(b["a"].available)
+        self.assertEqual(durations, [100, 200, 300, 300])
+        self.clock.advance(301)
+        self.fail(b["a"], 1)
+        self.assertEqual(b["a"].ejectedUntil - self.clock.seconds(), 100)
+
+    def test_maxEjectedPercent(self):
+        """
+        No more than that share of the group is ejected at once, rounded
+        down: a backend alone is never ejected at 50%.
+        """
+        group, b = self.makeGroup("a", "b", "c", "d", ejection=Ejection(after=1, maxPercent=50))
+        for name in "abcd":
+            self.fail(b[name], 1)
+        self.assertEqual([b[n].state for n in "abcd"], [EJECTED, EJECTED, UP, UP])
+        self.assertEqual(group.ejected, 2)
+        self.clock.advance(30)
+        self.assertEqual(group.ejected, 0)
+
+        group, b = self.makeGroup("a", ejection=Ejection(after=1))
+        self.fail(b["a"], 3)
+        self.assertTrue(b["a"].available)
+
+    def test_off(self):
+        group, b = self.makeGroup("a", "b", ejection=Ejection(after=0))
+        self.fail(b["a"], 100)
+        self.assertTrue(b["a"].available)
+
+    def test_withoutHealthChecks(self):
+        """
+        With active checks off, an ejection is what takes a failing backend
+        out, and time brings it back.
+        """
+        group, b = self.makeGroup("a", "b", enabled=False, ejection=Ejection(after=2, time=10))
+        self.fail(b["a"], 2)
+        self.assertEqual(self.picks(group, 2), ["b", "b"])
+        self.clock.advance(10)
+        self.assertEqual(sorted(self.picks(group, 2)), ["a", "b"])
+
+    def test_checksKeepTheirOwnState(self):
+        """
+        An ejected backend is still checked: checks that take it down keep
+        it down after the ejection ends.
+        """
+        group, b = self.makeGroup("a", "b", fall=2, ejection=Ejection(after=1, time=10))
+        self.fail(b["a"], 1)
+        self.down(b["a"])
+        self.assertEqual(b["a"].state, DOWN)
+        self.clock.advance(10)
+        self.assertEqual(b["a"].state, DOWN)
+        self.assertFalse(b["a"].available)
+
+    def test_removedWhileEjected(self):
+        group, b = self.makeGroup("a", "b", ejection=Ejection(after=1))
+        self.fail(b["a"], 1)
+        group.remove(b["a"])
+        self.assertEqual(group.ejected, 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stopCancelsTimers(self):
+        group, b = self.makeGroup("a", "b", ejection=Ejection(after=1), slowStart=10)
+        self.fail(b["a"], 1)
+        group.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class SlowStartTests(GroupMixin, TestCase):
+    """
+    A backend that comes up ramps from a tenth of its weight to all of it.
+    """
+
+    def share(self, group, name, n=1000):
+        return Counter(self.picks(group, n))[name] / n
+
+    def test_startingBackendsTakeFullWeight(self):
+        group, b = self.makeGroup("a", "b", slowStart=60)
+        self.assertEqual(group.rampFraction(b["a"]), 1.0)
+        self.assertEqual(self.share(group, "a"), 0.5)
+
+    def test_recoveredBackendRamps(self):
+        group, b = self.makeGroup("a", "b", fall=1, rise=1, slowStart=100)
+        b["a"].recordCheck(False, "bad")
+        b["a"].recordCheck(True, "ok")
+        self.assertAlmostEqual(group.rampFraction(b["a"]), 0.1)
+        # a's weight 0.1 against b's 1.
+        self.assertAlmostEqual(self.share(group, "a", 1100), 0.1 / 1.1, places=2)
+        self.clock.pump([1] * 50)
+        self.assertAlmostEqual(group.rampFraction(b["a"]), 0.55)
+        self.assertAlmostEqual(self.share(group, "a", 1550), 0.55 / 1.55, places=2)
+        self.clock.pump([1] * 50)
+        self.assertEqual(group.rampFraction(b["a"]), 1.0)
+        self.assertEqual(self.share(group, "a"), 0.5)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_reenabledAndAddedRamp(self):
+        group, b = self.makeGroup("a", "b", enabled=False, slowStart=10)
+        b["a"].setAdminState(DISABLED, "test")
+        b["a"].setAdminState(UP, "test")
+        self.assertAlmostEqual(group.rampFraction(b["a"]), 0.1)
+        c = group.add(BackendConfig(url="http://c"), awaitCheck=True)
+        self.assertAlmostEqual(group.rampFraction(c), 0.1)
+        self.clock.advance(10)
+        self.assertEqual(group.rampFraction(b["a"]), 1.0)
+        self.assertEqual(group.rampFraction(c), 1.0)
+
+    def test_everyPolicy(self):
+        """
+        The ramp is in the weights the policies see.
+        """
+        from rrbalancer.policies import LeastConnections
+
+        group, b = self.makeGroup("a", "b", fall=1, rise=1, slowStart=100,
+                                  policy=LeastConnections())
+        b["a"].recordCheck(False, "bad")
+        b["a"].recordCheck(True, "ok")
+        b["a"].active = 1
+        b["b"].active = 5
+        # a: 1 / 0.1 = 10 in flight for its weight, b: 5.
+        self.assertEqual(group.pick().url, "http://b")
+
+    def test_off(self):
+        group, b = self.makeGroup("a", "b", fall=1, rise=1)
+        b["a"].recordCheck(False, "bad")
+        b["a"].recordCheck(True, "ok")
+        self.assertEqual(self.share(group, "a"), 0.5)
+
+
+class PanicTests(GroupMixin, TestCase):
+    """
+    Under the panic threshold, every enabled primary takes traffic whatever
+    its health.
+    """
+
+    def setUp(self):
+        self.logs = captureStateLogs(self)
+
+    def test_panic(self):
+        group, b = self.makeGroup("a", "b", "c", "d", fall=1, panicThreshold=50)
+        self.down(b["a"])
+        self.down(b["b"])
+        self.assertFalse(group.panicking)
+        self.assertEqual(sorted(set(self.picks(group, 4))), ["c", "d"])
+        self.down(b["c"])
+        self.assertTrue(group.panicking)
+        self.assertEqual(sorted(self.picks(group, 4)), ["a", "b", "c", "d"])
+        b["c"].recordCheck(True, "ok")
+        b["c"].recordCheck(True, "ok")
+        self.assertFalse(group.panicking)
+        self.assertEqual(group.panics, 1)
+        self.assertEqual(
+            [text for _, text in self.logs if "panic" in text],
+            [
+                "panic: 1 of 4 primaries up, under 50%; balancing over all of them "
+                "whatever their health",
+                "panic over: 2 of 4 primaries up",
+            ],
+        )
+
+    def test_disabledAndDrainingStayOut(self):
+        group, b = self.makeGroup("a", "b", "c", fall=1, panicThreshold=100)
+        b["a"].setAdminState(DISABLED, "test")
+        b["b"].setAdminState(DRAINING, "test")
+        self.down(b["c"])
+        self.assertTrue(group.panicking)
+        self.assertEqual(self.picks(group, 2), ["c", "c"])
+
+    def test_backupsComeFirst(self):
+        """
+        While a backup is up, the backups take the traffic, as without a
+        threshold.
+        """
+        group, b = self.makeGroup("a", "b", ("z", 1, True), fall=1, panicThreshold=50)
+        self.down(b["a"])
+        self.down(b["b"])
+        self.assertFalse(group.panicking)
+        self.assertEqual(self.picks(group, 2), ["z", "z"])
+        self.down(b["z"])
+        self.assertTrue(group.panicking)
+        self.assertEqual(sorted(self.picks(group, 2)), ["a", "b"])
+
+    def test_off(self):
+        group, b = self.makeGroup("a", "b", fall=1)
+        self.down(b["a"])
+        self.down(b["b"])
+        self.assertFalse(group.panicking)
+        self.assertIsNone(group.pick())
