@@ -43,6 +43,7 @@ DRAINING = "draining"
 DISABLED = "disabled"
 EJECTED = "ejected"
 ADMIN_STATES = (UP, DRAINING, DISABLED)
+STATES = (UP, DOWN, EJECTED, DRAINING, DISABLED)
 
 # However often a backend was ejected, it is back after this long.
 MAX_EJECTION = 300.0

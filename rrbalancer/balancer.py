@@ -25,6 +25,7 @@ from .policies import policyFor
 from .interfaces import IHealthChecker
 from .proxy import BackendProxyResource, BalancerResource
 from .settings import BackendConfig
+from .sticky import StickyCookie
 from .upstream import connectionPool, trustRoot
 
 
@@ -108,7 +109,12 @@ class Balancer(MultiService):
                 self.group, None, reactor, config.health, jitter=config.health.jitter
             )
             _HealthService(self.healthChecker).setServiceParent(self)
-        self._resource = BalancerResource(self.group, config.requestIDHeader, config.via)
+        sticky = None
+        if config.stickyCookie is not None:
+            sticky = StickyCookie(config.stickyCookie, self.group)
+        self._resource = BalancerResource(
+            self.group, config.requestIDHeader, config.via, sticky
+        )
 
     @classmethod
     def fromConfig(cls, path: str, reactor=None, **overrides: Any) -> "Balancer":

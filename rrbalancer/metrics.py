@@ -20,10 +20,9 @@ from typing import Callable, Iterator, List, Optional, Tuple
 from twisted.web.resource import Resource
 
 from . import __version__
-from .backends import ADMIN_STATES, DOWN, Backend, BackendGroup
+from .backends import STATES, Backend, BackendGroup
 from .stats import DURATION_BUCKETS
 
-STATES = ADMIN_STATES + (DOWN,)
 TEXT = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
@@ -90,6 +89,14 @@ BACKEND_FAMILIES = [
      "Responses from the backend that broke HTTP (bad framing, oversized head).",
      _one(lambda b: b.protocolErrors)),
     ("rrbalancer_health_checks", "counter", "Active health checks by result.", _checks),
+    ("rrbalancer_backend_ejected", "gauge",
+     "1 while failures on client requests keep the backend ejected, else 0.",
+     _one(lambda b: 0 if b.ejectedUntil is None else 1)),
+    ("rrbalancer_backend_ejections", "counter",
+     "Times failures on client requests ejected the backend.", _one(lambda b: b.ejections)),
+    ("rrbalancer_backend_weight_ramp", "gauge",
+     "The share of its weight the backend takes now (below 1 while it slow-starts).",
+     lambda b: [("", b._group.rampFraction(b) if b._group is not None else 1.0)]),
     ("rrbalancer_backend_request_bytes", "counter", "Request body bytes sent to the backend.",
      _one(lambda b: b.stats.bytesIn)),
     ("rrbalancer_backend_response_bytes", "counter",
@@ -165,6 +172,11 @@ class Metrics:
         yield one("rrbalancer_retries", "counter",
                   "Requests that moved on to another backend after one failed them.",
                   self.group.retries)
+        yield one("rrbalancer_panic", "gauge",
+                  "1 while under the panic threshold (every enabled primary is picked "
+                  "whatever its health), else 0.", 1 if self.group.panicking else 0)
+        yield one("rrbalancer_panics", "counter",
+                  "Times the panic threshold was crossed.", self.group.panics)
         counts = dict.fromkeys(STATES, 0)
         for backend in backends:
             counts[backend.state] += 1

@@ -47,6 +47,13 @@ class IBalancingPolicy(Interface):
         C{backend} left the group: drop what is kept about it.
         """
 
+    def figures(backend):
+        """
+        What the policy knows of C{backend}, for the admin API and the
+        dashboard: a small dict of names to numbers (empty when it keeps
+        nothing).  Optional: a policy without it shows nothing.
+        """
+
 
 class IBalancingPolicyFactory(Interface):
     """
@@ -80,6 +87,9 @@ class RoundRobin:
 
     def forget(self, backend) -> None:
         pass
+
+    def figures(self, backend) -> Dict[str, float]:
+        return {}
 
 
 @implementer(IBalancingPolicy)
@@ -116,6 +126,9 @@ class LeastConnections:
 
     def forget(self, backend) -> None:
         pass
+
+    def figures(self, backend) -> Dict[str, float]:
+        return {}
 
 
 def _randomPick(candidates: Candidates, exclude: Collection, random, weighted: bool):
@@ -156,6 +169,9 @@ class WeightedRandom:
 
     def forget(self, backend) -> None:
         pass
+
+    def figures(self, backend) -> Dict[str, float]:
+        return {}
 
 
 @implementer(IBalancingPolicy)
@@ -231,6 +247,16 @@ class PowerOfTwoChoices:
     def forget(self, backend) -> None:
         self._ewma.pop(backend, None)
         self._updated.pop(backend, None)
+
+    def figures(self, backend) -> Dict[str, float]:
+        """
+        The latency the policy sees (decayed to now), and the cost it
+        compares (for a weight of 1).
+        """
+        return {
+            "ewma_ms": round(self.latency(backend) * 1000, 3),
+            "cost": round(self.cost(backend, 1), 6),
+        }
 
 
 BUILT_IN = {

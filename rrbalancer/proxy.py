@@ -196,9 +196,10 @@ class _Forwarding:
 
     def __init__(
         self, picker: IPicker, request, target: bytes, prefix=None, requestIDHeader=None,
-        via: Optional[bytes] = None,
+        via: Optional[bytes] = None, sticky=None,
     ) -> None:
         self.picker = picker
+        self.sticky = sticky
         self.request = request
         self.target = target
         self.prefix = prefix
@@ -234,7 +235,11 @@ class _Forwarding:
             respondWithError(self.request, code, message, retryAfter)
 
     def next(self) -> None:
-        backend = self.picker.pick(exclude=self.tried)
+        backend = None
+        if self.sticky is not None:
+            backend = self.sticky.backendFor(self.request, self.tried)
+        if backend is None:
+            backend = self.picker.pick(exclude=self.tried)
         if backend is None:
             if self.tried and self.onlyBusy:
                 self.answer(
@@ -438,6 +443,9 @@ class _Attempt:
         prefix = self.forwarding.prefix
         for name, value in responseHeaders(headers, rewrite, clientBase, prefix):
             out.addRawHeader(name, value)
+        sticky = self.forwarding.sticky
+        if sticky is not None:
+            sticky.stick(request, self.backend, out)
         if contentLength is not None and code != 204:
             out.setRawHeaders(b"content-length", [b"%d" % (contentLength,)])
         request.responseHeaders = out
@@ -519,7 +527,8 @@ def _render(resource, request, picker: IPicker, target: bytes, prefix=None):
                 respondWithError(request, 508, b"Loop Detected: this request has been here before")
                 return NOT_DONE_YET
         forwarding = _Forwarding(
-            picker, request, target, prefix, resource.requestIDHeader, via
+            picker, request, target, prefix, resource.requestIDHeader, via,
+            resource.sticky,
         )
         forwarding.next()
     except Exception:
@@ -586,6 +595,8 @@ class BackendProxyResource(ReverseProxyResource):
     """
 
     log = Logger()
+    # A resource for one backend has no other to stick a client to.
+    sticky = None
 
     def __init__(
         self,
@@ -703,14 +714,18 @@ class BalancerResource(Resource):
         picker: IPicker,
         requestIDHeader: Optional[str] = "X-Request-ID",
         via: Optional[str] = None,
+        sticky=None,
     ) -> None:
         """
         @param requestIDHeader: the header that carries a request's id to
             the backend (kept from the client or made), or None for none.
         @param via: this balancer's name in C{Via}, or None to send none.
+        @param sticky: a L{rrbalancer.sticky.StickyCookie} that sends a
+            client back to its backend, or None.
         """
         Resource.__init__(self)
         self.picker = picker
+        self.sticky = sticky
         self.requestIDHeader = _headerName(requestIDHeader)
         self.viaName = _viaName(via)
 

@@ -73,10 +73,10 @@ class InMemoryAdmin:
     """
 
     def __init__(self, urls=("http://127.0.0.1:8081", "http://127.0.0.1:8082"),
-                 health=HealthConfig(enabled=False), token=None, checker=None):
+                 health=HealthConfig(enabled=False), token=None, checker=None, **group):
         self.clock = Clock()
         self.clock.advance(1000)
-        self.group = BackendGroup(health, self.clock)
+        self.group = BackendGroup(health, self.clock, **group)
         for url in urls:
             self.group.add(BackendConfig(url))
         self.checker = checker
@@ -588,6 +588,49 @@ class StatusTests(SynchronousTestCase):
         self.assertEqual(totals["responses"], {"2xx": 1, "5xx": 1})
 
 
+class PolicyFiguresTests(SynchronousTestCase):
+    """
+    What ejection, slow start, the panic threshold and the policy make of
+    the backends shows in the API.
+    """
+
+    def test_backend(self):
+        from rrbalancer.backends import Ejection
+        from rrbalancer.policies import PowerOfTwoChoices
+
+        clock = Clock()
+        admin = InMemoryAdmin(
+            ("http://127.0.0.1:8081", "http://127.0.0.1:8082", "http://127.0.0.1:8083"),
+            ejection=Ejection(after=2, time=30), slowStart=10,
+            policy=PowerOfTwoChoices(clock),
+        )
+        one = admin.group.get("1")
+        one.recordResponse(200, 0.25, 0, 0)
+        one.recordPassiveFailure("connection refused")
+        code, body, _, _ = admin.request("GET", "/api/backends/1")
+        self.assertEqual(body["consecutive_failures"], 1)
+        self.assertEqual(body["policy"], {"ewma_ms": 1000.0, "cost": 1.0})
+        one.recordPassiveFailure("connection refused")
+        code, body, _, _ = admin.request("GET", "/api/backends/1")
+        self.assertEqual(body["state"], "ejected")
+        self.assertEqual(body["ejections"], 1)
+        self.assertEqual(body["ejected_until"], 1030)
+        admin.clock.advance(30)
+        code, body, _, _ = admin.request("GET", "/api/backends/1")
+        self.assertEqual((body["state"], body["weight_ramp"]), ("up", 0.1))
+        code, body, _, _ = admin.request("GET", "/api/backends?state=ejected")
+        self.assertEqual(body["backends"], [])
+
+    def test_status(self):
+        admin = InMemoryAdmin(panicThreshold=60)
+        admin.group.get("1").setAdminState("draining", "test")
+        admin.group.get("2").setAdminState("draining", "test")
+        code, body, _, _ = admin.request("GET", "/api/status")
+        self.assertEqual(body["panic"], {"threshold": 60, "active": False, "times": 0})
+        self.assertEqual(body["ejection"]["after"], 5)
+        self.assertEqual(body["slow_start"], 0)
+
+
 class RoutingTests(SynchronousTestCase):
     def test_unknownPath(self):
         admin = InMemoryAdmin()
@@ -1023,7 +1066,7 @@ class LargeSetTests(SynchronousTestCase):
         self.assertEqual(code, 200)
         self.assertEqual([b["id"] for b in body["backends"]], ["11", "12", "13", "14", "15"])
         self.assertEqual((body["total"], body["matched"], body["offset"], body["limit"]), (25, 25, 10, 5))
-        self.assertEqual(body["counts"], {"up": 25, "down": 0, "draining": 0, "disabled": 0})
+        self.assertEqual(body["counts"], {"up": 25, "down": 0, "ejected": 0, "draining": 0, "disabled": 0})
 
     def test_filters(self):
         self.admin.group.get("3").setAdminState("draining", "test")

@@ -198,6 +198,30 @@ class CollectorTests(SynchronousTestCase):
         self.assertEqual(samples["rrbalancer_shed_requests_total"][()], 2)
         self.assertEqual(samples["rrbalancer_uptime_seconds"][()], 0)
 
+    def test_ejectionRampPanic(self):
+        from rrbalancer.backends import Ejection
+
+        clock = Clock()
+        group = BackendGroup(HealthConfig(enabled=False), clock, ejection=Ejection(after=1),
+                             slowStart=10, panicThreshold=100)
+        one = group.add(BackendConfig("http://127.0.0.1:8081"))
+        two = group.add(BackendConfig("http://127.0.0.1:8082"))
+        one.recordPassiveFailure("refused")
+        samples, _ = scrape(group)
+        a, b = (("backend", one.url),), (("backend", two.url),)
+        self.assertEqual(samples["rrbalancer_backend_ejected"][a], 1)
+        self.assertEqual(samples["rrbalancer_backend_ejected"][b], 0)
+        self.assertEqual(samples["rrbalancer_backend_ejections_total"][a], 1)
+        self.assertEqual(samples["rrbalancer_backend_state"][a + (("state", "ejected"),)], 1)
+        self.assertEqual(samples["rrbalancer_backends"][(("state", "ejected"),)], 1)
+        self.assertEqual(samples["rrbalancer_panic"][()], 1)
+        self.assertEqual(samples["rrbalancer_panics_total"][()], 1)
+        clock.advance(30)
+        samples, _ = scrape(group)
+        self.assertEqual(samples["rrbalancer_backend_weight_ramp"][a], 0.1)
+        self.assertEqual(samples["rrbalancer_backend_weight_ramp"][b], 1)
+        self.assertEqual(samples["rrbalancer_panic"][()], 0)
+
     def test_checksRetriesBytes(self):
         samples, _ = scrape(self.group)
         url = self.one.url

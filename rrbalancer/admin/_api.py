@@ -14,13 +14,12 @@ from typing import Any, Dict, List, Optional, Tuple
 from twisted.logger import Logger
 
 from .. import __version__
-from ..backends import DISABLED, DOWN, DRAINING, UP, Backend, BackendGroup
+from ..backends import DISABLED, DRAINING, STATES, UP, Backend, BackendGroup
 from ..config import BackendConfig, ConfigError, parseBackendURL
 from ..reload import Reloader
 from ..site import listenerKey
 
 PATCH_STATES = (DRAINING, DISABLED, UP)
-STATES = (UP, DOWN, DRAINING, DISABLED)
 # A page of GET /api/backends: by default, and at the most.
 DEFAULT_PAGE = 500
 MAX_PAGE = 10000
@@ -46,6 +45,7 @@ def backendJSON(backend: Backend) -> Dict[str, Any]:
     One backend as the API shows it.
     """
     stats = backend.stats
+    group = backend._group
     return {
         "id": backend.id,
         "url": backend.url,
@@ -80,7 +80,19 @@ def backendJSON(backend: Backend) -> Dict[str, Any]:
         ),
         "times_down": backend.timesDown,
         "downtime": round(backend.downtime(), 3),
+        # Apart from the checks: failures on client requests, and what the
+        # balancing policy makes of the backend.
+        "consecutive_failures": backend.consecutiveFailures,
+        "ejections": backend.ejections,
+        "ejected_until": backend.ejectedUntil,
+        "weight_ramp": round(group.rampFraction(backend), 3) if group is not None else 1.0,
+        "policy": _policyFigures(group, backend),
     }
+
+
+def _policyFigures(group: Optional[BackendGroup], backend: Backend) -> Dict[str, Any]:
+    figures = getattr(group.policy, "figures", None) if group is not None else None
+    return figures(backend) if figures is not None else {}
 
 
 def _connections(backend: Backend) -> Optional[Dict[str, Any]]:
@@ -446,6 +458,19 @@ class AdminAPI:
             "admin": admin,
             "config": config,
             "balance": self.group.policy.name,
+            "panic": {
+                "threshold": self.group.panicThreshold,
+                "active": self.group.panicking,
+                "times": self.group.panics,
+            },
+            "slow_start": self.group.slowStart,
+            "ejection": {
+                "after": self.group.ejection.after,
+                "time": self.group.ejection.time,
+                "on_5xx": self.group.ejection.on5xx,
+                "max_percent": self.group.ejection.maxPercent,
+                "ejected": self.group.ejected,
+            },
             "health_checks": {
                 "enabled": health.enabled,
                 "path": health.path,

@@ -222,7 +222,9 @@
     setText(c.url, b.url);
     let sub = "#" + b.id;
     if (b.backup) sub += " · backup";
-    if (b.last_error && b.state === "down") sub += " · " + b.last_error;
+    if (b.last_error && (b.state === "down" || b.state === "ejected")) sub += " · " + b.last_error;
+    if (b.weight_ramp < 1) sub += ` · slow start ${Math.round(b.weight_ramp * 100)}%`;
+    for (const [k2, v] of Object.entries(b.policy || {})) sub += ` · ${k2} ${v}`;
     setText(c.sub, sub);
     c.sub.title = b.last_error ? "Last error: " + b.last_error : "";
 
@@ -295,7 +297,7 @@
 
   function renderPager(list) {
     const c = list.counts;
-    setText($("counts"), `${c.up} up · ${c.down} down · ${c.draining} draining · ${c.disabled} disabled`);
+    setText($("counts"), `${c.up} up · ${c.down} down${c.ejected ? ` · ${c.ejected} ejected` : ""} · ${c.draining} draining · ${c.disabled} disabled`);
     const first = list.matched ? list.offset + 1 : 0;
     const last = list.offset + list.backends.length;
     const of = list.matched === list.total ? `${list.total}` : `${list.matched} matching of ${list.total}`;
@@ -325,9 +327,14 @@
     setText($("t-retries"), t.retries.toLocaleString());
     setText($("t-uptime"), fmtDuration(status.uptime));
     const h = status.health_checks;
-    setText($("health-note"), h.enabled
+    let note = h.enabled
       ? `Health checks: GET ${h.path} every ${h.interval}s (up after ${h.rise}, down after ${h.fall})`
-      : "Health checks are off");
+      : "Health checks are off";
+    note += ` · balancing by ${status.balance}`;
+    const e = status.ejection;
+    if (e && e.ejected) note += ` · ${e.ejected} ejected`;
+    if (status.panic && status.panic.active) note += ` · PANIC: under ${status.panic.threshold}% of the primaries up, balancing over all of them`;
+    setText($("health-note"), note);
     const addresses = status.listeners.map((l) => l.address || l.description).join(", ");
     setText($("listeners"), addresses ? "Balancing on " + addresses : "");
     setText($("config-path"), status.config ? "Config: " + status.config : "");
