@@ -740,7 +740,7 @@ class BackendGroup:
         if backend.pool is not None:
             backend.pool.closeIdle()
 
-    def pick(self, exclude: Collection[Backend] = ()) -> Optional[Backend]:
+    def pick(self, exclude: Collection[Backend] = (), request=None) -> Optional[Backend]:
         """
         The next backend for a request, skipping those already tried.
 
@@ -749,13 +749,13 @@ class BackendGroup:
         """
         policy = self.policy
         if self.panicking:
-            choice = policy.pick(self._enabledPrimaries, exclude)
+            choice = policy.pick(self._enabledPrimaries, exclude, request)
         else:
-            choice = policy.pick(self._primaries, exclude)
+            choice = policy.pick(self._primaries, exclude, request)
         if choice is None:
             # No primary is up, or every one already failed this request
             # (NGINX moves on to the backups in both cases).
-            choice = policy.pick(self._backups, exclude)
+            choice = policy.pick(self._backups, exclude, request)
         if choice is not None and exclude:
             self.retries += 1
         return choice

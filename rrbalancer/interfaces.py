@@ -54,12 +54,14 @@ class IPicker(Interface):
     What the proxy asks for each try of a request.
     """
 
-    def pick(exclude=()):
+    def pick(exclude=(), request=None):
         """
         The backend for the next try, or L{None} when none may take it.
 
         @param exclude: backends this request already tried (at most one
             try per backend).
+        @param request: the request to place, for a choice that depends on
+            it (hashing).
         """
 
 

@@ -12,12 +12,14 @@ L{IBalancingPolicyFactory}).
 
 The cost of a pick is bounded whatever the number of backends, except
 C{least-conn}'s, which looks at every candidate as NGINX's C{least_conn}
-does.
+does, and C{hash}'s, which adds up the requests in flight on them.
 """
 
+import bisect
+import hashlib
 import math
 import random as _random
-from typing import Callable, Collection, Dict, Optional
+from typing import Callable, Collection, Dict, List, Optional, Tuple
 
 from twisted.plugin import getPlugins
 from zope.interface import Attribute, Interface, implementer
@@ -30,10 +32,14 @@ class IBalancingPolicy(Interface):
     A way to choose a backend.
     """
 
-    def pick(candidates, exclude):
+    def pick(candidates, exclude, request):
         """
         A member of C{candidates} (a L{Candidates}) not in C{exclude}, or
         None when there is none.
+
+        @param request: the request to place (a
+            L{twisted.web.server.Request}), for a policy that looks at it;
+            None when there is none (a pick outside a request).
         """
 
     def finished(backend, seconds, failed):
@@ -79,7 +85,7 @@ class RoundRobin:
 
     name = "round-robin"
 
-    def pick(self, candidates: Candidates, exclude: Collection) -> Optional[object]:
+    def pick(self, candidates: Candidates, exclude: Collection, request=None) -> Optional[object]:
         return candidates.pick(exclude)
 
     def finished(self, backend, seconds: float, failed: bool) -> None:
@@ -104,7 +110,7 @@ class LeastConnections:
     def __init__(self) -> None:
         self._turn = 0
 
-    def pick(self, candidates: Candidates, exclude: Collection) -> Optional[object]:
+    def pick(self, candidates: Candidates, exclude: Collection, request=None) -> Optional[object]:
         members = list(candidates)
         n = len(members)
         if not n:
@@ -161,7 +167,7 @@ class WeightedRandom:
     def __init__(self, random: Callable[[], float] = _random.random) -> None:
         self._random = random
 
-    def pick(self, candidates: Candidates, exclude: Collection) -> Optional[object]:
+    def pick(self, candidates: Candidates, exclude: Collection, request=None) -> Optional[object]:
         return _randomPick(candidates, exclude, self._random, weighted=True)
 
     def finished(self, backend, seconds: float, failed: bool) -> None:
@@ -217,7 +223,7 @@ class PowerOfTwoChoices:
         elapsed = self._clock.seconds() - self._updated[backend]
         return ewma * math.exp(-elapsed / self.decay) if elapsed > 0 else ewma
 
-    def pick(self, candidates: Candidates, exclude: Collection) -> Optional[object]:
+    def pick(self, candidates: Candidates, exclude: Collection, request=None) -> Optional[object]:
         first = _randomPick(candidates, exclude, self._random, weighted=False)
         if first is None:
             return None
@@ -259,11 +265,142 @@ class PowerOfTwoChoices:
         }
 
 
+def _digest(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def requestKey(spec: str) -> Callable[[object], Optional[bytes]]:
+    """
+    What C{--hash-key} names, read from a request: None when the request
+    has none (it is then balanced round robin, so that every request
+    without the header does not land on one backend).
+    """
+    if spec == "client-ip":
+        def key(request):
+            host = getattr(request.getClientAddress(), "host", None)
+            return host.encode("ascii") if host else None
+    elif spec == "path":
+        def key(request):
+            return request.path
+    else:
+        kind, _, name = spec.partition(":")
+        field = name.encode("ascii")
+        if kind == "header":
+            def key(request):
+                values = request.requestHeaders.getRawHeaders(field)
+                return b",".join(values) if values else None
+        else:
+            def key(request):
+                return request.getCookie(field) or None
+    return key
+
+
+@implementer(IBalancingPolicy)
+class ConsistentHash:
+    """
+    Consistent hashing with bounded loads (Mirrokni, Thorup and
+    Zadimoghaddam, 2018): a key goes to the first backend clockwise from it
+    on a ring of points, unless that backend already has more than
+    C{balance} times the mean of the requests in flight (for its weight);
+    then to the next one round the ring that has not.
+
+    The ring holds every backend the policy has met, up or not: a backend
+    that goes down keeps its points, and its keys go on to the next ones
+    while it is down and come back when it is up, so that only its own keys
+    ever move.  Each backend gets C{points} points per unit of weight.
+
+    @param key: reads the key from a request (see L{requestKey}).
+    """
+
+    name = "hash"
+
+    def __init__(
+        self, key: Callable[[object], Optional[bytes]], balance: float = 1.25, points: int = 64
+    ) -> None:
+        self._key = key
+        self.balance = balance
+        self.points = points
+        self._ring: List[Tuple[int, int]] = []
+        self._owners: Dict[int, object] = {}
+        self._known: Dict[object, int] = {}
+        self._serial = 0
+        # The version of each set of candidates last met.
+        self._met: Dict[int, int] = {}
+
+    def _meet(self, candidates: Candidates) -> None:
+        """
+        Put on the ring any candidate it lacks: a cost paid when the
+        candidates change, not at every pick.
+        """
+        self._met[id(candidates)] = candidates.version
+        new = []
+        for backend in candidates:
+            if backend in self._known:
+                continue
+            self._serial += 1
+            serial = self._serial
+            self._known[backend] = serial
+            self._owners[serial] = backend
+            seed = getattr(backend, "stickyID", repr(backend)).encode("ascii", "replace")
+            for i in range(self.points * max(1, int(getattr(backend, "weight", 1)))):
+                new.append((_digest(seed + b"#%d" % (i,)), serial))
+        if new:
+            new.sort()
+            # Two sorted runs: the sort merges them in linear time.
+            self._ring.extend(new)
+            self._ring.sort()
+
+    def pick(self, candidates: Candidates, exclude: Collection, request=None) -> Optional[object]:
+        key = self._key(request) if request is not None else None
+        if key is None or not len(candidates):
+            return candidates.pick(exclude)
+        if self._met.get(id(candidates)) != candidates.version:
+            self._meet(candidates)
+        ring, owners = self._ring, self._owners
+        inFlight = 0
+        for backend in candidates:
+            inFlight += backend.active
+        # Every candidate may take up to this share of the load (plus one,
+        # the request being placed), for its weight.
+        bound = self.balance * (inFlight + 1) / candidates.totalWeight
+        start = bisect.bisect(ring, (_digest(key), 0))
+        seen = set()
+        fallback = None
+        n = len(ring)
+        for i in range(n):
+            backend = owners[ring[(start + i) % n][1]]
+            if backend in seen:
+                continue
+            seen.add(backend)
+            if backend not in candidates or backend in exclude:
+                continue
+            if backend.active < bound * candidates.weightOf(backend):
+                return backend
+            if fallback is None:
+                fallback = backend
+            if len(seen) >= len(self._known):
+                break
+        return fallback
+
+    def finished(self, backend, seconds: float, failed: bool) -> None:
+        pass
+
+    def forget(self, backend) -> None:
+        serial = self._known.pop(backend, None)
+        if serial is not None:
+            del self._owners[serial]
+            self._ring = [point for point in self._ring if point[1] != serial]
+
+    def figures(self, backend) -> Dict[str, float]:
+        return {}
+
+
 BUILT_IN = {
     "round-robin": lambda config, clock: RoundRobin(),
     "least-conn": lambda config, clock: LeastConnections(),
     "random": lambda config, clock: WeightedRandom(),
     "p2c": lambda config, clock: PowerOfTwoChoices(clock, config.ewmaDecay),
+    "hash": lambda config, clock: ConsistentHash(requestKey(config.hashKey), config.hashBalance),
 }
 
 

@@ -239,7 +239,7 @@ class _Forwarding:
         if self.sticky is not None:
             backend = self.sticky.backendFor(self.request, self.tried)
         if backend is None:
-            backend = self.picker.pick(exclude=self.tried)
+            backend = self.picker.pick(self.tried, self.request)
         if backend is None:
             if self.tried and self.onlyBusy:
                 self.answer(
@@ -565,7 +565,7 @@ class _One:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
 
-    def pick(self, exclude=()):
+    def pick(self, exclude=(), request=None):
         if self.backend in exclude or not self.backend.available:
             return None
         return self.backend

@@ -260,6 +260,10 @@ class Candidates(Generic[T]):
         # removal swaps the last member into the gap).
         self._members: List[T] = []
         self._index: Dict[T, int] = {}
+        # Changes with the membership (not with weights): a policy that
+        # keeps something per member knows when to look again.
+        self.version = 0
+        self.totalWeight = 0
 
     def __len__(self) -> int:
         return len(self._weights)
@@ -282,6 +286,10 @@ class Candidates(Generic[T]):
             return
         if old is not None:
             self._uncount(old)
+            self.totalWeight -= old
+        else:
+            self.version += 1
+        self.totalWeight += weight
         self._weights[item] = weight
         self._weightCounts[weight] = self._weightCounts.get(weight, 0) + 1
         if item not in self._index:
@@ -295,6 +303,8 @@ class Candidates(Generic[T]):
         weight = self._weights.pop(item, None)
         if weight is None:
             return
+        self.version += 1
+        self.totalWeight -= weight
         self._uncount(weight)
         at = self._index.pop(item)
         last = self._members.pop()

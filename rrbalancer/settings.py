@@ -358,6 +358,22 @@ def parsePolicy(value: Any, name: str) -> str:
     return text
 
 
+def parseHashKey(value: Any, name: str) -> str:
+    """
+    What the hash policy hashes: C{client-ip}, C{path}, C{header:NAME} or
+    C{cookie:NAME}.
+    """
+    text = string(value, name).strip()
+    if text in ("client-ip", "path"):
+        return text
+    kind, _, field = text.partition(":")
+    if kind in ("header", "cookie") and field and set(field) <= _TOKEN:
+        return text
+    raise ConfigError(
+        f"{name}: {text!r} is not a hash key (client-ip, path, header:NAME or cookie:NAME)"
+    )
+
+
 def parseCookieName(value: Any, name: str) -> Optional[str]:
     text = string(value, name)
     # RFC 6265's cookie-name is an RFC 9110 token.
@@ -578,7 +594,16 @@ SETTINGS: Tuple[Setting, ...] = (
        "How a backend is chosen: round-robin (NGINX's smooth weighted round "
        "robin), least-conn (fewest requests in flight for the weight), random "
        "(weighted), p2c (two at random, the faster by peak-EWMA latency times "
-       "load), or a policy a plugin offers.", metavar="NAME"),
+       "load), hash (consistent hashing with bounded loads on --hash-key), or "
+       "a policy a plugin offers.", metavar="NAME"),
+    _s("hash_key", "hashKey", parseHashKey, "client-ip",
+       "hash: what is hashed: client-ip (the peer's address), path, header:NAME "
+       "or cookie:NAME. A request without it is balanced round robin.",
+       metavar="KEY"),
+    _s("hash_balance", "hashBalance", lambda v, n: number(v, n, minimum=1.0), 1.25,
+       "hash: no backend takes more than this many times the mean of the "
+       "requests in flight (for its weight); past it, a key goes on round the "
+       "ring to the next backend.", metavar="F"),
     _s("ewma_decay", "ewmaDecay", seconds, 10.0,
        "p2c: the time constant, in seconds, over which a backend's slow "
        "answers are forgotten.", metavar="S"),

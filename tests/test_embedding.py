@@ -115,7 +115,7 @@ class ReverseProxyTargetTests(unittest.SynchronousTestCase):
 
 @implementer(IPicker)
 class Broken:
-    def pick(self, exclude=()):
+    def pick(self, exclude=(), request=None):
         raise RuntimeError("picker broke")
 
 

@@ -14,11 +14,13 @@ from rrbalancer import plugins as pluginsPackage
 from rrbalancer.backends import BackendGroup
 from rrbalancer.config import BackendConfig, HealthConfig, buildConfig
 from rrbalancer.policies import (
+    ConsistentHash,
     LeastConnections,
     PowerOfTwoChoices,
     WeightedRandom,
     policyFor,
     policyNames,
+    requestKey,
 )
 from rrbalancer.settings import ConfigError
 
@@ -31,6 +33,139 @@ def group(policy, *weights, clock=None):
         g.add(BackendConfig(f"http://127.0.0.1:{8081 + n}", weight=w)) for n, w in enumerate(weights)
     ]
     return g, backends
+
+
+class _Request:
+    """
+    What the hash keys read of a request.
+    """
+
+    def __init__(self, path=b"/", client="192.0.2.7", headers=None, cookies=None):
+        from twisted.internet.address import IPv4Address
+        from twisted.web.http_headers import Headers
+
+        self.path = path
+        self._client = IPv4Address("TCP", client, 40000)
+        self.requestHeaders = Headers(headers or {})
+        self._cookies = cookies or {}
+
+    def getClientAddress(self):
+        return self._client
+
+    def getCookie(self, name):
+        return self._cookies.get(name)
+
+
+def byPath(n):
+    return [_Request(path=b"/user/%d" % (i,)) for i in range(n)]
+
+
+class ConsistentHashTests(SynchronousTestCase):
+    def policy(self, balance=1.25):
+        return ConsistentHash(requestKey("path"), balance)
+
+    def placement(self, g, requests):
+        return [g.pick(request=r) for r in requests]
+
+    def test_sameKeySameBackend(self):
+        g, backends = group(self.policy(), 1, 1, 1)
+        requests = byPath(300)
+        first = self.placement(g, requests)
+        self.assertEqual(self.placement(g, requests), first)
+        # Spread over all of them, roughly evenly.
+        counts = [first.count(b) for b in backends]
+        self.assertTrue(all(60 < c < 140 for c in counts), counts)
+
+    def test_addingMovesOnlyItsShare(self):
+        """
+        A new backend takes keys from the others, and no key moves between
+        two old backends; removing it gives exactly those keys back.
+        """
+        g, backends = group(self.policy(), 1, 1, 1)
+        requests = byPath(1000)
+        before = self.placement(g, requests)
+        new = g.add(BackendConfig("http://127.0.0.1:9999"))
+        after = self.placement(g, requests)
+        moved = [(a, b) for a, b in zip(before, after) if a is not b]
+        self.assertTrue(all(b is new for _, b in moved))
+        self.assertTrue(150 < len(moved) < 350, len(moved))
+        g.remove(new)
+        self.assertEqual(self.placement(g, requests), before)
+
+    def test_downBackendKeysComeBack(self):
+        g, (a, b, c) = group(self.policy(), 1, 1, 1)
+        requests = byPath(500)
+        before = self.placement(g, requests)
+        b.setAdminState("draining", "test")
+        during = self.placement(g, requests)
+        self.assertNotIn(b, during)
+        self.assertEqual(
+            [x for x, y in zip(before, during) if x is not y and x is not b], []
+        )
+        b.setAdminState("up", "test")
+        self.assertEqual(self.placement(g, requests), before)
+
+    def test_boundedLoad(self):
+        """
+        One hot key cannot pile more than the bound onto its backend: with
+        its backend over 1.25 × the mean in flight, the key goes on round
+        the ring.
+        """
+        g, (a, b, c, d) = group(self.policy(1.25), 1, 1, 1, 1)
+        hot = _Request(path=b"/hot")
+        placed = []
+        for _ in range(40):
+            backend = g.pick(request=hot)
+            backend.active += 1
+            placed.append(backend)
+        counts = sorted(placed.count(x) for x in (a, b, c, d))
+        # Never over 1.25 × (40 / 4) + 1.
+        self.assertLessEqual(counts[-1], 13)
+        self.assertEqual(sum(counts), 40)
+        # Once the load is gone the key is home again.
+        home = placed[0]
+        for x in (a, b, c, d):
+            x.active = 0
+        self.assertIs(g.pick(request=hot), home)
+
+    def test_weights(self):
+        g, (a, b) = group(self.policy(balance=100), 1, 3)
+        placed = self.placement(g, byPath(2000))
+        share = placed.count(b) / 2000
+        self.assertTrue(0.67 < share < 0.83, share)
+
+    def test_excludeAndNoKey(self):
+        g, (a, b) = group(ConsistentHash(requestKey("header:X-User")), 1, 1)
+        user = _Request(headers={b"x-user": [b"alice"]})
+        home = g.pick(request=user)
+        other = g.pick(exclude=[home], request=user)
+        self.assertIsNotNone(other)
+        self.assertIsNot(other, home)
+        # Without the header: round robin, not one backend for all.
+        self.assertEqual({g.pick(request=_Request()) for _ in range(4)}, {a, b})
+
+    def test_keys(self):
+        request = _Request(
+            path=b"/p", client="198.51.100.9", headers={b"x-user": [b"a", b"b"]},
+            cookies={b"sid": b"s1"},
+        )
+        self.assertEqual(requestKey("client-ip")(request), b"198.51.100.9")
+        self.assertEqual(requestKey("path")(request), b"/p")
+        self.assertEqual(requestKey("header:X-User")(request), b"a,b")
+        self.assertEqual(requestKey("cookie:sid")(request), b"s1")
+        self.assertIsNone(requestKey("cookie:other")(request))
+
+    def test_settings(self):
+        config = buildConfig({"backend": ["http://a:1"], "balance": "hash",
+                              "hash_key": "cookie:sid", "hash_balance": 2})
+        policy = policyFor(config, Clock())
+        self.assertIsInstance(policy, ConsistentHash)
+        self.assertEqual(policy.balance, 2.0)
+        for bad in ("ip", "header:", "cookie:a b"):
+            e = self.assertRaises(ConfigError, buildConfig,
+                                  {"backend": ["http://a:1"], "hash_key": bad})
+            self.assertIn("is not a hash key", str(e))
+        self.assertRaises(ConfigError, buildConfig, {"backend": ["http://a:1"], "hash_balance": 0.5})
 
 
 class LeastConnectionsTests(SynchronousTestCase):
@@ -154,7 +289,7 @@ class First(RoundRobin):
 
     name = "first"
 
-    def pick(self, candidates, exclude):
+    def pick(self, candidates, exclude, request):
         return next((b for b in candidates if b not in exclude), None)
 
 
