@@ -655,7 +655,8 @@ class BackendGroup:
     def _judgePanic(self) -> None:
         enabled = len(self._enabledPrimaries)
         panicking = (
-            enabled > 0
+            self.panicThreshold > 0
+            and enabled > 0
             and not len(self._backups)
             and len(self._primaries) * 100 < self.panicThreshold * enabled
         )
@@ -759,6 +760,23 @@ class BackendGroup:
         if choice is not None and exclude:
             self.retries += 1
         return choice
+
+    def rebalance(self, policy, ejection: Ejection, slowStart: float, panicThreshold: int) -> None:
+        """
+        Take new balancing settings (a reload): what the old policy learnt
+        is dropped, ejections and ramps under way run their course.
+        """
+        self.policy = policy
+        self.ejection = ejection
+        self.slowStart = slowStart
+        if panicThreshold != self.panicThreshold:
+            self.panicThreshold = panicThreshold
+            self._enabledPrimaries = Candidates(_addedOrder)
+            if panicThreshold:
+                for backend in self._backends.values():
+                    self._place(backend)
+            else:
+                self._judgePanic()
 
     def byStickyID(self, stickyID: str) -> Optional[Backend]:
         """

@@ -3,7 +3,9 @@ Config reload: SIGHUP (or C{POST /api/reload}) re-reads the C{--config}
 file and applies its backends to the running group (the signal is wired in
 L{rrbalancer.service}).
 
-Only the backends change.  Those the file lists are added (taking traffic
+The backends change, and so do the balancing settings (the policy and its
+parameters, slow start, ejection, the panic threshold).  Backends the file
+lists are added (taking traffic
 once their first health check passes), changed in place (weight, backup:
 their connections and requests in flight stay), or, when the file no longer
 lists them, drained and removed without cutting a request.  Backends that
@@ -17,8 +19,16 @@ from typing import Callable, Dict, List, Optional
 
 from twisted.logger import Logger
 
-from .backends import Backend, BackendGroup
+from .backends import Backend, BackendGroup, Ejection
 from .config import RELOADABLE, Config, ConfigError, loadConfig
+from .policies import policyFor
+
+# The settings that make the group's balancing: a change to any of them
+# gives the group a new policy and parameters.
+BALANCING = (
+    "balance", "hashKey", "hashBalance", "ewmaDecay", "slowStart", "panicThreshold",
+    "ejectAfter", "ejectTime", "ejectOn5xx", "maxEjectedPercent",
+)
 
 
 class Reloader:
@@ -123,6 +133,14 @@ class Reloader:
                 group.retire(backend, f"{reason}: no longer in the file")
                 removed.append(backend.url)
         self.managed = wanted
+        if any(getattr(new, name) != getattr(self.config, name) for name in BALANCING):
+            group.rebalance(
+                policyFor(new, group._clock),
+                Ejection.fromConfig(new),
+                new.slowStart,
+                new.panicThreshold,
+            )
+            changed.append("balancing")
         ignored = [
             f.name
             for f in fields(Config)

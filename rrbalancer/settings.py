@@ -595,42 +595,42 @@ SETTINGS: Tuple[Setting, ...] = (
        "robin), least-conn (fewest requests in flight for the weight), random "
        "(weighted), p2c (two at random, the faster by peak-EWMA latency times "
        "load), hash (consistent hashing with bounded loads on --hash-key), or "
-       "a policy a plugin offers.", metavar="NAME"),
+       "a policy a plugin offers.", metavar="NAME", reloadable=True),
     _s("hash_key", "hashKey", parseHashKey, "client-ip",
        "hash: what is hashed: client-ip (the peer's address), path, header:NAME "
        "or cookie:NAME. A request without it is balanced round robin.",
-       metavar="KEY"),
+       metavar="KEY", reloadable=True),
     _s("hash_balance", "hashBalance", lambda v, n: number(v, n, minimum=1.0), 1.25,
        "hash: no backend takes more than this many times the mean of the "
        "requests in flight (for its weight); past it, a key goes on round the "
-       "ring to the next backend.", metavar="F"),
+       "ring to the next backend.", metavar="F", reloadable=True),
     _s("ewma_decay", "ewmaDecay", seconds, 10.0,
        "p2c: the time constant, in seconds, over which a backend's slow "
-       "answers are forgotten.", metavar="S"),
+       "answers are forgotten.", metavar="S", reloadable=True),
     _s("slow_start", "slowStart", secondsOrZero, 0.0,
        "A backend that comes up (added at run time, enabled again, recovered "
        "or readmitted) ramps from a tenth of its weight to all of it over this "
        "many seconds, in every policy; 0 is off. Backends there at start take "
-       "their full weight at once.", metavar="S"),
+       "their full weight at once.", metavar="S", reloadable=True),
     _s("panic_threshold", "panicThreshold", percent, 0,
        "When fewer than this percent of the enabled primaries are up and no "
        "backup is, spread requests over every enabled primary whatever its "
        "health (Envoy's panic mode), so that the last healthy one is not "
-       "crushed while checks flap; 0 is off.", metavar="PERCENT"),
+       "crushed while checks flap; 0 is off.", metavar="PERCENT", reloadable=True),
     _s("eject_after", "ejectAfter", count, 5,
        "Failures in a row seen on client requests (no connection, a reset, a "
        "timeout, a response cut short; 5xx too with --eject-on-5xx) that eject "
        "a backend for a while, apart from the active checks; 0 is off.",
-       metavar="N"),
+       metavar="N", reloadable=True),
     _s("eject_time", "ejectTime", seconds, 30.0,
        "How long an ejection lasts, times the number of times the backend was "
        "ejected (capped at 300 s; the count starts again after 300 s without "
-       "one).", metavar="S"),
+       "one).", metavar="S", reloadable=True),
     _s("eject_on_5xx", "ejectOn5xx", boolean, False,
-       "Count 5xx answers as failures for --eject-after.", switch=True),
+       "Count 5xx answers as failures for --eject-after.", switch=True, reloadable=True),
     _s("max_ejected_percent", "maxEjectedPercent", percent, 50,
        "Never eject more than this percent of the backends at once (rounded "
-       "down: one backend alone is never ejected at 50).", metavar="PERCENT"),
+       "down: one backend alone is never ejected at 50).", metavar="PERCENT", reloadable=True),
     _s("sticky_cookie", "stickyCookie", parseCookieName, None,
        "Sticky sessions: the first answer sets this cookie to an opaque id of "
        "the backend (never its address); later requests carrying it go to that "

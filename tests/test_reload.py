@@ -177,6 +177,36 @@ class ReloaderTests(SynchronousTestCase):
         self.assertEqual(sorted(result["ignored"]), ["backendTimeout", "ports"])
         self.assertIn("needs a restart", formatEvent(self.events[-1]))
 
+    def test_balancingSettings(self):
+        """
+        The policy and its parameters, slow start, ejection and the panic
+        threshold are applied by a reload.
+        """
+        from rrbalancer.policies import ConsistentHash, RoundRobin
+
+        self.assertIsInstance(self.group.policy, RoundRobin)
+        backends = [("http://127.0.0.1:8081", {}), ("http://127.0.0.1:8082", {"weight": 2}),
+                    ("http://127.0.0.1:8083", {})]
+        self.file.write(toml(backends, 'balance = "hash"\nhash_key = "path"\nslow_start = 20\n'
+                             'eject_after = 2\npanic_threshold = 50\n' + HEADER))
+        result = self.reloader.reload()
+        self.assertEqual((result["changed"], result["ignored"]), (["balancing"], []))
+        self.assertIsInstance(self.group.policy, ConsistentHash)
+        self.assertEqual(self.group.slowStart, 20)
+        self.assertEqual(self.group.ejection.after, 2)
+        one, two, three = self.group
+        for backend in (one, two):
+            backend.setAdminState("draining", "test")
+        # Two of three primaries are draining (not enabled): one of one up.
+        self.assertFalse(self.group.panicking)
+        for _ in range(3):
+            three.recordCheck(False, "bad")
+        self.assertTrue(self.group.panicking)
+        self.file.write(toml(backends, HEADER))
+        self.reloader.reload()
+        self.assertFalse(self.group.panicking)
+        self.assertIsInstance(self.group.policy, RoundRobin)
+
     def test_commandLineStillOverrides(self):
         """
         The flags given with --config still override the file on reload.
