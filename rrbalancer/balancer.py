@@ -12,6 +12,7 @@ a site of its own::
     root.putChild(b"api", balancer.resource())
 """
 
+import ipaddress
 import os
 from typing import Any, Iterable, Optional
 
@@ -23,6 +24,7 @@ from .config import Config, buildConfig, loadConfig
 from .health import HealthChecker
 from .policies import policyFor
 from .interfaces import IHealthChecker
+from .limits import Limits, RateLimiter
 from .proxy import BackendProxyResource, BalancerResource
 from .settings import BackendConfig
 from .sticky import StickyCookie
@@ -58,6 +60,7 @@ class Balancer(MultiService):
         asks; add and remove backends there at run time.
     @ivar healthChecker: the active checks (L{IHealthChecker}), or None when
         they are off.
+    @ivar limits: the client rate limits (L{rrbalancer.limits.Limits}).
     """
 
     log = Logger()
@@ -112,8 +115,14 @@ class Balancer(MultiService):
         sticky = None
         if config.stickyCookie is not None:
             sticky = StickyCookie(config.stickyCookie, self.group)
+        trusted = tuple(ipaddress.ip_network(n) for n in config.trustedProxies)
+        self.limits = limits = Limits(
+            (RateLimiter(limit, reactor, trusted, str(n))
+             for n, limit in enumerate(config.limits)),
+            reactor,
+        )
         self._resource = BalancerResource(
-            self.group, config.requestIDHeader, config.via, sticky
+            self.group, config.requestIDHeader, config.via, sticky, limits
         )
 
     @classmethod

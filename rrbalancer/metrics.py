@@ -123,9 +123,11 @@ class Metrics:
     """
 
     def __init__(
-        self, group: BackendGroup, site=None, clock=None, perBackend: bool = True, health=None
+        self, group: BackendGroup, site=None, clock=None, perBackend: bool = True, health=None,
+        limits=None,
     ) -> None:
         self.group = group
+        self.limits = limits
         self.site = site
         self.health = health
         self.clock = clock
@@ -177,6 +179,20 @@ class Metrics:
                   "whatever its health), else 0.", 1 if self.group.panicking else 0)
         yield one("rrbalancer_panics", "counter",
                   "Times the panic threshold was crossed.", self.group.panics)
+        limiters = self.limits.limiters if self.limits else ()
+        if limiters:
+            yield head("rrbalancer_rate_limit_requests", "counter",
+                       "Requests a rate limit saw, by outcome (passed, delayed, rejected, "
+                       "dry_run: would have been rejected, unkeyed: without the key).",
+                       openMetrics)
+            for limiter in limiters:
+                for outcome, count in limiter.counts.items():
+                    yield (f'rrbalancer_rate_limit_requests_total{{limit="{limiter.name}",'
+                           f'outcome="{outcome}"}} {count}\n')
+            yield head("rrbalancer_rate_limit_keys", "gauge",
+                       "Keys a rate limit remembers now (bounded by its max_keys).", openMetrics)
+            for limiter in limiters:
+                yield f'rrbalancer_rate_limit_keys{{limit="{limiter.name}"}} {len(limiter)}\n'
         counts = dict.fromkeys(STATES, 0)
         for backend in backends:
             counts[backend.state] += 1

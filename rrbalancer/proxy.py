@@ -51,6 +51,10 @@ IDEMPOTENT_METHODS = frozenset(
     [b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"]
 )
 RETRY_AFTER_SECONDS = b"5"
+# Response headers the balancer sets before the backend answers, kept
+# beside the backend's: its own answer to the client's "Connection: close"
+# (set by Twisted), and a rate limit's quota.
+_OWN_RESPONSE_HEADERS = (b"connection", b"ratelimit-policy", b"ratelimit")
 
 
 def bodyLength(content) -> int:
@@ -422,9 +426,11 @@ class _Attempt:
         out = Headers()
         # The balancer's own answer to the client's "Connection: close" (set
         # by Twisted) is about the client connection: keep it.
-        connection = request.responseHeaders.getRawHeaders(b"connection")
-        if connection:
-            out.setRawHeaders(b"connection", connection)
+        before = request.responseHeaders
+        for name in _OWN_RESPONSE_HEADERS:
+            values = before.getRawHeaders(name)
+            if values:
+                out.setRawHeaders(name, values)
         host = request.requestHeaders.getRawHeaders(b"host")
         if host is not None:
             host = host[0]
@@ -530,18 +536,41 @@ def _render(resource, request, picker: IPicker, target: bytes, prefix=None):
             picker, request, target, prefix, resource.requestIDHeader, via,
             resource.sticky,
         )
+        limits = resource.limits
+        if limits:
+            def refuse(retryAfter: int, reason: str) -> None:
+                forwarding.answer(
+                    429, b"Too Many Requests", retryAfter=b"%d" % (retryAfter,)
+                )
+
+            limits.gate(request, lambda: _start(resource, request, forwarding), refuse)
+        else:
+            forwarding.next()
+    except Exception:
+        _failed(resource, request, forwarding)
+    return NOT_DONE_YET
+
+
+def _start(resource, request, forwarding: _Forwarding) -> None:
+    """
+    Forward a request a limit held for a while.
+    """
+    try:
         forwarding.next()
     except Exception:
-        resource.log.failure(
-            "proxying {method} {target} failed",
-            method=request.method.decode("latin-1"),
-            target=target.decode("latin-1"),
-        )
-        if forwarding is None:
-            respondWithError(request, 500, b"Internal Server Error")
-        else:
-            forwarding.answer(500, b"Internal Server Error")
-    return NOT_DONE_YET
+        _failed(resource, request, forwarding)
+
+
+def _failed(resource, request, forwarding: Optional[_Forwarding]) -> None:
+    resource.log.failure(
+        "proxying {method} {target} failed",
+        method=request.method.decode("latin-1"),
+        target=request.uri.decode("latin-1"),
+    )
+    if forwarding is None:
+        respondWithError(request, 500, b"Internal Server Error")
+    else:
+        forwarding.answer(500, b"Internal Server Error")
 
 
 def _headerName(name: Optional[str]) -> Optional[bytes]:
@@ -595,8 +624,10 @@ class BackendProxyResource(ReverseProxyResource):
     """
 
     log = Logger()
-    # A resource for one backend has no other to stick a client to.
+    # A resource for one backend has no other to stick a client to, and
+    # no limits of its own.
     sticky = None
+    limits = None
 
     def __init__(
         self,
@@ -715,6 +746,7 @@ class BalancerResource(Resource):
         requestIDHeader: Optional[str] = "X-Request-ID",
         via: Optional[str] = None,
         sticky=None,
+        limits=None,
     ) -> None:
         """
         @param requestIDHeader: the header that carries a request's id to
@@ -722,10 +754,13 @@ class BalancerResource(Resource):
         @param via: this balancer's name in C{Via}, or None to send none.
         @param sticky: a L{rrbalancer.sticky.StickyCookie} that sends a
             client back to its backend, or None.
+        @param limits: the client rate limits (L{rrbalancer.limits.Limits})
+            a request passes before a backend is picked, or None.
         """
         Resource.__init__(self)
         self.picker = picker
         self.sticky = sticky
+        self.limits = limits
         self.requestIDHeader = _headerName(requestIDHeader)
         self.viaName = _viaName(via)
 

@@ -109,7 +109,8 @@ class BalancerService(MultiService):
             self.demo.setServiceParent(self)
         self.reloader = Reloader(config, self.group, onAdded=self.checkNow)
         self.metrics = Metrics(
-            self.group, self.site, reactor, config.metricsPerBackend, self.healthChecker
+            self.group, self.site, reactor, config.metricsPerBackend, self.healthChecker,
+            self.balancer.limits,
         )
         if config.admin is not None:
             # Before the client ports: an admin port in use stops the start

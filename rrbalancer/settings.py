@@ -320,6 +320,87 @@ def parseBackends(value: Any, name: str = "backend") -> Tuple[BackendConfig, ...
     return backends
 
 
+LIMIT_KEYS = (
+    "rate", "period", "burst", "key", "mode", "max_delay", "max_inflight", "dry_run",
+    "max_keys", "headers",
+)
+_PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _parseRate(text: str, name: str) -> Tuple[float, float]:
+    """
+    C{10/s}, C{600/m}, C{100/10s}: a number of requests per period.
+    """
+    count, sep, per = text.partition("/")
+    if not sep or not per or per[-1] not in _PERIODS:
+        raise ConfigError(f"{name}: {text!r} is not a rate (like 10/s, 600/m or 100/10s)")
+    many = per[:-1] or "1"
+    rate = number(count, name, positive=True)
+    period = number(many, name, positive=True) * _PERIODS[per[-1]]
+    return rate, period
+
+
+def parseLimit(spec: Any, name: str = "limit"):
+    """
+    The command line's C{RATE[,burst=N][,key=K]...}, or a C{[[limit]]}
+    table.
+    """
+    from .limits import DELAY, REJECT, RateLimit
+
+    if isinstance(spec, Mapping):
+        unknown = sorted(set(spec) - set(LIMIT_KEYS))
+        if unknown:
+            raise ConfigError(f"{name}: unknown key {unknown[0]!r}{_nearest(unknown[0], LIMIT_KEYS)}")
+        if "rate" not in spec:
+            raise ConfigError(f"{name}: every limit needs a rate")
+        options = dict(spec)
+        rate = number(options.pop("rate"), f"{name}: rate", positive=True)
+        period = number(options.pop("period", 1), f"{name}: period", positive=True)
+    else:
+        text = string(spec, name)
+        first, *rest = [part.strip() for part in text.split(",")]
+        rate, period = _parseRate(first, name)
+        options = {}
+        for part in rest:
+            key, sep, val = (p.strip() for p in part.partition("="))
+            if key == "dry_run" and not sep:
+                options["dry_run"] = True
+            elif key == "headers" and not sep:
+                options["headers"] = True
+            elif key in LIMIT_KEYS and key not in ("rate", "period") and sep:
+                options[key] = val
+            else:
+                raise ConfigError(
+                    f"{name}: unknown option {part!r} in {text!r} (expected "
+                    "burst=N, key=K, mode=reject|delay, max_delay=S, max_inflight=N, "
+                    "max_keys=N, dry_run or headers)"
+                )
+    key = string(options.get("key", "client_ip"), f"{name}: key").strip()
+    if key not in ("client_ip", "host"):
+        kind, _, field = key.partition(":")
+        if kind != "header" or not field or not set(field) <= _TOKEN:
+            raise ConfigError(f"{name}: key: {key!r} is not client_ip, host or header:NAME")
+    mode = oneOf(REJECT, DELAY)(options.get("mode", REJECT), f"{name}: mode")
+    return RateLimit(
+        rate=rate,
+        period=period,
+        burst=integer(options.get("burst", 0), f"{name}: burst", minimum=0),
+        key=key,
+        mode=mode,
+        maxDelay=number(options.get("max_delay", 1), f"{name}: max_delay"),
+        maxInflight=integer(options.get("max_inflight", 0), f"{name}: max_inflight", minimum=0),
+        dryRun=boolean(options.get("dry_run", False), f"{name}: dry_run"),
+        maxKeys=integer(options.get("max_keys", 100_000), f"{name}: max_keys", minimum=1),
+        headers=boolean(options.get("headers", False), f"{name}: headers"),
+    )
+
+
+def parseLimits(value: Any, name: str = "limit") -> tuple:
+    if isinstance(value, Mapping):
+        raise ConfigError(f"{name}: a single [{name}] table; write [[{name}]] (one per limit)")
+    return tuple(parseLimit(spec, name) for spec in asList(value))
+
+
 def parseVia(value: Any, name: str) -> Optional[str]:
     """
     A Via pseudonym: C{auto}, C{none}, or a token.
@@ -655,6 +736,15 @@ SETTINGS: Tuple[Setting, ...] = (
        "The name this balancer gives itself in the Via header of the requests "
        "it forwards; a request that comes back with it (a loop) gets 508. auto "
        "makes one per balancer; none sends no Via.", metavar="NAME|auto|none"),
+    _s("limit", "limits", parseLimits, (),
+       "A client rate limit (a token bucket per key, checked before a backend "
+       "is picked): RATE like 10/s, 600/m or 100/10s, then options: burst=N "
+       "(default: the rate), key=client_ip|host|header:NAME, mode=reject|delay "
+       "(429, or hold up to max_delay=S seconds), max_inflight=N per key, "
+       "max_keys=N remembered (100000), dry_run, headers (the IETF RateLimit "
+       "headers). TOML: [[limit]] tables with those keys. Repeatable.",
+       flag="rate-limit", repeatable=True, reloadable=False,
+       metavar="RATE[,burst=N][,key=K]..."),
     _s("access_log", "accessLog", logFile, None,
        "Write an NCSA combined access log here; - is standard output.",
        path=True, metavar="PATH"),

@@ -423,7 +423,13 @@ class AdminAPI:
         admin = None
         inFlight = None
         config = None
+        limits: List[Dict[str, Any]] = []
         if service is not None:
+            for limiter in service.balancer.limits.limiters:
+                limits.append(
+                    {"limit": limiter.limit.describe(), "keys": len(limiter),
+                     "requests": dict(limiter.counts)}
+                )
             for listener in service.listeners:
                 address = listener.address()
                 key = listenerKey(listener.port.getHost()) if listener.port is not None else None
@@ -464,6 +470,7 @@ class AdminAPI:
                 "times": self.group.panics,
             },
             "slow_start": self.group.slowStart,
+            "rate_limits": limits,
             "ejection": {
                 "after": self.group.ejection.after,
                 "time": self.group.ejection.time,
