@@ -34,6 +34,7 @@ from zope.interface import implementer
 from .config import BackendConfig, HealthConfig
 from .interfaces import IPicker, IUpstream
 from .policies import RoundRobin
+from .queue import RequestQueue
 from .selection import Candidates
 from .stats import BackendStats
 
@@ -156,6 +157,7 @@ class Backend:
         # joining them ramps its weight up (not for the backends a balancer
         # starts with).
         self.rampStart: Optional[float] = None
+        self._full = False
         self._placed = False
         self._rampOnJoin = False
 
@@ -220,9 +222,16 @@ class Backend:
 
     @active.setter
     def active(self, value: int) -> None:
-        self._active = value
+        old, self._active = self._active, value
         if value > self.peakActive:
             self.peakActive = value
+        group = self._group
+        if group is not None and group.maxConns:
+            limit = group.maxConns
+            if (old >= limit) != (value >= limit):
+                group._place(self)
+                if value < limit:
+                    group._roomMade()
         if value <= 0 and self._idleWaiters:
             waiters, self._idleWaiters = self._idleWaiters, None
             for d in waiters:
@@ -423,6 +432,10 @@ class BackendGroup:
     @param panicThreshold: percent of the enabled primaries below which,
         with no backup up, every enabled primary is picked whatever its
         health; 0 is off.
+    @param maxConns: requests in flight that make a backend full (no
+        policy picks it); 0 is no limit.  Requests that find every backend
+        full wait in C{requestQueue} (of C{queueSize}, for C{queueTimeout}
+        seconds).
     @ivar retries: requests that moved on to another backend after one
         failed them.
     @ivar panicking: the panic threshold is crossed now.
@@ -439,12 +452,19 @@ class BackendGroup:
         ejection: Ejection = Ejection(),
         slowStart: float = 0.0,
         panicThreshold: int = 0,
+        maxConns: int = 0,
+        queueSize: int = 100,
+        queueTimeout: float = 5.0,
     ) -> None:
         self.health = health
         self.policy = policy if policy is not None else RoundRobin()
         self.ejection = ejection
         self.slowStart = slowStart
         self.panicThreshold = panicThreshold
+        self.maxConns = maxConns
+        self.requestQueue = RequestQueue(queueSize, queueTimeout, clock) if maxConns else None
+        # Backends that are up but have their maxConns in flight.
+        self.full = 0
         self._clock = clock
         self._upstream = upstream
         self._backends: Dict[str, Backend] = {}
@@ -542,7 +562,14 @@ class BackendGroup:
         if backend._group is not self:
             return
         primaries, backups = self._primaries, self._backups
-        if backend._healthy and backend._adminState == UP and backend.ejectedUntil is None:
+        available = (
+            backend._healthy and backend._adminState == UP and backend.ejectedUntil is None
+        )
+        full = available and self.maxConns and backend._active >= self.maxConns
+        if full != backend._full:
+            backend._full = full
+            self.full += 1 if full else -1
+        if available and not full:
             weight = backend._weight
             if not backend._placed:
                 backend._placed = True
@@ -556,9 +583,12 @@ class BackendGroup:
             there.remove(backend)
             here.add(backend, weight)
         else:
-            backend._placed = False
-            backend.rampStart = None
-            self._ramping.discard(backend)
+            if not available:
+                # Full, it stays where it is on its ramp; down, it starts
+                # again when it comes back.
+                backend._placed = False
+                backend.rampStart = None
+                self._ramping.discard(backend)
             primaries.remove(backend)
             backups.remove(backend)
         if self.panicThreshold:
@@ -730,6 +760,9 @@ class BackendGroup:
         if backend.ejectedUntil is not None:
             backend.ejectedUntil = None
             self.ejected -= 1
+        if backend._full:
+            backend._full = False
+            self.full -= 1
         backend._group = None
         self._primaries.remove(backend)
         self._backups.remove(backend)
@@ -760,6 +793,33 @@ class BackendGroup:
         if choice is not None and exclude:
             self.retries += 1
         return choice
+
+    def _roomMade(self) -> None:
+        """
+        A full backend finished a request: the oldest waiting request's
+        turn, once the exchange that freed the room has ended.
+        """
+        queue = self.requestQueue
+        if queue is not None and len(queue):
+            self._clock.callLater(0, queue.serve)
+
+    def mustWait(self, served: bool) -> bool:
+        """
+        Should a request wait in the queue rather than be picked a backend
+        now?  Yes while others wait before it, so that the queue is served
+        in order.
+
+        @param served: its turn in the queue has come.
+        """
+        queue = self.requestQueue
+        return queue is not None and not served and len(queue) > 0
+
+    def mayWait(self) -> bool:
+        """
+        No backend could take a request: is it because they are full (so
+        that it may wait for room)?
+        """
+        return self.requestQueue is not None and self.full > 0
 
     def rebalance(self, policy, ejection: Ejection, slowStart: float, panicThreshold: int) -> None:
         """
@@ -792,6 +852,8 @@ class BackendGroup:
         if self._rampCall is not None:
             self._rampCall.cancel()
             self._rampCall = None
+        if self.requestQueue is not None:
+            self.requestQueue.clear()
         for backend in self._backends.values():
             if backend._readmission is not None:
                 backend._readmission.cancel()

@@ -103,6 +103,9 @@ class Balancer(MultiService):
             ejection=Ejection.fromConfig(config),
             slowStart=config.slowStart,
             panicThreshold=config.panicThreshold,
+            maxConns=config.maxConns,
+            queueSize=config.queueSize,
+            queueTimeout=config.queueTimeout,
         )
         for backend in config.backends:
             self.group.add(backend)

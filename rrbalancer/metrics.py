@@ -15,12 +15,14 @@ OpenMetrics 1.0 (the tests read both back with prometheus_client's
 parsers).
 """
 
+import math
 from typing import Callable, Iterator, List, Optional, Tuple
 
 from twisted.web.resource import Resource
 
 from . import __version__
 from .backends import STATES, Backend, BackendGroup
+from .queue import WAIT_BUCKETS
 from .stats import DURATION_BUCKETS
 
 TEXT = "text/plain; version=0.0.4; charset=utf-8"
@@ -179,6 +181,25 @@ class Metrics:
                   "whatever its health), else 0.", 1 if self.group.panicking else 0)
         yield one("rrbalancer_panics", "counter",
                   "Times the panic threshold was crossed.", self.group.panics)
+        queue = self.group.requestQueue
+        if queue is not None:
+            yield one("rrbalancer_queue_length", "gauge",
+                      "Requests waiting for a backend with room (--max-conns).", len(queue))
+            yield one("rrbalancer_queue_peak", "gauge",
+                      "The most requests that have waited at once.", queue.peak)
+            yield head("rrbalancer_queue_requests", "counter",
+                       "Requests that left the queue, by how: served, rejected (the queue "
+                       "was full), timeouts, abandoned (the client left).", openMetrics)
+            for outcome, count in queue.counts.items():
+                yield f'rrbalancer_queue_requests_total{{outcome="{outcome}"}} {count}\n'
+            yield head("rrbalancer_queue_wait_seconds", "histogram",
+                       "How long served requests waited in the queue.", openMetrics)
+            cumulative = 0
+            for bound, count in zip(WAIT_BUCKETS + (math.inf,), queue.waits):
+                cumulative += count
+                yield f'rrbalancer_queue_wait_seconds_bucket{{le="{_bound(bound)}"}} {cumulative}\n'
+            yield f"rrbalancer_queue_wait_seconds_count {cumulative}\n"
+            yield f"rrbalancer_queue_wait_seconds_sum {_number(float(queue.waitSum))}\n"
         limiters = self.limits.limiters if self.limits else ()
         if limiters:
             yield head("rrbalancer_rate_limit_requests", "counter",

@@ -29,6 +29,7 @@ import re
 from typing import List, Optional, Tuple
 from urllib.parse import quote as urlquote
 
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import datetimeToString
@@ -44,6 +45,7 @@ from .client import BackendBusy, BackendError, ConnectError, ProtocolError, Resp
 from .config import Config, HealthConfig
 from .headers import LocationRewriter, requestHead, responseHeaders
 from .interfaces import IPicker, IResponseReceiver, IUpstream
+from .queue import QueueFull
 from .settings import BackendConfig
 from .upstream import connectionPool, trustRoot
 
@@ -217,6 +219,9 @@ class _Forwarding:
         self.attempt: Optional["_Attempt"] = None
         self.clientGone = False
         self.onlyBusy = True
+        # In the queue for a backend with room (see rrbalancer.queue).
+        self.waiting: Optional[Deferred] = None
+        self.served = False
         watch = getattr(request, "watchConnectionLost", None)
         if watch is not None:
             # The balancer's own requests say so without a Deferred.
@@ -226,6 +231,9 @@ class _Forwarding:
 
     def _clientGone(self, reason: Failure) -> None:
         self.clientGone = True
+        if self.waiting is not None:
+            waiting, self.waiting = self.waiting, None
+            waiting.cancel()
         if self.attempt is not None:
             self.attempt.cancel()
 
@@ -239,13 +247,20 @@ class _Forwarding:
             respondWithError(self.request, code, message, retryAfter)
 
     def next(self) -> None:
+        picker = self.picker
+        queueing = getattr(picker, "requestQueue", None) is not None
+        if queueing and picker.mustWait(self.served):
+            self._wait()
+            return
         backend = None
         if self.sticky is not None:
             backend = self.sticky.backendFor(self.request, self.tried)
         if backend is None:
-            backend = self.picker.pick(self.tried, self.request)
+            backend = picker.pick(self.tried, self.request)
         if backend is None:
-            if self.tried and self.onlyBusy:
+            if queueing and picker.mayWait():
+                self._wait()
+            elif self.tried and self.onlyBusy:
                 self.answer(
                     503,
                     b"Service Unavailable: every backend is busy",
@@ -263,6 +278,40 @@ class _Forwarding:
         self.tried.append(backend)
         self.request.attempts = len(self.tried)
         backend.upstream.forward(self, backend)
+
+    def _wait(self) -> None:
+        """
+        Wait in the picker's queue for a backend with room.
+        """
+        d = self.waiting = self.picker.requestQueue.wait(first=self.served)
+        d.addCallbacks(self._turn, self._waitFailed)
+
+    def _turn(self, waited: float) -> None:
+        self.waiting = None
+        self.served = True
+        try:
+            self.next()
+        except Exception:
+            self.log.failure("proxying after the queue failed")
+            self.answer(500, b"Internal Server Error")
+
+    def _waitFailed(self, failure: Failure) -> None:
+        self.waiting = None
+        if failure.check(CancelledError):
+            return
+        full = failure.check(QueueFull) is not None
+        self.log.info(
+            "{method} refused: every backend is full and {why}",
+            method=self.request.method.decode("latin-1"),
+            why="the queue is full" if full else "it waited too long in the queue",
+        )
+        self.answer(
+            503,
+            b"Service Unavailable: every backend is full and so is the queue"
+            if full
+            else b"Service Unavailable: waited too long for a backend",
+            retryAfter=RETRY_AFTER_SECONDS,
+        )
 
     def failed(self, backend: Backend, error: BackendError, retryable: bool) -> None:
         """

@@ -774,13 +774,19 @@ SETTINGS: Tuple[Setting, ...] = (
     _s("max_in_flight", "maxInFlight", count, 0,
        "Past this many requests in flight on the balancer, new ones get 503 with "
        "Retry-After at once (load shedding); 0 is no bound.", metavar="N"),
+    _s("max_conns", "maxConns", count, 0,
+       "Requests in flight that make a backend full (HAProxy's server maxconn): "
+       "no policy picks it, and a request that finds every backend full waits "
+       "in one queue, oldest first (--queue-size, --queue-timeout), then gets "
+       "503; 0 is no limit.", metavar="N"),
     _s("max_connections", "maxConnections", count, 0,
        "Most connections open to one backend; 0 is no limit.", metavar="N"),
     _s("queue_size", "queueSize", count, 100,
-       "Requests that may wait for a connection to a backend at its limit; "
-       "past it, the next backend, then 503.", metavar="N"),
+       "Requests that may wait for a backend with room (--max-conns), or for a "
+       "connection to a backend at --max-connections; past it, 503 at once "
+       "(or the next backend, for a connection).", metavar="N"),
     _s("queue_timeout", "queueTimeout", seconds, 5.0,
-       "Seconds a request may wait in that queue.", metavar="S"),
+       "Seconds a request may wait in that queue before its 503.", metavar="S"),
     _s("max_idle_per_backend", "maxIdlePerBackend", count, 32,
        "Idle kept-alive connections kept per backend.", metavar="N"),
     _s("pool_idle_timeout", "poolIdleTimeout", seconds, 60.0,

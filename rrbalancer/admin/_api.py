@@ -90,6 +90,21 @@ def backendJSON(backend: Backend) -> Dict[str, Any]:
     }
 
 
+def _queueJSON(group: BackendGroup) -> Optional[Dict[str, Any]]:
+    queue = group.requestQueue
+    if queue is None:
+        return None
+    return {
+        "max_conns": group.maxConns,
+        "size": queue.size,
+        "timeout": queue.timeout,
+        "waiting": len(queue),
+        "peak": queue.peak,
+        "full_backends": group.full,
+        **queue.counts,
+    }
+
+
 def _policyFigures(group: Optional[BackendGroup], backend: Backend) -> Dict[str, Any]:
     figures = getattr(group.policy, "figures", None) if group is not None else None
     return figures(backend) if figures is not None else {}
@@ -471,6 +486,7 @@ class AdminAPI:
             },
             "slow_start": self.group.slowStart,
             "rate_limits": limits,
+            "queue": _queueJSON(self.group),
             "ejection": {
                 "after": self.group.ejection.after,
                 "time": self.group.ejection.time,

@@ -331,6 +331,8 @@
       ? `Health checks: GET ${h.path} every ${h.interval}s (up after ${h.rise}, down after ${h.fall})`
       : "Health checks are off";
     note += ` · balancing by ${status.balance}`;
+    const q = status.queue;
+    if (q) note += ` · queue ${q.waiting}/${q.size} (peak ${q.peak}; ${q.rejected} refused, ${q.timeouts} timed out)`;
     const e = status.ejection;
     if (e && e.ejected) note += ` · ${e.ejected} ejected`;
     if (status.panic && status.panic.active) note += ` · PANIC: under ${status.panic.threshold}% of the primaries up, balancing over all of them`;
