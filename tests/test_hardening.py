@@ -23,7 +23,14 @@ and what rrbalancer answers.
 | HTTP/1.1 request without Host, or with two | 400 | 400 |
 | a 64 KiB request target | 414 | 414 |
 | Upgrade: h2c + HTTP2-Settings to a backend that would switch | no tunnel | Upgrade not forwarded; a 101 from the backend is 502 |
+| 100 idle connections to a balancer under ulimit -n 64 | (per worker_connections / maxconn) | those over the limit are accepted and closed at once (Twisted's EMFILE recovery); serves again once they go |
+
+Backend faults (resets, bad framing, extra bytes, 1xx, no answer) have
+their own table in test_faults.
 """
+
+import socket
+import time
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
@@ -41,6 +48,7 @@ from .support import (
     reply,
     startBalancer,
 )
+from .test_plugin import TwistdMixin, get as blockingGet, twistdCommand
 
 
 class _Hardening(unittest.TestCase):
@@ -309,3 +317,51 @@ class UpgradeTests(_Hardening):
         balancer.group.remove(balancer.group.byURL(backend.url))
         response = yield exchange(self.net, balancer.port, request)
         self.assertEqual(response.code, 502)
+
+
+class OutOfFileDescriptorsTests(TwistdMixin, unittest.TestCase):
+    """
+    A balancer run with a low C{ulimit -n}, flooded with idle connections
+    until it can accept no more, keeps the ones it has, and serves again
+    once they are gone.
+    """
+
+    timeout = 60
+
+    def test_floodThenRecover(self):
+        process = self.start(
+            "-n", "--pidfile=", "rrbalancer", "--demo", "--admin", "none",
+            "--no-health-checks", "--port", "tcp:0:interface=127.0.0.1",
+            command=["sh", "-c", 'ulimit -n 64 && exec "$@"', "sh"] + twistdCommand(),
+        )
+        port = self.listeningPort(process)
+        self.assertDemoRotation(process, port)
+        flood = []
+        try:
+            for _ in range(100):
+                s = socket.create_connection(("127.0.0.1", port), timeout=3)
+                flood.append(s)
+            # The kernel queues what the balancer cannot accept; a request
+            # now may wait, and must not bring the balancer down.
+            time.sleep(0.5)
+            self.assertIsNone(process.poll(), self.describe(process))
+        finally:
+            for s in flood:
+                s.close()
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                status, body = blockingGet(port)
+                if status == 200:
+                    break
+            except OSError:
+                pass
+            self.assertLess(time.monotonic(), deadline, "not serving again" + self.describe(process))
+            time.sleep(0.1)
+        self.assertDemoRotation(process, port)
+        self.assertIsNone(process.poll(), self.describe(process))
+        out, err = self.output(process)
+        # The flood did reach the limit: Twisted closed what it could not keep.
+        self.assertIn("EMFILE", out + err)
+        self.assertNotIn("Traceback", out + err, self.describe(process))
+        self.assertStopsCleanly(process)
