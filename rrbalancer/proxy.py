@@ -514,6 +514,9 @@ class _Attempt:
             toBackend=fromClient,
             clientConsumer=channel,
         )
+        if _twisted.waitingForTransport(channel):
+            # The client's transport is full and will not say so again.
+            tunnel.backend.pauseProducing()
         self._end()
 
     def responseBody(self, data: bytes) -> None:

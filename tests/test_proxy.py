@@ -1154,6 +1154,20 @@ class UpgradeMemoryTests(_InMemory):
         backend.producer.resumeProducing()
         self.assertEqual(transport.producerState, "producing")
 
+    def test_clientAlreadyFull(self):
+        """
+        A client whose transport was full before the switch (it did not
+        read the 101 yet) holds the backend back from the start.
+        """
+        balancer = MemoryBalancer()
+        channel, transport = self.request(balancer, UPGRADE)
+        transport.producer.pauseProducing()
+        protocol, backend = balancer.backendConnection()
+        protocol.dataReceived(SWITCH)
+        self.assertEqual(backend.producerState, "paused")
+        transport.producer.resumeProducing()
+        self.assertEqual(backend.producerState, "producing")
+
     def test_clientTimeoutsOff(self):
         """
         An HTTP connection's idle timeout does not apply to a tunnel; the
