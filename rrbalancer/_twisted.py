@@ -20,6 +20,7 @@ __all__ = [
     "IOpenSSLTrustRoot",
     "handlingRequest",
     "headSoFar",
+    "takeBuffered",
     "waitingForTransport",
     "writeNow",
 ]
@@ -39,6 +40,17 @@ def headSoFar(channel: http.HTTPChannel):
     C{channel} is reading, as it counts them against its own limits.
     """
     return channel._receivedHeaderSize, channel._receivedHeaderCount
+
+
+def takeBuffered(channel: http.HTTPChannel) -> bytes:
+    """
+    The bytes C{channel} read after the request it is handling and holds
+    for the next one (a client that spoke first after an upgrade it asked
+    for), taken out of the channel.
+    """
+    data = b"".join(channel._dataBuffer)
+    channel._dataBuffer = []
+    return data
 
 
 def waitingForTransport(channel: http.HTTPChannel) -> bool:

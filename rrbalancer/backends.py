@@ -37,6 +37,7 @@ from .policies import RoundRobin
 from .queue import RequestQueue
 from .selection import Candidates
 from .stats import BackendStats
+from .tunnel import TunnelCounts
 
 UP = "up"
 DOWN = "down"
@@ -141,6 +142,8 @@ class Backend:
         self.lastChange = clock.seconds()
         self.lastChangeReason = "configured"
         self.stats = BackendStats(clock)
+        # The tunnels (upgraded connections) to it, and what they carried.
+        self.tunnels = TunnelCounts()
         self._passes = 0
         self._fails = 0
         self._awaitingFirstPass = False

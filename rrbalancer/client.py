@@ -15,6 +15,14 @@ this order: C{responseHead(code, reason, headers, contentLength)} once,
 C{responseBody(data)} any number of times, then exactly one of
 C{responseDone()} or C{responseFailed(error)} (C{responseFailed} may also
 come before any head).
+
+A request that offers an upgrade (WebSocket, or any other protocol) may
+instead be answered C{101 Switching Protocols}: then the receiver's
+C{responseSwitched(reason, headers, rest)} is called, and nothing else.  The
+connection has left HTTP; the receiver either makes it one end of a tunnel
+with L{BackendConnection.startTunnel} (C{rest} being the bytes that came
+after the head) or aborts it.  Such a connection never goes back to its
+pool, whatever the answer.
 """
 
 import re
@@ -174,6 +182,26 @@ def _framing(headers: Headers) -> Tuple[List[bytes], List[bytes], List[bytes]]:
     return connection, codings, lengths
 
 
+def _protocolNames(values: List[bytes]) -> Set[bytes]:
+    names = set()
+    for value in values:
+        for item in value.split(b","):
+            name = item.strip().split(b"/", 1)[0].strip().lower()
+            if name:
+                names.add(name)
+    return names
+
+
+def upgradeAccepted(offered: bytes, chosen: List[bytes]) -> bool:
+    """
+    Does a C{101}'s C{Upgrade} (C{chosen}, its values) switch only to
+    protocols the request offered?  (Names compared without their
+    versions and case: C{WebSocket} answers C{websocket}.)
+    """
+    names = _protocolNames(chosen)
+    return bool(names) and names <= _protocolNames([offered])
+
+
 def describeTLSFailure(reason) -> Optional[str]:
     """
     A TLS failure in words (OpenSSL gives a list of tuples), or None when
@@ -211,6 +239,8 @@ class BackendConnection(Protocol):
     _responseStarted = False
     _paused = False
     _timeoutCall = None
+    _upgrade = None
+    _tunnel = None
 
     def __init__(self, pool: "ConnectionPool", clock: IReactorTime) -> None:
         self.pool = pool
@@ -229,6 +259,9 @@ class BackendConnection(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self._receiver is None:
+            if self._tunnel is not None:
+                self._tunnel.dataReceived(data)
+                return
             # Nothing is being asked: bytes now mean the backend is
             # confused or closing; either way the connection is spent.
             self._open = False
@@ -248,6 +281,9 @@ class BackendConnection(Protocol):
         self.pool.lost(self)
         if self._receiver is None:
             self._cancelTimeout()
+            tunnel, self._tunnel = self._tunnel, None
+            if tunnel is not None:
+                tunnel.connectionLost(reason)
             return
         tls = describeTLSFailure(reason)
         if tls is not None and not self._responseStarted:
@@ -310,6 +346,7 @@ class BackendConnection(Protocol):
         isHead: bool,
         receiver,
         timeout: Optional[float],
+        upgrade: Optional[bytes] = None,
     ) -> None:
         """
         Send a request and hand its response to C{receiver}.
@@ -321,12 +358,18 @@ class BackendConnection(Protocol):
             None for no timer at all, where the caller keeps a deadline of
             its own and calls L{abort} when it passes (health checks do, a
             timer per check being what thousands of them cannot afford).
+        @param upgrade: the protocols the request offers in its C{Upgrade}
+            header, when it offers any: a C{101} naming one of them is then
+            a protocol switch, not an error, and the connection is closed
+            after any other answer rather than kept (a backend may take an
+            upgrade it refused as the end of its connection's HTTP).
         """
         self._receiver = receiver
         self._isHead = isHead
         self._decoder = None
         self._buffer = b""
-        self._keepAlive = True
+        self._keepAlive = upgrade is None
+        self._upgrade = upgrade
         self._responseStarted = False
         self._timeout = timeout
         call = self._timeoutCall
@@ -432,7 +475,7 @@ class BackendConnection(Protocol):
                 return
             if code < 200:
                 if code == 101:
-                    self._fail(ProtocolError("unexpected protocol switch"))
+                    self._switch(reason, headers, rest)
                     return
                 # An interim answer (100 Continue, 103 Early Hints): the
                 # final one follows on the same connection.
@@ -441,6 +484,38 @@ class BackendConnection(Protocol):
             self._buffer = b""
             self._startBody(version, code, reason, headers, rest)
             return
+
+    def _switch(self, reason: bytes, headers: Headers, rest: bytes) -> None:
+        """
+        A C{101}: the end of HTTP on this connection, if the request asked
+        for it and the answer names a protocol it offered (RFC 9110 section
+        15.2.2).
+        """
+        if self._upgrade is None:
+            self._fail(ProtocolError("unexpected protocol switch"))
+            return
+        if not self._bodySent:
+            self._fail(ProtocolError("protocol switch before the request body was sent"))
+            return
+        chosen = [value for name, value in headers if name.lower() == b"upgrade"]
+        if not chosen:
+            self._fail(ProtocolError("protocol switch without Upgrade"))
+            return
+        if not upgradeAccepted(self._upgrade, chosen):
+            self._fail(ProtocolError("protocol switch to a protocol not offered"))
+            return
+        receiver = self._receiver
+        self._receiver = None
+        self._buffer = b""
+        self._cancelTimeout()
+        receiver.responseSwitched(reason, headers, rest)
+
+    def startTunnel(self, end) -> None:
+        """
+        After a C{101}: every byte read from now on goes to C{end} (a
+        L{rrbalancer.tunnel.TunnelEnd}), and so does the connection's loss.
+        """
+        self._tunnel = end
 
     def _startBody(self, version, code, reason, headers, rest: bytes) -> None:
         connection, transferCodings, lengths = _framing(headers)
@@ -739,6 +814,16 @@ class ConnectionPool:
         connection = self.idleConnection()
         if connection is not None:
             return succeed(connection)
+        if self._full():
+            return self._wait()
+        return self.connect()
+
+    def acquireFresh(self) -> Deferred:
+        """
+        A connection no exchange has used, for one whose connection will not
+        come back (an upgrade): a new one, or at the connection limit the
+        next one released, which is then out of the pool for good.
+        """
         if self._full():
             return self._wait()
         return self.connect()

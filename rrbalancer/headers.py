@@ -84,6 +84,46 @@ def connectionTokens(values: Optional[Iterable[bytes]]) -> Set[bytes]:
     return tokens
 
 
+# A protocol in an Upgrade header: a token, and a version token after a
+# slash (RFC 9110 section 7.8).
+def _isProtocol(item: bytes) -> bool:
+    name, slash, version = item.partition(b"/")
+    return bool(name) and _TOKEN.issuperset(name) and (
+        not slash or (bool(version) and _TOKEN.issuperset(version))
+    )
+
+
+def upgradeOffer(
+    version: bytes, connection: Optional[Sequence[bytes]], upgrade: Optional[Sequence[bytes]]
+) -> Optional[bytes]:
+    """
+    The C{Upgrade} to pass on with a request, or None when it offers no
+    upgrade that may pass.
+
+    C{Upgrade} and C{Connection: upgrade} are hop-by-hop, but a proxy that
+    dropped them would refuse every WebSocket; they pass together, or not
+    at all: only from an HTTP/1.1 request (HTTP/1.0 has no upgrades) whose
+    C{Connection} names C{upgrade}, and never with C{h2c}, which is an
+    upgrade of this one connection to HTTP/2, not something to tunnel.
+    """
+    if not upgrade or version != b"HTTP/1.1":
+        return None
+    if b"upgrade" not in connectionTokens(connection):
+        return None
+    offered = []
+    for value in upgrade:
+        for item in value.split(b","):
+            item = item.strip(b" \t")
+            if not item:
+                continue
+            if not _isProtocol(item):
+                # A malformed list is no offer at all.
+                return None
+            if item.split(b"/", 1)[0].lower() != b"h2c":
+                offered.append(item)
+    return b", ".join(offered) or None
+
+
 def requestHead(
     method: bytes,
     target: bytes,
@@ -97,6 +137,7 @@ def requestHead(
     extra: Sequence[Tuple[bytes, bytes]] = (),
     style: str = X_FORWARDED,
     trustChain: bool = True,
+    upgrade: Optional[bytes] = None,
 ) -> bytes:
     """
     The request head to send a backend.
@@ -118,6 +159,8 @@ def requestHead(
         a proxy we trust) and append to it; otherwise the chain starts
         here, with the client's address alone, so that nobody can forge
         their address to the backends.
+    @param upgrade: the protocols offered (see L{upgradeOffer}), sent with
+        C{Connection: upgrade}; or None.
     """
     lines = [method + b" " + target + b" HTTP/1.1", b"Host: " + host]
     forwardedFor: List[bytes] = []
@@ -169,6 +212,9 @@ def requestHead(
         lines.append(b"Forwarded: " + b", ".join(forwarded))
     for name, value in extra:
         lines.append(name + b": " + value)
+    if upgrade is not None:
+        lines.append(b"Connection: upgrade")
+        lines.append(b"Upgrade: " + upgrade)
     if bodyLength or hadBody or method in _BODY_METHODS:
         lines.append(b"Content-Length: %d" % (bodyLength,))
     lines.append(b"")

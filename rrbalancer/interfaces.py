@@ -17,6 +17,10 @@ class IResponseReceiver(Interface):
     response here: L{responseHead} once, L{responseBody} any number of
     times, then exactly one of L{responseDone} or L{responseFailed}
     (L{responseFailed} may come before any head).
+
+    One that offers an upgrade with its request also has
+    C{responseSwitched(reason, headers, rest)}, called instead of all these
+    when the backend switches protocols (see L{rrbalancer.client}).
     """
 
     def responseHead(code, reason, headers, contentLength):

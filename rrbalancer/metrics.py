@@ -68,6 +68,11 @@ def _checks(b: Backend):
     return [(',result="pass"', b.checksPassed), (',result="fail"', b.checksFailed)]
 
 
+def _directions(counts):
+    return [(',direction="to_backend"', counts.toBackend),
+            (',direction="to_client"', counts.toClient)]
+
+
 BACKEND_FAMILIES = [
     ("rrbalancer_backend_up", "gauge",
      "1 if the backend takes new requests (healthy and enabled), else 0.",
@@ -104,6 +109,14 @@ BACKEND_FAMILIES = [
     ("rrbalancer_backend_response_bytes", "counter",
      "Response body bytes from the backend sent to clients.",
      _one(lambda b: b.stats.bytesOut)),
+    ("rrbalancer_backend_tunnels_open", "gauge",
+     "Tunnels (WebSocket and other upgraded connections) open to the backend.",
+     _one(lambda b: b.tunnels.open)),
+    ("rrbalancer_backend_tunnels", "counter", "Tunnels opened to the backend.",
+     _one(lambda b: b.tunnels.opened)),
+    ("rrbalancer_backend_tunnel_bytes", "counter",
+     "Bytes carried by the backend's tunnels, by direction.",
+     lambda b: _directions(b.tunnels)),
 ]
 DURATION = (
     "rrbalancer_backend_request_duration_seconds",
@@ -161,6 +174,15 @@ class Metrics:
             yield one("rrbalancer_shed_requests", "counter",
                       "Requests answered 503 at once because too many were in flight.",
                       site.shed)
+            tunnels = site.tunnelCounts
+            yield one("rrbalancer_tunnels_open", "gauge",
+                      "Tunnels (WebSocket and other upgraded connections) open.",
+                      tunnels.open)
+            yield one("rrbalancer_tunnels", "counter", "Tunnels opened.", tunnels.opened)
+            yield head("rrbalancer_tunnel_bytes", "counter",
+                       "Bytes carried by tunnels, by direction.", openMetrics)
+            for suffix, value in _directions(tunnels):
+                yield f"rrbalancer_tunnel_bytes_total{{{suffix[1:]}}} {value}\n"
         if health is not None:
             monitor = health.lagMonitor
             yield one("rrbalancer_event_loop_lag_seconds", "gauge",

@@ -43,10 +43,11 @@ from . import _twisted
 from .backends import Backend
 from .client import BackendBusy, BackendError, ConnectError, ProtocolError, ResponseTimeout
 from .config import Config, HealthConfig
-from .headers import LocationRewriter, requestHead, responseHeaders
+from .headers import LocationRewriter, requestHead, responseHeaders, upgradeOffer
 from .interfaces import IPicker, IResponseReceiver, IUpstream
 from .queue import QueueFull
 from .settings import BackendConfig
+from .tunnel import Tunnel
 from .upstream import connectionPool, trustRoot
 
 IDEMPOTENT_METHODS = frozenset(
@@ -196,9 +197,12 @@ class _Forwarding:
     @ivar target: the request target the backends receive.
     @ivar prefix: where the resource is mounted (C{X-Forwarded-Prefix}),
         or None at the root.
+    @ivar upgrade: the protocols the request offers to switch to, passed
+        on with it, or None.
     """
 
     log = Logger()
+    upgrade = None
 
     def __init__(
         self, picker: IPicker, request, target: bytes, prefix=None, requestIDHeader=None,
@@ -215,6 +219,13 @@ class _Forwarding:
         if via is not None:
             extra.append((b"via", via))
         self.extraHeaders = extra
+        headers = request.requestHeaders
+        offered = headers.getRawHeaders(b"upgrade")
+        if offered is not None and getattr(request, "switchProtocols", None) is not None:
+            # (Only a request of the balancer's own site can leave HTTP.)
+            self.upgrade = upgradeOffer(
+                request.clientproto, headers.getRawHeaders(b"connection"), offered
+            )
         self.tried: List[Backend] = []
         self.attempt: Optional["_Attempt"] = None
         self.clientGone = False
@@ -369,6 +380,11 @@ class _Attempt:
 
     def start(self, fresh: bool = False) -> None:
         pool = self.pool
+        if self.forwarding.upgrade is not None:
+            # Its connection will not go back to the pool: not one from it.
+            d = self._acquiring = pool.acquireFresh()
+            d.addCallbacks(self._connected, self._connectFailed)
+            return
         if not fresh:
             connection = pool.idleConnection()
             if connection is not None:
@@ -439,6 +455,7 @@ class _Attempt:
             self.forwarding.extraHeaders,
             upstream.forwardedStyle,
             trusted,
+            self.forwarding.upgrade,
         )
         self.bytesIn = length
         connection.request(
@@ -448,6 +465,7 @@ class _Attempt:
             request.method == b"HEAD",
             self,
             upstream.timeout,
+            self.forwarding.upgrade,
         )
 
     def _connectFailed(self, failure: Failure) -> None:
@@ -480,23 +498,7 @@ class _Attempt:
             values = before.getRawHeaders(name)
             if values:
                 out.setRawHeaders(name, values)
-        host = request.requestHeaders.getRawHeaders(b"host")
-        if host is not None:
-            host = host[0]
-        else:
-            # An HTTP/1.0 client named no host: the address it reached.
-            local = request.getHost()
-            address = getattr(local, "host", None)
-            if address is None:
-                host = b"localhost"
-            else:
-                if ":" in address:
-                    address = f"[{address}]"
-                host = f"{address}:{local.port}".encode("ascii")
-        clientBase = (b"https://" if request.isSecure() else b"http://") + host
-        rewrite = self.upstream.rewriteLocation
-        prefix = self.forwarding.prefix
-        for name, value in responseHeaders(headers, rewrite, clientBase, prefix):
+        for name, value in self._endToEnd(headers):
             out.addRawHeader(name, value)
         sticky = self.forwarding.sticky
         if sticky is not None:
@@ -514,6 +516,71 @@ class _Attempt:
         if channel is not None and _twisted.waitingForTransport(channel):
             self.connection.pauseProducing()
         request.write(b"")
+
+    def _endToEnd(self, headers):
+        """
+        The backend's end-to-end headers as the client gets them.
+        """
+        request = self.request
+        host = request.requestHeaders.getRawHeaders(b"host")
+        if host is not None:
+            host = host[0]
+        else:
+            # An HTTP/1.0 client named no host: the address it reached.
+            local = request.getHost()
+            address = getattr(local, "host", None)
+            if address is None:
+                host = b"localhost"
+            else:
+                if ":" in address:
+                    address = f"[{address}]"
+                host = f"{address}:{local.port}".encode("ascii")
+        clientBase = (b"https://" if request.isSecure() else b"http://") + host
+        rewrite = self.upstream.rewriteLocation
+        return responseHeaders(headers, rewrite, clientBase, self.forwarding.prefix)
+
+    def responseSwitched(self, reason, headers, rest: bytes) -> None:
+        """
+        The backend switched protocols: pass its C{101} on, and join the
+        two connections into a tunnel.
+        """
+        connection, self.connection = self.connection, None
+        self.started = True
+        self.code = 101
+        request = self.request
+        request.backendURL = self.backend.url
+        request.backendStatus = 101
+        request.setResponseCode(101, reason)
+        lines = [b"HTTP/1.1 101 " + reason]
+        # The hop-by-hop pair that says what the connection becomes.
+        lines.extend(
+            name + b": " + value
+            for name, value in headers
+            if name.lower() in (b"upgrade", b"connection")
+        )
+        lines.extend(name + b": " + value for name, value in self._endToEnd(headers))
+        head = b"\r\n".join(lines) + b"\r\n\r\n"
+        site = request.channel.site
+        tunnel = Tunnel(
+            self.clock, self.upstream.tunnelTimeout, (self.backend.tunnels, site.tunnelCounts)
+        )
+        # Counted before the request stops being: a stopping balancer
+        # waits for either.
+        site.tunnelOpened(tunnel)
+        channel = request.switchProtocols(head)
+        fromClient = channel.startTunnel(tunnel.client)
+        connection.startTunnel(tunnel.backend)
+        tunnel.start(
+            channel.transport,
+            connection.transport,
+            toClient=rest,
+            toBackend=fromClient,
+            clientConsumer=channel,
+        )
+        if _twisted.waitingForTransport(channel):
+            # The client's transport is full and will not say so again.
+            tunnel.backend.pauseProducing()
+        self._end()
 
     def responseBody(self, data: bytes) -> None:
         self.bytesOut += len(data)
@@ -547,7 +614,9 @@ class _Attempt:
             if not self.forwarding.clientGone:
                 request.transport.abortConnection()
             return
-        idempotent = request.method in IDEMPOTENT_METHODS
+        # An upgrade is never sent twice: what the backend did with the
+        # first is unknown (a WebSocket's handshake starts a session).
+        idempotent = request.method in IDEMPOTENT_METHODS and self.forwarding.upgrade is None
         if (
             error.reused
             and not error.gotBytes
@@ -712,6 +781,7 @@ class BackendProxyResource(ReverseProxyResource):
         self.viaName = _viaName(config.via)
         self.trustedProxies = tuple(ipaddress.ip_network(n) for n in config.trustedProxies)
         self.timeout = config.backendTimeout
+        self.tunnelTimeout = config.tunnelTimeout
         self.rewriteLocation = LocationRewriter(self.url)
         if pool is None:
             pool = connectionPool(

@@ -49,7 +49,8 @@ class BalancerService(MultiService):
     The balancer and everything around it that a server process needs.
 
     Stopping closes the listening ports first, then waits for the requests
-    in flight to finish, for at most C{shutdownGrace} seconds.
+    in flight to finish and the tunnels to close, for at most
+    C{shutdownGrace} seconds, then closes what is left.
 
     @ivar config: the settings it was built from.
     @ivar balancer: the backends, their health checks and the proxy
@@ -224,11 +225,13 @@ class BalancerService(MultiService):
     def _drain(self):
         site = self.site
         grace = self.config.shutdownGrace
-        if site.inFlight:
+        if site.inFlight or site.tunnels:
             self.log.info(
-                "stopping: waiting up to {grace}s for {n} requests in flight",
+                "stopping: waiting up to {grace}s for {n} requests in flight"
+                " and {t} tunnels",
                 grace=grace,
                 n=site.inFlight,
+                t=len(site.tunnels),
             )
         deadline = self._clock.seconds() + grace
         d = site.whenIdle()
@@ -236,8 +239,10 @@ class BalancerService(MultiService):
 
         def late(failure):
             self.log.warn(
-                "stopping: {n} requests still in flight after {grace}s",
+                "stopping: {n} requests still in flight and {t} tunnels open"
+                " after {grace}s",
                 n=site.inFlight,
+                t=len(site.tunnels),
                 grace=grace,
             )
 

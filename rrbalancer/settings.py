@@ -756,8 +756,11 @@ SETTINGS: Tuple[Setting, ...] = (
        "A request's id: kept from this header, or made when absent; sent to the "
        "backend and logged. none turns it off.", metavar="NAME|none"),
     _s("shutdown_grace", "shutdownGrace", secondsOrZero, 10.0,
-       "On SIGTERM/SIGINT: stop accepting, let requests in flight finish this "
-       "many seconds, exit 0.", metavar="S"),
+       "On SIGTERM/SIGINT: stop accepting, let requests in flight finish and "
+       "tunnels run this many seconds, close what is left, exit 0.", metavar="S"),
+    _s("tunnel_timeout", "tunnelTimeout", seconds, 3600.0,
+       "A tunnel (a WebSocket or other upgraded connection) with no byte "
+       "either way for this many seconds is closed.", metavar="S"),
     _s("client_timeout", "clientTimeout", seconds, 60.0,
        "Idle client connections are closed after this many seconds.", metavar="S"),
     _s("header_timeout", "headerTimeout", seconds, 10.0,

@@ -18,6 +18,7 @@ from . import _twisted
 from .accesslog import AccessLog
 from .headers import connectionTokens
 from .listeners import describeAddress
+from .tunnel import TunnelCounts
 
 
 class BalancerRequest(Request):
@@ -124,6 +125,29 @@ class BalancerRequest(Request):
         Request.finish(self)
         self._uncount()
 
+    def switchProtocols(self, head: bytes):
+        """
+        The backend switched protocols: write its C{101} head, and end the
+        request as an HTTP exchange there (logged with its 101, as NGINX
+        does, no longer in flight, out of its channel).  The channel is
+        left to carry the tunnel's bytes; it is returned.
+        """
+        channel = self.channel
+        channel.transport.write(head)
+        self.startedWriting = 1
+        self.finished = 1
+        channel.site.log(self)
+        channel.requests.remove(self)
+        self._lostWatcher = None
+        if self.content is not None:
+            self.content.close()
+            self.content = None
+        notifications, self.notifications = self.notifications, []
+        for d in notifications:
+            d.callback(None)
+        self._uncount()
+        return channel
+
     _lostWatcher = None
 
     def watchConnectionLost(self, watcher) -> None:
@@ -219,6 +243,7 @@ class BalancerChannel(HTTPChannel):
     _requestLine = None
     _counted = None
     _host = None
+    _tunnel = None
 
     _peer = None
     _secure = None
@@ -253,7 +278,35 @@ class BalancerChannel(HTTPChannel):
             self.line_mode and not _twisted.handlingRequest(self) and not self._refusedHead
         )
 
+    def startTunnel(self, end) -> bytes:
+        """
+        Leave HTTP: from now on, every byte read goes to C{end} (a
+        L{rrbalancer.tunnel.TunnelEnd}), and so does the connection's loss.
+        The request the switch answered is already out of the channel (see
+        L{BalancerRequest.switchProtocols}).
+
+        @return: the bytes the client sent after that request, held until
+            now: they are the tunnel's first.
+        """
+        self._tunnel = end
+        self.setTimeout(None)
+        self._idleTimeOut = None
+        self._stopHeadTimer()
+        self._stopBodyTimer()
+        return _twisted.takeBuffered(self)
+
+    @property
+    def tunnel(self):
+        """
+        The tunnel's end this connection carries, or None while it speaks
+        HTTP.
+        """
+        return self._tunnel
+
     def dataReceived(self, data):
+        if self._tunnel is not None:
+            self._tunnel.dataReceived(data)
+            return
         if self._headTimer is None and self._readingHead():
             self._headTimer = self.callLater(self.headerTimeout, self._headTimedOut)
         HTTPChannel.dataReceived(self, data)
@@ -377,6 +430,10 @@ class BalancerChannel(HTTPChannel):
             self.setTimeout(idle)
 
     def loseConnection(self):
+        if self._tunnel is not None:
+            # A stopping balancer: the backend's side goes too.
+            self._tunnel.tunnel.close()
+            return
         # Closing for any reason (a 400 from HTTPChannel, an idle timeout)
         # ends the wait for a head or a body: no 408 may follow.
         self._closing = True
@@ -386,6 +443,8 @@ class BalancerChannel(HTTPChannel):
         return HTTPChannel.loseConnection(self)
 
     def connectionLost(self, reason):
+        if self._tunnel is not None:
+            self._tunnel.connectionLost(reason)
         self._closing = True
         self._idleTimeOut = None
         self._stopHeadTimer()
@@ -436,6 +495,10 @@ class BalancerSite(Site):
         self.maxInFlight = maxInFlight
         self.shed = 0
         self.inFlight = 0
+        # Tunnels open through this site's connections, and what all of
+        # them carried.
+        self.tunnels = set()
+        self.tunnelCounts = TunnelCounts()
         self._idleWaiters = []
         self._channels = set()
         self._closedWaiters = []
@@ -503,17 +566,33 @@ class BalancerSite(Site):
 
     def _requestDone(self) -> None:
         self.inFlight -= 1
-        if self.inFlight == 0 and self._idleWaiters:
+        if self.inFlight == 0:
+            self._maybeIdle()
+
+    def _maybeIdle(self) -> None:
+        if self._idleWaiters and self.inFlight == 0 and not self.tunnels:
             waiters, self._idleWaiters = self._idleWaiters, []
             for d in waiters:
                 d.callback(None)
 
+    def tunnelOpened(self, tunnel) -> None:
+        """
+        Count C{tunnel} (a L{Tunnel}) until both its connections are gone:
+        a stopping balancer lets it run as it lets requests finish.
+        """
+        self.tunnels.add(tunnel)
+        tunnel.whenDone(self._tunnelClosed)
+
+    def _tunnelClosed(self, tunnel) -> None:
+        self.tunnels.discard(tunnel)
+        self._maybeIdle()
+
     def whenIdle(self) -> Deferred:
         """
-        Fires when no request is in flight: the point at which a stopping
-        balancer loses nobody's request.
+        Fires when no request is in flight and no tunnel open: the point at
+        which a stopping balancer cuts nobody off.
         """
-        if self.inFlight == 0:
+        if self.inFlight == 0 and not self.tunnels:
             return succeed(None)
         d = Deferred()
         self._idleWaiters.append(d)

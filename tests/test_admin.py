@@ -1207,6 +1207,15 @@ class StatsPageTests(SynchronousTestCase):
         self.assertEqual(body["responses"], {"2xx": 1, "5xx": 1})
         self.assertEqual((body["bytes_in"], body["bytes_out"]), (10, 105))
         self.assertEqual(body["peak_active"], 3)
+        self.assertEqual(body["tunnels"], 0)
+        backend.tunnels.open, backend.tunnels.opened = 2, 5
+        backend.tunnels.toBackend, backend.tunnels.toClient = 30, 400
+        _, tunnels, _, _ = admin.request("GET", "/api/backends/1")
+        self.assertEqual(
+            [tunnels[k] for k in ("tunnels", "tunnels_total", "tunnel_bytes_to_backend",
+                                  "tunnel_bytes_to_client")],
+            [2, 5, 30, 400],
+        )
         self.assertEqual((body["last_check_code"], body["last_check_ms"]), (500, 4.0))
         self.assertEqual((body["times_down"], body["downtime"]), (1, 7.0))
         backend.recordCheck(True, "HTTP 200", code=200, duration=0.001)

@@ -30,9 +30,11 @@ from rrbalancer.client import (
     BackendError,
     ConnectError,
     ConnectionPool,
+    ProtocolError,
     ResponseTimeout,
     _parseHead,
     connectorFor,
+    upgradeAccepted,
     writeNow,
 )
 
@@ -68,6 +70,10 @@ class Receiver:
     def responseFailed(self, error):
         self.events.append("failed")
         self.error = error
+
+    def responseSwitched(self, reason, headers, rest):
+        self.events.append("switched")
+        self.switched = (reason, headers, rest)
 
 
 class _Base(unittest.SynchronousTestCase):
@@ -754,6 +760,124 @@ class LimitTests(_Base):
         for _ in range(5):
             self.exchange()
         self.assertEqual(len(self.opened), 5)
+
+
+class UpgradeTests(_Base):
+    """
+    A request that offers an upgrade: a 101 leaves HTTP, any other answer
+    is an ordinary response on a connection that is then closed.
+    """
+
+    SWITCH = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+    )
+
+    def upgrade(self, response=None, offer=b"websocket", connection=None):
+        connection = connection or self.connection()
+        receiver = Receiver()
+        connection.request(HEAD, None, 0, False, receiver, 10.0, offer)
+        if response is not None:
+            connection.dataReceived(response)
+        return connection, receiver
+
+    def test_switch(self):
+        """
+        The 101's head and the bytes read with it go to the receiver; from
+        then on bytes and the end of the connection go to the tunnel's end,
+        and no timer runs.
+        """
+        connection, receiver = self.upgrade(self.SWITCH + b"\x81\x02hi")
+        self.assertEqual(receiver.events, ["switched"])
+        reason, headers, rest = receiver.switched
+        self.assertEqual(reason, b"Switching Protocols")
+        self.assertIn((b"Upgrade", b"websocket"), headers)
+        self.assertEqual(rest, b"\x81\x02hi")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        end = Receiver()
+        got, lost = [], []
+        end.dataReceived = got.append
+        end.connectionLost = lost.append
+        connection.startTunnel(end)
+        connection.dataReceived(b"more")
+        self.assertEqual(got, [b"more"])
+        self.assertFalse(connection.transport.disconnecting)
+        connection.connectionLost(DONE)
+        self.assertEqual(lost, [DONE])
+        self.assertEqual(receiver.events, ["switched"])
+        self.assertEqual((self.pool.idleCount, self.pool.openCount), (0, 0))
+
+    def test_switchByteByByte(self):
+        connection, receiver = self.upgrade()
+        for i in range(len(self.SWITCH)):
+            connection.dataReceived(self.SWITCH[i : i + 1])
+        self.assertEqual(receiver.events, ["switched"])
+        self.assertEqual(receiver.switched[2], b"")
+
+    def test_interimThenSwitch(self):
+        connection, receiver = self.upgrade(b"HTTP/1.1 100 Continue\r\n\r\n" + self.SWITCH)
+        self.assertEqual(receiver.events, ["switched"])
+
+    def test_neverPooled(self):
+        """
+        An upgrade refused (an ordinary answer) closes its connection after
+        the response rather than keeping it: the backend may take it as the
+        end of the connection's HTTP.
+        """
+        connection, receiver = self.upgrade(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nno")
+        self.assertEqual(receiver.events, ["head", "body", "done"])
+        self.assertEqual(self.pool.idleCount, 0)
+        self.assertTrue(connection.transport.disconnecting)
+
+    def test_notAskedFor(self):
+        """
+        A 101 to a request that offered nothing is an error, as it always
+        was.
+        """
+        connection, receiver = self.exchange(self.SWITCH)
+        self.assertEqual(receiver.events, ["failed"])
+        self.assertIsInstance(receiver.error, ProtocolError)
+
+    def test_badSwitches(self):
+        """
+        A 101 that names no protocol, or one not offered (h2c is never
+        offered), is refused: 502, never a tunnel to something unknown.
+        """
+        for response, message in [
+            (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "without Upgrade"),
+            (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n", "not offered"),
+            (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: \r\n\r\n", "not offered"),
+        ]:
+            connection, receiver = self.upgrade(response)
+            self.assertEqual(receiver.events, ["failed"], response)
+            self.assertIsInstance(receiver.error, ProtocolError)
+            self.assertIn(message, str(receiver.error))
+            self.assertTrue(connection.transport.disconnected)
+
+    def test_accepted(self):
+        self.assertTrue(upgradeAccepted(b"websocket", [b"WebSocket"]))
+        self.assertTrue(upgradeAccepted(b"foo/2, websocket", [b"foo/2"]))
+        self.assertTrue(upgradeAccepted(b"foo/2", [b"foo"]))
+        self.assertFalse(upgradeAccepted(b"websocket", [b"websocket, h2c"]))
+        self.assertFalse(upgradeAccepted(b"websocket", [b""]))
+
+    def test_freshConnection(self):
+        """
+        An upgrade never takes a kept connection: it will not give it back.
+        """
+        kept, _ = self.exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(self.pool.idleCount, 1)
+        fresh = self.successResultOf(self.pool.acquireFresh())
+        self.assertIsNot(fresh, kept)
+        self.assertEqual(self.pool.idleCount, 1)
+
+    def test_freshWaitsAtTheLimit(self):
+        self.pool.maxConnections = 1
+        first, _ = self.exchange()
+        waiting = self.pool.acquireFresh()
+        self.assertNoResult(waiting)
+        first.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertIs(self.successResultOf(waiting), first)
 
 
 class MangledResponseTests(_Base):

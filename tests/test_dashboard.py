@@ -437,7 +437,11 @@ class BrowserTests(TestCase):
             "[...document.querySelectorAll('#backend-rows tr:first-child td')]"
             ".map(td => td.dataset.col)"
         )
-        self.assertTrue({"conns", "down"} <= set(cells), cells)
+        self.assertTrue({"conns", "down", "tunnels"} <= set(cells), cells)
+        tunnels = yield page.evaluate(
+            "document.querySelector('#backend-rows tr:first-child [data-col=tunnels]').textContent"
+        )
+        self.assertEqual(tunnels, "0")
         down = yield page.evaluate(
             "document.querySelector('#backend-rows tr:first-child [data-col=down]').textContent"
         )

@@ -7,7 +7,7 @@ a running balancer.
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial import unittest
 
-from rrbalancer.headers import LocationRewriter, requestHead, responseHeaders
+from rrbalancer.headers import LocationRewriter, requestHead, responseHeaders, upgradeOffer
 
 from rrbalancer.config import BackendConfig
 
@@ -155,6 +155,77 @@ class RequestHeadTests(unittest.SynchronousTestCase):
         self.assertEqual(length(b"GET", 0, True), [b"Content-Length: 0"])
         self.assertEqual(length(b"POST", 0, False), [b"Content-Length: 0"])
         self.assertEqual(length(b"PUT", 7, True), [b"Content-Length: 7"])
+
+
+class UpgradeOfferTests(unittest.SynchronousTestCase):
+    """
+    C{Upgrade} and C{Connection: upgrade} pass as a pair, or not at all.
+    """
+
+    def test_websocket(self):
+        self.assertEqual(upgradeOffer(b"HTTP/1.1", [b"Upgrade"], [b"websocket"]), b"websocket")
+        self.assertEqual(
+            upgradeOffer(b"HTTP/1.1", [b"keep-alive", b" upgrade "], [b"WebSocket"]),
+            b"WebSocket",
+        )
+
+    def test_severalProtocols(self):
+        self.assertEqual(
+            upgradeOffer(b"HTTP/1.1", [b"upgrade"], [b"foo/2, ,bar", b"baz/1.0"]),
+            b"foo/2, bar, baz/1.0",
+        )
+
+    def test_h2cNeverPassed(self):
+        """
+        h2c upgrades this one connection to HTTP/2: hop-by-hop only.
+        """
+        self.assertIsNone(upgradeOffer(b"HTTP/1.1", [b"Upgrade, HTTP2-Settings"], [b"h2c"]))
+        self.assertIsNone(upgradeOffer(b"HTTP/1.1", [b"upgrade"], [b"H2C"]))
+        self.assertEqual(
+            upgradeOffer(b"HTTP/1.1", [b"upgrade"], [b"h2c, websocket"]), b"websocket"
+        )
+
+    def test_noPair(self):
+        """
+        Without C{Connection: upgrade}, from HTTP/1.0, or malformed: none.
+        """
+        self.assertIsNone(upgradeOffer(b"HTTP/1.1", None, [b"websocket"]))
+        self.assertIsNone(upgradeOffer(b"HTTP/1.1", [b"keep-alive"], [b"websocket"]))
+        self.assertIsNone(upgradeOffer(b"HTTP/1.0", [b"upgrade"], [b"websocket"]))
+        self.assertIsNone(upgradeOffer(b"HTTP/1.1", [b"upgrade"], None))
+        self.assertIsNone(upgradeOffer(b"HTTP/1.1", [b"upgrade"], [b""]))
+        for bad in (b"web socket", b"a/", b"/1", b"a/b/c", b"x\x00"):
+            self.assertIsNone(upgradeOffer(b"HTTP/1.1", [b"upgrade"], [bad]), bad)
+
+    def test_inTheHead(self):
+        """
+        The pair is the only hop-by-hop header sent on; whatever else the
+        client's C{Connection} named stays behind.
+        """
+        head = requestHead(
+            b"GET",
+            b"/chat",
+            [
+                (b"Connection", [b"Upgrade, X-Secret"]),
+                (b"Upgrade", [b"websocket"]),
+                (b"X-Secret", [b"1"]),
+                (b"Sec-WebSocket-Key", [b"dGhlIHNhbXBsZSBub25jZQ=="]),
+            ],
+            b"h",
+            b"192.0.2.1",
+            b"http",
+            0,
+            False,
+            upgrade=b"websocket",
+        )
+        lines = head[:-4].split(b"\r\n")
+        self.assertIn(b"Connection: upgrade", lines)
+        self.assertIn(b"Upgrade: websocket", lines)
+        self.assertIn(b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", lines)
+        self.assertEqual(
+            [line for line in lines if line.split(b":")[0].lower() in (b"connection", b"upgrade", b"x-secret")],
+            [b"Connection: upgrade", b"Upgrade: websocket"],
+        )
 
 
 class ResponseHeadersTests(unittest.SynchronousTestCase):

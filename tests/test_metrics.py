@@ -17,6 +17,7 @@ from prometheus_client.openmetrics.parser import (
 )
 
 from rrbalancer.metrics import Metrics, MetricsResource
+from rrbalancer.tunnel import TunnelCounts
 
 
 def makeGroup(urls=("http://127.0.0.1:8081", "http://127.0.0.1:8082"), health=None):
@@ -31,6 +32,13 @@ def makeGroup(urls=("http://127.0.0.1:8081", "http://127.0.0.1:8082"), health=No
 class FakeSite:
     inFlight = 3
     shed = 2
+
+    def __init__(self) -> None:
+        self.tunnelCounts = TunnelCounts()
+        self.tunnelCounts.open = 2
+        self.tunnelCounts.opened = 9
+        self.tunnelCounts.toBackend = 300
+        self.tunnelCounts.toClient = 4000
 
 
 def scrape(group, site=None, clock=None, openMetrics=False, perBackend=True):
@@ -142,6 +150,10 @@ class CollectorTests(SynchronousTestCase):
         self.one.recordPassiveFailure("refused")
         self.one.recordCheck(True, "HTTP 200")
         self.one.recordCheck(False, "HTTP 500")
+        self.one.tunnels.open = 1
+        self.one.tunnels.opened = 5
+        self.one.tunnels.toBackend = 60
+        self.one.tunnels.toClient = 700
         self.two.adminState = DRAINING
         self.group.retries = 7
 
@@ -233,6 +245,28 @@ class CollectorTests(SynchronousTestCase):
         self.assertEqual(
             samples["rrbalancer_backend_response_bytes_total"][(("backend", url),)], 1018
         )
+
+    def test_tunnels(self):
+        """
+        Tunnels open and opened, and the bytes they carried each way: per
+        backend, and for the balancer (from its site, which outlives any
+        backend).
+        """
+        for openMetrics in (False, True):
+            samples, _ = scrape(self.group, FakeSite(), self.clock, openMetrics=openMetrics)
+            one, two = (("backend", self.one.url),), (("backend", self.two.url),)
+            self.assertEqual(samples["rrbalancer_backend_tunnels_open"], {one: 1, two: 0})
+            self.assertEqual(samples["rrbalancer_backend_tunnels_total"], {one: 5, two: 0})
+            carried = samples["rrbalancer_backend_tunnel_bytes_total"]
+            self.assertEqual(carried[one + (("direction", "to_backend"),)], 60)
+            self.assertEqual(carried[one + (("direction", "to_client"),)], 700)
+            self.assertEqual(carried[two + (("direction", "to_client"),)], 0)
+            self.assertEqual(samples["rrbalancer_tunnels_open"][()], 2)
+            self.assertEqual(samples["rrbalancer_tunnels_total"][()], 9)
+            self.assertEqual(
+                samples["rrbalancer_tunnel_bytes_total"],
+                {(("direction", "to_backend"),): 300, (("direction", "to_client"),): 4000},
+            )
 
     def test_removedBackendDisappears(self):
         self.group.remove(self.two)

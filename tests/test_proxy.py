@@ -830,11 +830,7 @@ class TargetTests(_Integration):
 # -- in memory: the clock and backpressure under the test's control --------------------
 
 
-class MemoryTests(unittest.SynchronousTestCase):
-    """
-    The balancer's pieces on string transports and a fake clock.
-    """
-
+class _InMemory(unittest.SynchronousTestCase):
     def request(self, balancer, data=None):
         channel, transport = balancer.client()
         channel.dataReceived(data or get())
@@ -844,6 +840,12 @@ class MemoryTests(unittest.SynchronousTestCase):
         parsed = parseResponse(transport.value(), method, closed=closed)
         self.assertIsNotNone(parsed, transport.value())
         return parsed[0]
+
+
+class MemoryTests(_InMemory):
+    """
+    The balancer's pieces on string transports and a fake clock.
+    """
 
     def test_noAnswerInTime(self):
         """
@@ -1036,3 +1038,281 @@ class MemoryTests(unittest.SynchronousTestCase):
         protocol.dataReceived(ok(b"done"))
         self.assertEqual(self.response(transport).body, b"done")
         self.assertEqual([b.failures for b in balancer.backends], [1, 0])
+
+
+# -- upgrades (WebSocket and others), in memory ---------------------------------------------
+
+UPGRADE = (
+    b"GET /chat HTTP/1.1\r\nHost: balancer.example\r\nConnection: keep-alive, Upgrade\r\n"
+    b"Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n\r\n"
+)
+SWITCH = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+)
+
+
+class UpgradeMemoryTests(_InMemory):
+    """
+    An upgrade through the balancer's pieces: the 101, the tunnel it opens
+    between the two connections, and every other answer.
+    """
+
+    def switched(self, balancer=None, early=b"", rest=b""):
+        """
+        A client whose upgrade the backend accepted: (balancer, channel,
+        client transport, backend protocol, backend transport).
+        """
+        balancer = balancer or MemoryBalancer()
+        self.logged = []
+        balancer.site.log = self.logged.append
+        channel, transport = self.request(balancer, UPGRADE + early)
+        protocol, backend = balancer.backendConnection()
+        protocol.dataReceived(SWITCH + rest)
+        return balancer, channel, transport, protocol, backend
+
+    def test_switch(self):
+        """
+        The backend gets the upgrade with its pair of headers; the client
+        gets the 101 with the backend's headers; then bytes pass both ways,
+        those sent early first.
+        """
+        balancer, channel, transport, protocol, backend = self.switched(
+            early=b"\x81\x03abc", rest=b"\x81\x02hi"
+        )
+        head, _, sent = backend.value().partition(b"\r\n\r\n")
+        lines = head.lower().split(b"\r\n")
+        self.assertIn(b"connection: upgrade", lines)
+        self.assertIn(b"upgrade: websocket", lines)
+        self.assertIn(b"sec-websocket-key: dghlihnhbxbszsbub25jzq==", lines)
+        self.assertEqual(sent, b"\x81\x03abc")
+        self.assertEqual(
+            transport.value(),
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n\x81\x02hi",
+        )
+        channel.dataReceived(b"\x82\x01\x00")
+        protocol.dataReceived(b"\x82\x01\xff")
+        self.assertTrue(backend.value().endswith(b"\x81\x03abc\x82\x01\x00"))
+        self.assertTrue(transport.value().endswith(b"\x81\x02hi\x82\x01\xff"))
+        [b] = balancer.backends
+        self.assertEqual((b.tunnels.open, b.tunnels.toBackend, b.tunnels.toClient), (1, 8, 7))
+        self.assertEqual(balancer.site.tunnelCounts.toClient, 7)
+
+    def test_requestEndsAtTheSwitch(self):
+        """
+        The request is over at the 101: logged with it (as NGINX does), no
+        longer in flight nor on its backend, counted as a 1xx; the tunnel
+        is counted instead.
+        """
+        balancer, channel, transport, protocol, backend = self.switched()
+        [request] = self.logged
+        self.assertEqual(request.code, 101)
+        self.assertEqual(request.backendStatus, 101)
+        self.assertEqual(balancer.site.inFlight, 0)
+        self.assertEqual(len(balancer.site.tunnels), 1)
+        self.assertEqual(channel.requests, [])
+        [b] = balancer.backends
+        self.assertEqual(b.active, 0)
+        self.assertEqual(b.stats.responses, {"1xx": 1})
+        self.assertEqual(b.tunnels.opened, 1)
+
+    def test_eitherSideClosesBoth(self):
+        balancer, channel, transport, protocol, backend = self.switched()
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(backend.disconnecting)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        [b] = balancer.backends
+        self.assertEqual((b.tunnels.open, len(balancer.site.tunnels)), (0, 0))
+        self.assertEqual(b.pool.openCount, 0)
+        self.assertEqual(b.pool.idleCount, 0)
+
+        balancer, channel, transport, protocol, backend = self.switched()
+        protocol.dataReceived(b"\x88\x02\x03\xe8")
+        protocol.connectionLost(Failure(ConnectionLost()))
+        self.assertTrue(transport.disconnecting)
+        self.assertTrue(transport.value().endswith(b"\x88\x02\x03\xe8"))
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(balancer.site.tunnels), 0)
+        self.assertEqual(balancer.site._channels, set())
+
+    def test_backpressure(self):
+        """
+        A client that cannot take more pauses the backend, through the
+        channel that owns the client transport's producer slot; a backend
+        that cannot take more pauses the client.
+        """
+        balancer, channel, transport, protocol, backend = self.switched()
+        transport.producer.pauseProducing()
+        self.assertEqual(backend.producerState, "paused")
+        self.assertEqual(transport.producerState, "producing")
+        transport.producer.resumeProducing()
+        self.assertEqual(backend.producerState, "producing")
+        backend.producer.pauseProducing()
+        self.assertEqual(transport.producerState, "paused")
+        backend.producer.resumeProducing()
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_clientAlreadyFull(self):
+        """
+        A client whose transport was full before the switch (it did not
+        read the 101 yet) holds the backend back from the start.
+        """
+        balancer = MemoryBalancer()
+        channel, transport = self.request(balancer, UPGRADE)
+        transport.producer.pauseProducing()
+        protocol, backend = balancer.backendConnection()
+        protocol.dataReceived(SWITCH)
+        self.assertEqual(backend.producerState, "paused")
+        transport.producer.resumeProducing()
+        self.assertEqual(backend.producerState, "producing")
+
+    def test_clientTimeoutsOff(self):
+        """
+        An HTTP connection's idle timeout does not apply to a tunnel; the
+        tunnel's own does.
+        """
+        balancer, channel, transport, protocol, backend = self.switched(
+            MemoryBalancer(clientTimeout=5, tunnelTimeout=100)
+        )
+        balancer.clock.advance(99)
+        self.assertFalse(transport.disconnecting)
+        channel.dataReceived(b"x")
+        balancer.clock.advance(99)
+        self.assertFalse(transport.disconnecting or backend.disconnecting)
+        balancer.clock.advance(1)
+        self.assertTrue(transport.disconnecting and backend.disconnecting)
+
+    def test_refused(self):
+        """
+        Any other answer to an upgrade is an ordinary response; the backend
+        connection is closed after it, and the client's goes on as HTTP.
+        """
+        balancer = MemoryBalancer()
+        channel, transport = self.request(balancer, UPGRADE)
+        protocol, backend = balancer.backendConnection()
+        protocol.dataReceived(
+            b"HTTP/1.1 426 Upgrade Required\r\nUpgrade: websocket\r\nContent-Length: 4\r\n\r\nnope"
+        )
+        response = self.response(transport)
+        self.assertEqual((response.code, response.body), (426, b"nope"))
+        self.assertEqual(response.header(b"upgrade"), [])
+        self.assertTrue(backend.disconnecting)
+        [b] = balancer.backends
+        self.assertEqual(b.pool.idleCount, 0)
+        self.assertEqual(balancer.site.tunnels, set())
+        channel.dataReceived(get(b"/next"))
+        protocol, backend = balancer.backendConnection()
+        self.assertTrue(backend.value().startswith(b"GET /next HTTP/1.1\r\n"))
+        self.assertNotIn(b"Upgrade", backend.value())
+
+    def test_neverOnAKeptConnection(self):
+        balancer = MemoryBalancer()
+        channel, transport = self.request(balancer)
+        protocol, backend = balancer.backendConnection()
+        protocol.dataReceived(ok())
+        [b] = balancer.backends
+        self.assertEqual(b.pool.idleCount, 1)
+        self.request(balancer, UPGRADE)
+        self.assertEqual(len(balancer.opened[b.id]), 2)
+        self.assertEqual(b.pool.idleCount, 1)
+
+    def test_noAnswerNotRetried(self):
+        """
+        An upgrade the backend does not answer in time is a 504, never sent
+        to another backend.
+        """
+        balancer = MemoryBalancer(
+            ("http://127.0.0.1:8081", "http://127.0.0.1:8082"), backendTimeout=2.0
+        )
+        channel, transport = self.request(balancer, UPGRADE)
+        balancer.clock.advance(2.0)
+        self.assertEqual(self.response(transport).code, 504)
+        self.assertEqual([len(balancer.opened[b.id]) for b in balancer.backends], [1, 0])
+
+    def test_resetNotRetried(self):
+        balancer = MemoryBalancer(("http://127.0.0.1:8081", "http://127.0.0.1:8082"))
+        channel, transport = self.request(balancer, UPGRADE)
+        protocol, backend = balancer.backendConnection()
+        protocol.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.response(transport).code, 502)
+        self.assertEqual([len(balancer.opened[b.id]) for b in balancer.backends], [1, 0])
+
+    def test_refusedConnectionMovesOn(self):
+        """
+        Nothing was sent on a connection that could not be opened: the
+        upgrade goes to the next backend, as any request does.
+        """
+        balancer = MemoryBalancer(("http://127.0.0.1:8081", "http://127.0.0.1:8082"))
+        balancer.refuse.add(balancer.backends[0].id)
+        self.logged = []
+        balancer.site.log = self.logged.append
+        channel, transport = self.request(balancer, UPGRADE)
+        protocol, backend = balancer.backendConnection(1)
+        protocol.dataReceived(SWITCH)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 101 "))
+        self.assertEqual(balancer.backends[1].tunnels.open, 1)
+
+    def test_badSwitch(self):
+        """
+        A 101 to a protocol the client did not offer is a 502.
+        """
+        balancer = MemoryBalancer()
+        channel, transport = self.request(balancer, UPGRADE)
+        protocol, backend = balancer.backendConnection()
+        protocol.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n")
+        self.assertEqual(self.response(transport).code, 502)
+        self.assertEqual(balancer.backends[0].protocolErrors, 1)
+
+    def test_notPassed(self):
+        """
+        h2c, an HTTP/1.0 upgrade, or an Upgrade without Connection: upgrade
+        is no upgrade: an ordinary request on a kept connection, without
+        the pair.
+        """
+        for request in [
+            UPGRADE.replace(b"websocket", b"h2c"),
+            UPGRADE.replace(b"HTTP/1.1", b"HTTP/1.0"),
+            UPGRADE.replace(b"keep-alive, Upgrade", b"keep-alive"),
+        ]:
+            balancer = MemoryBalancer()
+            channel, transport = self.request(balancer, request)
+            protocol, backend = balancer.backendConnection()
+            self.assertNotIn(b"upgrade", backend.value().lower(), request)
+            protocol.dataReceived(ok())
+            self.assertEqual(balancer.backends[0].pool.idleCount, 1)
+
+    def test_stopLetsTunnelsRunForTheGrace(self):
+        """
+        A stopping balancer waits for its tunnels as for requests in
+        flight, for the shutdown grace at most, then closes them.
+        """
+        balancer, channel, transport, protocol, backend = self.switched(
+            MemoryBalancer(shutdownGrace=10.0)
+        )
+        balancer.service.startService()
+        stopped = balancer.service.stopService()
+        balancer.clock.advance(9)
+        self.assertNoResult(stopped)
+        self.assertFalse(transport.disconnecting)
+        channel.dataReceived(b"still here")
+        self.assertTrue(backend.value().endswith(b"still here"))
+        balancer.clock.advance(1)
+        self.assertTrue(transport.disconnecting)
+        self.assertTrue(backend.disconnecting)
+        channel.connectionLost(Failure(ConnectionDone()))
+        protocol.connectionLost(Failure(ConnectionDone()))
+        balancer.clock.advance(1)
+        self.successResultOf(stopped)
+
+    def test_stopAfterTunnelsClose(self):
+        balancer, channel, transport, protocol, backend = self.switched(
+            MemoryBalancer(shutdownGrace=10.0)
+        )
+        balancer.service.startService()
+        stopped = balancer.service.stopService()
+        protocol.connectionLost(Failure(ConnectionDone()))
+        channel.connectionLost(Failure(ConnectionDone()))
+        balancer.clock.advance(0.1)
+        self.successResultOf(stopped)

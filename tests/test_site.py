@@ -9,6 +9,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from rrbalancer.site import BalancerSite
+from rrbalancer.tunnel import Tunnel
 
 
 class Held(Resource):
@@ -115,6 +116,54 @@ class ChannelTests(SynchronousTestCase):
         self.resource.requests[0].finish()
         self.assertEqual(self.site.inFlight, 0)
         self.successResultOf(idle)
+
+    def test_tunnelsHoldIdle(self):
+        """
+        An open tunnel keeps the site from being idle (a stop waits for
+        it), until both its connections are gone.
+        """
+        tunnel = Tunnel(self.reactor, 60.0)
+        self.site.tunnelOpened(tunnel)
+        idle = self.site.whenIdle()
+        self.assertNoResult(idle)
+        tunnel.start(StringTransport(), StringTransport())
+        tunnel.client.connectionLost(None)
+        self.assertNoResult(idle)
+        tunnel.backend.connectionLost(None)
+        self.successResultOf(idle)
+        self.assertEqual(self.site.tunnels, set())
+
+    def test_switchProtocols(self):
+        """
+        A request answered with a 101 ends there: the head written as it
+        is given, logged, no longer in flight, out of its channel; the
+        channel's bytes then go to the tunnel's end, those it held first.
+        """
+        logged = []
+        self.site.log = logged.append
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nearly")
+        [request] = self.resource.requests
+        request.setResponseCode(101)
+        finished = request.notifyFinish()
+        self.assertIs(request.switchProtocols(b"HTTP/1.1 101 X\r\n\r\n"), channel)
+        self.assertEqual(transport.value(), b"HTTP/1.1 101 X\r\n\r\n")
+        self.assertEqual(logged, [request])
+        self.assertEqual(self.site.inFlight, 0)
+        self.assertEqual(channel.requests, [])
+        self.successResultOf(finished)
+        tunnel = Tunnel(self.reactor, 60.0)
+        self.assertEqual(channel.startTunnel(tunnel.client), b"early")
+        self.assertIs(channel.tunnel, tunnel.client)
+        got = []
+        tunnel.client.dataReceived = got.append
+        channel.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
+        self.assertEqual(got, [b"GET / HTTP/1.1\r\n\r\n"])
+        self.assertEqual(len(self.resource.requests), 1)
+        # Idle for longer than the connection's timeout: a tunnel has its
+        # own.
+        self.reactor.advance(120)
+        self.assertFalse(transport.disconnecting)
 
     def test_inFlightClientGone(self):
         channel, transport = self.connect()

@@ -54,6 +54,19 @@ class PrivateNamesTests(SynchronousTestCase):
         # A header line counts once the next one shows it is not folded.
         self.assertEqual(count, 1)
 
+    def test_takeBuffered(self):
+        """
+        Bytes read while a request is handled are held for the next one;
+        taken, they are the channel's no more.
+        """
+        channel = self.channel()
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nearly ")
+        channel.dataReceived(b"bytes")
+        self.assertEqual(_twisted.takeBuffered(channel), b"early bytes")
+        self.assertEqual(_twisted.takeBuffered(channel), b"")
+        channel.dataReceived(b"later")
+        self.assertEqual(_twisted.takeBuffered(channel), b"later")
+
     def test_waitingForTransport(self):
         channel = self.channel()
         self.assertFalse(_twisted.waitingForTransport(channel))

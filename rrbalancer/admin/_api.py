@@ -70,6 +70,10 @@ def backendJSON(backend: Backend) -> Dict[str, Any]:
         "bytes_in": stats.bytesIn,
         "bytes_out": stats.bytesOut,
         "peak_active": backend.peakActive,
+        "tunnels": backend.tunnels.open,
+        "tunnels_total": backend.tunnels.opened,
+        "tunnel_bytes_to_backend": backend.tunnels.toBackend,
+        "tunnel_bytes_to_client": backend.tunnels.toClient,
         "protocol_errors": backend.protocolErrors,
         "connections": _connections(backend),
         "last_check_code": backend.lastCheckCode,
@@ -509,6 +513,7 @@ class AdminAPI:
                 "requests": sum(b.requests for b in backends),
                 "failures": sum(b.failures for b in backends),
                 "active": sum(b.active for b in backends),
+                "tunnels": sum(b.tunnels.open for b in backends),
                 "in_flight": inFlight,
                 "retries": self.group.retries,
                 "requests_per_second": round(

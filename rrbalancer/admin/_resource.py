@@ -246,7 +246,7 @@ class AdminResource(Resource):
 
 
 CSV_COLUMNS = (
-    "id", "url", "weight", "backup", "state", "healthy", "active", "peak_active",
+    "id", "url", "weight", "backup", "state", "healthy", "active", "peak_active", "tunnels",
     "requests", "failures", "protocol_errors", "bytes_in", "bytes_out",
     "requests_per_second", "error_rate", "times_down", "downtime",
     "last_check", "last_check_code", "last_check_ms", "last_error",

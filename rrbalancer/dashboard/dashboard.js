@@ -64,6 +64,14 @@
     return (p < 10 ? p.toFixed(1) : Math.round(p)) + "%";
   }
 
+  function fmtBytes(n) {
+    if (!n) return "0 B";
+    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let i = 0;
+    while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+    return (i && n < 10 ? n.toFixed(1) : Math.round(n)) + " " + units[i];
+  }
+
   function fmtDuration(seconds) {
     seconds = Math.max(0, Math.floor(seconds));
     if (seconds < 60) return seconds + "s";
@@ -137,7 +145,7 @@
     cells.sub = el("div", "sub");
     who.append(cells.url, cells.sub);
 
-    for (const name of ["weight", "active", "conns", "rps", "errors", "p50", "p99", "down"]) add(name, "num");
+    for (const name of ["weight", "active", "tunnels", "conns", "rps", "errors", "p50", "p99", "down"]) add(name, "num");
 
     const spark = document.createElementNS(SVG, "svg");
     spark.setAttribute("class", "spark");
@@ -230,6 +238,8 @@
 
     setText(c.weight, String(b.weight));
     setText(c.active, String(b.active));
+    setText(c.tunnels, String(b.tunnels || 0));
+    c.tunnels.title = b.tunnels_total ? `${b.tunnels_total} opened; ${fmtBytes(b.tunnel_bytes_to_backend)} to the backend, ${fmtBytes(b.tunnel_bytes_to_client)} to clients` : "";
     setText(c.rps, fmtRate(b.requests_per_second));
     setText(c.errors, fmtPercent(b.error_rate));
     c.errors.classList.toggle("bad", b.error_rate >= 0.05);
