@@ -4,7 +4,6 @@ reactor.  The twistd plugin and C{balancer.tac} are thin layers over
 L{makeService}.
 """
 
-import gc
 import secrets
 from dataclasses import replace
 from typing import List, Optional
@@ -20,6 +19,7 @@ from .balancer import Balancer
 from .config import Config, ConfigError
 from .demo import DemoBackends
 from .listeners import Listener
+from .memory import heapGuard, settleMemory
 from .metrics import Metrics
 from .reload import Reloader
 from .settings import readAdminToken
@@ -66,6 +66,8 @@ class BalancerService(MultiService):
     @ivar adminListener: the admin listener, or None.
     @ivar demo: the demo backends (C{--demo}), or None.
     @ivar tls: the certificates of C{tls:} ports (C{--tls-cert}), or None.
+    @ivar heapGuard: the L{HeapGuard} that keeps PyPy's heap bounded, or
+        None (on CPython).
     """
 
     log = Logger()
@@ -127,6 +129,10 @@ class BalancerService(MultiService):
             listener.setServiceParent(self)
             self.listeners.append(listener)
         ReadyNotifier(reactor).setServiceParent(self)
+        # Last, so that what it measures at start is the balancer built.
+        self.heapGuard = heapGuard(reactor)
+        if self.heapGuard is not None:
+            self.heapGuard.setServiceParent(self)
 
     def _addAdmin(self, config: Config, reactor) -> None:
         token = readAdminToken(config.adminTokenFile) if config.adminTokenFile else None
@@ -256,22 +262,6 @@ class BalancerService(MultiService):
         d.addErrback(late)
         d.addCallback(closeConnections)
         return d
-
-
-def settleMemory() -> None:
-    """
-    Once built, the balancer's long-lived objects (backends, pools, the
-    settings) need never be looked at by the collector again: frozen, a
-    full collection costs what the request traffic leaves behind, not
-    tens of milliseconds per thousand backends.  Done again after a
-    reload, with what was frozen before thawed first, so that backends a
-    reload removed are collected.  (CPython only: PyPy's collector has no
-    such generation.)
-    """
-    if hasattr(gc, "freeze"):
-        gc.unfreeze()
-        gc.collect()
-        gc.freeze()
 
 
 def makeService(config: Config, reactor, listeners=None):

@@ -1,0 +1,208 @@
+"""
+Memory the balancer holds for the long run, on either interpreter.
+
+CPython frees most garbage at once (reference counting); what is left is
+the cost of its cycle collector walking the balancer's long-lived objects,
+which L{settleMemory} takes out of its way.
+
+PyPy frees nothing until a collection.  Its generational collector starts
+a major collection once the old generation reaches 1.82 times what the
+last one left, but never below C{PYPY_GC_MIN}, which is eight times the
+nursery; and it sizes the nursery from the cache size C{/proc/cpuinfo}
+reports (half of it, when that is over 2 MB).  Many hosts report the L3
+cache there, tens or hundreds of megabytes, and then the first major
+collection waits until the heap is hundreds of megabytes or gigabytes
+large.  Under load the balancer promotes a few hundred bytes per request
+to the old generation (whatever was in flight at a minor collection, the
+figures appended to long-lived structures), all of it garbage a moment
+later: the process grows by megabytes a second for minutes, with nothing
+to reclaim it but a collection that comes far too late.  Those knobs are
+environment variables, read once at start, that a process cannot change
+for itself; what it can do is run the major collection sooner.
+L{HeapGuard} does, in steps, once the old generation has doubled since
+the last collection (the rule PyPy keeps with a small nursery), and never
+below twice what it held when the balancer started.
+"""
+
+import gc
+from typing import Callable, Optional, Tuple
+
+from twisted.application.service import Service
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+# How often the heap is looked at (reading it costs tens of microseconds).
+CHECK_INTERVAL = 1.0
+# A collection once the old generation is this many times what the last
+# collection left (or what the balancer held at start, if more).
+GROWTH = 2.0
+# A major collection is a few dozen steps with a nursery of a megabyte (a
+# step marks about twice the nursery); this many means something is wrong.
+MAX_STEPS = 100_000
+
+
+def settleMemory() -> None:
+    """
+    Once built, the balancer's long-lived objects (backends, pools, the
+    settings) need never be looked at by the collector again: frozen, a
+    full collection costs what the request traffic leaves behind, not
+    tens of milliseconds per thousand backends.  Done again after a
+    reload, with what was frozen before thawed first, so that backends a
+    reload removed are collected.  (CPython only: PyPy's collector has no
+    such generation, and L{HeapGuard} looks after its heap.)
+    """
+    if hasattr(gc, "freeze"):
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+
+
+def pypyHeap(gcModule=gc) -> Optional[Tuple[Callable[[], int], Callable[[], bool]]]:
+    """
+    The two things L{HeapGuard} needs from PyPy's collector, or None on an
+    interpreter without them (CPython).
+
+    @return: C{(heapSize, collectStep)}: the bytes of the old generation
+        (arenas and large objects, without the nursery, which is always
+        there whole), and one step of a major collection, true when the
+        collection is complete.
+    """
+    stats = getattr(gcModule, "_get_stats", None)
+    step = getattr(gcModule, "collect_step", None)
+    if stats is None or step is None:
+        return None
+
+    def heapSize() -> int:
+        # _get_stats holds the numbers; get_stats formats them as text.
+        s = stats()
+        return s.total_arena_memory + s.total_rawmalloced_memory
+
+    def collectStep() -> bool:
+        return bool(step().major_is_done)
+
+    return heapSize, collectStep
+
+
+class HeapGuard(Service):
+    """
+    Runs a major collection whenever the old generation has grown to
+    C{growth} times what the last collection left, or what the balancer
+    held when it started, whichever is more.
+
+    The collection runs a step at a time, the event loop turning between
+    two steps, so that requests keep moving while it runs.  The size is
+    read every C{interval} seconds; while PyPy runs a major collection of
+    its own, the size it reports is small (it counts again from nothing
+    while it sweeps), so the guard stays out of its way.
+
+    @ivar floor: the old generation's size when the guard started.
+    @ivar bound: the size past which the next collection starts.
+    @ivar collections: the collections the guard ran.
+    @ivar lastLive: the size a collection of the guard left last (None
+        before the first).
+    """
+
+    log = Logger()
+
+    floor = 0
+    bound = 0
+    collections = 0
+    lastLive: Optional[int] = None
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        heapSize: Callable[[], int],
+        collectStep: Callable[[], bool],
+        interval: float = CHECK_INTERVAL,
+        growth: float = GROWTH,
+        maxSteps: int = MAX_STEPS,
+    ) -> None:
+        self._clock = clock
+        self._heapSize = heapSize
+        self._collectStep = collectStep
+        self.interval = interval
+        self.growth = growth
+        self._maxSteps = maxSteps
+        self._loop: Optional[LoopingCall] = None
+        self._next: Optional[IDelayedCall] = None
+        self._steps = 0
+        self._collecting = False
+
+    @property
+    def collecting(self) -> bool:
+        return self._collecting
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self.floor = self._heapSize()
+        self.bound = int(self.floor * self.growth)
+        self._loop = LoopingCall(self.check)
+        self._loop.clock = self._clock
+        self._loop.start(self.interval, now=False)
+
+    def stopService(self):
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        self._collecting = False
+        if self._next is not None and self._next.active():
+            self._next.cancel()
+        self._next = None
+        return Service.stopService(self)
+
+    def check(self) -> None:
+        """
+        Start a collection if the old generation is past the bound.
+        """
+        if self._collecting:
+            return
+        if self._heapSize() > self.bound:
+            self._collecting = True
+            self._steps = 0
+            self._step()
+
+    def _step(self) -> None:
+        self._next = None
+        self._steps += 1
+        try:
+            done = self._collectStep()
+        except Exception:
+            # A collection step runs the interpreter's collection hooks,
+            # which may be anyone's code; the guard must not stay stuck in
+            # a collection that will never end.
+            self.log.failure("memory: a collection step failed")
+            self._rebound(self._heapSize())
+            return
+        if done:
+            self.collections += 1
+            self.lastLive = self._heapSize()
+            self._rebound(self.lastLive)
+        elif not self._collecting:
+            pass  # stopped during the step
+        elif self._steps >= self._maxSteps:
+            self.log.warn(
+                "memory: a major collection was not done after {steps} steps; "
+                "left to the interpreter",
+                steps=self._steps,
+            )
+            # Not tried again before the heap has grown as much once more.
+            self._rebound(self._heapSize())
+        else:
+            self._next = self._clock.callLater(0, self._step)
+
+    def _rebound(self, size: int) -> None:
+        self._collecting = False
+        self.bound = int(max(size, self.floor) * self.growth)
+
+
+def heapGuard(clock: IReactorTime, gcModule=gc) -> Optional[HeapGuard]:
+    """
+    A L{HeapGuard} on PyPy's collector, or None where there is no need
+    for one (CPython).
+    """
+    heap = pypyHeap(gcModule)
+    if heap is None:
+        return None
+    return HeapGuard(clock, *heap)
