@@ -24,6 +24,7 @@ Each backend also answers, at once and without counting them:
 
 import argparse
 import json
+import math
 import sys
 from collections import deque
 
@@ -111,17 +112,20 @@ class DelayedHTTP(Protocol):
             self._skip = length - taken
             self.backend.arrived(self, head.split(b" ", 2)[1:2] or [b"/"], close)
 
-    def schedule(self, path, close, clock):
-        now = clock.seconds()
+    def schedule(self, path, close, now):
+        """
+        The time to answer: never before an earlier request's answer on
+        this connection.
+        """
         due = max(self._last, self.backend.schedule.due(now))
         self._last = due
         self._pending.append(close)
-        clock.callLater(due - now, self._answer, path)
+        return due
 
-    def _answer(self, path):
+    def answer(self, path):
+        if not self._pending:
+            return  # the connection was lost before its answer
         close = self._pending.popleft()
-        if self.transport is None or not self.transport.connected:
-            return
         self.backend.answered(path)
         self.transport.write(self.backend.response)
         if close:
@@ -143,6 +147,7 @@ class DelayedBackend(Factory):
         self.schedule = schedule
         self.clock = clock
         self.counts = Counts()
+        self._ticks = {}
         body = b"%s: answers after %g ms\n" % (name.encode("ascii"), schedule.delay * 1000)
         self.response = (
             b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
@@ -165,7 +170,20 @@ class DelayedBackend(Factory):
         counts = self.counts
         counts.inFlight += 1
         counts.inFlightMax = max(counts.inFlightMax, counts.inFlight)
-        protocol.schedule(path, close, self.clock)
+        now = self.clock.seconds()
+        due = protocol.schedule(path, close, now)
+        # Answers are sent by the millisecond tick: one timer per tick
+        # rather than per request keeps the server's own cost low.
+        tick = math.ceil(due * 1000)
+        batch = self._ticks.get(tick)
+        if batch is None:
+            batch = self._ticks[tick] = []
+            self.clock.callLater(max(0.0, tick / 1000 - now), self._flush, tick)
+        batch.append((protocol, path))
+
+    def _flush(self, tick):
+        for protocol, path in self._ticks.pop(tick):
+            protocol.answer(path)
 
     def answered(self, path):
         counts = self.counts
