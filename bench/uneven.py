@@ -29,6 +29,7 @@ util-linux) are installed first.  Everything it starts is stopped on exit.
 
 import argparse
 import configparser
+import importlib.util
 import json
 import os
 import shutil
@@ -394,7 +395,7 @@ def table(scenario, results, delays):
     return "\n".join(lines), verdict
 
 
-def versions():
+def versions(tree):
     def first(argv, pick=lambda s: s.splitlines()[0]):
         try:
             done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
@@ -402,9 +403,14 @@ def versions():
         except Exception:
             return "?"
 
-    commit = first(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"])
-    dirty = first(["git", "-C", ROOT, "status", "--porcelain", "--", "rrbalancer"],
-                  lambda s: " plus uncommitted changes" if s.strip() else "")
+    git = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"],
+                         capture_output=True, text=True)
+    if git.returncode:
+        commit = " (not a git checkout)"
+    else:
+        changed = subprocess.run(["git", "-C", tree, "status", "--porcelain", "--", "rrbalancer"],
+                                 capture_output=True, text=True).stdout.strip()
+        commit = " at " + git.stdout.strip() + (" plus uncommitted changes" if changed else "")
     model = "?"
     with open("/proc/cpuinfo") as f:
         for line in f:
@@ -415,10 +421,16 @@ def versions():
 
     return [
         f"date: {time.strftime('%Y-%m-%d %H:%M:%S %z')}; {os.cpu_count()} CPUs, {model}",
-        f"rrbalancer: {ROOT} at {commit}{dirty}; CPython {sys.version.split()[0]}, "
+        f"rrbalancer: {tree}{commit}; CPython {sys.version.split()[0]}, "
         f"Twisted {twisted.__version__}",
-        f"backends: {first([os.path.join(PYPY_VENV, 'bin', 'python'), '-c', 'import sys, twisted; print(sys.version.split()[0], twisted.__version__)'])} (PyPy's Python, Twisted)",
-        f"{first(['nginx', '-v'])}; {first(['haproxy', '-v'])}; {first(['wrk', '-v'])}",
+        "backends: " + first([
+            os.path.join(PYPY_VENV, "bin", "python"), "-c",
+            "import sys, twisted; print('PyPy %d.%d.%d' % sys.pypy_version_info[:3],"
+            " '(Python', sys.version.split()[0] + '), Twisted', twisted.__version__)",
+        ]),
+        "nginx " + first(["nginx", "-v"], lambda s: s.strip().rpartition("/")[2])
+        + ", HAProxy " + first(["haproxy", "-v"], lambda s: s.split()[2])
+        + ", wrk " + first(["wrk", "-v"], lambda s: s.split()[1]),
     ]
 
 
@@ -469,9 +481,7 @@ def main():
             parser.error(f"no target {t!r} (have: {', '.join(TARGETS)})")
     if len(os.sched_getaffinity(0)) < 2 or os.cpu_count() < 2:
         die("needs two cores: the balancer on one, wrk and the backends on the other")
-    try:
-        import twisted  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("twisted") is None:
         die(f"{sys.executable} has no Twisted: run this with the project's venv")
 
     installDebian()
@@ -498,7 +508,7 @@ def main():
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupted)
-    header = versions()
+    header = versions(args.tree)
     header.append(f"load average at start: {loadavg()} (the machine may be shared: figures move)")
     header.append(
         f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s --latency, after "
