@@ -221,7 +221,8 @@ def startTarget(procs, name, port, backends, args, out):
         for p in backends:
             argv += ["--backend", f"http://{HOST}:{p}"]
         argv += args.rr_args.split()
-        return procs.start(argv, LB_CPU, log, env=dict(os.environ, PYTHONPATH=args.tree))
+        tree = args.trees.get(name, args.tree)
+        return procs.start(argv, LB_CPU, log, env=dict(os.environ, PYTHONPATH=tree))
     if kind == "nginx":
         config = nginxConfig(out, name, port, method, backends)
         return procs.start(["nginx", "-p", out, "-e", os.path.join(out, f"{name}.err"), "-c", config],
@@ -461,6 +462,10 @@ def main():
                         help="backends on BASE+1.., the ceiling probe on BASE+9, targets on BASE+11..")
     parser.add_argument("--rr-args", default="", help="more flags for every rrbalancer target")
     parser.add_argument("--tree", default=ROOT, help="the rrbalancer tree to run (default: this one)")
+    parser.add_argument(
+        "--p2c-tree", action="append", default=[], metavar="NAME=DIR",
+        help="add a target rr-p2c-NAME: p2c from another tree (a before and after in one run)",
+    )
     parser.add_argument("--out", help="folder for configs, logs and raw output (default: a new one in /tmp)")
     parser.add_argument("--start-timeout", type=float, default=60.0)
     args = parser.parse_args()
@@ -470,7 +475,15 @@ def main():
         parser.error("--duration, --rounds, --threads and --connections must be positive "
                      "(and at least as many connections as threads)")
     scenarios = [s for s in args.scenarios.split(",") if s]
+    args.trees = {}
+    for item in args.p2c_tree:
+        label, _, tree = item.partition("=")
+        if not label or not os.path.isdir(os.path.join(tree, "rrbalancer")):
+            parser.error(f"--p2c-tree {item!r}: expected NAME=DIR, DIR an rrbalancer tree")
+        TARGETS["rr-p2c-" + label] = ("rrbalancer", "p2c", False)
+        args.trees["rr-p2c-" + label] = os.path.abspath(tree)
     targets = [t for t in args.targets.split(",") if t]
+    targets += [t for t in args.trees if t not in targets]
     if args.pypy and "rr-p2c-pypy" not in targets:
         targets.append("rr-p2c-pypy")
     for s in scenarios:
@@ -509,6 +522,8 @@ def main():
 
     signal.signal(signal.SIGTERM, interrupted)
     header = versions(args.tree)
+    for name, tree in args.trees.items():
+        header.append(f"{name}: p2c from {tree}" + versions(tree)[1].partition(tree)[2].split(";")[0])
     header.append(f"load average at start: {loadavg()} (the machine may be shared: figures move)")
     header.append(
         f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s --latency, after "
