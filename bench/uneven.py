@@ -34,6 +34,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -329,9 +330,6 @@ def measure(procs, name, port, backends, args, out, script, tag):
         procs.stop(p)
 
 
-def median(values):
-    values = sorted(values)
-    return values[len(values) // 2]
 
 
 def merge(runs):
@@ -341,7 +339,7 @@ def merge(runs):
     good = [r for r in runs if "error" not in r]
     if not good:
         return runs[0]
-    merged = {k: median([r[k] for r in good]) for k in ("rps", "p50", "p99", "p999", "max", "cpu")}
+    merged = {k: statistics.median([r[k] for r in good]) for k in ("rps", "p50", "p99", "p999", "max", "cpu")}
     merged["errors"] = sum(r["errors"] for r in good)
     merged["served"] = [sum(col) for col in zip(*(r["served"] for r in good))]
     merged["in_flight_max"] = [max(col) for col in zip(*(r["in_flight_max"] for r in good))]
