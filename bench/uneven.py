@@ -19,6 +19,7 @@ targets.
     python bench/uneven.py --quick          # a smoke run, 3 s per run
     python bench/uneven.py --scenarios slow --targets rr-p2c,haproxy-leastconn --rounds 3
     python bench/uneven.py --pypy           # rr-p2c on PyPy too, after 15 s of warm-up
+    python bench/uneven.py --p2c-tree before=/tmp/old-tree   # p2c from another tree too
 
 rrbalancer runs from this work tree (PYTHONPATH) under the twistd of the
 Python that runs this script; the backends (and rr-p2c-pypy) under PyPy,
