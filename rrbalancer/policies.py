@@ -183,20 +183,29 @@ class WeightedRandom:
 @implementer(IBalancingPolicy)
 class PowerOfTwoChoices:
     """
-    Two backends at random, and the one with the lower cost: its peak EWMA
+    Two backends at random, and the one with the lower cost: its EWMA
     latency times its requests in flight plus one (as Finagle and Linkerd
-    do).  A slow backend's latency goes up at once and comes down with
-    C{decay} seconds' time constant, so that it gets less traffic while it
-    is slow, and some still, to learn when it is fast again.  A failure
-    counts as a response as slow as C{penalty} seconds.
+    do, without their peak rule).  The average weighs the answers by time,
+    with C{decay} seconds' time constant, so that a backend that got slow
+    gets less traffic while it is slow, and some still, to learn when it is
+    fast again; but each answer moves it at least a C{SAMPLE_WEIGHT} of the
+    way, so that under load it follows the last few dozen answers.  A
+    failure counts as a response as slow as C{penalty} seconds.
 
-    @param weights: divide the cost by the weight, so that a heavier
-        backend looks cheaper.
+    Finagle's peak rule (an answer slower than the average replaces it)
+    makes the average, under load, the slowest answer of the last
+    C{decay} seconds: a busy balancer's own delays, which every backend's
+    answers share, then hide how much slower one backend is than another.
+
+    The cost is divided by the weight, so that a heavier backend looks
+    cheaper.
     """
 
     name = "p2c"
     # A backend not heard from yet costs as little as a fast one.
     INITIAL = 0.001
+    # The least share of the average each answer has.
+    SAMPLE_WEIGHT = 1 / 16
 
     def __init__(
         self, clock, decay: float = 10.0, random: Callable[[], float] = _random.random,
@@ -240,12 +249,11 @@ class PowerOfTwoChoices:
         sample = max(seconds, self.penalty) if failed else seconds
         now = self._clock.seconds()
         ewma = self._ewma.get(backend)
-        if ewma is None or sample > ewma:
-            # Peak: a slowdown shows at once.
+        if ewma is None:
             value = sample
         else:
             elapsed = max(0.0, now - self._updated[backend])
-            keep = math.exp(-elapsed / self.decay)
+            keep = min(math.exp(-elapsed / self.decay), 1 - self.SAMPLE_WEIGHT)
             value = ewma * keep + sample * (1 - keep)
         self._ewma[backend] = value
         self._updated[backend] = now

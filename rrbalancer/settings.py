@@ -674,7 +674,7 @@ SETTINGS: Tuple[Setting, ...] = (
     _s("balance", "balance", parsePolicy, "round-robin",
        "How a backend is chosen: round-robin (NGINX's smooth weighted round "
        "robin), least-conn (fewest requests in flight for the weight), random "
-       "(weighted), p2c (two at random, the faster by peak-EWMA latency times "
+       "(weighted), p2c (two at random, the faster by EWMA latency times "
        "load), hash (consistent hashing with bounded loads on --hash-key), or "
        "a policy a plugin offers.", metavar="NAME", reloadable=True),
     _s("hash_key", "hashKey", parseHashKey, "client-ip",
@@ -687,7 +687,8 @@ SETTINGS: Tuple[Setting, ...] = (
        "ring to the next backend.", metavar="F", reloadable=True),
     _s("ewma_decay", "ewmaDecay", seconds, 10.0,
        "p2c: the time constant, in seconds, over which a backend's slow "
-       "answers are forgotten.", metavar="S", reloadable=True),
+       "answers are forgotten (under load, each answer also weighs at least "
+       "a sixteenth of the average).", metavar="S", reloadable=True),
     _s("slow_start", "slowStart", secondsOrZero, 0.0,
        "A backend that comes up (added at run time, enabled again, recovered "
        "or readmitted) ramps from a tenth of its weight to all of it over this "

@@ -221,6 +221,43 @@ class PowerOfTwoChoicesTests(SynchronousTestCase):
         picks = [g.pick() for _ in range(200)]
         self.assertGreater(picks.count(slow), 50)
 
+    def test_oneSlowAnswerDoesNotMakeAFastBackendSlow(self):
+        """
+        Under load (an answer every millisecond), one slow answer among a
+        fast backend's many is averaged in and soon outweighed: the fast
+        backend does not look slower than a backend that is slow on every
+        answer, and keeps the requests.
+        """
+        clock = Clock()
+        policy = PowerOfTwoChoices(clock, decay=10.0, random=random.Random(9).random)
+        g, (fast, slow) = group(policy, 1, 1, clock=clock)
+        for i in range(200):
+            clock.advance(0.001)
+            policy.finished(fast, 0.060 if i == 100 else 0.010, False)
+            policy.finished(slow, 0.040, False)
+        self.assertLess(policy.latency(fast), 0.011)
+        self.assertAlmostEqual(policy.latency(slow), 0.040, delta=0.001)
+        self.assertEqual({g.pick() for _ in range(50)}, {fast})
+
+    def test_slowdownShowsWithinAFewAnswers(self):
+        """
+        A fast backend that gets slow loses its requests after a few slow
+        answers, however many fast ones it gave before.
+        """
+        clock = Clock()
+        policy = PowerOfTwoChoices(clock, decay=10.0, random=random.Random(4).random)
+        g, (a, b) = group(policy, 1, 1, clock=clock)
+        for _ in range(1000):
+            clock.advance(0.001)
+            policy.finished(a, 0.010, False)
+            policy.finished(b, 0.020, False)
+        self.assertEqual({g.pick() for _ in range(20)}, {a})
+        for _ in range(4):
+            clock.advance(0.001)
+            policy.finished(a, 0.200, False)
+        self.assertGreater(policy.latency(a), 0.040)
+        self.assertEqual({g.pick() for _ in range(20)}, {b})
+
     def test_loadCounts(self):
         clock = Clock()
         policy = PowerOfTwoChoices(clock, random=random.Random(5).random)
