@@ -15,9 +15,14 @@ What the operator wants (C{adminState}):
 Removing a backend (L{BackendGroup.retire}) drains it first: it is
 forgotten once its last request in flight has ended, so that no request is
 cut.
+
+Backends come from several places at once: the config file, the admin
+API, each discovery source.  Each backend knows which of them list it (its
+C{owners}), so that one place dropping a backend another still lists does
+not remove it (L{BackendGroup.release}).
 """
 
-from typing import Callable, Collection, Dict, Iterator, List, Optional
+from typing import Callable, Collection, Dict, Iterator, List, Optional, Tuple
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -36,6 +41,11 @@ DRAINING = "draining"
 DISABLED = "disabled"
 ADMIN_STATES = (UP, DRAINING, DISABLED)
 
+# Who may list a backend, besides each discovery source (named by its URL).
+CONFIG = "config"
+API = "api"
+DEMO = "demo"
+
 class Backend:
     """
     One server behind the balancer.
@@ -53,6 +63,10 @@ class Backend:
         model (in tests of the model).
     @ivar active: requests in flight on it; the proxy counts them.
     @ivar removing: it is draining on its way out of the group.
+    @ivar owners: who lists it, in the order they came: L{CONFIG}, L{API},
+        L{DEMO} or a discovery source's URL; none for a backend a program
+        added to the group without saying (the first to claim it then owns
+        it).
     """
 
     log = Logger()
@@ -79,6 +93,7 @@ class Backend:
         self._active = 0
         self._idleWaiters: Optional[List[Deferred]] = None
         self.removing = False
+        self.owners: Tuple[str, ...] = ()
         self.requests = 0
         self.failures = 0
         # Responses that broke HTTP (bad framing, oversized head).
@@ -407,6 +422,7 @@ class BackendGroup:
         config: BackendConfig,
         awaitCheck: bool = False,
         reason: Optional[str] = None,
+        owner: Optional[str] = None,
     ) -> Backend:
         """
         Add a backend.
@@ -414,6 +430,7 @@ class BackendGroup:
         @param awaitCheck: (for a backend added at run time) with health
             checks on, it takes no traffic until its first check passes.
         @param reason: why it was added, as its last state change.
+        @param owner: who lists it (see L{Backend.owners}).
         """
         if config.server in self._byServer:
             raise ValueError(f"backend {config.url} is already in the group")
@@ -421,6 +438,8 @@ class BackendGroup:
         self._nextID += 1
         upstream = self._upstream(config) if self._upstream is not None else None
         backend = Backend(backendID, config, self.health, self._clock, upstream)
+        if owner is not None:
+            backend.owners = (owner,)
         if awaitCheck and self.health.enabled:
             backend.awaitFirstCheck(
                 f"{reason or 'added'}; waiting for its first health check"
@@ -495,6 +514,28 @@ class BackendGroup:
             return backend
 
         return backend.whenIdle().addCallback(forget)
+
+    def claim(self, backend: Backend, owner: str) -> None:
+        """
+        C{owner} lists C{backend} too (it stays while any owner does).
+        """
+        if owner not in backend.owners:
+            backend.owners += (owner,)
+
+    def release(self, backend: Backend, owner: str, reason: str) -> bool:
+        """
+        C{owner} no longer lists C{backend}: once no owner does, it is
+        drained and removed (L{retire}).
+
+        @return: whether this release set off its removal.
+        """
+        if owner not in backend.owners:
+            return False
+        backend.owners = tuple(o for o in backend.owners if o != owner)
+        if backend.owners or backend.removing:
+            return False
+        self.retire(backend, reason)
+        return True
 
     def keep(self, backend: Backend, reason: str) -> None:
         """

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Optional
 from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
 
-from .backends import BackendGroup
+from .backends import CONFIG, BackendGroup
 from .config import Config, buildConfig, loadConfig
 from .health import HealthChecker
 from .policies import policyFor
@@ -95,7 +95,7 @@ class Balancer(MultiService):
             config.health, reactor, self._upstream, policyFor(config, reactor)
         )
         for backend in config.backends:
-            self.group.add(backend)
+            self.group.add(backend, owner=CONFIG)
         if config.health.enabled:
             # Checks share each backend's own pool of kept connections.
             self.healthChecker = HealthChecker(

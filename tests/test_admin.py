@@ -338,6 +338,7 @@ class AddTests(SynchronousTestCase):
         self.assertEqual(
             response.headers.getRawHeaders(b"location"), [f"/api/backends/{body['id']}".encode()]
         )
+        self.assertEqual(body["sources"], ["api"])
         backend = admin.group.get(body["id"])
         self.assertTrue(backend.available)
         picks = {admin.group.pick().url for _ in range(5)}

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from twisted.logger import Logger
 
 from .. import __version__
-from ..backends import DISABLED, DOWN, DRAINING, UP, Backend, BackendGroup
+from ..backends import API, DISABLED, DOWN, DRAINING, UP, Backend, BackendGroup
 from ..config import BackendConfig, ConfigError, parseBackendURL
 from ..reload import Reloader
 from ..site import listenerKey
@@ -64,6 +64,7 @@ def backendJSON(backend: Backend) -> Dict[str, Any]:
         "last_change": backend.lastChange,
         "last_change_reason": backend.lastChangeReason,
         "removing": backend.removing,
+        "sources": list(backend.owners),
         "history": stats.history(),
         # The rest of what HAProxy's stats page shows of a server.
         "responses": dict(stats.responses),
@@ -260,7 +261,7 @@ class AdminAPI:
         reason = f"bulk change by {peer}"
         added = []
         for config in adds:
-            backend = self.group.add(config, awaitCheck=True, reason=reason)
+            backend = self.group.add(config, awaitCheck=True, reason=reason, owner=API)
             self.checkNow(backend)
             added.append(backend.id)
         for backend, state, weight in changes:
@@ -340,7 +341,9 @@ class AdminAPI:
             raise APIError(
                 409, f"backend {url} already exists (id {existing.id}){detail}"
             )
-        backend = self.group.add(config, awaitCheck=True, reason=f"added by {peer}")
+        backend = self.group.add(
+            config, awaitCheck=True, reason=f"added by {peer}", owner=API
+        )
         self._logChange(peer, "added", backend, None, _snapshot(backend))
         self.checkNow(backend)
         return backendJSON(backend)
