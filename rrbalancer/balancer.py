@@ -20,6 +20,7 @@ from twisted.logger import Logger
 
 from .backends import CONFIG, BackendGroup
 from .config import Config, buildConfig, loadConfig
+from .discovery import buildDiscovery
 from .health import HealthChecker
 from .policies import policyFor
 from .interfaces import IHealthChecker
@@ -57,10 +58,13 @@ class Balancer(MultiService):
         asks; add and remove backends there at run time.
     @ivar healthChecker: the active checks (L{IHealthChecker}), or None when
         they are off.
+    @ivar discovery: the discovery sources feeding the group
+        (L{rrbalancer.discovery.Discovery}), or None without any.
     """
 
     log = Logger()
     healthChecker: Optional[IHealthChecker] = None
+    discovery = None
 
     def __init__(
         self,
@@ -102,6 +106,11 @@ class Balancer(MultiService):
                 self.group, None, reactor, config.health, jitter=config.health.jitter
             )
             _HealthService(self.healthChecker).setServiceParent(self)
+        # After the checks: a source's first answer may come at once, and
+        # its backends are checked as they come.
+        self.discovery = buildDiscovery(config, self.group, reactor, self.checkNow)
+        if self.discovery is not None:
+            self.discovery.setServiceParent(self)
         self._resource = BalancerResource(self.group, config.requestIDHeader, config.via)
 
     @classmethod
@@ -123,6 +132,14 @@ class Balancer(MultiService):
             config=self.config,
             pool=pool,
         )
+
+    def checkNow(self, backend) -> None:
+        """
+        Check a backend at once rather than at the next interval (one added
+        at run time then takes traffic as soon as it can).
+        """
+        if self.healthChecker is not None:
+            self.healthChecker.check(backend)
 
     def resource(self) -> BalancerResource:
         """

@@ -149,8 +149,11 @@ class BalancerService(MultiService):
         Check a backend at once rather than at the next interval (a backend
         added at run time then takes traffic as soon as it can).
         """
-        if self.healthChecker is not None:
-            self.healthChecker.check(backend)
+        self.balancer.checkNow(backend)
+
+    @property
+    def discovery(self):
+        return self.balancer.discovery
 
     def startService(self) -> None:
         health = self.config.health
@@ -174,6 +177,8 @@ class BalancerService(MultiService):
                 weight=backend.weight,
                 backup=" (backup)" if backend.backup else "",
             )
+        for source in self.config.discover:
+            self.log.info("backends found by discovery: {url}", url=source.url)
         MultiService.startService(self)
         self._clock.callWhenRunning(settleMemory)
 
