@@ -109,7 +109,12 @@ class BalancerService(MultiService):
             self.demo.setServiceParent(self)
         self.reloader = Reloader(config, self.group, onAdded=self.checkNow)
         self.metrics = Metrics(
-            self.group, self.site, reactor, config.metricsPerBackend, self.healthChecker
+            self.group,
+            self.site,
+            reactor,
+            config.metricsPerBackend,
+            self.healthChecker,
+            self.discovery,
         )
         if config.admin is not None:
             # Before the client ports: an admin port in use stops the start
@@ -130,7 +135,7 @@ class BalancerService(MultiService):
         token = readAdminToken(config.adminTokenFile) if config.adminTokenFile else None
         endpoint = serverEndpoint(reactor, config.admin, "admin")
         self.adminAPI = AdminAPI(
-            self.group, reactor, self.reloader, self, self.healthChecker
+            self.group, reactor, self.reloader, self, self.healthChecker, self.discovery
         )
         site = makeAdminSite(self.adminAPI, self.metrics, reactor, token)
         self.adminListener = Listener(config.admin, endpoint, site, "admin")

@@ -26,6 +26,7 @@ from rrbalancer.discovery._dns import (
 
 from .test_admin import (
     balancerConfig,
+    call,
     makeClient,
     poll,
     settleConnections,
@@ -750,3 +751,10 @@ class RealServerTests(TestCase):
         self.assertEqual(sorted(bodies), ["a /slow\n", "b /slow\n", "c /slow\n"])
         yield poll(lambda: [b.url for b in group] == [backends["c"][2]], what="a and b to go")
         self.assertEqual(group.byURL(backends["c"][2]).state, UP)
+
+        code, answer = yield call(client, "GET", admin + "/api/discovery")
+        self.assertEqual(code, 200)
+        [shown] = answer["sources"]
+        self.assertEqual(
+            (shown["url"], shown["state"], shown["backends"]), (f"dns+srv://{name}", "ok", 1)
+        )

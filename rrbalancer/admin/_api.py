@@ -131,6 +131,8 @@ class AdminAPI:
         listeners, site and settings the status shows, or None.
     @param healthChecker: checks a backend added or enabled at once (an
         L{IHealthChecker}), or None.
+    @param discovery: the discovery sources' service
+        (L{rrbalancer.discovery.Discovery}), or None without sources.
     """
 
     log = Logger()
@@ -142,12 +144,14 @@ class AdminAPI:
         reloader: Optional[Reloader] = None,
         service=None,
         healthChecker=None,
+        discovery=None,
     ) -> None:
         self.group = group
         self.clock = clock
         self.reloader = reloader
         self.service = service
         self.healthChecker = healthChecker
+        self.discovery = discovery
         self.started = clock.seconds()
 
     def checkNow(self, backend: Backend) -> None:
@@ -406,6 +410,14 @@ class AdminAPI:
             raise APIError(400, f"{e}; the running configuration stays") from None
         return dict(result, reloaded=True)
 
+    def discoverySources(self) -> List[Dict[str, Any]]:
+        """
+        Each discovery source: its URL and kind, its state (C{starting},
+        C{ok}, C{failing}) and since when, its last answer and error, the
+        backends it gives, and when it asks next.
+        """
+        return self.discovery.status() if self.discovery is not None else []
+
     def status(self) -> Dict[str, Any]:
         now = self.clock.seconds()
         backends = list(self.group)
@@ -449,6 +461,7 @@ class AdminAPI:
             "admin": admin,
             "config": config,
             "balance": self.group.policy.name,
+            "discovery": self.discoverySources(),
             "health_checks": {
                 "enabled": health.enabled,
                 "path": health.path,
