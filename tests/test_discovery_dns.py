@@ -575,22 +575,38 @@ class Zone(authority.FileAuthority):
 class ZoneServer(server.DNSServerFactory):
     """
     Serves one L{Zone}; while C{failing}, answers every query SERVFAIL, as
-    a server whose zone cannot be loaded does.
+    a server whose zone cannot be loaded does.  An answer larger than a
+    plain DNS datagram (512 bytes) is sent over UDP as no records and the
+    truncation bit, as other servers do, where Twisted's own would send it
+    whole.
+
+    @ivar overTCP: the answers sent over TCP.
     """
 
     noisy = False
     failing = False
+    overTCP = 0
 
     def __init__(self, zone):
         server.DNSServerFactory.__init__(self, authorities=[zone])
 
+    def _empty(self, message, **flags):
+        response = dns.Message(id=message.id, answer=1, **flags)
+        response.queries = message.queries
+        response.timeReceived = message.timeReceived
+        return response
+
     def handleQuery(self, message, protocol, address):
         if not self.failing:
             return server.DNSServerFactory.handleQuery(self, message, protocol, address)
-        response = dns.Message(id=message.id, answer=1, rCode=dns.ESERVER)
-        response.queries = message.queries
-        response.timeReceived = message.timeReceived
-        self.sendReply(protocol, response, address)
+        self.sendReply(protocol, self._empty(message, rCode=dns.ESERVER), address)
+
+    def sendReply(self, protocol, message, address):
+        if address is None:
+            self.overTCP += 1
+        elif len(message.toStr()) > 512:
+            message = self._empty(message, trunc=1, rCode=message.rCode)
+        server.DNSServerFactory.sendReply(self, protocol, message, address)
 
 
 @inlineCallbacks
@@ -758,3 +774,25 @@ class RealServerTests(TestCase):
         self.assertEqual(
             (shown["url"], shown["state"], shown["backends"]), (f"dns+srv://{name}", "ok", 1)
         )
+
+    @inlineCallbacks
+    def test_largeAnswerOverTCP(self):
+        """
+        An answer too large for a UDP datagram is asked again over TCP, and
+        the connection is closed when the balancer stops.
+        """
+        settleConnections(self)
+        zone = Zone(b"example.com")
+        dnsPort, dnsServer = yield startDNSServer(self, zone)
+        addresses = [f"127.0.0.{n}" for n in range(1, 61)]
+        zone.set("many.example.com", [dns.Record_A(address, ttl=60) for address in addresses])
+        config = self.configFor(dnsPort, "dns+a://many.example.com:9")
+        config = config.__class__(**dict(config.__dict__, health=HealthConfig(enabled=False)))
+        service, _, _ = yield startWithAdmin(self, config)
+        group = service.group
+        yield poll(lambda: len(group) == 60, what="sixty backends")
+        self.assertEqual(sorted(b.url for b in group),
+                         sorted(f"http://{address}:9" for address in addresses))
+        self.assertEqual(dnsServer.overTCP, 1)
+        yield service.stopService()
+        yield poll(lambda: not dnsServer.connections, what="the TCP connection to close")
