@@ -10,6 +10,8 @@ asks again soon, sooner than its TTL (1 s, then twice as long each time,
 never longer than the minimum TTL); a DNS server that is down or a zone
 being rewritten then never empties the balancer.  An answer that holds no
 record is an answer: the name has no servers now, and its backends drain.
+(So is an SRV target that no longer exists: the record outlived its
+server, which gives no backend, and the other records still count.)
 
 Queries go to C{--dns-server}, or to the servers of C{/etc/resolv.conf},
 through L{twisted.names.client.Resolver} on the balancer's reactor, with
