@@ -20,6 +20,7 @@ __all__ = [
     "IOpenSSLTrustRoot",
     "handlingRequest",
     "headSoFar",
+    "stopRereadingResolvConf",
     "waitingForTransport",
     "writeNow",
 ]
@@ -39,6 +40,18 @@ def headSoFar(channel: http.HTTPChannel):
     C{channel} is reading, as it counts them against its own limits.
     """
     return channel._receivedHeaderSize, channel._receivedHeaderCount
+
+
+def stopRereadingResolvConf(resolver) -> None:
+    """
+    Stop the timer with which a L{twisted.names.client.Resolver} made from
+    C{resolv.conf} reads the file again every minute: nothing public stops
+    it, and a stopped balancer must leave no timer behind.
+    """
+    call = getattr(resolver, "_parseCall", None)
+    if call is not None and call.active():
+        call.cancel()
+    resolver.resolv = None
 
 
 def waitingForTransport(channel: http.HTTPChannel) -> bool:

@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from twisted.names import client, dns, error
 from zope.interface import implementer
 
+from .._twisted import stopRereadingResolvConf
 from ..settings import BackendConfig
 from . import IDiscoverySource, SourceConfig, SourceStatus
 
@@ -280,10 +281,7 @@ class _Resolver(client.Resolver):
     _closing: Optional[List[Deferred]] = None
 
     def close(self) -> Deferred:
-        call = getattr(self, "_parseCall", None)
-        if call is not None and call.active():
-            call.cancel()
-        self.resolv = None
+        stopRereadingResolvConf(self)
         if not self.connections:
             return succeed(None)
         done = Deferred()
