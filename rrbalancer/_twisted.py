@@ -20,6 +20,7 @@ __all__ = [
     "IOpenSSLTrustRoot",
     "handlingRequest",
     "headSoFar",
+    "stopRereadingResolvConf",
     "takeBuffered",
     "waitingForTransport",
     "writeNow",
@@ -51,6 +52,17 @@ def takeBuffered(channel: http.HTTPChannel) -> bytes:
     data = b"".join(channel._dataBuffer)
     channel._dataBuffer = []
     return data
+
+def stopRereadingResolvConf(resolver) -> None:
+    """
+    Stop the timer with which a L{twisted.names.client.Resolver} made from
+    C{resolv.conf} reads the file again every minute: nothing public stops
+    it, and a stopped balancer must leave no timer behind.
+    """
+    call = getattr(resolver, "_parseCall", None)
+    if call is not None and call.active():
+        call.cancel()
+    resolver.resolv = None
 
 
 def waitingForTransport(channel: http.HTTPChannel) -> bool:

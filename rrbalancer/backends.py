@@ -20,11 +20,16 @@ Two judges of health are kept apart, as Envoy keeps them: the active checks
 (rise/fall, see L{Backend.recordCheck}) and the failures client requests
 meet (L{Ejection}: a backend failing them in a row is set aside for a while,
 whatever its checks say).
+
+Backends come from several places at once: the config file, the admin
+API, each discovery source.  Each backend knows which of them list it (its
+C{owners}), so that one place dropping a backend another still lists does
+not remove it (L{BackendGroup.release}).
 """
 
 import hashlib
 from dataclasses import dataclass
-from typing import Callable, Collection, Dict, Iterator, List, Optional, Set
+from typing import Callable, Collection, Dict, Iterator, List, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -75,6 +80,11 @@ class Ejection:
         return cls(config.ejectAfter, config.ejectTime, config.ejectOn5xx,
                    config.maxEjectedPercent)
 
+# Who may list a backend, besides each discovery source (named by its URL).
+CONFIG = "config"
+API = "api"
+DEMO = "demo"
+
 class Backend:
     """
     One server behind the balancer.
@@ -96,6 +106,11 @@ class Backend:
         restarts and balancers, and not its address.
     @ivar ejectedUntil: while it is ejected, when it comes back.
     @ivar rampStart: while its weight ramps up (slow start), since when.
+
+    @ivar owners: who lists it, in the order they came: L{CONFIG}, L{API},
+        L{DEMO} or a discovery source's URL; none for a backend a program
+        added to the group without saying (the first to claim it then owns
+        it).
     """
 
     log = Logger()
@@ -122,6 +137,7 @@ class Backend:
         self._active = 0
         self._idleWaiters: Optional[List[Deferred]] = None
         self.removing = False
+        self.owners: Tuple[str, ...] = ()
         self.requests = 0
         self.failures = 0
         # Responses that broke HTTP (bad framing, oversized head).
@@ -513,6 +529,7 @@ class BackendGroup:
         config: BackendConfig,
         awaitCheck: bool = False,
         reason: Optional[str] = None,
+        owner: Optional[str] = None,
     ) -> Backend:
         """
         Add a backend.
@@ -520,6 +537,7 @@ class BackendGroup:
         @param awaitCheck: (for a backend added at run time) with health
             checks on, it takes no traffic until its first check passes.
         @param reason: why it was added, as its last state change.
+        @param owner: who lists it (see L{Backend.owners}).
         """
         if config.server in self._byServer:
             raise ValueError(f"backend {config.url} is already in the group")
@@ -527,6 +545,8 @@ class BackendGroup:
         self._nextID += 1
         upstream = self._upstream(config) if self._upstream is not None else None
         backend = Backend(backendID, config, self.health, self._clock, upstream)
+        if owner is not None:
+            backend.owners = (owner,)
         if awaitCheck and self.health.enabled:
             backend.awaitFirstCheck(
                 f"{reason or 'added'}; waiting for its first health check"
@@ -742,6 +762,28 @@ class BackendGroup:
             return backend
 
         return backend.whenIdle().addCallback(forget)
+
+    def claim(self, backend: Backend, owner: str) -> None:
+        """
+        C{owner} lists C{backend} too (it stays while any owner does).
+        """
+        if owner not in backend.owners:
+            backend.owners += (owner,)
+
+    def release(self, backend: Backend, owner: str, reason: str) -> bool:
+        """
+        C{owner} no longer lists C{backend}: once no owner does, it is
+        drained and removed (L{retire}).
+
+        @return: whether this release set off its removal.
+        """
+        if owner not in backend.owners:
+            return False
+        backend.owners = tuple(o for o in backend.owners if o != owner)
+        if backend.owners or backend.removing:
+            return False
+        self.retire(backend, reason)
+        return True
 
     def keep(self, backend: Backend, reason: str) -> None:
         """

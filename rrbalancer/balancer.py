@@ -19,8 +19,9 @@ from typing import Any, Iterable, Optional
 from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
 
-from .backends import BackendGroup, Ejection
+from .backends import CONFIG, BackendGroup, Ejection
 from .config import Config, buildConfig, loadConfig
+from .discovery import buildDiscovery
 from .health import HealthChecker
 from .policies import policyFor
 from .interfaces import IHealthChecker
@@ -61,10 +62,13 @@ class Balancer(MultiService):
     @ivar healthChecker: the active checks (L{IHealthChecker}), or None when
         they are off.
     @ivar limits: the client rate limits (L{rrbalancer.limits.Limits}).
+    @ivar discovery: the discovery sources feeding the group
+        (L{rrbalancer.discovery.Discovery}), or None without any.
     """
 
     log = Logger()
     healthChecker: Optional[IHealthChecker] = None
+    discovery = None
 
     def __init__(
         self,
@@ -108,7 +112,7 @@ class Balancer(MultiService):
             queueTimeout=config.queueTimeout,
         )
         for backend in config.backends:
-            self.group.add(backend)
+            self.group.add(backend, owner=CONFIG)
         if config.health.enabled:
             # Checks share each backend's own pool of kept connections.
             self.healthChecker = HealthChecker(
@@ -124,6 +128,11 @@ class Balancer(MultiService):
              for n, limit in enumerate(config.limits)),
             reactor,
         )
+        # After the checks: a source's first answer may come at once, and
+        # its backends are checked as they come.
+        self.discovery = buildDiscovery(config, self.group, reactor, self.checkNow)
+        if self.discovery is not None:
+            self.discovery.setServiceParent(self)
         self._resource = BalancerResource(
             self.group, config.requestIDHeader, config.via, sticky, limits
         )
@@ -147,6 +156,14 @@ class Balancer(MultiService):
             config=self.config,
             pool=pool,
         )
+
+    def checkNow(self, backend) -> None:
+        """
+        Check a backend at once rather than at the next interval (one added
+        at run time then takes traffic as soon as it can).
+        """
+        if self.healthChecker is not None:
+            self.healthChecker.check(backend)
 
     def resource(self) -> BalancerResource:
         """

@@ -154,8 +154,15 @@ def _checkTogether(config: Config, explicitAdmin: bool) -> Config:
     """
     The rules that involve more than one setting.
     """
-    if not config.backends and not config.demo:
-        raise ConfigError("no backend: give at least one --backend URL (or try --demo)")
+    if not config.backends and not config.demo and not config.discover:
+        raise ConfigError(
+            "no backend: give at least one --backend URL or --discover URL (or try --demo)"
+        )
+    if config.dnsMinTTL > config.dnsMaxTTL:
+        raise ConfigError(
+            f"dns_min_ttl: {config.dnsMinTTL:g} is more than dns_max_ttl "
+            f"({config.dnsMaxTTL:g})"
+        )
     if config.workers > 1 and config.admin is not None:
         if explicitAdmin:
             raise ConfigError(

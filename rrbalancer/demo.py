@@ -9,6 +9,7 @@ from twisted.internet.defer import gatherResults, maybeDeferred
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from .backends import DEMO
 from .config import BackendConfig
 
 DEMO_BACKENDS = 3
@@ -58,7 +59,7 @@ class DemoBackends(Service):
             port = self._reactor.listenTCP(0, site, interface="127.0.0.1")
             self.ports.append(port)
             url = f"http://127.0.0.1:{port.getHost().port}"
-            self._group.add(BackendConfig(url=url))
+            self._group.add(BackendConfig(url=url), owner=DEMO)
 
     def startService(self):
         if not self.ports:

@@ -118,6 +118,30 @@ BACKEND_FAMILIES = [
      "Bytes carried by the backend's tunnels, by direction.",
      lambda b: _directions(b.tunnels)),
 ]
+# Per discovery source, as the per-backend families; samples(status) of its
+# L{rrbalancer.discovery.SourceStatus}.
+DISCOVERY_STATES = ("starting", "ok", "failing")
+DISCOVERY_FAMILIES = [
+    ("rrbalancer_discovery_up", "gauge",
+     "1 if the discovery source's last lookup was answered, else 0.",
+     lambda s: [("", 1 if s.state == "ok" else 0)]),
+    ("rrbalancer_discovery_state", "gauge",
+     "The discovery source's state: 1 for the one it is in.",
+     lambda s: [(f',state="{state}"', 1 if s.state == state else 0)
+                for state in DISCOVERY_STATES]),
+    ("rrbalancer_discovery_state_since_timestamp_seconds", "gauge",
+     "When the discovery source entered its state (Unix seconds).",
+     lambda s: [("", float(s.since))]),
+    ("rrbalancer_discovery_last_answer_timestamp_seconds", "gauge",
+     "When the discovery source last answered (Unix seconds); absent before its first answer.",
+     lambda s: [("", float(s.lastAnswer))] if s.lastAnswer is not None else []),
+    ("rrbalancer_discovery_backends", "gauge",
+     "Backends in the discovery source's current set.",
+     lambda s: [("", s.backends)]),
+    ("rrbalancer_discovery_lookups", "counter",
+     "Lookups of the discovery source by result.",
+     lambda s: [(',result="ok"', s.lookups - s.failures), (',result="fail"', s.failures)]),
+]
 DURATION = (
     "rrbalancer_backend_request_duration_seconds",
     "Time from a request's turn at the backend to its response's end.",
@@ -135,16 +159,25 @@ class Metrics:
         totals only (for fleets where that many series are unwanted).
     @param health: the health checker, for the event loop's lateness it
         measures (optional).
+    @param discovery: the discovery sources' service, for how each is doing
+        (optional).
     """
 
     def __init__(
-        self, group: BackendGroup, site=None, clock=None, perBackend: bool = True, health=None,
+        self,
+        group: BackendGroup,
+        site=None,
+        clock=None,
+        perBackend: bool = True,
+        health=None,
+        discovery=None,
         limits=None,
     ) -> None:
         self.group = group
         self.limits = limits
         self.site = site
         self.health = health
+        self.discovery = discovery
         self.clock = clock
         self.perBackend = perBackend
         self.started = clock.seconds() if clock is not None else None
@@ -236,6 +269,9 @@ class Metrics:
                        "Keys a rate limit remembers now (bounded by its max_keys).", openMetrics)
             for limiter in limiters:
                 yield f'rrbalancer_rate_limit_keys{{limit="{limiter.name}"}} {len(limiter)}\n'
+
+        if self.discovery is not None:
+            yield from self._discovery(openMetrics)
         counts = dict.fromkeys(STATES, 0)
         for backend in backends:
             counts[backend.state] += 1
@@ -253,6 +289,18 @@ class Metrics:
             yield from self._durations(backends, names, openMetrics)
         if openMetrics:
             yield "# EOF\n"
+
+    def _discovery(self, openMetrics: bool) -> Iterator[str]:
+        sources = [
+            (f'{{source="{_label(source.config.url)}"', source.status)
+            for source in self.discovery.sources
+        ]
+        for name, kind, help, samples in DISCOVERY_FAMILIES:
+            yield self._head(name, kind, help, openMetrics)
+            sample = name + "_total" if kind == "counter" else name
+            for label, status in sources:
+                for suffix, value in samples(status):
+                    yield f"{sample}{label}{suffix}}} {_number(value)}\n"
 
     def _durations(self, backends, names, openMetrics: bool) -> Iterator[str]:
         name, help = DURATION

@@ -9,8 +9,9 @@ lists are added (taking traffic
 once their first health check passes), changed in place (weight, backup:
 their connections and requests in flight stay), or, when the file no longer
 lists them, drained and removed without cutting a request.  Backends that
-did not come from the file (added through the API, or the demo ones) are
-left alone.  Every other setting needs a restart; a change to one is
+did not come from the file (added through the API, found by discovery, the
+demo ones) are left alone, and so is one the file drops while the API or a
+discovery source still lists it.  Every other setting needs a restart; a change to one is
 reported and not applied.  A file that does not validate changes nothing.
 """
 
@@ -19,7 +20,7 @@ from typing import Callable, Dict, List, Optional
 
 from twisted.logger import Logger
 
-from .backends import Backend, BackendGroup, Ejection
+from .backends import CONFIG, Backend, BackendGroup, Ejection
 from .config import RELOADABLE, Config, ConfigError, loadConfig
 from .policies import policyFor
 
@@ -39,7 +40,9 @@ class Reloader:
         one came from, with the same command-line settings over it.
     @param onAdded: called with each backend a reload adds (to check it at
         once rather than at the next health check).
-    @ivar managed: the servers the file lists, as of the last reload.
+    Backends the file lists are owned by L{CONFIG}; one that another
+    owner (the API, a discovery source) lists too stays when the file drops
+    it.
     """
 
     log = Logger()
@@ -55,7 +58,10 @@ class Reloader:
         self.group = group
         self._load = load
         self.onAdded = onAdded
-        self.managed = {b.server for b in config.backends}
+        for backendConfig in config.backends:
+            backend = group.byServer(backendConfig)
+            if backend is not None:
+                group.claim(backend, CONFIG)
 
     @property
     def canReload(self) -> bool:
@@ -113,10 +119,13 @@ class Reloader:
             wanted.add(backendConfig.server)
             backend = group.byServer(backendConfig)
             if backend is None:
-                backend = group.add(backendConfig, awaitCheck=True, reason=reason)
+                backend = group.add(
+                    backendConfig, awaitCheck=True, reason=reason, owner=CONFIG
+                )
                 added.append(backend.url)
                 self.onAdded(backend)
                 continue
+            group.claim(backend, CONFIG)
             if backend.removing:
                 group.keep(backend, reason)
                 changed.append(backend.url)
@@ -128,11 +137,10 @@ class Reloader:
                 if backend.url not in changed:
                     changed.append(backend.url)
         for backend in group:
-            server = backend.config.server
-            if server in self.managed and server not in wanted and not backend.removing:
-                group.retire(backend, f"{reason}: no longer in the file")
+            if backend.config.server not in wanted and group.release(
+                backend, CONFIG, f"{reason}: no longer in the file"
+            ):
                 removed.append(backend.url)
-        self.managed = wanted
         if any(getattr(new, name) != getattr(self.config, name) for name in BALANCING):
             group.rebalance(
                 policyFor(new, group._clock),

@@ -112,7 +112,12 @@ class BalancerService(MultiService):
             self.demo.setServiceParent(self)
         self.reloader = Reloader(config, self.group, onAdded=self.checkNow)
         self.metrics = Metrics(
-            self.group, self.site, reactor, config.metricsPerBackend, self.healthChecker,
+            self.group,
+            self.site,
+            reactor,
+            config.metricsPerBackend,
+            self.healthChecker,
+            self.discovery,
             self.balancer.limits,
         )
         if config.admin is not None:
@@ -138,7 +143,7 @@ class BalancerService(MultiService):
         token = readAdminToken(config.adminTokenFile) if config.adminTokenFile else None
         endpoint = serverEndpoint(reactor, config.admin, "admin")
         self.adminAPI = AdminAPI(
-            self.group, reactor, self.reloader, self, self.healthChecker
+            self.group, reactor, self.reloader, self, self.healthChecker, self.discovery
         )
         site = makeAdminSite(self.adminAPI, self.metrics, reactor, token)
         self.adminListener = Listener(config.admin, endpoint, site, "admin")
@@ -157,8 +162,11 @@ class BalancerService(MultiService):
         Check a backend at once rather than at the next interval (a backend
         added at run time then takes traffic as soon as it can).
         """
-        if self.healthChecker is not None:
-            self.healthChecker.check(backend)
+        self.balancer.checkNow(backend)
+
+    @property
+    def discovery(self):
+        return self.balancer.discovery
 
     def startService(self) -> None:
         health = self.config.health
@@ -182,6 +190,8 @@ class BalancerService(MultiService):
                 weight=backend.weight,
                 backup=" (backup)" if backend.backup else "",
             )
+        for source in self.config.discover:
+            self.log.info("backends found by discovery: {url}", url=source.url)
         MultiService.startService(self)
         self._clock.callWhenRunning(settleMemory)
 

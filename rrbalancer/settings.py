@@ -400,6 +400,38 @@ def parseLimits(value: Any, name: str = "limit") -> tuple:
         raise ConfigError(f"{name}: a single [{name}] table; write [[{name}]] (one per limit)")
     return tuple(parseLimit(spec, name) for spec in asList(value))
 
+def parseDNSServers(value: Any, name: str = "dns_server") -> Tuple[Tuple[str, int], ...]:
+    """
+    DNS servers as C{ADDRESS}, C{ADDRESS:PORT} or C{[IPv6]:PORT}; an
+    address, since a name would itself need a resolver.
+    """
+    servers = []
+    for item in asList(value):
+        text = string(item, name).strip()
+        host, port = text, "53"
+        if text.startswith("["):
+            host, sep, rest = text[1:].partition("]")
+            if not sep or (rest and not rest.startswith(":")):
+                raise ConfigError(f"{name}: {text!r} is not ADDRESS:PORT or [IPv6]:PORT")
+            port = rest[1:] or "53"
+        elif text.count(":") == 1:
+            host, port = text.split(":")
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(
+                f"{name}: {text!r} is not an IP address with an optional :PORT "
+                "(such as 127.0.0.1:5353)"
+            ) from None
+        servers.append((str(address), tcpPortNumber(name, port)))
+    return tuple(servers)
+
+
+def parseDiscover(value: Any, name: str = "discover") -> tuple:
+    from .discovery import parseSources
+
+    return parseSources(value, name)
+
 
 def parseVia(value: Any, name: str) -> Optional[str]:
     """
@@ -641,6 +673,24 @@ SETTINGS: Tuple[Setting, ...] = (
        "weighted round robin (5,1,1 → a a b a c a a); backups get traffic only "
        "while no primary is up. A reload applies changes to the backends.",
        short="b", repeatable=True, reloadable=True, metavar="URL[,weight=N][,backup]"),
+    _s("discover", "discover", parseDiscover, (),
+       "Backends found by discovery, repeatable: dns+a://NAME:PORT (every A and "
+       "AAAA address of NAME, on PORT; ,weight=N and ,backup apply to each) or "
+       "dns+srv://_http._tcp.NAME (SRV records: the lowest priority present are "
+       "primaries, the others backups; the SRV weight is the weight). Asked again "
+       "at the answer's TTL; a failed lookup keeps the last answer.",
+       repeatable=True, metavar="URL"),
+    _s("dns_server", "dnsServers", parseDNSServers, (),
+       "The DNS server discovery asks: an address, with :PORT when not 53 "
+       "(repeatable). By default those of /etc/resolv.conf.",
+       repeatable=True, metavar="HOST:PORT"),
+    _s("dns_min_ttl", "dnsMinTTL", seconds, 5.0,
+       "Discovery asks DNS again at the answer's TTL, but never sooner than "
+       "this many seconds; a failed lookup is retried within this many.",
+       metavar="S"),
+    _s("dns_max_ttl", "dnsMaxTTL", seconds, 300.0,
+       "Discovery asks DNS again no later than this many seconds, whatever the "
+       "answer's TTL.", metavar="S"),
     _s("backend_ca", "backendCA", existingFile, None,
        "PEM CAs trusted for https backends, besides the system store "
        "(certificates are verified with service-identity).",

@@ -140,9 +140,11 @@ def check(config) -> None:
         raise _fail(str(e)) from None
     listeners = len(config.ports) + (config.admin is not None)
     backends = len(config.backends)
+    sources = len(config.discover)
+    found = f"{sources} discovery source{'s' * (sources != 1)}, " if sources else ""
     print(
         f"rrbalancer: configuration OK ({backends} backend{'s' * (backends != 1)}, "
-        f"{listeners} listener{'s' * (listeners != 1)})"
+        f"{found}{listeners} listener{'s' * (listeners != 1)})"
     )
     raise SystemExit(0)
 

@@ -338,6 +338,7 @@ class AddTests(SynchronousTestCase):
         self.assertEqual(
             response.headers.getRawHeaders(b"location"), [f"/api/backends/{body['id']}".encode()]
         )
+        self.assertEqual(body["sources"], ["api"])
         backend = admin.group.get(body["id"])
         self.assertTrue(backend.available)
         picks = {admin.group.pick().url for _ in range(5)}
@@ -630,6 +631,68 @@ class PolicyFiguresTests(SynchronousTestCase):
         self.assertEqual(body["panic"], {"threshold": 60, "active": False, "times": 0})
         self.assertEqual(body["ejection"]["after"], 5)
         self.assertEqual(body["slow_start"], 0)
+
+class DiscoveryStatusTests(SynchronousTestCase):
+    """
+    C{GET /api/discovery} (and the status) show each discovery source: its
+    state and since when, its last answer, the backends it gives.
+    """
+
+    def setUp(self):
+        from rrbalancer.discovery import parseSource
+        from rrbalancer.discovery._dns import DNSSource
+        from rrbalancer.discovery._service import Discovery
+        from twisted.names import dns, error
+
+        from .test_discovery_dns import FakeResolver, a
+
+        self.admin = InMemoryAdmin(urls=())
+        self.resolver = FakeResolver()
+        name = "web.example.com"
+        self.resolver.answers[(name, dns.A)] = [a(name, "192.0.2.1", 30), a(name, "192.0.2.2", 30)]
+        source = DNSSource(parseSource(f"dns+a://{name}:8080"), self.resolver, self.admin.clock)
+        source.log = Logger(observer=lambda event: None)
+        self.admin.api.discovery = Discovery(self.admin.group, [source])
+        self.admin.api.discovery.startService()
+        self.fail = lambda: self.resolver.answers.__setitem__((name, dns.A), error.DNSServerError())
+
+    def test_sources(self):
+        code, body, _, _ = self.admin.request("GET", "/api/discovery")
+        self.assertEqual(code, 200)
+        self.assertEqual(body["now"], 1000)
+        self.assertEqual(
+            body["sources"],
+            [{"url": "dns+a://web.example.com:8080", "kind": "dns+a", "state": "ok",
+              "since": 1000, "last_answer": 1000, "last_error": None, "backends": 2,
+              "lookups": 1, "failures": 0, "next_lookup": 1030}],
+        )
+        _, listed, _, _ = self.admin.request("GET", "/api/backends")
+        self.assertEqual(
+            [b["sources"] for b in listed["backends"]], [["dns+a://web.example.com:8080"]] * 2
+        )
+
+    def test_failing(self):
+        self.fail()
+        self.admin.clock.advance(30)
+        _, body, _, _ = self.admin.request("GET", "/api/discovery")
+        [source] = body["sources"]
+        self.assertEqual(
+            (source["state"], source["since"], source["last_answer"], source["backends"]),
+            ("failing", 1030, 1000, 2),
+        )
+        self.assertEqual(source["last_error"], "A web.example.com: SERVFAIL")
+        self.assertEqual(source["next_lookup"], 1031)
+
+    def test_inStatus(self):
+        _, body, _, _ = self.admin.request("GET", "/api/status")
+        self.assertEqual([s["url"] for s in body["discovery"]], ["dns+a://web.example.com:8080"])
+
+    def test_none(self):
+        admin = InMemoryAdmin()
+        code, body, _, _ = admin.request("GET", "/api/discovery")
+        self.assertEqual((code, body["sources"]), (200, []))
+        self.assertEqual(admin.request("GET", "/api/status")[1]["discovery"], [])
+        self.assertEqual(admin.request("POST", "/api/discovery", {})[0], 405)
 
 
 class RoutingTests(SynchronousTestCase):

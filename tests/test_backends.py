@@ -203,6 +203,69 @@ class PickTests(GroupMixin, TestCase):
         self.assertRaises(ValueError, group.add, BackendConfig(url="http://c"))
 
 
+class OwnerTests(GroupMixin, TestCase):
+    """
+    A backend listed by several owners (the config file, the API, each
+    discovery source) leaves only when the last of them drops it.
+    """
+
+    def test_addedWithOwner(self):
+        group, _ = self.makeGroup()
+        backend = group.add(BackendConfig(url="http://a"), owner="config")
+        self.assertEqual(backend.owners, ("config",))
+        self.assertEqual(group.add(BackendConfig(url="http://b")).owners, ())
+
+    def test_claimOnce(self):
+        group, _ = self.makeGroup()
+        backend = group.add(BackendConfig(url="http://a"), owner="config")
+        group.claim(backend, "dns+a://web.example.com:80")
+        group.claim(backend, "dns+a://web.example.com:80")
+        self.assertEqual(backend.owners, ("config", "dns+a://web.example.com:80"))
+
+    def test_lastOwnerRemoves(self):
+        """
+        Released by one of two owners, a backend stays as it was; released
+        by the last, it drains and goes once its requests in flight end.
+        """
+        group, _ = self.makeGroup()
+        backend = group.add(BackendConfig(url="http://a"), owner="config")
+        group.claim(backend, "api")
+        backend.active = 1
+        self.assertFalse(group.release(backend, "config", "gone from the file"))
+        self.assertEqual((backend.state, backend.removing), (UP, False))
+        self.assertEqual(backend.owners, ("api",))
+        self.assertTrue(group.release(backend, "api", "deleted"))
+        self.assertEqual((backend.state, backend.removing), (DRAINING, True))
+        self.assertIs(group.byURL("http://a"), backend)
+        backend.active = 0
+        self.assertIsNone(group.byURL("http://a"))
+
+    def test_releaseByStranger(self):
+        """
+        Releasing a backend one does not own changes nothing: one owner
+        never removes another's backend.
+        """
+        group, _ = self.makeGroup()
+        backend = group.add(BackendConfig(url="http://a"), owner="api")
+        self.assertFalse(group.release(backend, "config", "gone from the file"))
+        self.assertEqual((backend.owners, backend.removing), (("api",), False))
+        self.assertIs(group.byURL("http://a"), backend)
+
+    def test_releaseWhileRemoving(self):
+        """
+        A backend already on its way out (deleted through the API) is not
+        retired twice.
+        """
+        group, _ = self.makeGroup()
+        backend = group.add(BackendConfig(url="http://a"), owner="config")
+        backend.active = 1
+        group.retire(backend, "deleted")
+        self.assertFalse(group.release(backend, "config", "gone from the file"))
+        self.assertEqual(backend.owners, ())
+        backend.active = 0
+        self.assertIsNone(group.byURL("http://a"))
+
+
 class CountingExclude(frozenset):
     """
     An C{exclude} that counts the backends a pick looks at: each one it

@@ -326,6 +326,7 @@ class BrowserTests(TestCase):
         self.assertEqual(rows, [["1", oneURL, "up", "1"], ["2", twoURL, "up", "1"]])
         total = yield page.evaluate("document.getElementById('t-requests').textContent")
         self.assertEqual(total, "6")
+        self.assertTrue((yield page.evaluate("document.getElementById('discovery').hidden")))
 
         # The drain button drains backend 1, and the page shows it.
         yield page.click('tr[data-backend-id="1"] button[data-action="drain"]')
@@ -403,6 +404,58 @@ class BrowserTests(TestCase):
         }
         self.assertTrue(fetched)
         self.assertEqual({u for u in fetched if not u.startswith(admin + "/")}, set())
+
+    @inlineCallbacks
+    def test_discoverySources(self):
+        """
+        A line per discovery source: its state, and what it gives or why
+        it fails; none without sources.
+        """
+        from twisted.names import dns
+
+        from rrbalancer.discovery import parseSource
+
+        from .test_discovery_dns import Zone, srvRecord, startDNSServer
+
+        settleConnections(self)
+        zone = Zone(b"example.com")
+        dnsPort, dnsServer = yield startDNSServer(self, zone)
+        _, url = startBackend(self, "one")
+        port = int(url.rsplit(":", 1)[1])
+        name = "_http._tcp.web.example.com"
+        zone.set(name, [srvRecord(port, "one.web.example.com")])
+        zone.set("one.web.example.com", [dns.Record_A("127.0.0.1", ttl=0)])
+        config = balancerConfig(
+            [],
+            discover=(parseSource(f"dns+srv://{name}"),),
+            dnsServers=(("127.0.0.1", dnsPort),),
+            dnsMinTTL=0.1,
+        )
+        service, _, admin = yield startWithAdmin(self, config)
+        browser, page = yield openBrowser(self, admin + "/")
+        line = (
+            "[...document.querySelectorAll('#discovery-sources li')].map(li => ["
+            " li.dataset.source, li.querySelector('.pill').textContent,"
+            " li.querySelector('.detail').textContent])"
+        )
+        yield page.waitFor(
+            "document.querySelector('#discovery-sources .pill.up') !== null"
+            " && !document.getElementById('discovery').hidden",
+            "the source, answering",
+        )
+        [(shown, state, detail)] = yield page.evaluate(line)
+        self.assertEqual((shown, state), (f"dns+srv://{name}", "ok"))
+        self.assertTrue(detail.startswith("1 backend · answered "), detail)
+
+        dnsServer.failing = True
+        yield page.waitFor(
+            "document.querySelector('#discovery-sources .pill.down') !== null", "the source failing"
+        )
+        [(_, state, detail)] = yield page.evaluate(line)
+        self.assertEqual(state, "failing")
+        self.assertIn(": SERVFAIL · keeping 1 backend", detail)
+        errors = [e for e in browser.events if e["method"] == "Runtime.exceptionThrown"]
+        self.assertEqual(errors, [])
 
     @inlineCallbacks
     def test_largeSet(self):

@@ -333,3 +333,74 @@ class ResourceTests(SynchronousTestCase):
             response.headers.getRawHeaders(b"content-type")[0].startswith(b"application/openmetrics-text")
         )
         self.assertTrue(body.endswith("# EOF\n"))
+
+
+class DiscoveryMetricsTests(SynchronousTestCase):
+    """
+    Each discovery source as series: whether it answers, its state and
+    since when, its last answer, its backends, its lookups.
+    """
+
+    def setUp(self):
+        from twisted.logger import Logger
+        from twisted.names import dns, error
+
+        from rrbalancer.discovery import parseSource
+        from rrbalancer.discovery._dns import DNSSource
+        from rrbalancer.discovery._service import Discovery
+
+        from .test_discovery_dns import FakeResolver, a
+
+        self.group, self.clock = makeGroup(urls=())
+        resolver = FakeResolver()
+        name = "web.example.com"
+        resolver.answers[(name, dns.A)] = [a(name, "192.0.2.1", 30), a(name, "192.0.2.2", 30)]
+        self.one = DNSSource(parseSource(f"dns+a://{name}:8080"), resolver, self.clock)
+        self.two = DNSSource(parseSource("dns+srv://_http._tcp.example.com"), resolver, self.clock)
+        resolver.answers[("_http._tcp.example.com", dns.SRV)] = error.DNSNameError()
+        for source in (self.one, self.two):
+            source.log = Logger(observer=lambda event: None)
+        self.discovery = Discovery(self.group, [self.one, self.two])
+        self.discovery.startService()
+
+    def scrape(self, openMetrics=False):
+        text = Metrics(self.group, clock=self.clock, discovery=self.discovery).render(
+            openMetrics
+        ).decode("utf-8")
+        parse = openMetricsFamilies if openMetrics else text_string_to_metric_families
+        samples = {}
+        for family in parse(text):
+            for sample in family.samples:
+                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return samples
+
+    def test_series(self):
+        for openMetrics in (False, True):
+            samples = self.scrape(openMetrics)
+            one = (("source", "dns+a://web.example.com:8080"),)
+            two = (("source", "dns+srv://_http._tcp.example.com"),)
+            self.assertEqual(samples[("rrbalancer_discovery_up", one)], 1)
+            self.assertEqual(samples[("rrbalancer_discovery_up", two)], 0)
+            self.assertEqual(
+                samples[("rrbalancer_discovery_state", two + (("state", "failing"),))], 1
+            )
+            self.assertEqual(samples[("rrbalancer_discovery_state", two + (("state", "ok"),))], 0)
+            self.assertEqual(
+                samples[("rrbalancer_discovery_state_since_timestamp_seconds", two)], 10_000
+            )
+            self.assertEqual(
+                samples[("rrbalancer_discovery_last_answer_timestamp_seconds", one)], 10_000
+            )
+            self.assertNotIn(("rrbalancer_discovery_last_answer_timestamp_seconds", two), samples)
+            self.assertEqual(samples[("rrbalancer_discovery_backends", one)], 2)
+            self.assertEqual(samples[("rrbalancer_discovery_backends", two)], 0)
+            self.assertEqual(
+                samples[("rrbalancer_discovery_lookups_total", (("result", "fail"),) + two)], 1
+            )
+            self.assertEqual(
+                samples[("rrbalancer_discovery_lookups_total", (("result", "ok"),) + one)], 1
+            )
+
+    def test_noneWithoutDiscovery(self):
+        text = Metrics(self.group).render().decode("utf-8")
+        self.assertNotIn("rrbalancer_discovery", text)

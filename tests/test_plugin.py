@@ -434,6 +434,31 @@ class CheckTests(TwistdMixin, TestCase):
         self.assertEqual(code, 0, out + err)
         self.assertIn("(1 backend, 1 listener)", out)
 
+    def test_discoveryOnly(self):
+        """
+        Discovery sources without a backend are a valid configuration; a
+        check asks no DNS server.
+        """
+        code, out, err = self.plugin(
+            "--check", "--admin", "none", "--port", "tcp:8000:interface=127.0.0.1",
+            "--discover", "dns+srv://_http._tcp.example.com",
+            "--discover", "dns+a://web.example.com:8080",
+            "--dns-server", "192.0.2.53",
+        )
+        self.assertEqual((code, err), (0, ""), out)
+        self.assertEqual(
+            out.strip(),
+            "rrbalancer: configuration OK (0 backends, 2 discovery sources, 1 listener)",
+        )
+
+    def test_badDiscovery(self):
+        for args, mention in [
+            (["--discover", "consul://127.0.0.1:8500/web"], "unknown scheme"),
+            (["--discover", "dns+a://web.example.com"], "port"),
+            (["--discover", "dns+a://web_.example..com:80"], "empty label"),
+        ]:
+            self.assertOneLineError(self.plugin("--check", *args), mention)
+
     def test_invalid(self):
         for args, mention in [
             (["--port", "tcp:nope"], "bad endpoint"),

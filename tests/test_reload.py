@@ -124,6 +124,36 @@ class ReloaderTests(SynchronousTestCase):
         self.reloader.reload()
         self.assertIsNotNone(self.group.byURL("http://127.0.0.1:9000"))
 
+    def test_listedElsewhereKept(self):
+        """
+        A backend the file drops while another owner (the API, a discovery
+        source) still lists it stays, and the file no longer owns it.
+        """
+        three = self.group.byURL("http://127.0.0.1:8083")
+        self.group.claim(three, "dns+a://web.example.com:8083")
+        self.file.write(toml(
+            [("http://127.0.0.1:8081", {}), ("http://127.0.0.1:8082", {"weight": 2})], HEADER
+        ))
+        result = self.reloader.reload()
+        self.assertEqual(result["removed"], [])
+        self.assertEqual((three.state, three.removing), (UP, False))
+        self.assertEqual(three.owners, ("dns+a://web.example.com:8083",))
+
+    def test_listedByTheFileToo(self):
+        """
+        A backend the API added that the file then lists is the file's too:
+        dropped from the file again, it stays, the API's.
+        """
+        extra = self.group.add(BackendConfig("http://127.0.0.1:9000"), owner="api")
+        listed = [("http://127.0.0.1:8081", {}), ("http://127.0.0.1:8082", {"weight": 2}),
+                  ("http://127.0.0.1:8083", {})]
+        self.file.write(toml(listed + [("http://127.0.0.1:9000", {})], HEADER))
+        self.reloader.reload()
+        self.assertEqual(extra.owners, ("api", "config"))
+        self.file.write(toml(listed, HEADER))
+        self.assertEqual(self.reloader.reload()["removed"], [])
+        self.assertEqual((extra.removing, extra.owners), (False, ("api",)))
+
     def test_removedThenListedAgain(self):
         """
         A backend on its way out that the file lists again stays.

@@ -67,6 +67,26 @@ class PrivateNamesTests(SynchronousTestCase):
         channel.dataReceived(b"later")
         self.assertEqual(_twisted.takeBuffered(channel), b"later")
 
+    def test_stopRereadingResolvConf(self):
+        """
+        A resolver made from resolv.conf arms a timer to read it again, and
+        stopRereadingResolvConf takes it away for good.
+        """
+        from twisted.internet.task import Clock
+        from twisted.names.client import Resolver
+
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("nameserver 127.0.0.1\n")
+        clock = Clock()
+        resolver = Resolver(resolv=path, reactor=clock)
+        [call] = clock.getDelayedCalls()
+        _twisted.stopRereadingResolvConf(resolver)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        resolver.maybeParseConfig()
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertEqual(resolver.dynServers, [("127.0.0.1", 53)])
+
     def test_waitingForTransport(self):
         channel = self.channel()
         self.assertFalse(_twisted.waitingForTransport(channel))

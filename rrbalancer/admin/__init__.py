@@ -11,6 +11,7 @@ a live dashboard, and Prometheus metrics.
     PATCH  /api/backends/{id}       {"state": "draining"|"disabled"|"up", "weight": N}
     DELETE /api/backends/{id}       drain it, then forget it
     POST   /api/reload              read the --config file again
+    GET    /api/discovery           the discovery sources and how they do
 
 What the endpoints do is L{AdminAPI} (in C{_api}), who may call them is
 C{_guards}, and the web face that routes to them is L{AdminResource} (in

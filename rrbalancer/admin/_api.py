@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from twisted.logger import Logger
 
 from .. import __version__
-from ..backends import DISABLED, DRAINING, STATES, UP, Backend, BackendGroup
+from ..backends import API, DISABLED, DRAINING, STATES, UP, Backend, BackendGroup
 from ..config import BackendConfig, ConfigError, parseBackendURL
 from ..reload import Reloader
 from ..site import listenerKey
@@ -64,6 +64,7 @@ def backendJSON(backend: Backend) -> Dict[str, Any]:
         "last_change": backend.lastChange,
         "last_change_reason": backend.lastChangeReason,
         "removing": backend.removing,
+        "sources": list(backend.owners),
         "history": stats.history(),
         # The rest of what HAProxy's stats page shows of a server.
         "responses": dict(stats.responses),
@@ -161,6 +162,8 @@ class AdminAPI:
         listeners, site and settings the status shows, or None.
     @param healthChecker: checks a backend added or enabled at once (an
         L{IHealthChecker}), or None.
+    @param discovery: the discovery sources' service
+        (L{rrbalancer.discovery.Discovery}), or None without sources.
     """
 
     log = Logger()
@@ -172,12 +175,14 @@ class AdminAPI:
         reloader: Optional[Reloader] = None,
         service=None,
         healthChecker=None,
+        discovery=None,
     ) -> None:
         self.group = group
         self.clock = clock
         self.reloader = reloader
         self.service = service
         self.healthChecker = healthChecker
+        self.discovery = discovery
         self.started = clock.seconds()
 
     def checkNow(self, backend: Backend) -> None:
@@ -291,7 +296,7 @@ class AdminAPI:
         reason = f"bulk change by {peer}"
         added = []
         for config in adds:
-            backend = self.group.add(config, awaitCheck=True, reason=reason)
+            backend = self.group.add(config, awaitCheck=True, reason=reason, owner=API)
             self.checkNow(backend)
             added.append(backend.id)
         for backend, state, weight in changes:
@@ -371,7 +376,9 @@ class AdminAPI:
             raise APIError(
                 409, f"backend {url} already exists (id {existing.id}){detail}"
             )
-        backend = self.group.add(config, awaitCheck=True, reason=f"added by {peer}")
+        backend = self.group.add(
+            config, awaitCheck=True, reason=f"added by {peer}", owner=API
+        )
         self._logChange(peer, "added", backend, None, _snapshot(backend))
         self.checkNow(backend)
         return backendJSON(backend)
@@ -433,6 +440,14 @@ class AdminAPI:
         except ConfigError as e:
             raise APIError(400, f"{e}; the running configuration stays") from None
         return dict(result, reloaded=True)
+
+    def discoverySources(self) -> List[Dict[str, Any]]:
+        """
+        Each discovery source: its URL and kind, its state (C{starting},
+        C{ok}, C{failing}) and since when, its last answer and error, the
+        backends it gives, and when it asks next.
+        """
+        return self.discovery.status() if self.discovery is not None else []
 
     def status(self) -> Dict[str, Any]:
         now = self.clock.seconds()
@@ -498,6 +513,8 @@ class AdminAPI:
                 "max_percent": self.group.ejection.maxPercent,
                 "ejected": self.group.ejected,
             },
+
+            "discovery": self.discoverySources(),
             "health_checks": {
                 "enabled": health.enabled,
                 "path": health.path,

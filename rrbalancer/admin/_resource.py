@@ -69,6 +69,7 @@ class AdminResource(Resource):
         self._routes = [
             (("api", "status"), {b"GET": self._status}),
             (("api", "reload"), {b"POST": self._reload}),
+            (("api", "discovery"), {b"GET": self._discovery}),
             (("api", "backends"), {b"GET": self._listBackends, b"POST": self._addBackend}),
             (("api", "backends", "bulk"), {b"POST": self._bulk}),
             (
@@ -142,6 +143,13 @@ class AdminResource(Resource):
 
     def _status(self, request) -> bytes:
         return self._json(request, 200, self.api.status())
+
+    def _discovery(self, request) -> bytes:
+        return self._json(
+            request,
+            200,
+            {"sources": self.api.discoverySources(), "now": self.api.clock.seconds()},
+        )
 
     def _reload(self, request) -> bytes:
         return self._json(request, 200, self.api.reload(self._peer(request)))

@@ -327,6 +327,33 @@
   $("filter").addEventListener("input", () => { offset = 0; refresh(); });
   $("state-filter").addEventListener("change", () => { offset = 0; refresh(); });
 
+  const SOURCE_PILLS = { ok: "up", failing: "down", starting: "draining" };
+
+  function describeSource(s, now) {
+    const backends = `${s.backends} backend${s.backends === 1 ? "" : "s"}`;
+    if (s.state === "failing") {
+      const kept = s.last_answer === null ? "no answer yet" : `keeping ${backends}`;
+      return `failing for ${fmtDuration(now - s.since)}: ${s.last_error} · ${kept}`;
+    }
+    if (s.state === "starting") return "waiting for its first answer";
+    return `${backends} · answered ${fmtDuration(now - s.last_answer)} ago`;
+  }
+
+  // One line per discovery source; there are few, so the list is drawn anew.
+  function renderDiscovery(sources, now) {
+    $("discovery").hidden = sources.length === 0;
+    $("discovery-sources").replaceChildren(...sources.map((s) => {
+      const li = el("li", "source");
+      li.dataset.source = s.url;
+      li.append(
+        el("span", "pill " + (SOURCE_PILLS[s.state] || "disabled"), s.state),
+        el("span", "url", s.url),
+        el("span", "muted detail", describeSource(s, now)),
+      );
+      return li;
+    }));
+  }
+
   function renderStatus(status) {
     setText($("version"), "v" + status.version);
     const t = status.totals;
@@ -350,6 +377,7 @@
     const addresses = status.listeners.map((l) => l.address || l.description).join(", ");
     setText($("listeners"), addresses ? "Balancing on " + addresses : "");
     setText($("config-path"), status.config ? "Config: " + status.config : "");
+    renderDiscovery(status.discovery || [], status.now);
     document.title = `rrbalancer · ${t.available}/${t.backends} up`;
   }
 

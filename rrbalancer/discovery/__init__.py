@@ -1,0 +1,339 @@
+"""
+Backends found by discovery: a source of truth outside the balancer (DNS
+records now) tells every balancer reading it which servers to send
+requests to, so that a server added there takes traffic everywhere without
+anybody typing it into each balancer.
+
+Each C{--discover URL} becomes one L{IDiscoverySource}, which hands the
+whole set of backends it currently describes to a callback each time the
+set changes.  L{Discovery} applies those sets to the same
+L{rrbalancer.backends.BackendGroup} the config file, a reload and the
+admin API change, through the same path: a backend that joins takes
+traffic once its first health check passes; one that leaves is drained
+and removed without cutting a request.  Each source owns what it added,
+so that sources never remove each other's backends (nor those of the
+config file or the API).
+
+The sources:
+
+ - C{dns+a://NAME:PORT}: every A and AAAA address of NAME, on PORT;
+ - C{dns+srv://_service._proto.NAME}: the SRV records of the name; the
+   lowest priority present gives the primaries, higher ones the backups,
+   and an SRV weight is a backend's weight.
+
+This module parses the URLs (at startup and for C{--check}, so that a
+mistake is one line) and builds the sources; C{_dns} holds the DNS ones,
+C{_service} the service that applies their answers.
+"""
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from urllib.parse import urlsplit
+
+from zope.interface import Attribute, Interface
+
+from ..settings import (
+    ConfigError,
+    _nearest,
+    asList,
+    boolean,
+    integer,
+    string,
+    tcpPortNumber,
+)
+
+__all__ = [
+    "IDiscoverySource",
+    "SourceConfig",
+    "SourceStatus",
+    "buildDiscovery",
+    "parseSource",
+    "parseSources",
+]
+
+
+class IDiscoverySource(Interface):
+    """
+    Somewhere the set of backends is written down, read again whenever it
+    may have changed.
+    """
+
+    config = Attribute("The L{SourceConfig} it was made from; C{config.url} names it.")
+    status = Attribute("Its L{SourceStatus}: whether it answers, since when, how many backends.")
+
+    def start(onChange):
+        """
+        Start reading the source.
+
+        @param onChange: called with the whole current set of backends (a
+            C{frozenset} of L{rrbalancer.settings.BackendConfig}) after the
+            first answer and each time the set changes afterwards; never
+            called once the source is stopped.
+        """
+
+    def stop():
+        """
+        Stop reading.
+
+        @return: a L{twisted.internet.defer.Deferred} that fires once
+            nothing of the source is left in flight.
+        """
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """
+    One C{--discover} URL, checked.
+
+    @ivar url: the URL as written back (lower-case scheme and name); the
+        source's name in the log, the admin API and the metrics, and the
+        owner of the backends it adds.
+    @ivar scheme: C{dns+a} or C{dns+srv}.
+    @ivar name: the DNS name to ask about (no trailing dot).
+    @ivar port: the backends' port (C{dns+a}); None where the records give
+        it.
+    @ivar weight: the weight of each backend (C{dns+a}; SRV records carry
+        their own).
+    @ivar backup: each backend is a backup (C{dns+a}).
+    """
+
+    url: str
+    scheme: str
+    name: str
+    port: Optional[int] = None
+    weight: int = 1
+    backup: bool = False
+
+
+class SourceStatus:
+    """
+    How a source is doing, for the log, the admin API and the metrics.
+
+    @ivar state: C{starting} (no answer yet), C{ok} (its last lookup was
+        answered) or C{failing} (its last lookup failed; the last set it
+        gave stays).
+    @ivar since: when the state began (seconds since the epoch).
+    @ivar lastAnswer: when it last answered, or None.
+    @ivar lastError: why its last lookup failed, or None while it answers.
+    @ivar backends: how many backends its current set holds.
+    @ivar lookups, failures: lookups made, and those that failed.
+    @ivar nextLookup: when it asks again, or None.
+    """
+
+    STARTING = "starting"
+    OK = "ok"
+    FAILING = "failing"
+
+    def __init__(self, now: float) -> None:
+        self.state = self.STARTING
+        self.since = now
+        self.lastAnswer: Optional[float] = None
+        self.lastError: Optional[str] = None
+        self.backends = 0
+        self.lookups = 0
+        self.failures = 0
+        self.nextLookup: Optional[float] = None
+
+    def answered(self, now: float, backends: int) -> Optional[str]:
+        """
+        A lookup was answered.
+
+        @return: the state it leaves, if it changed.
+        """
+        self.lookups += 1
+        self.lastAnswer = now
+        self.lastError = None
+        self.backends = backends
+        return self._enter(self.OK, now)
+
+    def failed(self, now: float, reason: str) -> bool:
+        """
+        A lookup failed.
+
+        @return: whether that is news worth a line in the log: the source
+            was not failing, or now fails for another reason.
+        """
+        self.lookups += 1
+        self.failures += 1
+        news = self.state != self.FAILING or reason != self.lastError
+        self.lastError = reason
+        self._enter(self.FAILING, now)
+        return news
+
+    def _enter(self, state: str, now: float) -> Optional[str]:
+        if state == self.state:
+            return None
+        previous, self.state, self.since = self.state, state, now
+        return previous
+
+    def asDict(self) -> Dict[str, Any]:
+        return {
+            "state": self.state,
+            "since": self.since,
+            "last_answer": self.lastAnswer,
+            "last_error": self.lastError,
+            "backends": self.backends,
+            "lookups": self.lookups,
+            "failures": self.failures,
+            "next_lookup": self.nextLookup,
+        }
+
+
+# -- parsing ---------------------------------------------------------------------
+
+
+SCHEMES = ("dns+a", "dns+srv")
+SOURCE_KEYS = ("url", "weight", "backup")
+_LABEL = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def checkDNSName(text: str, where: str) -> str:
+    """
+    A DNS name as it goes into a query: ASCII labels of letters, digits,
+    hyphens (and underscores, which SRV names begin with), 1 to 63 bytes
+    each, 253 in all; a trailing dot is allowed and dropped.
+    """
+    name = text.lower()
+    if name.endswith("."):
+        name = name[:-1]
+    if not name:
+        raise ConfigError(f"{where}: no name to look up")
+    if not name.isascii():
+        raise ConfigError(f"{where}: {text!r}: write the name in ASCII (its xn-- form)")
+    if len(name) > 253:
+        raise ConfigError(f"{where}: {text!r} is longer than a DNS name may be (253)")
+    for label in name.split("."):
+        if not label:
+            raise ConfigError(f"{where}: {text!r} has an empty label")
+        if len(label) > 63:
+            raise ConfigError(f"{where}: {text!r} has a label longer than 63")
+        if not _LABEL.issuperset(label) or label[0] == "-" or label[-1] == "-":
+            raise ConfigError(
+                f"{where}: {text!r} is not a DNS name (letters, digits and "
+                "hyphens between dots)"
+            )
+    return name
+
+
+def _isAddress(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def parseSource(spec: Any, where: str = "discover") -> SourceConfig:
+    """
+    Parse the command line's C{URL[,weight=N][,backup]}, or a TOML table
+    with the keys C{url}, C{weight} and C{backup}.
+    """
+    if isinstance(spec, Mapping):
+        unknown = sorted(set(spec) - set(SOURCE_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown key {unknown[0]!r}{_nearest(unknown[0], SOURCE_KEYS)}"
+            )
+        if "url" not in spec:
+            raise ConfigError(f"{where}: every source needs a url")
+        options = dict(spec)
+        text = string(options.pop("url"), where).strip()
+    else:
+        text, *rest = [part.strip() for part in string(spec, where).split(",")]
+        options = {}
+        for part in rest:
+            key, sep, value = (p.strip() for p in part.partition("="))
+            if key == "backup" and not sep:
+                options["backup"] = True
+            elif key == "weight" and sep:
+                options["weight"] = value
+            else:
+                raise ConfigError(
+                    f"{where}: unknown option {part!r} in {spec!r} (expected weight=N or backup)"
+                )
+    scheme, sep, _ = text.partition("://")
+    scheme = scheme.lower()
+    if not sep:
+        raise ConfigError(
+            f"{where}: {text!r} is not a URL such as dns+a://NAME:PORT or "
+            "dns+srv://_http._tcp.NAME"
+        )
+    if scheme not in SCHEMES:
+        raise ConfigError(
+            f"{where}: {text!r}: unknown scheme {scheme!r} (expected {', '.join(SCHEMES)})"
+        )
+    where = f"{where} {text}"
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as e:
+        raise ConfigError(f"{where}: bad URL: {e}") from None
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(f"{where}: must not carry credentials")
+    if parts.query or parts.fragment or parts.path not in ("", "/"):
+        raise ConfigError(f"{where}: must name a DNS name only (no path, query or fragment)")
+    host = parts.netloc.rpartition("@")[2]
+    if host.startswith("["):
+        raise ConfigError(f"{where}: an address is not a name to look up; give it as --backend")
+    host = host.partition(":")[0]
+    if _isAddress(host):
+        raise ConfigError(f"{where}: an address is not a name to look up; give it as --backend")
+    name = checkDNSName(host, where)
+    if scheme == "dns+a":
+        if port is None:
+            raise ConfigError(f"{where}: needs the backends' port: dns+a://NAME:PORT")
+        port = tcpPortNumber(where, str(port))
+        url = f"dns+a://{name}:{port}"
+        weight = integer(options.get("weight", 1), f"{where}: weight", minimum=1)
+        backup = boolean(options.get("backup", False), f"{where}: backup")
+        return SourceConfig(url, scheme, name, port, weight, backup)
+    if port is not None or host != parts.netloc:
+        raise ConfigError(f"{where}: SRV records give the port; write dns+srv://_http._tcp.NAME")
+    labels = name.split(".")
+    if len(labels) < 3 or not labels[0].startswith("_") or not labels[1].startswith("_"):
+        raise ConfigError(
+            f"{where}: expected _service._proto.NAME, such as dns+srv://_http._tcp.example.com"
+        )
+    if options:
+        raise ConfigError(
+            f"{where}: SRV records carry their own weight and priority "
+            "(no weight= or backup here)"
+        )
+    return SourceConfig(f"dns+srv://{name}", scheme, name)
+
+
+def parseSources(value: Any, name: str = "discover") -> Tuple[SourceConfig, ...]:
+    if isinstance(value, Mapping):
+        raise ConfigError(f"{name}: a single [{name}] table; write [[{name}]] (one per source)")
+    sources = tuple(parseSource(spec, name) for spec in asList(value))
+    seen = set()
+    for source in sources:
+        if source.url in seen:
+            raise ConfigError(f"{name}: {source.url} is listed twice")
+        seen.add(source.url)
+    return sources
+
+
+# -- building ----------------------------------------------------------------------
+
+
+def buildDiscovery(config, group, reactor, onAdded: Callable = lambda backend: None):
+    """
+    The L{Discovery} service of C{config.discover}'s sources, feeding
+    C{group}; None without sources.
+
+    @param onAdded: called with each backend a source adds (to check it at
+        once).
+    """
+    if not config.discover:
+        return None
+    from ._dns import DNSSource, SharedResolver
+    from ._service import Discovery
+
+    resolver = SharedResolver(reactor, config.dnsServers)
+    sources: List[IDiscoverySource] = [
+        DNSSource(spec, resolver, reactor, config.dnsMinTTL, config.dnsMaxTTL)
+        for spec in config.discover
+    ]
+    return Discovery(group, sources, onAdded, cleanups=[resolver.close])
