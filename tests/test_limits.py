@@ -116,7 +116,7 @@ class RateLimiterTests(SynchronousTestCase):
     def test_maxInflight(self):
         limiter = self.limiter(rate=100, maxInflight=2)
         request = _Request()
-        first, second = limiter.check(request), limiter.check(request)
+        first, _ = limiter.check(request), limiter.check(request)
         self.assertTrue(limiter.check(request).refused)
         first.release()
         self.assertFalse(limiter.check(request).refused)
