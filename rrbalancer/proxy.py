@@ -20,7 +20,11 @@ The rules for trying again (RFC 9110 section 9.2.2):
    fresh connection to the same backend (idempotent methods only);
  - once the response has started, nothing is retried: the client's
    connection is aborted so that it cannot take a truncated body for a
-   whole one.
+   whole one;
+ - a request that offers an upgrade (a WebSocket handshake) is sent at
+   most once, whatever its method: only a connection that could not be
+   opened moves it on.  Answered C{101}, it becomes a tunnel between the
+   client's connection and the backend's (L{rrbalancer.tunnel}).
 """
 
 import ipaddress
