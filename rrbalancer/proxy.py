@@ -305,6 +305,8 @@ class _Attempt:
 
     connection = None
     _acquiring = None
+    _tunnel = None
+    _site = None
 
     code = 0
     bytesIn = 0
@@ -488,6 +490,20 @@ class _Attempt:
         connection, self.connection = self.connection, None
         self.started = True
         self.code = 101
+        try:
+            self._joinTunnel(connection, reason, headers, rest)
+        except Exception:
+            # Never a client left hanging: both connections go.
+            self.log.failure("joining a tunnel with {url} failed", url=self.backend.url)
+            connection.abort()
+            self.request.transport.abortConnection()
+            tunnel = self._tunnel
+            if tunnel is not None and not tunnel.started:
+                # Nothing will tell the site that it ended.
+                self._site._tunnelClosed(tunnel)
+        self._end()
+
+    def _joinTunnel(self, connection, reason, headers, rest: bytes) -> None:
         request = self.request
         request.backendURL = self.backend.url
         request.backendStatus = 101
@@ -501,8 +517,8 @@ class _Attempt:
         )
         lines.extend(name + b": " + value for name, value in self._endToEnd(headers))
         head = b"\r\n".join(lines) + b"\r\n\r\n"
-        site = request.channel.site
-        tunnel = Tunnel(
+        site = self._site = request.channel.site
+        tunnel = self._tunnel = Tunnel(
             self.clock, self.upstream.tunnelTimeout, (self.backend.tunnels, site.tunnelCounts)
         )
         # Counted before the request stops being: a stopping balancer
@@ -521,7 +537,6 @@ class _Attempt:
         if _twisted.waitingForTransport(channel):
             # The client's transport is full and will not say so again.
             tunnel.backend.pauseProducing()
-        self._end()
 
     def responseBody(self, data: bytes) -> None:
         self.bytesOut += len(data)
