@@ -20,7 +20,11 @@ The rules for trying again (RFC 9110 section 9.2.2):
    fresh connection to the same backend (idempotent methods only);
  - once the response has started, nothing is retried: the client's
    connection is aborted so that it cannot take a truncated body for a
-   whole one.
+   whole one;
+ - a request that offers an upgrade (a WebSocket handshake) is sent at
+   most once, whatever its method: only a connection that could not be
+   opened moves it on.  Answered C{101}, it becomes a tunnel between the
+   client's connection and the backend's (L{rrbalancer.tunnel}).
 """
 
 import ipaddress
@@ -359,6 +363,8 @@ class _Attempt:
 
     connection = None
     _acquiring = None
+    _tunnel = None
+    _site = None
 
     code = 0
     bytesIn = 0
@@ -547,6 +553,20 @@ class _Attempt:
         connection, self.connection = self.connection, None
         self.started = True
         self.code = 101
+        try:
+            self._joinTunnel(connection, reason, headers, rest)
+        except Exception:
+            # Never a client left hanging: both connections go.
+            self.log.failure("joining a tunnel with {url} failed", url=self.backend.url)
+            connection.abort()
+            self.request.transport.abortConnection()
+            tunnel = self._tunnel
+            if tunnel is not None and not tunnel.started:
+                # Nothing will tell the site that it ended.
+                self._site._tunnelClosed(tunnel)
+        self._end()
+
+    def _joinTunnel(self, connection, reason, headers, rest: bytes) -> None:
         request = self.request
         request.backendURL = self.backend.url
         request.backendStatus = 101
@@ -560,8 +580,8 @@ class _Attempt:
         )
         lines.extend(name + b": " + value for name, value in self._endToEnd(headers))
         head = b"\r\n".join(lines) + b"\r\n\r\n"
-        site = request.channel.site
-        tunnel = Tunnel(
+        site = self._site = request.channel.site
+        tunnel = self._tunnel = Tunnel(
             self.clock, self.upstream.tunnelTimeout, (self.backend.tunnels, site.tunnelCounts)
         )
         # Counted before the request stops being: a stopping balancer
@@ -580,7 +600,6 @@ class _Attempt:
         if _twisted.waitingForTransport(channel):
             # The client's transport is full and will not say so again.
             tunnel.backend.pauseProducing()
-        self._end()
 
     def responseBody(self, data: bytes) -> None:
         self.bytesOut += len(data)

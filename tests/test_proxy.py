@@ -1168,6 +1168,28 @@ class UpgradeMemoryTests(_InMemory):
         transport.producer.resumeProducing()
         self.assertEqual(backend.producerState, "producing")
 
+    def test_joinFails(self):
+        """
+        Should joining the two connections fail, both are cut and the
+        failure logged: no client is left waiting.
+        """
+        from rrbalancer import tunnel
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("broken")
+
+        self.patch(tunnel.Tunnel, "start", broken)
+        balancer = MemoryBalancer()
+        channel, transport = self.request(balancer, UPGRADE)
+        protocol, backend = balancer.backendConnection()
+        protocol.dataReceived(SWITCH)
+        self.assertTrue(transport.disconnected)
+        self.assertTrue(backend.disconnected)
+        self.assertEqual(balancer.backends[0].active, 0)
+        self.assertEqual(balancer.site.tunnels, set())
+        self.successResultOf(balancer.site.whenIdle())
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_clientTimeoutsOff(self):
         """
         An HTTP connection's idle timeout does not apply to a tunnel; the

@@ -439,6 +439,41 @@ class WebSocketTests(TestCase):
             yield deferLater(reactor, 0.01, lambda: None)
 
     @inlineCallbacks
+    def test_overTLS(self):
+        """
+        wss: the client's side of the tunnel is a TLS connection to a tls:
+        port.
+        """
+        import ssl
+
+        from .test_tls import CA, writePair
+
+        folder = os.path.abspath(self.mktemp())
+        certs = os.path.join(folder, "certs")
+        os.makedirs(certs)
+        ca = CA(folder)
+        writePair(certs, "balancer.example", ca.issue("balancer.example"))
+        backend = _WebSocketBackend(self)
+        balancer = yield startBalancer(
+            self.net, [backend.url], ports=("tls:0:interface=127.0.0.1",), tlsCert=certs
+        )
+        self.wsURL = f"wss://127.0.0.1:{balancer.port}/chat"
+        context = ssl.create_default_context(cafile=ca.path)
+        message = os.urandom(1024 * 1024)
+
+        def client():
+            with self.connect(ssl=context, server_hostname="balancer.example") as ws:
+                ws.send("over TLS")
+                text = ws.recv(timeout=WAIT)
+                ws.send(message)
+                return text, ws.recv(timeout=WAIT * 2) == message
+
+        text, same = yield withTimeout(deferToThread(client), 30)
+        self.assertEqual((text, same), ("over TLS", True))
+        [b] = balancer.backends
+        yield self.waitFor(lambda: b.tunnels.open == 0, "the tunnel to close")
+
+    @inlineCallbacks
     def test_noAnswer(self):
         """
         A backend that never answers the upgrade: 504 after the response
