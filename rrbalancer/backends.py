@@ -817,7 +817,7 @@ class BackendGroup:
             self._judgePanic()
         self.policy.forget(backend)
         if backend.pool is not None:
-            backend.pool.closeIdle()
+            backend.pool.retire()
 
     def pick(self, exclude: Collection[Backend] = (), request=None) -> Optional[Backend]:
         """

@@ -774,6 +774,7 @@ class ConnectionPool:
         # most pools never queue anyone.
         self._waiting: Deque[Tuple[Deferred, object]] = _NO_WAITERS
         self._sweepCall = None
+        self._retired = False
         self.opened = 0
 
     def buildProtocol(self) -> BackendConnection:
@@ -906,7 +907,7 @@ class ConnectionPool:
             connection.reused = True
             waiter.callback(connection)
             return
-        if len(self._idle) >= self.maxIdle:
+        if self._retired or len(self._idle) >= self.maxIdle:
             connection.abort()
             return
         connection.idleSince = self._clock.seconds()
@@ -945,6 +946,15 @@ class ConnectionPool:
         if self._sweepCall is not None and self._sweepCall.active():
             self._sweepCall.cancel()
         self._sweepCall = None
+
+    def retire(self) -> None:
+        """
+        The backend left the group: close what is kept, and from now on
+        every connection an exchange gives back (a request or a check that
+        was still running).
+        """
+        self._retired = True
+        self.closeIdle()
 
     @property
     def idleCount(self) -> int:

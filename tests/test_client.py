@@ -648,6 +648,18 @@ class PoolTests(_Base):
         self.assertTrue(a.transport.disconnected)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_retireClosesWhatComesBack(self):
+        """
+        A retired pool (its backend left the group) keeps nothing: not
+        what it had, nor a connection an exchange still running gives back.
+        """
+        busy, r = self.exchange()
+        self.pool.retire()
+        busy.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(busy.transport.disconnected)
+        self.assertEqual(self.pool.idleCount, 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_connectFailure(self):
         pool = ConnectionPool(lambda pool: fail(ConnectionRefusedError()), self.clock)
         error = self.failureResultOf(pool.acquire(), ConnectError).value
