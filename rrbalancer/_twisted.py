@@ -16,10 +16,23 @@ from twisted.web import http
 # root of one's own (the system store plus a bundle) must provide.
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 
+# HTTP/2: Twisted's server side is public only through its generic channel,
+# which a site with a channel class of its own cannot use.  The balancer's
+# connection subclasses H2Connection, and overrides (each calling Twisted's
+# own first) its handlers of a stream's data, end and reset
+# (_requestDataReceived, _requestEnded, _requestAborted), which look a
+# stream up without asking whether Twisted has already forgotten it, and
+# _requestDone, where a stream is forgotten.
+from twisted.web._http2 import H2Connection, H2Stream
+
 __all__ = [
+    "H2Connection",
+    "H2Stream",
     "IOpenSSLTrustRoot",
+    "h2WriteControlData",
     "handlingRequest",
     "headSoFar",
+    "streamConnection",
     "takeBuffered",
     "waitingForTransport",
     "writeNow",
@@ -51,6 +64,24 @@ def takeBuffered(channel: http.HTTPChannel) -> bytes:
     data = b"".join(channel._dataBuffer)
     channel._dataBuffer = []
     return data
+
+
+def streamConnection(stream: H2Stream) -> H2Connection:
+    """
+    The HTTP/2 connection C{stream} belongs to.
+    """
+    return stream._conn
+
+
+def h2WriteControlData(connection: H2Connection) -> bool:
+    """
+    Send the frames C{connection}'s state machine has queued outside the
+    flow of data (a reset, a GOAWAY).
+
+    @return: False when that aborted the connection instead (a client that
+        let too many of them pile up without reading).
+    """
+    return connection._tryToWriteControlData()
 
 
 def waitingForTransport(channel: http.HTTPChannel) -> bool:
