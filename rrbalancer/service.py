@@ -100,6 +100,8 @@ class BalancerService(MultiService):
             headerTimeout=config.headerTimeout,
             bodyTimeout=config.bodyTimeout,
             maxInFlight=config.maxInFlight,
+            http2=config.http2,
+            maxConcurrentStreams=config.maxConcurrentStreams,
         )
         # Handlers first: once a listener says where it listens, a signal
         # must find them installed.
@@ -120,7 +122,9 @@ class BalancerService(MultiService):
             # before any client connection can be accepted.
             self._addAdmin(config, reactor)
         if config.tlsCert is not None:
-            self.tls = CertificateStore(config.tlsCert, config.tlsMinVersion)
+            self.tls = CertificateStore(
+                config.tlsCert, config.tlsMinVersion, self.site.acceptableProtocols()
+            )
         if listeners is None:
             listeners = [(d, serverEndpoint(reactor, d, tls=self.tls)) for d in config.ports]
         self.listeners: List[Listener] = []

@@ -8,13 +8,17 @@ whose connections bound the time and size of a request head.
 from typing import Dict, List, Optional
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import ILoggingContext, IProtocolFactory
+from twisted.internet.interfaces import (
+    ILoggingContext,
+    IProtocolFactory,
+    IProtocolNegotiationFactory,
+)
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 from zope.interface import implementer_only
 
-from . import _twisted
+from . import _twisted, http2
 from .accesslog import AccessLog
 from .headers import connectionTokens
 from .listeners import describeAddress
@@ -72,11 +76,52 @@ class BalancerRequest(Request):
         if self._refused:
             return
         self._refused = True
+        if http2.isStream(self.channel):
+            # The stream may not be registered with its connection yet (a
+            # declared length is read with the headers): answer once the
+            # frames at hand are handled.  The connection goes on.
+            self.channel.site.reactor.callLater(0, self._refuseStream)
+            return
         _refuseConnection(
             self.channel,
             b"413 Content Too Large",
             b"Content Too Large: the request body exceeds the limit",
         )
+
+    def _refuseStream(self) -> None:
+        stream = self.channel
+        if stream is None or self.finished:
+            return
+        # Named for the access log: the request line was never "received".
+        self.method, self.uri, self.clientproto = stream.command, stream.path, b"HTTP/2"
+        self.path = self.uri.split(b"?", 1)[0]
+        body = b"Content Too Large: the request body exceeds the limit\n"
+        self.setResponseCode(413)
+        self.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        self.setHeader(b"content-length", b"%d" % (len(body),))
+        self.write(body)
+        self.finish()
+
+    def _http2Head(self) -> Optional[bytes]:
+        """
+        Make an HTTP/2 request's fields what an HTTP/1.1 backend may
+        receive, or say why it cannot be forwarded.
+
+        C{:authority} became C{Host}, and a C{Host} field beside it (the
+        h2 package refuses one that names another) would make two.
+        Cookies may come as one field per pair, and HTTP/1.1 allows one
+        C{Cookie} line: they are joined (RFC 9113 section 8.2.3).
+        """
+        headers = self.requestHeaders
+        hosts = headers.getRawHeaders(b"host")
+        if hosts is not None and len(hosts) > 1:
+            if len(set(hosts)) > 1:
+                return b"Bad Request: :authority and Host differ"
+            headers.setRawHeaders(b"host", hosts[:1])
+        cookies = headers.getRawHeaders(b"cookie")
+        if cookies is not None and len(cookies) > 1:
+            headers.setRawHeaders(b"cookie", [b"; ".join(cookies)])
+        return None
 
     def process(self):
         """
@@ -98,23 +143,31 @@ class BalancerRequest(Request):
             return
         self.prepath = []
         self.postpath = []
+        if self.clientproto == b"HTTP/2":
+            problem = self._http2Head()
+            if problem is not None:
+                self._answer(400, problem)
+                return
         if site.maxInFlight and site.inFlight > site.maxInFlight:
             # Overloaded: say so at once (the client may come back), rather
             # than let every request wait until backends and health checks
             # time out behind a late event loop.
             site.shed += 1
-            self.setResponseCode(503)
-            body = b"Service Unavailable: the balancer is overloaded\n"
-            self.setHeader(b"content-type", b"text/plain; charset=utf-8")
-            self.setHeader(b"content-length", b"%d" % (len(body),))
             self.setHeader(b"retry-after", b"1")
-            self.write(body)
-            self.finish()
+            self._answer(503, b"Service Unavailable: the balancer is overloaded")
             return
         try:
             self.render(site.resource)
         except BaseException:
             self.processingFailed(Failure())
+
+    def _answer(self, code: int, message: bytes) -> None:
+        body = message + b"\n"
+        self.setResponseCode(code)
+        self.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        self.setHeader(b"content-length", b"%d" % (len(body),))
+        self.write(body)
+        self.finish()
 
     def _uncount(self) -> None:
         site, self._site = self._site, None
@@ -244,6 +297,8 @@ class BalancerChannel(HTTPChannel):
     _counted = None
     _host = None
     _tunnel = None
+    _h2 = None
+    _negotiated = False
 
     _peer = None
     _secure = None
@@ -295,6 +350,37 @@ class BalancerChannel(HTTPChannel):
         self._stopBodyTimer()
         return _twisted.takeBuffered(self)
 
+    def _startHTTP2(self):
+        """
+        The client chose HTTP/2: hand the connection to an HTTP/2 one,
+        which this channel carries from now on (as it carries a tunnel),
+        and which makes the site's requests, one per stream.
+        """
+        transport = self.transport
+        timeOut = self.timeOut
+        self.setTimeout(None)
+        # The HTTP/2 connection becomes the transport's producer.
+        transport.unregisterProducer()
+        site = self.site
+        connection = self._h2 = http2.BalancerH2Connection(
+            site.reactor, site.maxConcurrentStreams
+        )
+        connection.requestFactory = self.requestFactory
+        connection.site = site
+        connection.factory = self.factory
+        connection.timeOut = timeOut
+        connection.callLater = self.callLater
+        http2.serve(connection, transport)
+        return connection
+
+    @property
+    def http2(self):
+        """
+        The L{http2.BalancerH2Connection} this connection carries, or None
+        while it speaks HTTP/1.1.
+        """
+        return self._h2
+
     @property
     def tunnel(self):
         """
@@ -304,9 +390,18 @@ class BalancerChannel(HTTPChannel):
         return self._tunnel
 
     def dataReceived(self, data):
+        if self._h2 is not None:
+            self._h2.dataReceived(data)
+            return
         if self._tunnel is not None:
             self._tunnel.dataReceived(data)
             return
+        if not self._negotiated:
+            # The TLS handshake is over by the first byte of data.
+            self._negotiated = True
+            if http2.negotiated(self.transport) == http2.H2:
+                self._startHTTP2().dataReceived(data)
+                return
         if self._headTimer is None and self._readingHead():
             self._headTimer = self.callLater(self.headerTimeout, self._headTimedOut)
         HTTPChannel.dataReceived(self, data)
@@ -430,6 +525,10 @@ class BalancerChannel(HTTPChannel):
             self.setTimeout(idle)
 
     def loseConnection(self):
+        if self._h2 is not None:
+            # GOAWAY, then close once the streams answered are sent.
+            self._h2.goAway()
+            return
         if self._tunnel is not None:
             # A stopping balancer: the backend's side goes too.
             self._tunnel.tunnel.close()
@@ -443,6 +542,8 @@ class BalancerChannel(HTTPChannel):
         return HTTPChannel.loseConnection(self)
 
     def connectionLost(self, reason):
+        if self._h2 is not None:
+            self._h2.connectionLost(reason)
         if self._tunnel is not None:
             self._tunnel.connectionLost(reason)
         self._closing = True
@@ -453,16 +554,17 @@ class BalancerChannel(HTTPChannel):
         self.site._channelClosed(self)
 
 
-# Not IProtocolNegotiationFactory: the channel speaks HTTP/1.1 only, so a
-# TLS port must not offer h2 by ALPN on its behalf (a client that took it
-# would get nothing), nor set up ALPN on a context shared by connections.
-@implementer_only(IProtocolFactory, ILoggingContext)
+@implementer_only(IProtocolFactory, IProtocolNegotiationFactory, ILoggingContext)
 class BalancerSite(Site):
     """
     @ivar inFlight: requests received and not yet answered.
     @ivar maxInFlight: past this many (0: no bound), new requests are
         answered 503 at once.
     @ivar shed: requests so answered.
+    @ivar http2: offer HTTP/2 by ALPN on TLS ports (its channel switches
+        to it when a client takes it).
+    @ivar maxConcurrentStreams: HTTP/2 streams open at once on one
+        connection.
     """
 
     requestFactory = BalancerRequest
@@ -486,8 +588,12 @@ class BalancerSite(Site):
         headerTimeout: float = 10.0,
         bodyTimeout: float = 60.0,
         maxInFlight: int = 0,
+        http2: bool = True,
+        maxConcurrentStreams: int = 100,
     ) -> None:
         Site.__init__(self, resource, timeout=timeout, reactor=reactor)
+        self.http2 = http2
+        self.maxConcurrentStreams = maxConcurrentStreams
         self.accessLog = AccessLog(accessLog, reactor, accessLogFormat) if accessLog else None
         self.maxBodySize = maxBodySize
         self.headerTimeout = headerTimeout
@@ -511,6 +617,13 @@ class BalancerSite(Site):
         channel.headerTimeout = self.headerTimeout
         channel.bodyTimeout = self.bodyTimeout
         return channel
+
+    def acceptableProtocols(self):
+        """
+        What a TLS port offers by ALPN: C{h2} and C{http/1.1}, or only
+        C{http/1.1}.  (Plain ports never get HTTP/2: no h2c.)
+        """
+        return http2.alpnProtocols(self.http2)
 
     # The access log is this site's own (see L{AccessLog}), not Site's.
 

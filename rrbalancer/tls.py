@@ -62,12 +62,17 @@ class CertificateStore:
     The certificates of one folder, as a TLS context per name.
 
     @param minVersion: the oldest TLS version offered (C{"1.2"}, C{"1.3"}).
+    @param protocols: what ALPN offers, in the server's order of preference
+        (C{h2} and C{http/1.1}, or C{http/1.1} only).
     """
 
     log = Logger()
 
-    def __init__(self, folder: str, minVersion: str = "1.2") -> None:
+    def __init__(
+        self, folder: str, minVersion: str = "1.2", protocols=(b"h2", b"http/1.1")
+    ) -> None:
         self.folder = folder
+        self.protocols = tuple(protocols)
         self.minVersion = MIN_VERSIONS[minVersion]
         self._byName: Dict[str, SSL.Context] = {}
         self._wildcards: Dict[str, SSL.Context] = {}
@@ -81,16 +86,18 @@ class CertificateStore:
         context.use_certificate_chain_file(chain)
         context.use_privatekey_file(key)
         context.check_privatekey()
-        # Only HTTP/1.1 is spoken here: a client offering h2 is told so.
+        # Each context a name moves a handshake to chooses as the first does.
         context.set_alpn_select_callback(self._selectProtocol)
         # Whatever context a handshake starts with, the name the client
         # asks for moves it to its own.
         context.set_tlsext_servername_callback(self._servername)
         return context
 
-    @staticmethod
-    def _selectProtocol(connection, offered):
-        return b"http/1.1" if b"http/1.1" in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+    def _selectProtocol(self, connection, offered):
+        for protocol in self.protocols:
+            if protocol in offered:
+                return protocol
+        return SSL.NO_OVERLAPPING_PROTOCOLS
 
     def load(self) -> None:
         """

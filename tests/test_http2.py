@@ -1,0 +1,415 @@
+"""
+Tests for L{rrbalancer.http2}: HTTP/2 on TLS ports.
+
+In memory, an HTTP/2 client's state machine (the C{h2} package) talks to a
+site's channel on a L{StringTransport} that says it negotiated C{h2}, with
+the clock moved by hand; on real sockets, curl and h2load talk to a
+balancer's C{tls:} port in front of a real backend.
+"""
+
+import hashlib
+import os
+import shutil
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+from hyperframe.frame import Frame
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
+
+from rrbalancer import http2, proxy
+from rrbalancer.site import BalancerSite
+from rrbalancer.tls import CertificateStore
+
+from .support import CountingSite, Net, ScriptedBackend, ok, startBalancer
+from .test_tls import CA, writePair
+
+CURL = shutil.which("curl")
+H2LOAD = shutil.which("h2load")
+
+
+@implementer(ISSLTransport)
+class TLSTransport(StringTransport):
+    """
+    A transport on which ALPN chose C{negotiatedProtocol}.
+    """
+
+    negotiatedProtocol = b"h2"
+
+    def __init__(self):
+        StringTransport.__init__(
+            self,
+            hostAddress=IPv4Address("TCP", "127.0.0.1", 8443),
+            peerAddress=IPv4Address("TCP", "127.0.0.1", 50000),
+        )
+
+    def getPeerCertificate(self):
+        return None
+
+    def setTcpNoDelay(self, enabled):
+        self.noDelay = enabled
+
+
+def _frames(data):
+    frames = []
+    while data:
+        frame, length = Frame.parse_frame_header(memoryview(data[:9]))
+        frame.parse_body(memoryview(data[9 : 9 + length]))
+        frames.append(frame)
+        data = data[9 + length :]
+    return frames
+
+
+class Held(Resource):
+    """
+    Holds every request for the test to answer.
+    """
+
+    isLeaf = True
+
+    def __init__(self):
+        Resource.__init__(self)
+        self.requests = []
+
+    def render(self, request):
+        self.requests.append(request)
+        return NOT_DONE_YET
+
+
+@implementer(IPushProducer)
+class Producer:
+    def __init__(self):
+        self.paused = 0
+        self.resumed = 0
+        self.stopped = False
+
+    def pauseProducing(self):
+        self.paused += 1
+
+    def resumeProducing(self):
+        self.resumed += 1
+
+    def stopProducing(self):
+        self.stopped = True
+
+
+class Client:
+    """
+    An HTTP/2 client connection to C{site}, in memory.
+    """
+
+    def __init__(self, testCase, site, clock, **config):
+        self.clock = clock
+        self.transport = TLSTransport()
+        self.channel = site.buildProtocol(self.transport.getPeer())
+        self.channel.makeConnection(self.transport)
+        config.setdefault("header_encoding", None)
+        self.h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, **config)
+        )
+        self.h2.initiate_connection()
+        self.events = []
+        self.pump()
+        testCase.addCleanup(self.close)
+
+    def pump(self):
+        """
+        Send what the client has to send, let the server's sending loop
+        run, and read what it sent.
+        """
+        for _ in range(100):
+            out = self.h2.data_to_send()
+            if out:
+                self.channel.dataReceived(out)
+            self.clock.advance(0)
+            data = self.transport.value()
+            self.transport.clear()
+            if data:
+                self.events.extend(self.h2.receive_data(data))
+            if not out and not data:
+                break
+
+    def request(self, method=b"GET", path=b"/", headers=(), body=None, end=True):
+        stream = self.h2.get_next_available_stream_id()
+        self.h2.send_headers(
+            stream,
+            [(b":method", method), (b":path", path), (b":scheme", b"https"),
+             (b":authority", b"balancer.example")] + list(headers),
+            end_stream=body is None and end,
+        )
+        if body is not None:
+            self.h2.send_data(stream, body, end_stream=end)
+        self.pump()
+        return stream
+
+    def of(self, stream, kind):
+        return [e for e in self.events if isinstance(e, kind) and getattr(e, "stream_id", stream) == stream]
+
+    def status(self, stream):
+        for event in self.of(stream, h2.events.ResponseReceived):
+            return dict(event.headers)[b":status"]
+        return None
+
+    def body(self, stream):
+        return b"".join(e.data for e in self.of(stream, h2.events.DataReceived))
+
+    def ended(self, stream):
+        return bool(self.of(stream, h2.events.StreamEnded))
+
+    def close(self):
+        if self.transport.connected:
+            self.channel.connectionLost(None)
+
+
+class MemoryTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.resource = Held()
+        self.site = BalancerSite(self.resource, self.clock, maxConcurrentStreams=7)
+        self.client = Client(self, self.site, self.clock)
+
+    def answer(self, request, code=200, body=b"ok"):
+        request.setResponseCode(code)
+        request.setHeader(b"content-length", b"%d" % (len(body),))
+        request.write(body)
+        request.finish()
+        self.client.pump()
+
+    def test_settings(self):
+        """
+        The connection preface announces the bound on concurrent streams.
+        """
+        changed = self.client.of(None, h2.events.RemoteSettingsChanged)
+        self.assertTrue(changed)
+        self.assertEqual(self.client.h2.remote_settings.max_concurrent_streams, 7)
+        self.assertIsNotNone(self.client.channel.http2)
+
+    def test_requestOfAStream(self):
+        """
+        A stream is one of the site's requests: the request line from the
+        pseudo-headers, C{:authority} as C{Host}, secure, HTTP/2; cookies
+        sent as several fields become one.
+        """
+        stream = self.client.request(
+            path=b"/a?b=c",
+            headers=[(b"cookie", b"a=1"), (b"cookie", b"b=2"), (b"x-thing", b"y")],
+        )
+        [request] = self.resource.requests
+        self.assertEqual(
+            (request.method, request.uri, request.clientproto),
+            (b"GET", b"/a?b=c", b"HTTP/2"),
+        )
+        self.assertEqual(request.requestHeaders.getRawHeaders(b"host"), [b"balancer.example"])
+        self.assertEqual(request.requestHeaders.getRawHeaders(b"cookie"), [b"a=1; b=2"])
+        self.assertTrue(request.isSecure())
+        self.assertEqual(self.site.inFlight, 1)
+        self.answer(request, body=b"hello")
+        self.assertEqual((self.client.status(stream), self.client.body(stream)), (b"200", b"hello"))
+        self.assertTrue(self.client.ended(stream))
+        self.assertEqual(self.site.inFlight, 0)
+
+    def test_authorityAndHost(self):
+        """
+        A C{Host} field beside C{:authority} names the same (the h2 package
+        refuses a request in which they differ): the backend gets one.
+        """
+        stream = self.client.request(headers=[(b"host", b"balancer.example")])
+        [request] = self.resource.requests
+        self.assertEqual(request.requestHeaders.getRawHeaders(b"host"), [b"balancer.example"])
+        self.answer(request)
+        self.assertEqual(self.client.status(stream), b"200")
+
+    def test_declaredBodyTooLarge(self):
+        """
+        A body declared over the limit is answered 413 on its stream before
+        it is sent; the rest the client sends anyway is acknowledged and it
+        is asked to stop (RST_STREAM, NO_ERROR); the connection goes on.
+        """
+        self.site.maxBodySize = 10
+        stream = self.client.request(
+            method=b"POST", headers=[(b"content-length", b"100")], body=b"x" * 50, end=False
+        )
+        self.assertEqual(self.client.status(stream), b"413")
+        self.assertTrue(self.client.ended(stream))
+        self.client.h2.send_data(stream, b"y" * 50)
+        self.client.pump()
+        resets = self.client.of(stream, h2.events.StreamReset)
+        self.assertEqual([r.error_code for r in resets], [h2.errors.ErrorCodes.NO_ERROR])
+        self.assertEqual(self.resource.requests, [])
+        self.assertEqual(self.site.inFlight, 0)
+        after = self.client.request()
+        self.answer(self.resource.requests[0])
+        self.assertEqual(self.client.status(after), b"200")
+
+    def test_streamedBodyTooLarge(self):
+        self.site.maxBodySize = 10
+        stream = self.client.request(method=b"POST", body=b"x" * 11, end=False)
+        self.assertEqual(self.client.status(stream), b"413")
+        self.assertEqual(self.resource.requests, [])
+
+    def test_bodyWithinLimit(self):
+        self.site.maxBodySize = 10
+        self.client.request(method=b"POST", body=b"x" * 10)
+        [request] = self.resource.requests
+        self.assertEqual(request.content.read(), b"x" * 10)
+
+    def test_cutShort(self):
+        """
+        A response cut short resets its stream with INTERNAL_ERROR (the
+        client must not take it for whole) and tells its request that its
+        client is gone; the connection serves the next stream.
+        """
+        stream = self.client.request()
+        [request] = self.resource.requests
+        gone = []
+        request.watchConnectionLost(gone.append)
+        request.setHeader(b"content-length", b"100")
+        request.write(b"part")
+        proxy.abortResponse(request)
+        self.client.pump()
+        resets = self.client.of(stream, h2.events.StreamReset)
+        self.assertEqual([r.error_code for r in resets], [h2.errors.ErrorCodes.INTERNAL_ERROR])
+        self.assertEqual(len(gone), 1)
+        self.assertEqual(self.site.inFlight, 0)
+        after = self.client.request()
+        self.answer(self.resource.requests[1])
+        self.assertEqual(self.client.status(after), b"200")
+
+    def test_transportFullPausesEveryStream(self):
+        """
+        A client's transport that is full pauses the producer of every
+        stream (a backend), whatever room their windows have, until it
+        drains; a producer registered meanwhile starts paused.
+        """
+        self.client.request()
+        self.client.request()
+        first, second = self.resource.requests
+        producers = [Producer(), Producer()]
+        for request, producer in zip((first, second), producers):
+            request.registerProducer(producer, True)
+        connection = self.client.channel.http2
+        connection.pauseProducing()
+        self.assertEqual([p.paused for p in producers], [1, 1])
+        self.client.request()
+        third = self.resource.requests[2]
+        late = Producer()
+        third.registerProducer(late, True)
+        proxy._startPausedIfFull(third, late)
+        self.assertEqual(late.paused, 1)
+        connection.resumeProducing()
+        self.assertEqual([p.resumed for p in producers + [late]], [1, 1, 1])
+
+    def test_windowSpentPauses(self):
+        """
+        A stream whose flow-control window is spent pauses its producer
+        until the client opens it again.
+        """
+        stream = self.client.request()
+        [request] = self.resource.requests
+        producer = Producer()
+        request.registerProducer(producer, True)
+        request.write(b"x" * 65535)
+        self.assertEqual(producer.paused, 1)
+        self.assertTrue(http2.streamBlocked(request.channel))
+        self.client.pump()
+        self.assertEqual(len(self.client.body(stream)), 65535)
+        self.client.h2.acknowledge_received_data(65535, stream)
+        self.client.pump()
+        self.assertEqual(producer.resumed, 1)
+        self.assertFalse(http2.streamBlocked(request.channel))
+
+    def test_goAway(self):
+        """
+        A stopping balancer closes an HTTP/2 connection with GOAWAY, once
+        its streams are answered.
+        """
+        stream = self.client.request()
+        [request] = self.resource.requests
+        self.client.channel.loseConnection()
+        self.client.pump()
+        [goaway] = self.client.of(None, h2.events.ConnectionTerminated)
+        self.assertEqual(goaway.error_code, h2.errors.ErrorCodes.NO_ERROR)
+        self.assertFalse(self.client.transport.disconnecting)
+        # (The h2 package's client state machine is closed by a GOAWAY, so
+        # the stream's frames are read here.)
+        request.setHeader(b"content-length", b"2")
+        request.write(b"ok")
+        request.finish()
+        for _ in range(10):
+            self.clock.advance(0)
+        frames = _frames(self.client.transport.value())
+        self.assertEqual(
+            [(type(f).__name__, f.stream_id) for f in frames],
+            [("HeadersFrame", stream), ("DataFrame", stream), ("DataFrame", stream)],
+        )
+        self.assertIn("END_STREAM", frames[-1].flags)
+        self.assertTrue(self.client.transport.disconnecting)
+        # The transport's producer let go, as TLS needs to close.
+        self.assertIsNone(self.client.transport.producer)
+
+    def test_connectionLost(self):
+        self.client.request()
+        [request] = self.resource.requests
+        gone = []
+        request.watchConnectionLost(gone.append)
+        self.client.channel.connectionLost(None)
+        self.assertEqual(len(gone), 1)
+        self.assertEqual(self.site.inFlight, 0)
+
+    def test_upgradeRefused(self):
+        """
+        RFC 9113 has no Upgrade: a request that carries one is malformed,
+        and never reaches the site, let alone a tunnel; the connection is
+        closed with PROTOCOL_ERROR.
+        """
+        self.client = Client(
+            self, self.site, self.clock,
+            validate_outbound_headers=False, normalize_outbound_headers=False,
+        )
+        self.client.request(headers=[(b"upgrade", b"websocket"), (b"connection", b"upgrade")])
+        self.assertEqual(self.resource.requests, [])
+        [goaway] = self.client.of(None, h2.events.ConnectionTerminated)
+        self.assertEqual(goaway.error_code, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        self.assertTrue(self.client.transport.disconnecting)
+
+    def test_plainTransportStaysHTTP11(self):
+        """
+        A connection that did not choose h2 by ALPN (plain TCP) is HTTP/1.1,
+        even when it starts with the HTTP/2 preface: no h2c.
+        """
+        transport = StringTransport()
+        channel = self.site.buildProtocol(None)
+        channel.makeConnection(transport)
+        channel.dataReceived(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        self.assertIsNone(channel.http2)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 4"))
+        channel.connectionLost(None)
+
+
+class NegotiationTests(SynchronousTestCase):
+    def test_offered(self):
+        site = BalancerSite(Held(), Clock())
+        self.assertEqual(site.acceptableProtocols(), [b"h2", b"http/1.1"])
+        site = BalancerSite(Held(), Clock(), http2=False)
+        self.assertEqual(site.acceptableProtocols(), [b"http/1.1"])
+
+    def test_storeChooses(self):
+        folder = os.path.abspath(self.mktemp())
+        certs = os.path.join(folder, "certs")
+        os.makedirs(certs)
+        writePair(certs, "a", CA(folder).issue("a.example"))
+        both = CertificateStore(certs)
+        self.assertEqual(both._selectProtocol(None, [b"http/1.1", b"h2"]), b"h2")
+        self.assertEqual(both._selectProtocol(None, [b"http/1.1"]), b"http/1.1")
+        only = CertificateStore(certs, protocols=[b"http/1.1"])
+        self.assertEqual(only._selectProtocol(None, [b"h2", b"http/1.1"]), b"http/1.1")
