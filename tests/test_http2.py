@@ -22,7 +22,7 @@ from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
@@ -31,7 +31,7 @@ from rrbalancer import http2, proxy
 from rrbalancer.site import BalancerSite
 from rrbalancer.tls import CertificateStore
 
-from .support import CountingSite, Net, ScriptedBackend, ok, startBalancer
+from .support import Net, ScriptedBackend, ok, startBalancer
 from .test_tls import CA, writePair
 
 CURL = shutil.which("curl")
@@ -413,3 +413,160 @@ class NegotiationTests(SynchronousTestCase):
         self.assertEqual(both._selectProtocol(None, [b"http/1.1"]), b"http/1.1")
         only = CertificateStore(certs, protocols=[b"http/1.1"])
         self.assertEqual(only._selectProtocol(None, [b"h2", b"http/1.1"]), b"http/1.1")
+
+
+def _curlHasHTTP2():
+    if CURL is None:
+        return False
+    import subprocess
+
+    version = subprocess.run([CURL, "--version"], capture_output=True).stdout
+    return b"HTTP2" in version
+
+
+# 20 MiB that no two offsets share a pattern of: a lost or repeated chunk
+# changes the hash.
+BIG = b"".join(hashlib.sha256(b"%d" % i).digest() for i in range(20 * 1024 * 1024 // 32))
+
+
+def _backend(connection, request):
+    """
+    /big: 20 MiB; /fail: no answer at all; /cut: a response that stops
+    short; anything else: what the backend received, head and body.
+    """
+    target = request.head.split(b" ", 2)[1]
+    if target == b"/big":
+        connection.write(ok(BIG))
+    elif target == b"/fail":
+        connection.close()
+    elif target == b"/cut":
+        connection.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\npart")
+        connection.close()
+    else:
+        connection.write(ok(request.head + b"\r\n\r\n" + request.body))
+
+
+class RealClientTests(TestCase):
+    """
+    curl and h2load speaking HTTP/2 to a balancer's tls: port.
+    """
+
+    timeout = 60
+
+    # Skipped without them, except under CI (CI set), which installs them.
+    if not _curlHasHTTP2() and not os.environ.get("CI"):
+        skip = "curl with HTTP/2 (nghttp2) is needed"
+
+    @inlineCallbacks
+    def setUp(self):
+        self.net = Net(self)
+        folder = os.path.abspath(self.mktemp())
+        certs = os.path.join(folder, "certs")
+        os.makedirs(certs)
+        self.ca = CA(folder)
+        writePair(certs, "a", self.ca.issue("a.example"))
+        self.accessLog = os.path.join(folder, "access.log")
+        self.backend = ScriptedBackend(self.net, _backend)
+        self.balancer = yield startBalancer(
+            self.net, [self.backend.url], ports=("tls:0:interface=127.0.0.1",),
+            tlsCert=certs, accessLog=self.accessLog, via="edge",
+        )
+        self.base = f"https://a.example:{self.balancer.port}"
+
+    def curl(self, *args):
+        return getProcessOutputAndValue(
+            CURL,
+            ["-sS", "--http2", "--max-time", "30", "--cacert", self.ca.path,
+             "--resolve", f"a.example:{self.balancer.port}:127.0.0.1", *args],
+            env=dict(os.environ),
+        )
+
+    @inlineCallbacks
+    def test_getAndPost(self):
+        """
+        A GET and a POST with a body reach the backend in HTTP/1.1, with
+        C{:authority} as C{Host}, the forwarding headers of a TLS client,
+        a request id and C{Via: 2 edge}; the access log says HTTP/2.
+        """
+        out, err, code = yield self.curl(
+            "-w", "\n%{http_version}", "-H", "X-Request-ID: abc", self.base + "/get?x=1"
+        )
+        self.assertEqual(code, 0, err)
+        head, _, version = out.rpartition(b"\n")
+        self.assertEqual(version, b"2")
+        lines = head.split(b"\r\n")
+        self.assertEqual(lines[0], b"GET /get?x=1 HTTP/1.1")
+        headers = {n.lower(): v.strip() for n, _, v in (l.partition(b":") for l in lines[1:] if l)}
+        self.assertEqual(headers[b"host"], b"a.example:%d" % (self.balancer.port,))
+        self.assertEqual(headers[b"x-forwarded-proto"], b"https")
+        self.assertEqual(headers[b"x-forwarded-for"], b"127.0.0.1")
+        self.assertEqual(headers[b"x-request-id"], b"abc")
+        self.assertEqual(headers[b"via"], b"2 edge")
+        out, err, code = yield self.curl("--data-binary", "a body", self.base + "/post")
+        self.assertEqual(code, 0, err)
+        self.assertTrue(out.startswith(b"POST /post HTTP/1.1\r\n"), out)
+        self.assertIn(b"\r\nContent-Length: 6\r\n", out)
+        self.assertTrue(out.endswith(b"\r\n\r\na body"), out)
+        with open(self.accessLog, "rb") as f:
+            log = f.read()
+        self.assertIn(b'"GET /get?x=1 HTTP/2" 200 ', log)
+        self.assertIn(b'"POST /post HTTP/2" 200 ', log)
+
+    @inlineCallbacks
+    def test_loopDetected(self):
+        out, err, code = yield self.curl(
+            "-o", "/dev/null", "-w", "%{http_code}", "-H", "Via: 1.1 edge", self.base + "/"
+        )
+        self.assertEqual((code, out), (0, b"508"), err)
+
+    @inlineCallbacks
+    def test_largeDownload(self):
+        """
+        20 MiB streamed from the backend through flow control arrive whole.
+        """
+        path = os.path.abspath(self.mktemp())
+        out, err, code = yield self.curl(
+            "-o", path, "-w", "%{http_version} %{size_download}", self.base + "/big"
+        )
+        self.assertEqual((code, out), (0, b"2 %d" % (len(BIG),)), err)
+        with open(path, "rb") as f:
+            got = hashlib.sha256(f.read()).hexdigest()
+        self.assertEqual(got, hashlib.sha256(BIG).hexdigest())
+
+    @inlineCallbacks
+    def test_failuresOnOneConnection(self):
+        """
+        A backend that closes without an answer is a 502 on its stream; one
+        that breaks off a response resets its stream; neither closes the
+        client's connection, whose next stream is served.
+        """
+        out, err, code = yield self.curl(
+            "-w", "%{http_code} %{num_connects}\n", "-X", "POST",
+            "-o", "/dev/null", self.base + "/fail",
+            "-o", "/dev/null", self.base + "/cut",
+            "-o", "/dev/null", self.base + "/after",
+        )
+        lines = out.decode("ascii").splitlines()
+        self.assertEqual(lines[0], "502 1", (out, err))
+        # The cut stream: reset, whatever status curl saw first.
+        self.assertTrue(lines[1].endswith(" 0"), (out, err))
+        self.assertEqual(lines[2], "200 0", (out, err))
+        self.assertIn(b"INTERNAL_ERROR", err)
+
+    @inlineCallbacks
+    def test_manyStreams(self):
+        """
+        h2load: 1000 requests on 2 connections, 20 streams at a time on
+        each, all answered 2xx.
+        """
+        if H2LOAD is None and not os.environ.get("CI"):
+            raise SkipTest("h2load (Debian's nghttp2-client) is needed")
+        out, err, code = yield getProcessOutputAndValue(
+            H2LOAD or "h2load",
+            ["-n", "1000", "-c", "2", "-m", "20", "-T", "30",
+             f"https://127.0.0.1:{self.balancer.port}/many"],
+            env=dict(os.environ),
+        )
+        self.assertEqual(code, 0, (out, err))
+        self.assertIn(b"status codes: 1000 2xx, 0 3xx, 0 4xx, 0 5xx", out)
+        self.assertIn(b"1000 succeeded, 0 failed, 0 errored", out)
