@@ -17,7 +17,10 @@ from typing import Dict, List, Optional, Tuple
 
 from OpenSSL import SSL, crypto
 from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.logger import Logger
+
+from zope.interface import implementer
 
 from .settings import ConfigError
 
@@ -57,6 +60,8 @@ def _names(certificate: crypto.X509) -> List[str]:
     return [name.lower() for name in sans.value.get_values_for_type(x509.DNSName)]
 
 
+# Said outright: Twisted warns of a context factory that leaves it to guess.
+@implementer(IOpenSSLContextFactory)
 class CertificateStore:
     """
     The certificates of one folder, as a TLS context per name.
