@@ -21,8 +21,9 @@ from twisted.internet._sslverify import IOpenSSLTrustRoot
 # connection subclasses H2Connection, and overrides (each calling Twisted's
 # own first) its handlers of a stream's data, end and reset
 # (_requestDataReceived, _requestEnded, _requestAborted), which look a
-# stream up without asking whether Twisted has already forgotten it, and
-# _requestDone, where a stream is forgotten.
+# stream up without asking whether Twisted has already forgotten it,
+# _requestDone, where a stream is forgotten, and connectionLost, whose
+# second argument (_cancelTimeouts) it passes on.
 from twisted.web._http2 import H2Connection, H2Stream
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "h2WriteControlData",
     "handlingRequest",
     "headSoFar",
+    "sslContextFactory",
     "streamConnection",
     "takeBuffered",
     "waitingForTransport",
@@ -64,6 +66,14 @@ def takeBuffered(channel: http.HTTPChannel) -> bytes:
     data = b"".join(channel._dataBuffer)
     channel._dataBuffer = []
     return data
+
+
+def sslContextFactory(endpoint):
+    """
+    The context factory an C{ssl:} port's endpoint (L{SSL4ServerEndpoint})
+    makes its connections' TLS with.
+    """
+    return endpoint._sslContextFactory
 
 
 def streamConnection(stream: H2Stream) -> H2Connection:

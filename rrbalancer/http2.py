@@ -99,9 +99,14 @@ class BalancerH2Connection(_twisted.H2Connection):
 
     closing = False
     _transportPaused = False
+    _headTimer = None
+    _served = False
 
-    def __init__(self, reactor, maxConcurrentStreams: int = 100) -> None:
+    def __init__(
+        self, reactor, maxConcurrentStreams: int = 100, headerTimeout: float = 10.0
+    ) -> None:
         _twisted.H2Connection.__init__(self, reactor)
+        self.headerTimeout = headerTimeout
         # Before the connection preface, which announces the settings.
         codes = h2.settings.SettingCodes
         self.conn.local_settings = h2.settings.Settings(
@@ -111,6 +116,49 @@ class BalancerH2Connection(_twisted.H2Connection):
                 codes.MAX_HEADER_LIST_SIZE: self.conn.DEFAULT_MAX_HEADER_LIST_SIZE,
             },
         )
+
+    # -- the first request's deadline ------------------------------------------
+
+    def dataReceived(self, data):
+        """
+        The idle timeout restarts at every byte, whole frame or not, so a
+        client trickling its first request could hold a connection for
+        ever: the preface and the first request's head must arrive within
+        C{headerTimeout} of the first byte, as an HTTP/1.1 head must.
+        """
+        if not self._served and self._headTimer is None:
+            self._headTimer = self.callLater(self.headerTimeout, self._headTimedOut)
+        _twisted.H2Connection.dataReceived(self, data)
+        if not self._served and self.streams:
+            self._served = True
+            self._stopHeadTimer()
+
+    def timeoutConnection(self):
+        """
+        Idle means no stream open: a request waiting on its backend is
+        bounded by the backend timeout, and the connection must not close
+        under it (a late answer would then meet a closed connection).
+        """
+        if self.streams:
+            # (The call that fired is spent: a new one.)
+            self.setTimeout(self.timeOut)
+            return
+        _twisted.H2Connection.timeoutConnection(self)
+
+    def _headTimedOut(self) -> None:
+        self._headTimer = None
+        if not self._served and self.transport is not None:
+            # No stream to answer 408 on: GOAWAY, and close.
+            self.goAway()
+
+    def _stopHeadTimer(self) -> None:
+        timer, self._headTimer = self._headTimer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def connectionLost(self, reason, _cancelTimeouts=True):
+        self._stopHeadTimer()
+        _twisted.H2Connection.connectionLost(self, reason, _cancelTimeouts)
 
     # -- backpressure ---------------------------------------------------------
 

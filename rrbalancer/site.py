@@ -8,11 +8,7 @@ whose connections bound the time and size of a request head.
 from typing import Dict, List, Optional
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import (
-    ILoggingContext,
-    IProtocolFactory,
-    IProtocolNegotiationFactory,
-)
+from twisted.internet.interfaces import ILoggingContext, IProtocolFactory
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
@@ -45,6 +41,7 @@ class BalancerRequest(Request):
     _site = None
     _refused = False
     _received = 0
+    _bodyTimer = None
 
     def _limit(self) -> int:
         return self.channel.site.maxBodySize
@@ -55,12 +52,19 @@ class BalancerRequest(Request):
             # No "100 Continue" for a body that will be refused.
             self.requestHeaders.removeHeader(b"expect")
             self._refuse()
+        elif length != 0 and http2.isStream(self.channel):
+            # A stream's body: the same bound between two reads as on an
+            # HTTP/1.1 connection (whose channel keeps it there).
+            site = self.channel.site
+            self._bodyTimer = site.reactor.callLater(site.bodyTimeout, self._bodyTimedOut)
         Request.gotLength(self, length)
 
     def handleContentChunk(self, data):
         if self._refused:
             return
         self._received += len(data)
+        if self._bodyTimer is not None:
+            self._bodyTimer.reset(self.channel.site.bodyTimeout)
         limit = self._limit()
         if limit and self._received > limit:
             self._refuse()
@@ -76,11 +80,15 @@ class BalancerRequest(Request):
         if self._refused:
             return
         self._refused = True
+        self._stopBodyTimer()
         if http2.isStream(self.channel):
             # The stream may not be registered with its connection yet (a
             # declared length is read with the headers): answer once the
             # frames at hand are handled.  The connection goes on.
-            self.channel.site.reactor.callLater(0, self._refuseStream)
+            self.channel.site.reactor.callLater(
+                0, self._refuseStream, 413,
+                b"Content Too Large: the request body exceeds the limit",
+            )
             return
         _refuseConnection(
             self.channel,
@@ -88,19 +96,29 @@ class BalancerRequest(Request):
             b"Content Too Large: the request body exceeds the limit",
         )
 
-    def _refuseStream(self) -> None:
+    def _bodyTimedOut(self) -> None:
+        self._bodyTimer = None
+        if not self._refused:
+            self._refused = True
+            self._refuseStream(408, b"Request Timeout: the request body stalled")
+
+    def _stopBodyTimer(self) -> None:
+        timer, self._bodyTimer = self._bodyTimer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _refuseStream(self, code: int, message: bytes) -> None:
+        """
+        Answer a stream whose body will not be read on; its connection goes
+        on serving the others.
+        """
         stream = self.channel
         if stream is None or self.finished:
             return
         # Named for the access log: the request line was never "received".
         self.method, self.uri, self.clientproto = stream.command, stream.path, b"HTTP/2"
         self.path = self.uri.split(b"?", 1)[0]
-        body = b"Content Too Large: the request body exceeds the limit\n"
-        self.setResponseCode(413)
-        self.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        self.setHeader(b"content-length", b"%d" % (len(body),))
-        self.write(body)
-        self.finish()
+        self._answer(code, message)
 
     def _http2Head(self) -> Optional[bytes]:
         """
@@ -133,6 +151,7 @@ class BalancerRequest(Request):
         that work is skipped on this, the hottest path.  (Other sites, such
         as the admin listener's, are processed as usual.)
         """
+        self._stopBodyTimer()
         if self._refused:
             return
         self.site = self._site = site = self.channel.site
@@ -212,6 +231,7 @@ class BalancerRequest(Request):
         self._lostWatcher = watcher
 
     def connectionLost(self, reason):
+        self._stopBodyTimer()
         Request.connectionLost(self, reason)
         self._uncount()
         watcher, self._lostWatcher = self._lostWatcher, None
@@ -363,7 +383,7 @@ class BalancerChannel(HTTPChannel):
         transport.unregisterProducer()
         site = self.site
         connection = self._h2 = http2.BalancerH2Connection(
-            site.reactor, site.maxConcurrentStreams
+            site.reactor, site.maxConcurrentStreams, self.headerTimeout
         )
         connection.requestFactory = self.requestFactory
         connection.site = site
@@ -554,7 +574,11 @@ class BalancerChannel(HTTPChannel):
         self.site._channelClosed(self)
 
 
-@implementer_only(IProtocolFactory, IProtocolNegotiationFactory, ILoggingContext)
+# Not IProtocolNegotiationFactory: Twisted before 25 would set ALPN up on a
+# context shared by connections, once for each (which recent pyOpenSSL
+# refuses after the first); the ports set it up once, from
+# acceptableProtocols (see rrbalancer.tls).
+@implementer_only(IProtocolFactory, ILoggingContext)
 class BalancerSite(Site):
     """
     @ivar inFlight: requests received and not yet answered.

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 
 from zope.interface import implementer
 
+from . import _twisted
 from .settings import ConfigError
 
 MIN_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
@@ -99,10 +100,7 @@ class CertificateStore:
         return context
 
     def _selectProtocol(self, connection, offered):
-        for protocol in self.protocols:
-            if protocol in offered:
-                return protocol
-        return SSL.NO_OVERLAPPING_PROTOCOLS
+        return selectProtocol(self.protocols, offered)
 
     def load(self) -> None:
         """
@@ -176,6 +174,30 @@ class CertificateStore:
         the default certificate, until the client names another.
         """
         return self._default
+
+
+def selectProtocol(protocols, offered):
+    """
+    The first of C{protocols} (the server's order) the client offered.
+    """
+    for protocol in protocols:
+        if protocol in offered:
+            return protocol
+    return SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+def offerProtocols(endpoint, protocols) -> None:
+    """
+    Have an C{ssl:} port's endpoint offer C{protocols} by ALPN.
+
+    Its context is shared by its connections and set up here, once, before
+    the first (recent pyOpenSSL refuses to change a context in use).
+    """
+    if not isinstance(endpoint, SSL4ServerEndpoint):
+        return
+    protocols = tuple(protocols)
+    context = _twisted.sslContextFactory(endpoint).getContext()
+    context.set_alpn_select_callback(lambda connection, offered: selectProtocol(protocols, offered))
 
 
 def tlsEndpoint(reactor, description: str, store: Optional[CertificateStore]):

@@ -263,6 +263,67 @@ class MemoryTests(SynchronousTestCase):
         [request] = self.resource.requests
         self.assertEqual(request.content.read(), b"x" * 10)
 
+    def test_firstRequestDeadline(self):
+        """
+        A connection that sends bytes but no request within the header
+        timeout is closed with GOAWAY; one whose first request came in
+        time is held to the idle timeout only.
+        """
+        self.clock.advance(self.site.headerTimeout - 1)
+        self.assertFalse(self.client.transport.disconnecting)
+        self.clock.advance(1)
+        self.client.pump()
+        [goaway] = self.client.of(None, h2.events.ConnectionTerminated)
+        self.assertEqual(goaway.error_code, h2.errors.ErrorCodes.NO_ERROR)
+        self.assertTrue(self.client.transport.disconnecting)
+        served = Client(self, self.site, self.clock)
+        served.request()
+        self.answer(self.resource.requests[0])
+        self.clock.advance(self.site.headerTimeout * 2)
+        self.assertFalse(served.transport.disconnecting)
+
+    def test_idleMeansNoStream(self):
+        """
+        The idle timeout closes a connection with no stream open, never one
+        whose request waits on its backend.
+        """
+        stream = self.client.request()
+        [request] = self.resource.requests
+        self.clock.advance(self.site.timeOut * 3)
+        self.client.pump()
+        self.assertFalse(self.client.transport.disconnecting)
+        self.answer(request)
+        self.assertEqual(self.client.status(stream), b"200")
+        self.clock.advance(self.site.timeOut)
+        self.client.pump()
+        self.assertTrue(self.client.transport.disconnecting)
+        self.assertTrue(self.client.of(None, h2.events.ConnectionTerminated))
+
+    def test_bodyStalls(self):
+        """
+        A stream's body may pause the body timeout between two reads, then
+        it is answered 408; the connection goes on.
+        """
+        stream = self.client.request(
+            method=b"POST", headers=[(b"content-length", b"10")], body=b"x" * 5, end=False
+        )
+        self.clock.advance(self.site.bodyTimeout - 1)
+        self.client.h2.send_data(stream, b"x")
+        self.client.pump()
+        self.clock.advance(self.site.bodyTimeout - 1)
+        self.client.pump()
+        self.assertIsNone(self.client.status(stream))
+        self.clock.advance(1)
+        self.client.pump()
+        self.assertEqual(self.client.status(stream), b"408")
+        self.assertEqual(self.resource.requests, [])
+        after = self.client.request(method=b"POST", body=b"whole")
+        [request] = self.resource.requests
+        self.assertEqual(request.content.read(), b"whole")
+        self.clock.advance(self.site.bodyTimeout * 2)
+        self.answer(request)
+        self.assertEqual(self.client.status(after), b"200")
+
     def test_cutShort(self):
         """
         A response cut short resets its stream with INTERNAL_ERROR (the
@@ -465,6 +526,7 @@ class RealClientTests(TestCase):
         os.makedirs(certs)
         self.ca = CA(folder)
         writePair(certs, "a", self.ca.issue("a.example"))
+        self.pem = os.path.join(certs, "a.pem")
         self.accessLog = os.path.join(folder, "access.log")
         self.backend = ScriptedBackend(self.net, _backend)
         self.balancer = yield startBalancer(
@@ -480,6 +542,29 @@ class RealClientTests(TestCase):
              "--resolve", f"a.example:{self.balancer.port}:127.0.0.1", *args],
             env=dict(os.environ),
         )
+
+    @inlineCallbacks
+    def test_sslPort(self):
+        """
+        An ssl: port offers HTTP/2 too, connection after connection (its
+        context, shared by them, is set up once); with http2 off, HTTP/1.1.
+        """
+        for http2, version in ((True, b"2"), (False, b"1.1")):
+            balancer = yield startBalancer(
+                self.net, [self.backend.url],
+                ports=(f"ssl:0:interface=127.0.0.1:privateKey={self.pem}:certKey={self.pem}",),
+                http2=http2,
+            )
+            for _ in range(2):
+                out, err, code = yield getProcessOutputAndValue(
+                    CURL,
+                    ["-sS", "--http2", "--max-time", "30", "--cacert", self.ca.path,
+                     "-o", "/dev/null", "-w", "%{http_version}",
+                     "--resolve", f"a.example:{balancer.port}:127.0.0.1",
+                     f"https://a.example:{balancer.port}/"],
+                    env=dict(os.environ),
+                )
+                self.assertEqual((code, out), (0, version), err)
 
     @inlineCallbacks
     def test_getAndPost(self):

@@ -190,3 +190,16 @@ class HTTP2NamesTests(SynchronousTestCase):
         self.assertEqual(self.transport.value(), b"")
         self.assertTrue(_twisted.h2WriteControlData(self.connection))
         self.assertIn(b"12345678", self.transport.value())
+
+    def test_connectionLostSignature(self):
+        import inspect
+
+        parameters = inspect.signature(_twisted.H2Connection.connectionLost).parameters
+        self.assertEqual(list(parameters), ["self", "reason", "_cancelTimeouts"])
+
+    def test_sslContextFactory(self):
+        from twisted.internet.endpoints import SSL4ServerEndpoint
+
+        factory = object()
+        endpoint = SSL4ServerEndpoint(MemoryReactorClock(), 0, factory)
+        self.assertIs(_twisted.sslContextFactory(endpoint), factory)
