@@ -10,14 +10,20 @@ balancer's C{tls:} port in front of a real backend.
 import hashlib
 import os
 import shutil
+import socket
 
 import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.settings
 from hyperframe.frame import Frame
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -31,7 +37,7 @@ from rrbalancer import http2, proxy
 from rrbalancer.site import BalancerSite
 from rrbalancer.tls import CertificateStore
 
-from .support import Net, ScriptedBackend, ok, startBalancer
+from .support import Net, ScriptedBackend, ok, startBalancer, withTimeout
 from .test_tls import CA, writePair
 
 CURL = shutil.which("curl")
@@ -655,3 +661,156 @@ class RealClientTests(TestCase):
         self.assertEqual(code, 0, (out, err))
         self.assertIn(b"status codes: 1000 2xx, 0 3xx, 0 4xx, 0 5xx", out)
         self.assertIn(b"1000 succeeded, 0 failed, 0 errored", out)
+
+
+@implementer(IPushProducer)
+class _Streamer:
+    """
+    A backend's response of C{BIG}, written as its connection takes it.
+    """
+
+    def __init__(self, transport):
+        # Small socket buffers, so that what the balancer holds shows.
+        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        self.transport = transport
+        self.sent = 0
+        self.paused = False
+        transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (len(BIG),))
+        transport.registerProducer(self, True)
+        self.resumeProducing()
+
+    def resumeProducing(self):
+        self.paused = False
+        while not self.paused and self.sent < len(BIG):
+            chunk = BIG[self.sent : self.sent + 65536]
+            self.sent += len(chunk)
+            self.transport.write(chunk)
+        if self.sent >= len(BIG):
+            self.transport.unregisterProducer()
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def stopProducing(self):
+        self.paused = True
+
+
+class _SlowReader(Protocol):
+    """
+    An HTTP/2 client with windows as large as the protocol allows, which
+    asks for C{path} and, once the response has started, reads nothing
+    until told to.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self.h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        self.body = hashlib.sha256()
+        self.received = 0
+        self.ended = Deferred()
+
+    def connectionMade(self):
+        largest = 2**31 - 1
+        self.h2.initiate_connection()
+        self.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: largest})
+        self.h2.increment_flow_control_window(largest - 65535)
+        self.h2.send_headers(
+            1,
+            [(b":method", b"GET"), (b":path", self.path), (b":scheme", b"https"),
+             (b":authority", b"a.example")],
+            end_stream=True,
+        )
+        self.transport.write(self.h2.data_to_send())
+
+    def dataReceived(self, data):
+        for event in self.h2.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                # From now on, nothing is read (what this call holds aside).
+                self.transport.pauseProducing()
+            elif isinstance(event, h2.events.DataReceived):
+                self.body.update(event.data)
+                self.received += len(event.data)
+                self.h2.acknowledge_received_data(event.flow_controlled_length, 1)
+            elif isinstance(event, h2.events.StreamEnded):
+                self.ended.callback(None)
+        self.transport.write(self.h2.data_to_send())
+
+
+class SlowReaderTests(TestCase):
+    """
+    A client that reads slowly holds back its backend through the
+    balancer, whatever its flow-control windows allow.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_transportFullPausesBackend(self):
+        net = Net(self)
+        folder = os.path.abspath(self.mktemp())
+        certs = os.path.join(folder, "certs")
+        os.makedirs(certs)
+        ca = CA(folder)
+        writePair(certs, "a", ca.issue("a.example"))
+        streamers = []
+        backend = ScriptedBackend(
+            net, lambda connection, request: streamers.append(_Streamer(connection.transport))
+        )
+        balancer = yield startBalancer(
+            net, [backend.url], ports=("tls:0:interface=127.0.0.1",), tlsCert=certs
+        )
+        with open(ca.path, "rb") as f:
+            authority = Certificate.loadPEM(f.read())
+        options = optionsForClientTLS(
+            "a.example", trustRoot=authority, acceptableProtocols=[b"h2"]
+        )
+        client = _SlowReader(b"/big")
+        endpoint = wrapClientTLS(
+            options, TCP4ClientEndpoint(reactor, "127.0.0.1", balancer.port)
+        )
+        yield endpoint.connect(Factory.forProtocol(lambda: net.track(client, client=True)))
+        # The balancer stops reading its backend connection, and the
+        # backend is held back, well before the end.
+        yield _poll(lambda: streamers and streamers[0].paused and not _reading(streamers[0]))
+        # (What was sent is in the sockets' buffers, a few MiB each on
+        # loopback, and the client's window; without the pause, all of it.)
+        self.assertLess(streamers[0].sent, len(BIG) * 3 // 4)
+        self.assertLess(client.received, len(BIG) // 4)
+        client.transport.resumeProducing()
+        yield withTimeout(client.ended, 30)
+        self.assertEqual(client.received, len(BIG))
+        self.assertEqual(client.body.hexdigest(), hashlib.sha256(BIG).hexdigest())
+
+
+def _reading(streamer) -> bool:
+    """
+    Is the balancer reading the connection C{streamer} writes to?
+    """
+    port = streamer.transport.getPeer().port
+    return any(
+        getattr(reader, "getHost", None) is not None
+        and getattr(reader.getHost(), "port", None) == port
+        for reader in reactor.getReaders()
+    )
+
+
+def _poll(test, seconds=10.0, interval=0.01):
+    """
+    Fires when C{test()} is true, checking every C{interval} seconds, for
+    at most C{seconds}.
+    """
+    d = Deferred()
+    deadline = reactor.seconds() + seconds
+
+    def check():
+        if test():
+            d.callback(None)
+        elif reactor.seconds() > deadline:
+            d.errback(AssertionError("not so within %s seconds" % (seconds,)))
+        else:
+            reactor.callLater(interval, check)
+
+    check()
+    return d
