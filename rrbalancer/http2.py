@@ -13,7 +13,10 @@ top: its reactor passed in, a bound on concurrent streams, backends paused
 while the client's transport is full (not only when a stream's window is
 spent), a stream reset when a response is cut short that tells its request
 so, streams answered before their body ended (a 413) asked to stop
-without error, and a graceful close that lets answered streams drain.
+without error, a graceful close that lets answered streams drain, a
+deadline for the first request, and an idle timeout that never closes a
+connection under a request in flight.  (A stream's body timeout is the
+request's: see L{rrbalancer.site.BalancerRequest}.)
 """
 
 from typing import Optional

@@ -235,6 +235,17 @@ class MemoryTests(SynchronousTestCase):
         self.answer(request)
         self.assertEqual(self.client.status(stream), b"200")
 
+    def test_authorityAndHostDiffer(self):
+        """
+        Were a C{Host} that names another than C{:authority} to get through
+        (the h2 package refuses it first), the request would not be
+        forwarded.
+        """
+        self.client.request()
+        [request] = self.resource.requests
+        request.requestHeaders.addRawHeader(b"host", b"other.example")
+        self.assertEqual(request._http2Head(), b"Bad Request: :authority and Host differ")
+
     def test_declaredBodyTooLarge(self):
         """
         A body declared over the limit is answered 413 on its stream before
