@@ -539,7 +539,7 @@ class RealClientTests(TestCase):
     def setUp(self):
         self.net = Net(self)
         folder = os.path.abspath(self.mktemp())
-        certs = os.path.join(folder, "certs")
+        self.certs = certs = os.path.join(folder, "certs")
         os.makedirs(certs)
         self.ca = CA(folder)
         writePair(certs, "a", self.ca.issue("a.example"))
@@ -613,6 +613,30 @@ class RealClientTests(TestCase):
             log = f.read()
         self.assertIn(b'"GET /get?x=1 HTTP/2" 200 ', log)
         self.assertIn(b'"POST /post HTTP/2" 200 ', log)
+
+    @inlineCallbacks
+    def test_selectionAndRetries(self):
+        """
+        Streams of one connection are balanced request by request, and one
+        sent to a backend that refuses is retried on the next.
+        """
+        other = ScriptedBackend(self.net, _backend)
+        refusing = f"http://127.0.0.1:{self.net.refusingPort()}"
+        balancer = yield startBalancer(
+            self.net, [self.backend.url, refusing, other.url],
+            ports=("tls:0:interface=127.0.0.1",), tlsCert=self.certs,
+        )
+        base = f"https://a.example:{balancer.port}"
+        out, err, code = yield getProcessOutputAndValue(
+            CURL,
+            ["-sS", "--http2", "--max-time", "30", "--cacert", self.ca.path,
+             "--resolve", f"a.example:{balancer.port}:127.0.0.1",
+             "-w", "%{http_code} %{num_connects}\n"]
+            + [a for i in range(6) for a in ("-o", "/dev/null", f"{base}/{i}")],
+            env=dict(os.environ),
+        )
+        self.assertEqual(out.decode("ascii").splitlines(), ["200 1"] + ["200 0"] * 5, err)
+        self.assertEqual((len(self.backend.requests), len(other.requests)), (3, 3))
 
     @inlineCallbacks
     def test_loopDetected(self):
