@@ -660,6 +660,22 @@ class RealClientTests(TestCase):
         self.assertEqual(got, hashlib.sha256(BIG).hexdigest())
 
     @inlineCallbacks
+    def test_largeUpload(self):
+        """
+        8 MiB sent in DATA frames reach the backend whole, with their
+        length.
+        """
+        body = BIG[: 8 * 1024 * 1024]
+        path = os.path.abspath(self.mktemp())
+        with open(path, "wb") as f:
+            f.write(body)
+        out, err, code = yield self.curl("--data-binary", "@" + path, self.base + "/up")
+        self.assertEqual(code, 0, err)
+        head, _, received = out.partition(b"\r\n\r\n")
+        self.assertIn(b"\r\nContent-Length: %d\r\n" % (len(body),), head + b"\r\n")
+        self.assertEqual(hashlib.sha256(received).hexdigest(), hashlib.sha256(body).hexdigest())
+
+    @inlineCallbacks
     def test_failuresOnOneConnection(self):
         """
         A backend that closes without an answer is a 502 on its stream; one
