@@ -16,11 +16,27 @@ from twisted.web import http
 # root of one's own (the system store plus a bundle) must provide.
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 
+# HTTP/2: Twisted's server side is public only through its generic channel,
+# which a site with a channel class of its own cannot use.  The balancer's
+# connection subclasses H2Connection, and overrides (each calling Twisted's
+# own first) its handlers of a stream's data, end and reset
+# (_requestDataReceived, _requestEnded, _requestAborted), which look a
+# stream up without asking whether Twisted has already forgotten it,
+# _requestDone, where a stream is forgotten, and connectionLost, whose
+# second argument (_cancelTimeouts) it passes on.
+from twisted.web._http2 import H2Connection, H2Stream
+
 __all__ = [
+    "H2Connection",
+    "H2Stream",
     "IOpenSSLTrustRoot",
+    "h2WriteControlData",
     "handlingRequest",
     "headSoFar",
     "stopRereadingResolvConf",
+
+    "sslContextFactory",
+    "streamConnection",
     "takeBuffered",
     "waitingForTransport",
     "writeNow",
@@ -53,6 +69,7 @@ def takeBuffered(channel: http.HTTPChannel) -> bytes:
     channel._dataBuffer = []
     return data
 
+
 def stopRereadingResolvConf(resolver) -> None:
     """
     Stop the timer with which a L{twisted.names.client.Resolver} made from
@@ -63,6 +80,32 @@ def stopRereadingResolvConf(resolver) -> None:
     if call is not None and call.active():
         call.cancel()
     resolver.resolv = None
+
+
+def sslContextFactory(endpoint):
+    """
+    The context factory an C{ssl:} port's endpoint (L{SSL4ServerEndpoint})
+    makes its connections' TLS with.
+    """
+    return endpoint._sslContextFactory
+
+
+def streamConnection(stream: H2Stream) -> H2Connection:
+    """
+    The HTTP/2 connection C{stream} belongs to.
+    """
+    return stream._conn
+
+
+def h2WriteControlData(connection: H2Connection) -> bool:
+    """
+    Send the frames C{connection}'s state machine has queued outside the
+    flow of data (a reset, a GOAWAY).
+
+    @return: False when that aborted the connection instead (a client that
+        let too many of them pile up without reading).
+    """
+    return connection._tryToWriteControlData()
 
 
 def waitingForTransport(channel: http.HTTPChannel) -> bool:

@@ -43,7 +43,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from . import _twisted
+from . import _twisted, http2
 from .backends import Backend
 from .client import BackendBusy, BackendError, ConnectError, ProtocolError, ResponseTimeout
 from .config import Config, HealthConfig
@@ -515,12 +515,7 @@ class _Attempt:
         # The backend's Content-Type or none: not the site's default.
         request.defaultContentType = None
         request.registerProducer(self.connection, True)
-        # A client connection whose transport is already full (a pipelined
-        # request after a response that filled it) will not ask again: the
-        # new producer must start paused.
-        channel = getattr(request, "channel", None)
-        if channel is not None and _twisted.waitingForTransport(channel):
-            self.connection.pauseProducing()
+        _startPausedIfFull(request, self.connection)
         request.write(b"")
 
     def _endToEnd(self, headers):
@@ -631,7 +626,7 @@ class _Attempt:
                 error=str(error),
             )
             if not self.forwarding.clientGone:
-                request.transport.abortConnection()
+                abortResponse(request)
             return
         # An upgrade is never sent twice: what the backend did with the
         # first is unknown (a WebSocket's handshake starts a session).
@@ -654,6 +649,38 @@ class _Attempt:
             idempotent and not error.gotBytes and not isinstance(error, ResponseTimeout)
         )
         self.forwarding.failed(self.backend, error, retryable)
+
+
+def _startPausedIfFull(request, producer) -> None:
+    """
+    A client whose side is already full will not ask again: the producer
+    just registered must start paused.  On HTTP/1.1, a connection whose
+    transport is full (a pipelined request after a response that filled
+    it); on HTTP/2, a stream whose flow-control window is spent, or whose
+    connection's transport is full.
+    """
+    channel = getattr(request, "channel", None)
+    if channel is None:
+        return
+    if http2.isStream(channel):
+        if http2.streamBlocked(channel):
+            # Through the stream, which resumes it when its window opens.
+            channel.flowControlBlocked()
+    elif _twisted.waitingForTransport(channel):
+        producer.pauseProducing()
+
+
+def abortResponse(request) -> None:
+    """
+    Cut a started response short so that the client cannot take it for a
+    whole one: close an HTTP/1.1 connection at once, or reset an HTTP/2
+    stream (and that stream only; the connection goes on).
+    """
+    transport = request.transport
+    if transport is not None:
+        transport.abortConnection()
+    elif http2.isStream(request.channel):
+        request.channel.abortConnection()
 
 
 def _render(resource, request, picker: IPicker, target: bytes, prefix=None):

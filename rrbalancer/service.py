@@ -25,23 +25,30 @@ from .reload import Reloader
 from .settings import readAdminToken
 from .signals import SignalHandlers
 from .site import BalancerSite
-from .tls import CertificateStore, tlsEndpoint
+from .tls import CertificateStore, offerProtocols, tlsEndpoint
 from .workers import WorkerPool
 
 
-def serverEndpoint(reactor, description: str, setting: str = "port", tls=None):
+def serverEndpoint(
+    reactor, description: str, setting: str = "port", tls=None, protocols=None
+):
     """
     The server endpoint a description names, or a L{ConfigError} naming the
     setting.
 
     @param tls: the L{CertificateStore} of C{tls:} ports.
+    @param protocols: what an C{ssl:} port offers by ALPN, or None for no
+        ALPN (C{tls:} ports offer their store's).
     """
     if description.startswith("tls:"):
         return tlsEndpoint(reactor, description, tls)
     try:
-        return serverFromString(reactor, description)
+        endpoint = serverFromString(reactor, description)
+        if protocols is not None:
+            offerProtocols(endpoint, protocols)
     except Exception as e:
         raise ConfigError(f"{setting}: bad endpoint {description!r}: {e}") from None
+    return endpoint
 
 
 class BalancerService(MultiService):
@@ -100,6 +107,8 @@ class BalancerService(MultiService):
             headerTimeout=config.headerTimeout,
             bodyTimeout=config.bodyTimeout,
             maxInFlight=config.maxInFlight,
+            http2=config.http2,
+            maxConcurrentStreams=config.maxConcurrentStreams,
         )
         # Handlers first: once a listener says where it listens, a signal
         # must find them installed.
@@ -125,9 +134,15 @@ class BalancerService(MultiService):
             # before any client connection can be accepted.
             self._addAdmin(config, reactor)
         if config.tlsCert is not None:
-            self.tls = CertificateStore(config.tlsCert, config.tlsMinVersion)
+            self.tls = CertificateStore(
+                config.tlsCert, config.tlsMinVersion, self.site.acceptableProtocols()
+            )
         if listeners is None:
-            listeners = [(d, serverEndpoint(reactor, d, tls=self.tls)) for d in config.ports]
+            protocols = self.site.acceptableProtocols()
+            listeners = [
+                (d, serverEndpoint(reactor, d, tls=self.tls, protocols=protocols))
+                for d in config.ports
+            ]
         self.listeners: List[Listener] = []
         for description, endpoint in listeners:
             listener = Listener(description, endpoint, self.site)

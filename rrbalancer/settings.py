@@ -721,6 +721,14 @@ SETTINGS: Tuple[Setting, ...] = (
        "on SIGHUP.", path=True, metavar="DIR"),
     _s("tls_min_version", "tlsMinVersion", oneOf("1.2", "1.3"), "1.2",
        "The oldest TLS version tls: ports accept.", metavar="1.2|1.3"),
+    _s("http2", "http2", boolean, True,
+       "Offer HTTP/2 by ALPN on TLS ports (tls: and ssl:), beside HTTP/1.1 "
+       "(the flag offers HTTP/1.1 only). Plain ports speak HTTP/1.1 only; "
+       "backends are always spoken to in HTTP/1.1.",
+       flag="no-http2", switch=False, shownDefault="true"),
+    _s("max_concurrent_streams", "maxConcurrentStreams", atLeastOne, 100,
+       "HTTP/2: the streams (requests) one client connection may have open at "
+       "once; more are refused by the protocol, not queued.", metavar="N"),
     _s("balance", "balance", parsePolicy, "round-robin",
        "How a backend is chosen: round-robin (NGINX's smooth weighted round "
        "robin), least-conn (fewest requests in flight for the weight), random "

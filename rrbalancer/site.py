@@ -14,7 +14,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 from zope.interface import implementer_only
 
-from . import _twisted
+from . import _twisted, http2
 from .accesslog import AccessLog
 from .headers import connectionTokens
 from .listeners import describeAddress
@@ -41,6 +41,7 @@ class BalancerRequest(Request):
     _site = None
     _refused = False
     _received = 0
+    _bodyTimer = None
 
     def _limit(self) -> int:
         return self.channel.site.maxBodySize
@@ -51,12 +52,19 @@ class BalancerRequest(Request):
             # No "100 Continue" for a body that will be refused.
             self.requestHeaders.removeHeader(b"expect")
             self._refuse()
+        elif length != 0 and http2.isStream(self.channel):
+            # A stream's body: the same bound between two reads as on an
+            # HTTP/1.1 connection (whose channel keeps it there).
+            site = self.channel.site
+            self._bodyTimer = site.reactor.callLater(site.bodyTimeout, self._bodyTimedOut)
         Request.gotLength(self, length)
 
     def handleContentChunk(self, data):
         if self._refused:
             return
         self._received += len(data)
+        if self._bodyTimer is not None:
+            self._bodyTimer.reset(self.channel.site.bodyTimeout)
         limit = self._limit()
         if limit and self._received > limit:
             self._refuse()
@@ -72,11 +80,66 @@ class BalancerRequest(Request):
         if self._refused:
             return
         self._refused = True
+        self._stopBodyTimer()
+        if http2.isStream(self.channel):
+            # The stream may not be registered with its connection yet (a
+            # declared length is read with the headers): answer once the
+            # frames at hand are handled.  The connection goes on.
+            self.channel.site.reactor.callLater(
+                0, self._refuseStream, 413,
+                b"Content Too Large: the request body exceeds the limit",
+            )
+            return
         _refuseConnection(
             self.channel,
             b"413 Content Too Large",
             b"Content Too Large: the request body exceeds the limit",
         )
+
+    def _bodyTimedOut(self) -> None:
+        self._bodyTimer = None
+        if not self._refused:
+            self._refused = True
+            self._refuseStream(408, b"Request Timeout: the request body stalled")
+
+    def _stopBodyTimer(self) -> None:
+        timer, self._bodyTimer = self._bodyTimer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _refuseStream(self, code: int, message: bytes) -> None:
+        """
+        Answer a stream whose body will not be read on; its connection goes
+        on serving the others.
+        """
+        stream = self.channel
+        if stream is None or self.finished:
+            return
+        # Named for the access log: the request line was never "received".
+        self.method, self.uri, self.clientproto = stream.command, stream.path, b"HTTP/2"
+        self.path = self.uri.split(b"?", 1)[0]
+        self._answer(code, message)
+
+    def _http2Head(self) -> Optional[bytes]:
+        """
+        Make an HTTP/2 request's fields what an HTTP/1.1 backend may
+        receive, or say why it cannot be forwarded.
+
+        C{:authority} became C{Host}, and a C{Host} field beside it (the
+        h2 package refuses one that names another) would make two.
+        Cookies may come as one field per pair, and HTTP/1.1 allows one
+        C{Cookie} line: they are joined (RFC 9113 section 8.2.3).
+        """
+        headers = self.requestHeaders
+        hosts = headers.getRawHeaders(b"host")
+        if hosts is not None and len(hosts) > 1:
+            if len(set(hosts)) > 1:
+                return b"Bad Request: :authority and Host differ"
+            headers.setRawHeaders(b"host", hosts[:1])
+        cookies = headers.getRawHeaders(b"cookie")
+        if cookies is not None and len(cookies) > 1:
+            headers.setRawHeaders(b"cookie", [b"; ".join(cookies)])
+        return None
 
     def process(self):
         """
@@ -88,6 +151,7 @@ class BalancerRequest(Request):
         that work is skipped on this, the hottest path.  (Other sites, such
         as the admin listener's, are processed as usual.)
         """
+        self._stopBodyTimer()
         if self._refused:
             return
         self.site = self._site = site = self.channel.site
@@ -98,23 +162,31 @@ class BalancerRequest(Request):
             return
         self.prepath = []
         self.postpath = []
+        if self.clientproto == b"HTTP/2":
+            problem = self._http2Head()
+            if problem is not None:
+                self._answer(400, problem)
+                return
         if site.maxInFlight and site.inFlight > site.maxInFlight:
             # Overloaded: say so at once (the client may come back), rather
             # than let every request wait until backends and health checks
             # time out behind a late event loop.
             site.shed += 1
-            self.setResponseCode(503)
-            body = b"Service Unavailable: the balancer is overloaded\n"
-            self.setHeader(b"content-type", b"text/plain; charset=utf-8")
-            self.setHeader(b"content-length", b"%d" % (len(body),))
             self.setHeader(b"retry-after", b"1")
-            self.write(body)
-            self.finish()
+            self._answer(503, b"Service Unavailable: the balancer is overloaded")
             return
         try:
             self.render(site.resource)
         except BaseException:
             self.processingFailed(Failure())
+
+    def _answer(self, code: int, message: bytes) -> None:
+        body = message + b"\n"
+        self.setResponseCode(code)
+        self.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        self.setHeader(b"content-length", b"%d" % (len(body),))
+        self.write(body)
+        self.finish()
 
     def _uncount(self) -> None:
         site, self._site = self._site, None
@@ -159,6 +231,7 @@ class BalancerRequest(Request):
         self._lostWatcher = watcher
 
     def connectionLost(self, reason):
+        self._stopBodyTimer()
         Request.connectionLost(self, reason)
         self._uncount()
         watcher, self._lostWatcher = self._lostWatcher, None
@@ -244,6 +317,8 @@ class BalancerChannel(HTTPChannel):
     _counted = None
     _host = None
     _tunnel = None
+    _h2 = None
+    _negotiated = False
 
     _peer = None
     _secure = None
@@ -295,6 +370,37 @@ class BalancerChannel(HTTPChannel):
         self._stopBodyTimer()
         return _twisted.takeBuffered(self)
 
+    def _startHTTP2(self):
+        """
+        The client chose HTTP/2: hand the connection to an HTTP/2 one,
+        which this channel carries from now on (as it carries a tunnel),
+        and which makes the site's requests, one per stream.
+        """
+        transport = self.transport
+        timeOut = self.timeOut
+        self.setTimeout(None)
+        # The HTTP/2 connection becomes the transport's producer.
+        transport.unregisterProducer()
+        site = self.site
+        connection = self._h2 = http2.BalancerH2Connection(
+            site.reactor, site.maxConcurrentStreams, self.headerTimeout
+        )
+        connection.requestFactory = self.requestFactory
+        connection.site = site
+        connection.factory = self.factory
+        connection.timeOut = timeOut
+        connection.callLater = self.callLater
+        http2.serve(connection, transport)
+        return connection
+
+    @property
+    def http2(self):
+        """
+        The L{http2.BalancerH2Connection} this connection carries, or None
+        while it speaks HTTP/1.1.
+        """
+        return self._h2
+
     @property
     def tunnel(self):
         """
@@ -304,9 +410,18 @@ class BalancerChannel(HTTPChannel):
         return self._tunnel
 
     def dataReceived(self, data):
+        if self._h2 is not None:
+            self._h2.dataReceived(data)
+            return
         if self._tunnel is not None:
             self._tunnel.dataReceived(data)
             return
+        if not self._negotiated:
+            # The TLS handshake is over by the first byte of data.
+            self._negotiated = True
+            if http2.negotiated(self.transport) == http2.H2:
+                self._startHTTP2().dataReceived(data)
+                return
         if self._headTimer is None and self._readingHead():
             self._headTimer = self.callLater(self.headerTimeout, self._headTimedOut)
         HTTPChannel.dataReceived(self, data)
@@ -430,6 +545,10 @@ class BalancerChannel(HTTPChannel):
             self.setTimeout(idle)
 
     def loseConnection(self):
+        if self._h2 is not None:
+            # GOAWAY, then close once the streams answered are sent.
+            self._h2.goAway()
+            return
         if self._tunnel is not None:
             # A stopping balancer: the backend's side goes too.
             self._tunnel.tunnel.close()
@@ -443,6 +562,8 @@ class BalancerChannel(HTTPChannel):
         return HTTPChannel.loseConnection(self)
 
     def connectionLost(self, reason):
+        if self._h2 is not None:
+            self._h2.connectionLost(reason)
         if self._tunnel is not None:
             self._tunnel.connectionLost(reason)
         self._closing = True
@@ -453,9 +574,10 @@ class BalancerChannel(HTTPChannel):
         self.site._channelClosed(self)
 
 
-# Not IProtocolNegotiationFactory: the channel speaks HTTP/1.1 only, so a
-# TLS port must not offer h2 by ALPN on its behalf (a client that took it
-# would get nothing), nor set up ALPN on a context shared by connections.
+# Not IProtocolNegotiationFactory: Twisted before 25 would set ALPN up on a
+# context shared by connections, once for each (which recent pyOpenSSL
+# refuses after the first); the ports set it up once, from
+# acceptableProtocols (see rrbalancer.tls).
 @implementer_only(IProtocolFactory, ILoggingContext)
 class BalancerSite(Site):
     """
@@ -463,6 +585,10 @@ class BalancerSite(Site):
     @ivar maxInFlight: past this many (0: no bound), new requests are
         answered 503 at once.
     @ivar shed: requests so answered.
+    @ivar http2: offer HTTP/2 by ALPN on TLS ports (its channel switches
+        to it when a client takes it).
+    @ivar maxConcurrentStreams: HTTP/2 streams open at once on one
+        connection.
     """
 
     requestFactory = BalancerRequest
@@ -486,8 +612,12 @@ class BalancerSite(Site):
         headerTimeout: float = 10.0,
         bodyTimeout: float = 60.0,
         maxInFlight: int = 0,
+        http2: bool = True,
+        maxConcurrentStreams: int = 100,
     ) -> None:
         Site.__init__(self, resource, timeout=timeout, reactor=reactor)
+        self.http2 = http2
+        self.maxConcurrentStreams = maxConcurrentStreams
         self.accessLog = AccessLog(accessLog, reactor, accessLogFormat) if accessLog else None
         self.maxBodySize = maxBodySize
         self.headerTimeout = headerTimeout
@@ -511,6 +641,13 @@ class BalancerSite(Site):
         channel.headerTimeout = self.headerTimeout
         channel.bodyTimeout = self.bodyTimeout
         return channel
+
+    def acceptableProtocols(self):
+        """
+        What a TLS port offers by ALPN: C{h2} and C{http/1.1}, or only
+        C{http/1.1}.  (Plain ports never get HTTP/2: no h2c.)
+        """
+        return http2.alpnProtocols(self.http2)
 
     # The access log is this site's own (see L{AccessLog}), not Site's.
 

@@ -17,8 +17,12 @@ from typing import Dict, List, Optional, Tuple
 
 from OpenSSL import SSL, crypto
 from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.logger import Logger
 
+from zope.interface import implementer
+
+from . import _twisted
 from .settings import ConfigError
 
 MIN_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
@@ -57,17 +61,24 @@ def _names(certificate: crypto.X509) -> List[str]:
     return [name.lower() for name in sans.value.get_values_for_type(x509.DNSName)]
 
 
+# Said outright: Twisted warns of a context factory that leaves it to guess.
+@implementer(IOpenSSLContextFactory)
 class CertificateStore:
     """
     The certificates of one folder, as a TLS context per name.
 
     @param minVersion: the oldest TLS version offered (C{"1.2"}, C{"1.3"}).
+    @param protocols: what ALPN offers, in the server's order of preference
+        (C{h2} and C{http/1.1}, or C{http/1.1} only).
     """
 
     log = Logger()
 
-    def __init__(self, folder: str, minVersion: str = "1.2") -> None:
+    def __init__(
+        self, folder: str, minVersion: str = "1.2", protocols=(b"h2", b"http/1.1")
+    ) -> None:
         self.folder = folder
+        self.protocols = tuple(protocols)
         self.minVersion = MIN_VERSIONS[minVersion]
         self._byName: Dict[str, SSL.Context] = {}
         self._wildcards: Dict[str, SSL.Context] = {}
@@ -81,16 +92,15 @@ class CertificateStore:
         context.use_certificate_chain_file(chain)
         context.use_privatekey_file(key)
         context.check_privatekey()
-        # Only HTTP/1.1 is spoken here: a client offering h2 is told so.
+        # Each context a name moves a handshake to chooses as the first does.
         context.set_alpn_select_callback(self._selectProtocol)
         # Whatever context a handshake starts with, the name the client
         # asks for moves it to its own.
         context.set_tlsext_servername_callback(self._servername)
         return context
 
-    @staticmethod
-    def _selectProtocol(connection, offered):
-        return b"http/1.1" if b"http/1.1" in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+    def _selectProtocol(self, connection, offered):
+        return selectProtocol(self.protocols, offered)
 
     def load(self) -> None:
         """
@@ -164,6 +174,30 @@ class CertificateStore:
         the default certificate, until the client names another.
         """
         return self._default
+
+
+def selectProtocol(protocols, offered):
+    """
+    The first of C{protocols} (the server's order) the client offered.
+    """
+    for protocol in protocols:
+        if protocol in offered:
+            return protocol
+    return SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+def offerProtocols(endpoint, protocols) -> None:
+    """
+    Have an C{ssl:} port's endpoint offer C{protocols} by ALPN.
+
+    Its context is shared by its connections and set up here, once, before
+    the first (recent pyOpenSSL refuses to change a context in use).
+    """
+    if not isinstance(endpoint, SSL4ServerEndpoint):
+        return
+    protocols = tuple(protocols)
+    context = _twisted.sslContextFactory(endpoint).getContext()
+    context.set_alpn_select_callback(lambda connection, offered: selectProtocol(protocols, offered))
 
 
 def tlsEndpoint(reactor, description: str, store: Optional[CertificateStore]):

@@ -235,6 +235,26 @@ class RealClientTests(TestCase):
         self.assertEqual(serial, self.serials["a.example"])
 
     @inlineCallbacks
-    def test_http2OfferedGetsHTTP11(self):
+    def test_http2(self):
+        """
+        A client that offers HTTP/2 gets it, whatever certificate its name
+        moved the handshake to; one that does not gets HTTP/1.1.
+        """
+        for name in ("a.example", "b.example"):
+            out, err, code = yield self.curl(name, "--http2", "-w", "%{http_version}")
+            self.assertEqual((code, out), (0, b"hello2"), err)
+        out, err, code = yield self.curl("a.example", "--http1.1", "-w", "%{http_version}")
+        self.assertEqual((code, out), (0, b"hello1.1"), err)
+
+    @inlineCallbacks
+    def test_noHTTP2(self):
+        """
+        With http2 off, a client that offers HTTP/2 gets HTTP/1.1.
+        """
+        backend = ScriptedBackend(self.net, lambda c, r: c.write(ok(b"hello")))
+        self.balancer = yield startBalancer(
+            self.net, [backend.url], ports=("tls:0:interface=127.0.0.1",),
+            tlsCert=self.certs, http2=False,
+        )
         out, err, code = yield self.curl("a.example", "--http2", "-w", "%{http_version}")
         self.assertEqual((code, out), (0, b"hello1.1"), err)

@@ -5,6 +5,7 @@ mean.  When a Twisted release changes one, this fails, naming it, instead
 of the balancer misbehaving at run time.
 """
 
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http import HTTPChannel
@@ -18,7 +19,12 @@ from rrbalancer import _twisted
 class Held(Resource):
     isLeaf = True
 
+    def __init__(self):
+        Resource.__init__(self)
+        self.requests = []
+
     def render(self, request):
+        self.requests.append(request)
         return NOT_DONE_YET
 
 
@@ -116,3 +122,104 @@ class PrivateNamesTests(SynchronousTestCase):
         channel._respondToBadRequestAndDisconnect()
         self.assertEqual(channel.transport.value(), b"HTTP/1.1 400 Bad Request\r\n\r\n")
         self.assertTrue(channel.transport.disconnecting)
+
+
+class HTTP2NamesTests(SynchronousTestCase):
+    """
+    The names of Twisted's HTTP/2 server that L{rrbalancer.http2} relies
+    on: the handlers it overrides are the ones a connection calls, and its
+    helpers reach what they say.
+    """
+
+    def setUp(self):
+        import h2.config
+        import h2.connection
+
+        self.clock = Clock()
+        self.connection = _twisted.H2Connection(self.clock)
+        self.connection.site = Site(Held())
+        self.connection.requestFactory = Request
+        self.transport = StringTransport()
+        self.connection.makeConnection(self.transport)
+        self.addCleanup(self.connection.connectionLost, None)
+        self.client = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        self.client.initiate_connection()
+
+    def send(self):
+        self.connection.dataReceived(self.client.data_to_send())
+        self.clock.advance(0)
+
+    def request(self, end=True):
+        stream = self.client.get_next_available_stream_id()
+        self.client.send_headers(
+            stream,
+            [(b":method", b"POST"), (b":path", b"/"), (b":scheme", b"https"),
+             (b":authority", b"x")],
+            end_stream=end,
+        )
+        self.send()
+        return stream
+
+    def test_streamHandlers(self):
+        seen = []
+        connection = self.connection
+        connection._requestDataReceived = lambda e: seen.append(("data", e.stream_id))
+        connection._requestEnded = lambda e: seen.append(("end", e.stream_id))
+        connection._requestAborted = lambda e: seen.append(("reset", e.stream_id))
+        stream = self.request(end=False)
+        self.client.send_data(stream, b"x", end_stream=True)
+        self.send()
+        other = self.request(end=False)
+        self.client.reset_stream(other)
+        self.send()
+        self.assertEqual(seen, [("data", stream), ("end", stream), ("reset", other)])
+
+    def test_requestDoneForgetsStream(self):
+        done = []
+        original = self.connection._requestDone
+
+        def requestDone(streamID):
+            done.append(streamID)
+            original(streamID)
+
+        self.connection._requestDone = requestDone
+        stream = self.request()
+        request = self.connection.site.resource.requests[0]
+        self.assertIs(_twisted.streamConnection(request.channel), self.connection)
+        self.assertIn(stream, self.connection.streams)
+        request.finish()
+        for _ in range(5):
+            self.clock.advance(0)
+        self.assertEqual(done, [stream])
+        self.assertNotIn(stream, self.connection.streams)
+
+    def test_streamFlowControl(self):
+        """
+        The stream methods that pause and resume a stream's producer.
+        """
+        self.request()
+        stream = self.connection.site.resource.requests[0].channel
+        for name in ("flowControlBlocked", "windowUpdated", "streamID"):
+            self.assertTrue(hasattr(stream, name), name)
+
+    def test_writeControlData(self):
+        self.transport.clear()
+        self.connection.conn.ping(b"12345678")
+        self.assertEqual(self.transport.value(), b"")
+        self.assertTrue(_twisted.h2WriteControlData(self.connection))
+        self.assertIn(b"12345678", self.transport.value())
+
+    def test_connectionLostSignature(self):
+        import inspect
+
+        parameters = inspect.signature(_twisted.H2Connection.connectionLost).parameters
+        self.assertEqual(list(parameters), ["self", "reason", "_cancelTimeouts"])
+
+    def test_sslContextFactory(self):
+        from twisted.internet.endpoints import SSL4ServerEndpoint
+
+        factory = object()
+        endpoint = SSL4ServerEndpoint(MemoryReactorClock(), 0, factory)
+        self.assertIs(_twisted.sslContextFactory(endpoint), factory)
