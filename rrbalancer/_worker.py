@@ -9,14 +9,17 @@ sockets' description from the environment.
 import base64
 import os
 import pickle
+import socket
 import sys
 from dataclasses import replace
 from typing import List, Tuple
 
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.haproxy import proxyEndpoint
 
+from ._channel import WorkerChannel
+from .admin import AdminAPI
 from .service import makeService
 from .workers import ENVIRONMENT_KEY
 
@@ -48,12 +51,26 @@ def listenersFor(reactor, sockets) -> List[Tuple[str, object]]:
     return endpoints
 
 
+def connectChannel(reactor, service, fd: int) -> None:
+    """
+    Answer the parent over the socket it handed down (L{WorkerChannel}),
+    with an admin API of this worker's own that no port serves.
+    """
+    api = AdminAPI(service.group, reactor, service.reloader, service, service.healthChecker)
+    factory = Factory.forProtocol(lambda: WorkerChannel(api, service.metrics))
+    factory.noisy = False
+    reactor.adoptStreamConnection(fd, socket.AF_UNIX, factory)
+    os.close(fd)
+
+
 def main() -> None:  # pragma: no cover - run in worker processes
     from twisted.internet import reactor
     from twisted.internet.stdio import StandardIO
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
-    config, index, sockets = pickle.loads(base64.b64decode(os.environ.pop(ENVIRONMENT_KEY)))
+    config, index, sockets, channelFD = pickle.loads(
+        base64.b64decode(os.environ.pop(ENVIRONMENT_KEY))
+    )
     globalLogBeginner.beginLoggingTo(
         [textFileLogObserver(sys.stdout, timeFormat="")], redirectStandardIO=False
     )
@@ -61,6 +78,7 @@ def main() -> None:  # pragma: no cover - run in worker processes
         replace(config, workers=1, admin=None), reactor, listeners=listenersFor(reactor, sockets)
     )
     StandardIO(_ParentWatch(reactor), stdout=os.open(os.devnull, os.O_WRONLY))
+    connectChannel(reactor, service, channelFD)
     service.privilegedStartService()
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)

@@ -864,14 +864,18 @@ class AdminSettingsTests(SynchronousTestCase):
 
     def test_workers(self):
         """
-        Workers each have their own backends: no admin listener by default,
-        and asking for one is refused.
+        With workers the parent has the admin listener, by default as with
+        one process, and under the same rules.
         """
-        self.assertIsNone(buildConfig({"demo": True, "workers": 2}).admin)
+        self.assertEqual(buildConfig({"demo": True, "workers": 2}).admin, ADMIN_DEFAULT)
+        self.assertEqual(
+            buildConfig({"demo": True, "workers": 2, "admin": "tcp:9001:interface=127.0.0.1"}).admin,
+            "tcp:9001:interface=127.0.0.1",
+        )
         e = self.assertRaises(
             ConfigError, buildConfig, {"demo": True, "workers": 2, "admin": "9001"}
         )
-        self.assertIn("--workers 1", str(e))
+        self.assertIn("can be reached from other hosts", str(e))
         self.assertIsNone(buildConfig({"demo": True, "workers": 2, "admin": "none"}).admin)
 
     def test_flags(self):

@@ -1,0 +1,263 @@
+"""
+What a worker of C{--workers N} and its parent say to each other: AMP over
+a UNIX socket pair made at the worker's spawn (L{rrbalancer.workers}), so
+that the parent's admin listener can show and change the whole balancer.
+
+The parent asks; the worker answers:
+ - L{Snapshot}: the worker's backends and status, as the admin API shows
+   them;
+ - L{Render}: the worker's metrics text;
+ - L{Apply}: run one admin API change (the same code as with one process,
+   so the same checks and the same answers);
+ - L{Backends} and L{Sync}: the backend set (ids, URLs, weights, what the
+   operator asked) read from one worker and imposed on another, so that a
+   worker started again gets the changes made before it started.
+
+Answers are JSON; an L{APIError} travels back as C{{"error", "code"}}, so
+that the parent answers it as the worker would have.
+"""
+
+import json
+from typing import Any, Dict, List, Optional
+
+from twisted.logger import Logger
+from twisted.protocols import amp
+
+from .admin._api import AdminAPI, APIError
+from .backends import ADMIN_STATES, DISABLED, BackendGroup
+from .config import BackendConfig
+
+# AMP carries values of at most 64 KiB; a value is split over as many keys.
+CHUNK = amp.MAX_VALUE_LENGTH
+
+
+class JSON(amp.Argument):
+    """
+    Any JSON value, however long: a fleet's snapshot is megabytes, spread
+    over keys C{name}, C{name.1}, C{name.2}...
+    """
+
+    def toBox(self, name, strings, objects, proto):
+        data = json.dumps(objects[amp._wireNameToPythonIdentifier(name)]).encode("utf-8")
+        chunks = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)] or [b""]
+        strings[name] = chunks[0]
+        for n, chunk in enumerate(chunks[1:], 1):
+            strings[name + b".%d" % (n,)] = chunk
+
+    def fromBox(self, name, strings, objects, proto):
+        parts = [strings.pop(name)]
+        n = 1
+        while name + b".%d" % (n,) in strings:
+            parts.append(strings.pop(name + b".%d" % (n,)))
+            n += 1
+        objects[amp._wireNameToPythonIdentifier(name)] = json.loads(b"".join(parts))
+
+
+class Snapshot(amp.Command):
+    """
+    The worker's backends (as L{backendJSON} shows each) and, if asked,
+    its status.
+    """
+
+    arguments = [(b"status", amp.Boolean())]
+    response = [(b"answer", JSON())]
+
+
+class Render(amp.Command):
+    """
+    The worker's metrics, in the format the scraper asked the parent for.
+    """
+
+    arguments = [(b"openMetrics", amp.Boolean())]
+    response = [(b"text", JSON())]
+
+
+class Apply(amp.Command):
+    """
+    One change through the admin API: C{{"method", "args", "next_id"}}.
+    C{next_id} numbers the backends it adds as the first worker numbered
+    them.
+    """
+
+    arguments = [(b"call", JSON())]
+    response = [(b"answer", JSON())]
+
+
+class Backends(amp.Command):
+    """
+    The backend set, as L{Sync} takes it.
+    """
+
+    arguments: List = []
+    response = [(b"answer", JSON())]
+
+
+class Sync(amp.Command):
+    """
+    Make the worker's backend set the one given (L{listing}).
+    """
+
+    arguments = [(b"listing", JSON())]
+    response: List = []
+
+
+# The admin API methods a parent may apply, and the arguments each takes.
+CHANGES = {
+    "addBackend": 2,
+    "changeBackend": 3,
+    "removeBackend": 2,
+    "bulk": 2,
+    "reload": 1,
+}
+
+
+def listing(group: BackendGroup) -> Dict[str, Any]:
+    """
+    What another worker needs to have the same backends.
+    """
+    return {
+        "next_id": group.nextID,
+        "backends": [
+            {
+                "id": b.id,
+                "url": b.url,
+                "weight": b.weight,
+                "backup": b.backup,
+                "admin_state": b.adminState,
+                "removing": b.removing,
+            }
+            for b in group
+        ],
+    }
+
+
+def syncGroup(group: BackendGroup, wanted: Dict[str, Any], reason: str):
+    """
+    Add, change and retire backends until C{group} has those of C{wanted}
+    (a L{listing}), with their ids.
+
+    @return: how many were added, changed and retired, and the backends
+        to check at once (added, or enabled again).
+    """
+    items = {item["id"]: item for item in wanted["backends"]}
+    counts = {"added": 0, "changed": 0, "retired": 0}
+    toCheck = []
+    for backend in group:
+        item = items.get(backend.id)
+        if backend.removing:
+            continue
+        if item is None or item["url"] != backend.url or item["removing"]:
+            group.retire(backend, reason)
+            counts["retired"] += 1
+    for item in wanted["backends"]:
+        if item["removing"]:
+            continue
+        backend = group.get(item["id"])
+        if backend is None:
+            config = BackendConfig(url=item["url"], weight=item["weight"], backup=item["backup"])
+            if group.byServer(config) is not None:
+                # Still draining under another id: it cannot be had twice.
+                continue
+            backend = group.add(config, awaitCheck=True, reason=reason, backendID=item["id"])
+            counts["added"] += 1
+            toCheck.append(backend)
+        elif backend.removing:
+            continue
+        elif (backend.weight, backend.backup) != (item["weight"], item["backup"]):
+            group.reconfigure(backend, item["weight"], item["backup"])
+            counts["changed"] += 1
+        state = item["admin_state"]
+        if state in ADMIN_STATES and backend.adminState != state:
+            if backend.adminState == DISABLED and backend not in toCheck:
+                toCheck.append(backend)
+            backend.setAdminState(state, reason)
+            counts["changed"] += 1
+    if wanted["next_id"] > group.nextID:
+        group.continueIDsFrom(wanted["next_id"])
+    return counts, toCheck
+
+
+class WorkerChannel(amp.AMP):
+    """
+    The worker's end: answers its parent from the worker's own balancer.
+
+    @param api: the worker's L{AdminAPI}, never served over HTTP.
+    @param metrics: the worker's L{Metrics}.
+    """
+
+    log = Logger()
+
+    def __init__(self, api: AdminAPI, metrics) -> None:
+        amp.AMP.__init__(self)
+        self.api = api
+        self.metrics = metrics
+
+    @Snapshot.responder
+    def snapshot(self, status: bool) -> Dict[str, Any]:
+        answer: Dict[str, Any] = {
+            "backends": self.api.listBackends(limit=max(len(self.api.group), 1))["backends"]
+        }
+        if status:
+            answer["status"] = self.api.status()
+        return {"answer": answer}
+
+    @Render.responder
+    def render(self, openMetrics: bool) -> Dict[str, Any]:
+        return {"text": self.metrics.render(openMetrics).decode("utf-8")}
+
+    @Apply.responder
+    def apply(self, call: Dict[str, Any]) -> Dict[str, Any]:
+        method, args = call.get("method"), call.get("args", [])
+        if CHANGES.get(method) != len(args):
+            return {"answer": {"error": f"no such change: {method!r}", "code": 400}}
+        group = self.api.group
+        firstID = group.nextID
+        nextID: Optional[int] = call.get("next_id")
+        if nextID is not None and nextID != group.nextID:
+            try:
+                group.continueIDsFrom(nextID)
+            except ValueError as e:
+                return {"answer": {"error": f"ids differ from the other workers': {e}",
+                                   "code": 500}}
+        try:
+            value = getattr(self.api, method)(*args)
+        except APIError as e:
+            return {"answer": {"error": e.message, "code": e.code}}
+        return {"answer": {"value": value, "next_id": firstID}}
+
+    @Backends.responder
+    def backends(self) -> Dict[str, Any]:
+        return {"answer": listing(self.api.group)}
+
+    @Sync.responder
+    def sync(self, listing: Dict[str, Any]) -> Dict[str, Any]:
+        counts, toCheck = syncGroup(self.api.group, listing, "as the other workers have it")
+        for backend in toCheck:
+            self.api.checkNow(backend)
+        if any(counts.values()):
+            self.log.info(
+                "backends made as the other workers have them: {added} added, "
+                "{changed} changed, {retired} retired",
+                **counts,
+            )
+        return {}
+
+
+class ParentChannel(amp.AMP):
+    """
+    The parent's end of one worker's channel: tells the pool when it
+    connects and when it is lost (the worker ended).
+    """
+
+    def __init__(self, pool, index: int) -> None:
+        amp.AMP.__init__(self)
+        self.pool = pool
+        self.index = index
+
+    def connectionMade(self) -> None:
+        amp.AMP.connectionMade(self)
+        self.pool._channelUp(self.index, self)
+
+    def connectionLost(self, reason) -> None:
+        amp.AMP.connectionLost(self, reason)
+        self.pool._channelDown(self.index, self)
