@@ -3,10 +3,12 @@ Tests for L{rrbalancer.workers}: shared listening sockets, worker restart,
 graceful stop.  The integration tests run real worker processes.
 """
 
+import json
 import os
 import signal
 
 import treq
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
@@ -64,6 +66,17 @@ class Named(Resource):
 
     def render_GET(self, request):
         return b"backend " + str(os.getpid()).encode()
+
+
+class Constant(Resource):
+    isLeaf = True
+
+    def __init__(self, name: str) -> None:
+        Resource.__init__(self)
+        self.name = name.encode()
+
+    def render_GET(self, request):
+        return self.name
 
 
 class WorkerProcessTests(TestCase):
@@ -133,3 +146,116 @@ class WorkerProcessTests(TestCase):
         self.assertEqual(self.pool.workers, {})
         for pid in pids:
             self.assertRaises(OSError, os.kill, pid, 0)
+
+
+class WorkersAdminTests(TestCase):
+    """
+    The parent's admin listener over real worker processes.
+    """
+
+    timeout = 90
+
+    def setUp(self):
+        self.backends = {}
+        for name in ("a", "b"):
+            port = reactor.listenTCP(0, Site(Constant(name)), interface="127.0.0.1")
+            self.addCleanup(port.stopListening)
+            self.backends[name] = f"http://127.0.0.1:{port.getHost().port}"
+        config = Config(
+            backends=(BackendConfig(self.backends["a"]),),
+            ports=("tcp:0:interface=127.0.0.1",),
+            admin="tcp:0:interface=127.0.0.1",
+            health=HealthConfig(enabled=False),
+            shutdownGrace=2,
+            workers=2,
+        )
+        self.service = makeService(config, reactor)
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        [self.pool] = [s for s in self.service if isinstance(s, WorkerPool)]
+        [admin] = [s for s in self.service if getattr(s, "role", None) == "admin"]
+        self.admin = "http://" + admin.address()
+        self.url = f"http://127.0.0.1:{self.pool._ports[0].getHost().port}/"
+
+    poll = WorkerProcessTests.poll
+    get = WorkerProcessTests.get
+
+    @inlineCallbacks
+    def api(self, method, path, body=None):
+        headers = {b"Content-Type": [b"application/json"]} if body is not None else {}
+        response = yield treq.request(
+            method, self.admin + path, data=json.dumps(body).encode() if body else None,
+            headers=headers, timeout=15, persistent=False,
+        )
+        content = yield response.content()
+        if response.headers.getRawHeaders(b"content-type", [b""])[0] == b"application/json":
+            return response.code, json.loads(content)
+        return response.code, content
+
+    @inlineCallbacks
+    def everyWorkerServes(self, backendID, name):
+        """
+        Send requests until each worker has sent some to the backend.
+        """
+        for _ in range(100):
+            for _ in range(4):
+                code, body = yield self.get(self.url)
+                self.assertEqual((code, body), (200, name.encode()))
+            _, backend = yield self.api("GET", f"/api/backends/{backendID}")
+            if all(w["requests"] for w in backend["workers"]):
+                return backend
+        self.fail(f"not every worker served {name}: {backend['workers']}")
+
+    @inlineCallbacks
+    def test_changesReachEveryWorker(self):
+        """
+        Added, drained and removed through the parent's API, in every
+        worker; the figures and metrics are the workers' summed; a worker
+        started again has the backends as the others have them.
+        """
+        answering = lambda: self.api("GET", "/api/status").addCallback(
+            lambda r: r[0] == 200 and all(w["answering"] for w in r[1]["workers"])
+        )
+        yield self.poll(answering)
+        code, added = yield self.api("POST", "/api/backends", {"url": self.backends["b"]})
+        self.assertEqual((code, added["id"], len(added["workers"])), (201, "2", 2))
+        code, drained = yield self.api("PATCH", "/api/backends/1", {"state": "draining"})
+        self.assertEqual(code, 200)
+        self.assertEqual([w["state"] for w in drained["workers"]], ["draining", "draining"])
+        backend = yield self.everyWorkerServes("2", "b")
+
+        code, _ = yield self.api("DELETE", "/api/backends/1")
+        self.assertEqual(code, 204)
+        gone = lambda: self.api("GET", "/api/backends/1").addCallback(lambda r: r[0] == 404)
+        yield self.poll(gone)
+
+        code, text = yield self.api("GET", "/metrics")
+        self.assertEqual(code, 200)
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text.decode("utf-8"))
+            for s in family.samples
+        }
+        _, backend = yield self.api("GET", "/api/backends/2")
+        self.assertEqual(
+            samples[("rrbalancer_backend_attempts_total", (("backend", self.backends["b"]),))],
+            backend["requests"],
+        )
+        self.assertEqual(backend["requests"], sum(w["requests"] for w in backend["workers"]))
+        self.assertEqual(samples[("rrbalancer_workers", ())], 2)
+
+        # Worker 1 started again from the settings holds backend "a" only
+        # until it is made like worker 2.
+        first = self.pool.workers[1].transport.pid
+        os.kill(first, signal.SIGKILL)
+        yield self.poll(
+            lambda: self.api("GET", "/api/status").addCallback(
+                lambda r: r[0] == 200 and r[1]["workers"][0]["answering"]
+                and r[1]["workers"][0]["pid"] not in (None, first)
+            )
+        )
+        _, page = yield self.api("GET", "/api/backends")
+        self.assertEqual([(b["id"], b["url"]) for b in page["backends"]],
+                         [("2", self.backends["b"])])
+        self.assertEqual([w["worker"] for w in page["backends"][0]["workers"]], [1, 2])
+        yield self.everyWorkerServes("2", "b")
