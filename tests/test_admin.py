@@ -873,7 +873,7 @@ class AdminSettingsTests(SynchronousTestCase):
             "tcp:9001:interface=127.0.0.1",
         )
         e = self.assertRaises(
-            ConfigError, buildConfig, {"demo": True, "workers": 2, "admin": "9001"}
+            ConfigError, buildConfig, {"demo": True, "workers": 2, "admin": "tcp:9001"}
         )
         self.assertIn("can be reached from other hosts", str(e))
         self.assertIsNone(buildConfig({"demo": True, "workers": 2, "admin": "none"}).admin)
