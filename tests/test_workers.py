@@ -3,9 +3,11 @@ Tests for L{rrbalancer.workers}: shared listening sockets, worker restart,
 graceful stop.  The integration tests run real worker processes.
 """
 
+import http.client
 import json
 import os
 import signal
+import time
 
 import treq
 from prometheus_client.parser import text_string_to_metric_families
@@ -19,6 +21,8 @@ from twisted.web.server import Site
 from rrbalancer.config import BackendConfig, Config, ConfigError, HealthConfig, buildConfig
 from rrbalancer.service import makeService
 from rrbalancer.workers import WorkerPool, checkShareable
+
+from .test_plugin import POLL_STEP, STARTUP_TIMEOUT, TwistdMixin, skipReason
 
 
 class ShareableTests(SynchronousTestCase):
@@ -259,3 +263,51 @@ class WorkersAdminTests(TestCase):
                          [("2", self.backends["b"])])
         self.assertEqual([w["worker"] for w in page["backends"][0]["workers"]], [1, 2])
         yield self.everyWorkerServes("2", "b")
+
+
+class TwistdWorkersAdminTests(TwistdMixin, TestCase):
+    """
+    C{twistd rrbalancer --workers 2} with an admin listener: the parent's
+    API reaches both worker processes.
+    """
+
+    skip = skipReason
+
+    def api(self, port, method, path, body=None):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+        try:
+            data = json.dumps(body).encode() if body is not None else None
+            headers = {"Content-Type": "application/json"} if data else {}
+            connection.request(method, path, body=data, headers=headers)
+            response = connection.getresponse()
+            content = response.read()
+            return response.status, json.loads(content) if content else None
+        finally:
+            connection.close()
+
+    def test_adminOverWorkers(self):
+        process = self.start(
+            "-n", "--pidfile=", "rrbalancer", "--workers", "2",
+            "--backend", "http://127.0.0.1:1", "--no-health-checks",
+            "--port", "tcp:0:interface=127.0.0.1", "--admin", "tcp:0:interface=127.0.0.1",
+        )
+        admin = self.listeningPort(process, role="admin")
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            code, status = self.api(admin, "GET", "/api/status")
+            if code == 200 and all(w["answering"] for w in status["workers"]):
+                break
+            self.assertLess(time.monotonic(), deadline, self.describe(process))
+            time.sleep(POLL_STEP)
+        self.assertEqual(len(status["workers"]), 2)
+
+        code, added = self.api(admin, "POST", "/api/backends", {"url": "http://127.0.0.1:2"})
+        self.assertEqual((code, added["id"]), (201, "2"), added)
+        self.assertEqual([w["worker"] for w in added["workers"]], [1, 2])
+        code, drained = self.api(admin, "PATCH", "/api/backends/2", {"state": "draining"})
+        self.assertEqual([w["state"] for w in drained["workers"]], ["draining", "draining"])
+        self.assertEqual(self.api(admin, "DELETE", "/api/backends/1")[0], 204)
+        code, page = self.api(admin, "GET", "/api/backends")
+        self.assertEqual([b["id"] for b in page["backends"]], ["2"], page)
+        self.assertEqual(self.api(admin, "GET", "/api/backends/1")[0], 404)
+        self.assertStopsCleanly(process)
