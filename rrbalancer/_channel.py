@@ -11,7 +11,9 @@ The parent asks; the worker answers:
    so the same checks and the same answers);
  - L{Backends} and L{Sync}: the backend set (ids, URLs, weights, what the
    operator asked) read from one worker and imposed on another, so that a
-   worker started again gets the changes made before it started.
+   worker started again gets the changes made before it started;
+ - L{Checked}: the health check results of the one worker that checks,
+   passed on by the parent to the others (L{CheckSharer}).
 
 Answers are JSON; an L{APIError} travels back as C{{"error", "code"}}, so
 that the parent answers it as the worker would have.
@@ -99,6 +101,18 @@ class Sync(amp.Command):
 
     arguments = [(b"listing", JSON())]
     response: List = []
+
+
+class Checked(amp.Command):
+    """
+    Health check results: from the worker that checks to its parent, and
+    from the parent to every other worker, so that each backend is checked
+    once per interval however many workers there are.  Each result:
+    C{{"id", "url", "ok", "reason", "code", "duration"}}.
+    """
+
+    arguments = [(b"results", JSON())]
+    requiresAnswer = False
 
 
 # The admin API methods a parent may apply, and the arguments each takes.
@@ -229,6 +243,17 @@ class WorkerChannel(amp.AMP):
     def backends(self) -> Dict[str, Any]:
         return {"answer": listing(self.api.group)}
 
+    @Checked.responder
+    def checked(self, results: List[Dict[str, Any]]) -> Dict[str, Any]:
+        group = self.api.group
+        for result in results:
+            backend = group.get(result["id"])
+            if backend is not None and backend.url == result["url"]:
+                backend.recordCheck(
+                    result["ok"], result["reason"], result["code"], result["duration"]
+                )
+        return {}
+
     @Sync.responder
     def sync(self, listing: Dict[str, Any]) -> Dict[str, Any]:
         counts, toCheck = syncGroup(self.api.group, listing, "as the other workers have it")
@@ -241,6 +266,34 @@ class WorkerChannel(amp.AMP):
                 **counts,
             )
         return {}
+
+
+class CheckSharer:
+    """
+    The checking worker's results, sent to its parent in batches (at most
+    one message every C{delay} seconds, however many backends).
+    """
+
+    def __init__(self, channel: amp.AMP, clock, delay: float = 0.05) -> None:
+        self._channel = channel
+        self._clock = clock
+        self._delay = delay
+        self._results: List[Dict[str, Any]] = []
+        self._call = None
+
+    def __call__(self, backend, ok: bool, reason: str, code, duration) -> None:
+        self._results.append(
+            {"id": backend.id, "url": backend.url, "ok": ok, "reason": reason,
+             "code": code, "duration": duration}
+        )
+        if self._call is None:
+            self._call = self._clock.callLater(self._delay, self._send)
+
+    def _send(self) -> None:
+        self._call = None
+        results, self._results = self._results, []
+        if self._channel.transport is not None and results:
+            self._channel.callRemote(Checked, results=results)
 
 
 class ParentChannel(amp.AMP):
@@ -261,3 +314,10 @@ class ParentChannel(amp.AMP):
     def connectionLost(self, reason) -> None:
         amp.AMP.connectionLost(self, reason)
         self.pool._channelDown(self.index, self)
+
+    @Checked.responder
+    def checked(self, results: List[Dict[str, Any]]) -> Dict[str, Any]:
+        for channel in list(self.pool.channels.values()):
+            if channel is not self:
+                channel.callRemote(Checked, results=results)
+        return {}

@@ -18,7 +18,7 @@ from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.haproxy import proxyEndpoint
 
-from ._channel import WorkerChannel
+from ._channel import CheckSharer, WorkerChannel
 from .admin import AdminAPI
 from .service import makeService
 from .workers import ENVIRONMENT_KEY
@@ -51,16 +51,28 @@ def listenersFor(reactor, sockets) -> List[Tuple[str, object]]:
     return endpoints
 
 
-def connectChannel(reactor, service, fd: int) -> None:
+def connectChannel(reactor, service, fd: int, index: int) -> WorkerChannel:
     """
     Answer the parent over the socket it handed down (L{WorkerChannel}),
     with an admin API of this worker's own that no port serves.
+
+    Worker 1 runs the health checks and shares their results; the others
+    only take them (a backend is checked once per interval, not once per
+    worker).  Call before the service starts.
     """
     api = AdminAPI(service.group, reactor, service.reloader, service, service.healthChecker)
-    factory = Factory.forProtocol(lambda: WorkerChannel(api, service.metrics))
+    channel = WorkerChannel(api, service.metrics)
+    factory = Factory.forProtocol(lambda: channel)
     factory.noisy = False
     reactor.adoptStreamConnection(fd, socket.AF_UNIX, factory)
     os.close(fd)
+    checker = service.healthChecker
+    if checker is not None:
+        if index == 1:
+            checker.observer = CheckSharer(channel, reactor)
+        else:
+            checker.scheduled = False
+    return channel
 
 
 def main() -> None:  # pragma: no cover - run in worker processes
@@ -78,7 +90,7 @@ def main() -> None:  # pragma: no cover - run in worker processes
         replace(config, workers=1, admin=None), reactor, listeners=listenersFor(reactor, sockets)
     )
     StandardIO(_ParentWatch(reactor), stdout=os.open(os.devnull, os.O_WRONLY))
-    connectChannel(reactor, service, channelFD)
+    connectChannel(reactor, service, channelFD, index)
     service.privilegedStartService()
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)

@@ -19,6 +19,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from rrbalancer.config import BackendConfig, Config, ConfigError, HealthConfig, buildConfig
+from rrbalancer.health import USER_AGENT
 from rrbalancer.service import makeService
 from rrbalancer.workers import WorkerPool, checkShareable
 
@@ -311,3 +312,81 @@ class TwistdWorkersAdminTests(TwistdMixin, TestCase):
         self.assertEqual([b["id"] for b in page["backends"]], ["2"], page)
         self.assertEqual(self.api(admin, "GET", "/api/backends/1")[0], 404)
         self.assertStopsCleanly(process)
+
+
+class Checked(Resource):
+    """
+    A backend that counts the health checks it gets, and fails them when
+    told.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        Resource.__init__(self)
+        self.checks = 0
+        self.failing = False
+
+    def render_GET(self, request):
+        if request.getHeader(b"user-agent") == USER_AGENT:
+            self.checks += 1
+        if self.failing:
+            request.setResponseCode(503)
+        return b"checked"
+
+
+class SharedChecksTests(TestCase):
+    """
+    With workers, one of them checks each backend, and every worker takes
+    its results.
+    """
+
+    timeout = 90
+    interval = 0.2
+
+    setUp = lambda self: None
+    api = WorkersAdminTests.api
+    poll = WorkerProcessTests.poll
+
+    @inlineCallbacks
+    def test_checkedOnceForAll(self):
+        self.backend = Checked()
+        port = reactor.listenTCP(0, Site(self.backend), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        config = Config(
+            backends=(BackendConfig(f"http://127.0.0.1:{port.getHost().port}"),),
+            ports=("tcp:0:interface=127.0.0.1",),
+            admin="tcp:0:interface=127.0.0.1",
+            health=HealthConfig(interval=self.interval, timeout=1.0, rise=1, fall=1),
+            shutdownGrace=2,
+            workers=2,
+        )
+        service = makeService(config, reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        [admin] = [s for s in service if getattr(s, "role", None) == "admin"]
+        self.admin = "http://" + admin.address()
+        answering = lambda: self.api("GET", "/api/status").addCallback(
+            lambda r: r[0] == 200 and all(w["answering"] for w in r[1]["workers"])
+        )
+        yield self.poll(answering)
+
+        # One check per interval, not one per worker (with room for a
+        # noisy machine: two workers checking would be twice as many).
+        start, before = reactor.seconds(), self.backend.checks
+        yield deferLater(reactor, 2.0, lambda: None)
+        elapsed, checks = reactor.seconds() - start, self.backend.checks - before
+        self.assertGreater(checks, 0)
+        self.assertLess(checks, 1.5 * elapsed / self.interval + 2)
+
+        # The worker that does not check learns the backend is down, and up
+        # again, from the one that does.
+        def states(wanted):
+            return lambda: self.api("GET", "/api/backends/1").addCallback(
+                lambda r: [w["state"] for w in r[1]["workers"]] == [wanted, wanted]
+            )
+
+        self.backend.failing = True
+        yield self.poll(states("down"))
+        self.backend.failing = False
+        yield self.poll(states("up"))
