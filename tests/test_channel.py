@@ -13,6 +13,7 @@ from rrbalancer._channel import (
     JSON,
     Apply,
     Backends,
+    Checked,
     Render,
     Snapshot,
     Sync,
@@ -239,3 +240,72 @@ class SyncGroupTests(SynchronousTestCase):
         _, toCheck = syncGroup(target, listing(source), "sync")
         self.assertEqual(toCheck, [target.get("1")])
         self.assertEqual(target.get("1").adminState, UP)
+
+
+class SharedChecksTests(SynchronousTestCase):
+    """
+    The checking worker's results, batched to the parent, passed on to
+    the other workers, and taken by them.
+    """
+
+    def test_sharerBatches(self):
+        """
+        Results within the delay go in one message.
+        """
+        from rrbalancer._channel import CheckSharer, ParentChannel
+
+        clock = Clock()
+        checking = Worker("http://127.0.0.1:8081", "http://127.0.0.1:8082")
+        received = []
+
+        class Pool:
+            channels = {}
+
+            def _channelUp(self, index, channel):
+                self.channels[index] = channel
+
+            def _channelDown(self, index, channel):
+                del self.channels[index]
+
+        pool = Pool()
+        parent = ParentChannel(pool, 1)
+        other = amp.AMP()
+        other.callRemote = lambda command, **kw: received.append((command, kw))
+        pump = connect(checking.server, makeFakeServer(checking.server), parent,
+                       makeFakeClient(parent))
+        pool.channels[2] = other
+        sharer = CheckSharer(checking.server, clock, delay=0.05)
+        one, two = checking.group.get("1"), checking.group.get("2")
+        sharer(one, False, "HTTP 503", 503, 0.01)
+        sharer(two, True, "HTTP 200", 200, 0.02)
+        pump.flush()
+        self.assertEqual(received, [])
+        clock.advance(0.05)
+        pump.flush()
+        [(command, arguments)] = received
+        self.assertIs(command, Checked)
+        self.assertEqual(
+            [(r["id"], r["url"], r["ok"], r["code"]) for r in arguments["results"]],
+            [("1", one.url, False, 503), ("2", two.url, True, 200)],
+        )
+
+    def test_workerTakesResults(self):
+        """
+        A worker counts results of its own backends, by id and URL, and
+        ignores the rest.
+        """
+        worker = Worker("http://127.0.0.1:8081", "http://127.0.0.1:8082")
+        results = [
+            {"id": "1", "url": "http://127.0.0.1:8081", "ok": False, "reason": "HTTP 503",
+             "code": 503, "duration": 0.01},
+            {"id": "2", "url": "http://127.0.0.1:9999", "ok": False, "reason": "x",
+             "code": None, "duration": 0.01},
+            {"id": "7", "url": "http://127.0.0.1:8087", "ok": False, "reason": "x",
+             "code": None, "duration": 0.01},
+        ]
+        for _ in range(3):
+            worker.client.callRemote(Checked, results=results)
+        worker.pump.flush()
+        one, two = worker.group.get("1"), worker.group.get("2")
+        self.assertEqual((one.checksFailed, one.healthy, one.lastError), (3, False, "HTTP 503"))
+        self.assertEqual((two.checksFailed, two.healthy), (0, True))
