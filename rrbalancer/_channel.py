@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional
 from twisted.logger import Logger
 from twisted.protocols import amp
 
-from .admin._api import AdminAPI, APIError
+from .admin._api import AdminAPI, APIError, backendJSON
 from .backends import ADMIN_STATES, DISABLED, BackendGroup
 from .config import BackendConfig
 
@@ -40,13 +40,19 @@ class JSON(amp.Argument):
     """
 
     def toBox(self, name, strings, objects, proto):
-        data = json.dumps(objects[amp._wireNameToPythonIdentifier(name)]).encode("utf-8")
+        key = amp._wireNameToPythonIdentifier(name)
+        if self.optional and objects.get(key) is None:
+            return
+        data = json.dumps(objects[key]).encode("utf-8")
         chunks = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)] or [b""]
         strings[name] = chunks[0]
         for n, chunk in enumerate(chunks[1:], 1):
             strings[name + b".%d" % (n,)] = chunk
 
     def fromBox(self, name, strings, objects, proto):
+        if self.optional and name not in strings:
+            objects[amp._wireNameToPythonIdentifier(name)] = None
+            return
         parts = [strings.pop(name)]
         n = 1
         while name + b".%d" % (n,) in strings:
@@ -58,11 +64,20 @@ class JSON(amp.Argument):
 class Snapshot(amp.Command):
     """
     The worker's backends (as L{backendJSON} shows each) and, if asked,
-    its status.
+    its status.  C{ids}: only those backends; C{brief}: of each only
+    what a page of many needs to be chosen (L{BRIEF}).
     """
 
-    arguments = [(b"status", amp.Boolean())]
+    arguments = [
+        (b"status", amp.Boolean()),
+        (b"ids", JSON(optional=True)),
+        (b"brief", amp.Boolean(optional=True)),
+    ]
     response = [(b"answer", JSON())]
+
+
+# What a brief snapshot tells of each backend.
+BRIEF = ("id", "url", "state", "healthy", "removing")
 
 
 class Render(amp.Command):
@@ -207,10 +222,21 @@ class WorkerChannel(amp.AMP):
         self.metrics = metrics
 
     @Snapshot.responder
-    def snapshot(self, status: bool) -> Dict[str, Any]:
-        answer: Dict[str, Any] = {
-            "backends": self.api.listBackends(limit=max(len(self.api.group), 1))["backends"]
-        }
+    def snapshot(self, status: bool, ids=None, brief=False) -> Dict[str, Any]:
+        group = self.api.group
+        if ids is None:
+            backends = list(group)
+        else:
+            backends = [b for b in map(group.get, ids) if b is not None]
+        if brief:
+            shown = [
+                {"id": b.id, "url": b.url, "state": b.state, "healthy": b.healthy,
+                 "removing": b.removing}
+                for b in backends
+            ]
+        else:
+            shown = [backendJSON(b) for b in backends]
+        answer: Dict[str, Any] = {"backends": shown}
         if status:
             answer["status"] = self.api.status()
         return {"answer": answer}

@@ -1425,6 +1425,22 @@ class WorkersAPITests(SynchronousTestCase):
         self.assertEqual(status["totals"]["up"], 1)
         self.assertEqual([w["answering"] for w in status["workers"]], [True, True])
 
+    def test_pages(self):
+        """
+        Pages, search and counts over every worker's backends, the page
+        asked for in full only.
+        """
+        self.result(self.api.bulk(
+            {"add": [{"url": f"http://127.0.0.1:{9000 + n}"} for n in range(5)]}, "p"))
+        page = self.result(self.api.listBackends(offset=2, limit=3))
+        self.assertEqual([b["id"] for b in page["backends"]], ["3", "4", "5"])
+        self.assertEqual((page["total"], page["matched"], page["counts"]["up"]), (7, 7, 7))
+        self.assertEqual(len(page["backends"][0]["workers"]), 2)
+        page = self.result(self.api.listBackends(match=":9003"))
+        self.assertEqual([b["url"] for b in page["backends"]], ["http://127.0.0.1:9003"])
+        self.assertEqual(self.result(self.api.listBackends(offset=50))["backends"], [])
+        self.assertEqual(self.assertRaises(APIError, self.api.listBackends, limit=0).code, 400)
+
     def test_metricsSummed(self):
         from prometheus_client.parser import text_string_to_metric_families
 

@@ -107,6 +107,20 @@ class WorkerChannelTests(SynchronousTestCase):
         answer = worker.call(Snapshot, status=True)["answer"]
         self.assertEqual(answer["status"]["totals"]["backends"], 2)
 
+    def test_snapshotOfSome(self):
+        """
+        Only the backends asked for (those there), and briefly if asked.
+        """
+        worker = Worker("http://127.0.0.1:8081", "http://127.0.0.1:8082")
+        answer = worker.call(Snapshot, status=False, ids=["2", "9"])["answer"]
+        self.assertEqual([b["id"] for b in answer["backends"]], ["2"])
+        self.assertIn("history", answer["backends"][0])
+        answer = worker.call(Snapshot, status=False, brief=True)["answer"]
+        self.assertEqual(answer["backends"][1], {
+            "id": "2", "url": "http://127.0.0.1:8082", "state": "up", "healthy": True,
+            "removing": False,
+        })
+
     def test_render(self):
         worker = Worker("http://127.0.0.1:8081")
         text = worker.call(Render, openMetrics=False)["text"]

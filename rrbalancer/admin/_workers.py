@@ -148,6 +148,28 @@ def mergeBackends(snapshots: List[Tuple[int, List[Dict[str, Any]]]]) -> List[Dic
     return [mergeBackend(views[i]) for i in sorted(views, key=int)]
 
 
+def mergeBrief(snapshots: List[Tuple[int, List[Dict[str, Any]]]]) -> List[Dict[str, Any]]:
+    """
+    Every backend any worker has, with only its id, URL and merged state,
+    as L{mergeBackend} would merge them.
+    """
+    views: Dict[str, List[Dict[str, Any]]] = {}
+    for _, backends in snapshots:
+        for backend in backends:
+            views.setdefault(backend["id"], []).append(backend)
+    merged = []
+    for backendID in sorted(views, key=int):
+        each = views[backendID]
+        merged.append({
+            "id": backendID,
+            "url": each[0]["url"],
+            "state": _mergeState([b["state"] for b in each]),
+            "healthy": all(b["healthy"] for b in each),
+            "removing": any(b["removing"] for b in each),
+        })
+    return merged
+
+
 def mergeStatus(statuses: List[Tuple[int, Dict[str, Any]]], backends: List[Dict[str, Any]]):
     """
     The status of the whole balancer, from its workers' and the merged
@@ -331,10 +353,15 @@ class WorkersAPI:
     # -- endpoints (IAdminAPI) ---------------------------------------------
 
     @inlineCallbacks
-    def _backends(self, status: bool = False):
-        snapshots = yield self._callAll(Snapshot, status=status)
-        backends = mergeBackends([(i, s["backends"]) for i, s in snapshots])
-        return snapshots, backends
+    def _backends(self, status: bool = False, ids: Optional[List[str]] = None,
+                  brief: bool = False):
+        """
+        Every worker's snapshot, and the backends merged from them (only
+        C{ids}, if given; if C{brief}, only what L{mergeBrief} keeps).
+        """
+        snapshots = yield self._callAll(Snapshot, status=status, ids=ids, brief=brief)
+        merge = mergeBrief if brief else mergeBackends
+        return snapshots, merge([(i, s["backends"]) for i, s in snapshots])
 
     def listBackends(self, state=None, match=None, offset: int = 0, limit: int = DEFAULT_PAGE):
         if state is not None and state not in STATES:
@@ -342,7 +369,9 @@ class WorkersAPI:
         if offset < 0 or not 0 < limit <= MAX_PAGE:
             raise APIError(400, f"offset must be at least 0 and limit between 1 and {MAX_PAGE}")
 
-        def page(result):
+        # Chosen on what little each worker says of every backend; only the
+        # page is asked for in full.
+        def choose(result):
             _, backends = result
             counts = dict.fromkeys(STATES, 0)
             matched = []
@@ -353,17 +382,22 @@ class WorkersAPI:
                 if match and match not in backend["url"] and match != backend["id"]:
                     continue
                 matched.append(backend)
-            return {
-                "backends": matched[offset : offset + limit],
+            answer = {
+                "backends": [],
                 "total": len(backends),
                 "matched": len(matched),
                 "offset": offset,
                 "limit": limit,
                 "counts": counts,
-                "now": self.clock.seconds(),
             }
+            ids = [b["id"] for b in matched[offset : offset + limit]]
+            if not ids:
+                return dict(answer, now=self.clock.seconds())
+            return self._backends(ids=ids).addCallback(
+                lambda result: dict(answer, backends=result[1], now=self.clock.seconds())
+            )
 
-        return self._backends().addCallback(page)
+        return self._backends(brief=True).addCallback(choose)
 
     def getBackend(self, backendID: str):
         def find(result):
@@ -372,7 +406,7 @@ class WorkersAPI:
                     return backend
             raise APIError(404, f"no backend with id {backendID!r}")
 
-        return self._backends().addCallback(find)
+        return self._backends(ids=[backendID]).addCallback(find)
 
     def addBackend(self, body: Any, peer: str):
         return self._change("addBackend", body, peer)
@@ -432,7 +466,7 @@ class WorkersAPI:
             ]
             return status
 
-        return self._backends(status=True).addCallback(merge)
+        return self._backends(status=True, brief=True).addCallback(merge)
 
 
 class WorkersMetrics:
