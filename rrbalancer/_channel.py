@@ -61,6 +61,20 @@ class JSON(amp.Argument):
         objects[amp._wireNameToPythonIdentifier(name)] = json.loads(b"".join(parts))
 
 
+class _Channel(amp.AMP):
+    """
+    AMP without its line per connection made and lost: a worker's channel
+    lives and dies with the worker, whose start and end are logged.
+    """
+
+    def makeConnection(self, transport) -> None:
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason) -> None:
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
+
+
 class Snapshot(amp.Command):
     """
     The worker's backends (as L{backendJSON} shows each) and, if asked,
@@ -206,7 +220,7 @@ def syncGroup(group: BackendGroup, wanted: Dict[str, Any], reason: str):
     return counts, toCheck
 
 
-class WorkerChannel(amp.AMP):
+class WorkerChannel(_Channel):
     """
     The worker's end: answers its parent from the worker's own balancer.
 
@@ -217,7 +231,7 @@ class WorkerChannel(amp.AMP):
     log = Logger()
 
     def __init__(self, api: AdminAPI, metrics) -> None:
-        amp.AMP.__init__(self)
+        _Channel.__init__(self)
         self.api = api
         self.metrics = metrics
 
@@ -322,23 +336,23 @@ class CheckSharer:
             self._channel.callRemote(Checked, results=results)
 
 
-class ParentChannel(amp.AMP):
+class ParentChannel(_Channel):
     """
     The parent's end of one worker's channel: tells the pool when it
     connects and when it is lost (the worker ended).
     """
 
     def __init__(self, pool, index: int) -> None:
-        amp.AMP.__init__(self)
+        _Channel.__init__(self)
         self.pool = pool
         self.index = index
 
     def connectionMade(self) -> None:
-        amp.AMP.connectionMade(self)
+        _Channel.connectionMade(self)
         self.pool._channelUp(self.index, self)
 
     def connectionLost(self, reason) -> None:
-        amp.AMP.connectionLost(self, reason)
+        _Channel.connectionLost(self, reason)
         self.pool._channelDown(self.index, self)
 
     @Checked.responder

@@ -311,6 +311,9 @@ class TwistdWorkersAdminTests(TwistdMixin, TestCase):
         code, page = self.api(admin, "GET", "/api/backends")
         self.assertEqual([b["id"] for b in page["backends"]], ["2"], page)
         self.assertEqual(self.api(admin, "GET", "/api/backends/1")[0], 404)
+        out, err = self.output(process)
+        self.assertNotIn("connection established", out + err)
+        self.assertNotIn("Traceback", out + err)
         self.assertStopsCleanly(process)
 
 
