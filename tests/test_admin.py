@@ -1370,6 +1370,14 @@ class WorkersAPITests(SynchronousTestCase):
         self.assertIn("worker 2 did not apply the change: ids differ", error.message)
         self.assertEqual(self.workers[2].group.get("3").url, "http://127.0.0.1:8090")
 
+    def test_reloadWithoutFile(self):
+        """
+        A reload the first worker refuses (no config file) is its answer.
+        """
+        error = self.refusal(self.api.reload("p"))
+        self.assertEqual(error.code, 409)
+        self.assertIn("without --config", error.message)
+
     def test_workerTimesOut(self):
         self.workers[2].stuck = True
         d = self.api.changeBackend("1", {"weight": 2}, "p")
