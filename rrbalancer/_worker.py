@@ -2,8 +2,9 @@
 A worker process of C{--workers N} (see L{rrbalancer.workers}): a whole
 balancer on the listening sockets its parent bound and handed down.
 
-Run as C{python -m rrbalancer._worker}; it reads its L{Config} and the
-sockets' description from the environment.
+Its parent runs L{main} (with the parent's own copy of the package first
+on the path); it reads its L{Config} and the sockets' description from
+the environment.
 """
 
 import base64

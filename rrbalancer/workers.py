@@ -212,10 +212,16 @@ class WorkerPool(Service):
         env[ENVIRONMENT_KEY] = payload.decode("ascii")
         # The parent speaks for the whole balancer to systemd.
         env.pop("NOTIFY_SOCKET", None)
-        # The workers run the very code the parent runs.
+        # The workers run the very code the parent runs: its folder first,
+        # before the working directory "-m" or "-c" would put there (where
+        # another checkout may be).
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(
             [here] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        )
+        start = (
+            f"import sys; sys.path[0] = {here!r}; "
+            "from rrbalancer._worker import main; main()"
         )
         childFDs = {0: "w", 1: "r", 2: "r"}
         for n, (_, _, _, fd) in enumerate(self._sockets):
@@ -225,7 +231,7 @@ class WorkerPool(Service):
             self._reactor.spawnProcess(
                 protocol,
                 sys.executable,
-                [sys.executable, "-m", "rrbalancer._worker"],
+                [sys.executable, "-c", start],
                 env=env,
                 childFDs=childFDs,
             )

@@ -153,6 +153,31 @@ class WorkerProcessTests(TestCase):
             self.assertRaises(OSError, os.kill, pid, 0)
 
 
+class OtherCheckoutTests(TestCase):
+    """
+    Workers run the parent's code, even started in a folder that holds
+    another copy of the package.
+    """
+
+    timeout = 60
+
+    poll = WorkerProcessTests.poll
+    get = WorkerProcessTests.get
+
+    @inlineCallbacks
+    def test_parentCode(self):
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(folder, "rrbalancer"))
+        with open(os.path.join(folder, "rrbalancer", "__init__.py"), "w") as f:
+            f.write("raise SystemExit('the other copy was imported')\n")
+        here = os.getcwd()
+        os.chdir(folder)
+        self.addCleanup(os.chdir, here)
+        WorkerProcessTests.setUp(self)
+        self.addCleanup(lambda: self.pool.running and self.pool.stopService())
+        yield self.poll(lambda: self.get(self.url).addCallback(lambda r: r[0] == 200))
+
+
 class WorkersAdminTests(TestCase):
     """
     The parent's admin listener over real worker processes.
