@@ -530,6 +530,7 @@ class BackendGroup:
         awaitCheck: bool = False,
         reason: Optional[str] = None,
         owner: Optional[str] = None,
+        backendID: Optional[str] = None,
     ) -> Backend:
         """
         Add a backend.
@@ -538,11 +539,18 @@ class BackendGroup:
             checks on, it takes no traffic until its first check passes.
         @param reason: why it was added, as its last state change.
         @param owner: who lists it (see L{Backend.owners}).
+        @param backendID: the id to give it (a worker made to match the
+            others), rather than the next one.
         """
         if config.server in self._byServer:
             raise ValueError(f"backend {config.url} is already in the group")
-        backendID = str(self._nextID)
-        self._nextID += 1
+        if backendID is None:
+            backendID = str(self._nextID)
+            self._nextID += 1
+        elif backendID in self._backends:
+            raise ValueError(f"backend id {backendID} is taken")
+        else:
+            self._nextID = max(self._nextID, int(backendID) + 1)
         upstream = self._upstream(config) if self._upstream is not None else None
         backend = Backend(backendID, config, self.health, self._clock, upstream)
         if owner is not None:
@@ -565,6 +573,21 @@ class BackendGroup:
         for callback in list(self._onAdd):
             callback(backend)
         return backend
+
+    @property
+    def nextID(self) -> int:
+        return self._nextID
+
+    def continueIDsFrom(self, nextID: int) -> None:
+        """
+        Number the backends added from now on from C{nextID}: workers
+        applying the same change give the new backends the same ids.
+
+        @raise ValueError: a backend has that id or a later one already.
+        """
+        if any(int(backendID) >= nextID for backendID in self._backends):
+            raise ValueError(f"backend ids up to {nextID} are taken already")
+        self._nextID = nextID
 
     def watchAdditions(self, callback: Callable[[Backend], None]) -> None:
         """

@@ -147,10 +147,10 @@ def buildConfig(settings: Mapping[str, Any], baseDir: str = ".") -> Config:
         values[table] = (HealthConfig if table == "health" else dict)(
             **_parseTable(table, raw, baseDir)
         )
-    return _checkTogether(Config(**values), explicitAdmin="admin" in settings)
+    return _checkTogether(Config(**values))
 
 
-def _checkTogether(config: Config, explicitAdmin: bool) -> Config:
+def _checkTogether(config: Config) -> Config:
     """
     The rules that involve more than one setting.
     """
@@ -163,13 +163,6 @@ def _checkTogether(config: Config, explicitAdmin: bool) -> Config:
             f"dns_min_ttl: {config.dnsMinTTL:g} is more than dns_max_ttl "
             f"({config.dnsMaxTTL:g})"
         )
-    if config.workers > 1 and config.admin is not None:
-        if explicitAdmin:
-            raise ConfigError(
-                "admin: the admin listener needs --workers 1 (every worker has "
-                "its own backends); give --admin none"
-            )
-        config = replace(config, admin=None)
     if (
         config.admin is not None
         and config.adminTokenFile is None

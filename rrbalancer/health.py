@@ -239,12 +239,11 @@ class _Check:
             # timer wakes often enough that it is not worth moving).
             checker._arm()
         if ok is not None and backend._group is checker._group:
-            backend.recordCheck(
-                ok,
-                reason,
-                code=self.code or None,
-                duration=checker._clock.seconds() - self.started,
-            )
+            code = self.code or None
+            duration = checker._clock.seconds() - self.started
+            backend.recordCheck(ok, reason, code=code, duration=duration)
+            if checker.observer is not None:
+                checker.observer(backend, ok, reason, code, duration)
         if self.deferred is not None:
             self.deferred.callback(ok)
 
@@ -275,7 +274,15 @@ class HealthChecker:
 
     @ivar lateChecks: checks that timed out twice while the loop was late,
         and so did not count.
+    @ivar scheduled: whether L{start} checks every backend at its interval;
+        without, only L{check} does (a worker of several that takes the
+        results of another's checks).
+    @ivar observer: called with (backend, ok, reason, code, duration) for
+        each result counted, or None.
     """
+
+    scheduled = True
+    observer: Optional[Callable[..., None]] = None
 
     log = Logger()
 
@@ -345,6 +352,8 @@ class HealthChecker:
         self.running = True
         if self._ownMonitor:
             self.lagMonitor.start()
+        if not self.scheduled:
+            return
         backends = list(self._group)
         now = self._clock.seconds()
         step = self._config.interval / max(len(backends), 1)

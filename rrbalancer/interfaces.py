@@ -105,3 +105,53 @@ class IUpstream(Interface):
         """
         Try the request that C{forwarding} carries on this backend.
         """
+
+
+class IAdminAPI(Interface):
+    """
+    What the admin endpoints do, apart from HTTP: in this process
+    (L{rrbalancer.admin.AdminAPI}) or over every worker's
+    (L{rrbalancer.admin._workers.WorkersAPI}).  Each method returns the
+    JSON-ready answer, or a L{twisted.internet.defer.Deferred} of it, and
+    refuses with an L{rrbalancer.admin.APIError}.
+    """
+
+    def listBackends(state=None, match=None, offset=0, limit=500):
+        """
+        A page of the backends, with the totals.
+        """
+
+    def getBackend(backendID):
+        """
+        One backend.
+        """
+
+    def addBackend(body, peer):
+        """
+        Add the backend C{body} describes.
+        """
+
+    def changeBackend(backendID, body, peer):
+        """
+        Change a backend's state, weight or both.
+        """
+
+    def removeBackend(backendID, peer):
+        """
+        Drain a backend, then forget it.
+        """
+
+    def bulk(body, peer):
+        """
+        Add, change and remove many backends, all or nothing.
+        """
+
+    def reload(peer):
+        """
+        Read the config file again.
+        """
+
+    def status():
+        """
+        Version, uptime, listeners and totals.
+        """

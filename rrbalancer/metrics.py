@@ -18,7 +18,9 @@ parsers).
 import math
 from typing import Callable, Iterator, List, Optional, Tuple
 
+from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from . import __version__
 from .backends import STATES, Backend, BackendGroup
@@ -317,6 +319,72 @@ class Metrics:
             yield f"{name}_sum{label}}} {_number(float(stats.durationSum))}\n"
 
 
+# With several workers (L{mergeMetrics}): the families that say what one
+# worker sees, given a worker label, and those the same in every worker.
+PER_WORKER = frozenset({
+    "rrbalancer_backend_up", "rrbalancer_backend_healthy", "rrbalancer_backend_state",
+    "rrbalancer_backend_ejected", "rrbalancer_backend_weight_ramp", "rrbalancer_backends",
+    "rrbalancer_event_loop_lag_seconds", "rrbalancer_event_loop_lag_max_seconds",
+    "rrbalancer_panic", "rrbalancer_queue_peak",
+})
+NOT_SUMMED = frozenset({"rrbalancer_info", "rrbalancer_uptime_seconds", "rrbalancer_backend_weight"})
+
+
+def _value(text: str):
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def mergeMetrics(texts, openMetrics: bool, workers: int) -> str:
+    """
+    The metrics of several workers (C{(index, text)} pairs, each from
+    L{Metrics.render}) as one balancer's: counters, histograms and
+    requests in flight summed; what each worker sees on its own (health,
+    state, the event loop, panic) given a C{worker} label; the rest (the
+    version, uptime, weights) the largest of the workers'.
+    """
+    # family -> (head lines, {series: value})
+    families = {}
+    for index, text in texts:
+        family = None
+        for line in text.splitlines():
+            if not line or line == "# EOF":
+                continue
+            if line.startswith("#"):
+                family = line.split(" ", 3)[2]
+                if not openMetrics and family.endswith("_total"):
+                    family = family[: -len("_total")]
+                if family not in families:
+                    families[family] = ([], {})
+                head = families[family][0]
+                if len(head) < 2:
+                    head.append(line)
+                continue
+            series, _, number = line.rpartition(" ")
+            value = _value(number)
+            samples = families[family][1]
+            if family in PER_WORKER:
+                name, brace, labels = series.partition("{")
+                series = f'{name}{{worker="{index}"' + ("," + labels if brace else "}")
+                samples[series] = value
+            elif family in NOT_SUMMED:
+                samples[series] = max(samples.get(series, value), value)
+            else:
+                samples[series] = samples.get(series, 0) + value
+    out = []
+    for head, samples in families.values():
+        out.extend(line + "\n" for line in head)
+        out.extend(f"{series} {_number(value)}\n" for series, value in samples.items())
+    out.append("# HELP rrbalancer_workers Worker processes that answered this scrape.\n"
+               "# TYPE rrbalancer_workers gauge\n"
+               f"rrbalancer_workers {workers}\n")
+    if openMetrics:
+        out.append("# EOF\n")
+    return "".join(out)
+
+
 class MetricsResource(Resource):
     """
     C{GET /metrics}: Prometheus text, or OpenMetrics when the scraper asks
@@ -334,6 +402,25 @@ class MetricsResource(Resource):
         openMetrics = accept is not None and b"application/openmetrics-text" in accept
         request.setHeader(b"content-type", OPENMETRICS if openMetrics else TEXT)
         request.setHeader(b"cache-control", b"no-store")
-        return self.metrics.render(openMetrics)
+        text = self.metrics.render(openMetrics)
+        if not isinstance(text, Deferred):
+            return text
+        # The parent of several workers, who must ask them first.
+        gone = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def send(body: bytes) -> None:
+            if not gone:
+                request.write(body)
+                request.finish()
+
+        def failed(failure) -> bytes:
+            request.setResponseCode(503)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            message = getattr(failure.value, "message", None) or failure.getErrorMessage()
+            return f"metrics unavailable: {message}\n".encode("utf-8")
+
+        text.addErrback(failed).addCallback(send)
+        return NOT_DONE_YET
 
     render_HEAD = render_GET

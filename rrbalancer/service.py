@@ -15,6 +15,7 @@ from twisted.logger import Logger
 
 from ._systemd import ReadyNotifier, notify, reloading
 from .admin import AdminAPI, makeAdminSite
+from .admin._workers import WorkersAPI, WorkersMetrics
 from .balancer import Balancer
 from .config import Config, ConfigError
 from .demo import DemoBackends
@@ -289,6 +290,18 @@ class BalancerService(MultiService):
         return d
 
 
+def _addWorkersAdmin(parent: MultiService, config: Config, reactor, pool: WorkerPool) -> None:
+    """
+    The parent's admin listener, over every worker (L{WorkersAPI}).
+    """
+    token = readAdminToken(config.adminTokenFile) if config.adminTokenFile else None
+    endpoint = serverEndpoint(reactor, config.admin, "admin")
+    api = WorkersAPI(pool, reactor)
+    site = makeAdminSite(api, WorkersMetrics(api), reactor, token)
+    api.adminListener = Listener(config.admin, endpoint, site, "admin")
+    api.adminListener.setServiceParent(parent)
+
+
 def makeService(config: Config, reactor, listeners=None):
     """
     Build the balancer described by C{config}, running on C{reactor}.
@@ -306,6 +319,9 @@ def makeService(config: Config, reactor, listeners=None):
     if config.workers > 1:
         parent = MultiService()
         pool = WorkerPool(config, reactor, config.workers)
+        if config.admin is not None:
+            # Before the workers' ports, as with one process.
+            _addWorkersAdmin(parent, config, reactor, pool)
         pool.setServiceParent(parent)
         SignalHandlers(
             reactor,

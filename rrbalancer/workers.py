@@ -11,7 +11,10 @@ on to every worker (L{WorkerPool.signalAll}, wired in L{rrbalancer.service}),
 and on SIGTERM stops its workers gracefully before exiting.
 
 Each worker runs L{rrbalancer._worker}, which reads its L{Config} and the
-sockets' description from the environment.
+sockets' description from the environment.  Each is also handed one end of
+a UNIX socket pair, its channel to the parent (L{rrbalancer._channel}):
+over it the parent's admin listener reads and changes every worker's
+backends.  A worker started again gets a new channel.
 """
 
 import base64
@@ -29,7 +32,7 @@ from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import Logger
 
 from .config import Config, ConfigError
-from .listeners import cannotStart
+from .listeners import cannotStart, describeAddress
 
 ENVIRONMENT_KEY = "RRBALANCER_WORKER"
 FIRST_SOCKET_FD = 3
@@ -71,6 +74,23 @@ class _NoConnections(Factory):
         return None
 
 
+class _ChannelFactory(Factory):
+    """
+    The parent's end of one worker's channel.
+    """
+
+    noisy = False
+
+    def __init__(self, pool: "WorkerPool", index: int) -> None:
+        self.pool = pool
+        self.index = index
+
+    def buildProtocol(self, addr):
+        from ._channel import ParentChannel
+
+        return ParentChannel(self.pool, self.index)
+
+
 class _WorkerProtocol(ProcessProtocol):
     def __init__(self, pool: "WorkerPool", index: int) -> None:
         self.pool = pool
@@ -95,7 +115,10 @@ class WorkerPool(Service):
     """
     The parent of C{count} workers.
 
-    @param spawn: how to start a worker; L{IReactorProcess.spawnProcess}.
+    @ivar channels: each connected worker's channel (an L{amp.AMP}), by
+        index.
+    @ivar channelChanged: called with (index, channel) when a worker's
+        channel connects, and (index, None) when it is lost.
     """
 
     log = Logger()
@@ -108,6 +131,8 @@ class WorkerPool(Service):
         self._ports: List = []
         self._sockets: List[Tuple[str, bool, int, int]] = []
         self.workers: Dict[int, _WorkerProtocol] = {}
+        self.channels: Dict[int, object] = {}
+        self.channelChanged = lambda index, channel: None
         self._stopping = False
         self._stopped: Optional[Deferred] = None
 
@@ -139,6 +164,28 @@ class WorkerPool(Service):
         for index in range(1, self.count + 1):
             self._spawn(index)
 
+    def addresses(self) -> List[Tuple[str, Optional[str]]]:
+        """
+        The shared ports: (description, where it listens) pairs.
+        """
+        return [
+            (description, describeAddress(port.getHost()))
+            for (description, _, _, _), port in zip(self._sockets, self._ports)
+        ]
+
+    def pid(self, index: int) -> Optional[int]:
+        worker = self.workers.get(index)
+        return worker.transport.pid if worker is not None else None
+
+    def _channelUp(self, index: int, channel) -> None:
+        self.channels[index] = channel
+        self.channelChanged(index, channel)
+
+    def _channelDown(self, index: int, channel) -> None:
+        if self.channels.get(index) is channel:
+            del self.channels[index]
+            self.channelChanged(index, None)
+
     def signalAll(self, name: str) -> None:
         for worker in list(self.workers.values()):
             try:
@@ -152,26 +199,44 @@ class WorkerPool(Service):
             (description, proxied, family, FIRST_SOCKET_FD + n)
             for n, (description, proxied, family, _) in enumerate(self._sockets)
         ]
-        payload = base64.b64encode(pickle.dumps((self.config, index, sockets)))
+        channelFD = FIRST_SOCKET_FD + len(sockets)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._reactor.adoptStreamConnection(
+                ours.fileno(), socket.AF_UNIX, _ChannelFactory(self, index)
+            )
+        finally:
+            ours.close()
+        payload = base64.b64encode(pickle.dumps((self.config, index, sockets, channelFD)))
         env = dict(os.environ)
         env[ENVIRONMENT_KEY] = payload.decode("ascii")
         # The parent speaks for the whole balancer to systemd.
         env.pop("NOTIFY_SOCKET", None)
-        # The workers run the very code the parent runs.
+        # The workers run the very code the parent runs: its folder first,
+        # before the working directory "-m" or "-c" would put there (where
+        # another checkout may be).
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(
             [here] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
         )
+        start = (
+            f"import sys; sys.path[0] = {here!r}; "
+            "from rrbalancer._worker import main; main()"
+        )
         childFDs = {0: "w", 1: "r", 2: "r"}
         for n, (_, _, _, fd) in enumerate(self._sockets):
             childFDs[FIRST_SOCKET_FD + n] = fd
-        self._reactor.spawnProcess(
-            protocol,
-            sys.executable,
-            [sys.executable, "-m", "rrbalancer._worker"],
-            env=env,
-            childFDs=childFDs,
-        )
+        childFDs[channelFD] = theirs.fileno()
+        try:
+            self._reactor.spawnProcess(
+                protocol,
+                sys.executable,
+                [sys.executable, "-c", start],
+                env=env,
+                childFDs=childFDs,
+            )
+        finally:
+            theirs.close()
         self.workers[index] = protocol
         self.log.info("started worker {index} (pid {pid})", index=index, pid=protocol.transport.pid)
 

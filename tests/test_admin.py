@@ -27,7 +27,7 @@ import treq
 from treq.client import HTTPClient
 from treq.testing import StubTreq
 
-from rrbalancer.admin import AdminAPI, AdminResource
+from rrbalancer.admin import AdminAPI, AdminResource, APIError
 from rrbalancer.backends import DISABLED, DRAINING, UP, BackendGroup
 from rrbalancer.config import (
     ADMIN_DEFAULT,
@@ -928,14 +928,18 @@ class AdminSettingsTests(SynchronousTestCase):
 
     def test_workers(self):
         """
-        Workers each have their own backends: no admin listener by default,
-        and asking for one is refused.
+        With workers the parent has the admin listener, by default as with
+        one process, and under the same rules.
         """
-        self.assertIsNone(buildConfig({"demo": True, "workers": 2}).admin)
-        e = self.assertRaises(
-            ConfigError, buildConfig, {"demo": True, "workers": 2, "admin": "9001"}
+        self.assertEqual(buildConfig({"demo": True, "workers": 2}).admin, ADMIN_DEFAULT)
+        self.assertEqual(
+            buildConfig({"demo": True, "workers": 2, "admin": "tcp:9001:interface=127.0.0.1"}).admin,
+            "tcp:9001:interface=127.0.0.1",
         )
-        self.assertIn("--workers 1", str(e))
+        e = self.assertRaises(
+            ConfigError, buildConfig, {"demo": True, "workers": 2, "admin": "tcp:9001"}
+        )
+        self.assertIn("can be reached from other hosts", str(e))
         self.assertIsNone(buildConfig({"demo": True, "workers": 2, "admin": "none"}).admin)
 
     def test_flags(self):
@@ -1316,3 +1320,265 @@ class ExportTests(SynchronousTestCase):
         header = rows[0]
         self.assertEqual(rows[1][header.index("url")], "http://127.0.0.1:8081")
         self.assertEqual(rows[1][header.index("responses_2xx")], "1")
+
+
+# -- several workers, in memory ---------------------------------------------------
+
+
+class MemoryWorker:
+    """
+    A worker as its parent reaches it: its own group and admin API behind
+    a L{WorkerChannel}, connected in memory to the parent's end.
+    """
+
+    def __init__(self, pool, index, urls) -> None:
+        from twisted.test.iosim import connect, makeFakeClient, makeFakeServer
+
+        from rrbalancer._channel import ParentChannel, WorkerChannel
+
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.group = BackendGroup(HealthConfig(enabled=False), self.clock)
+        for url in urls:
+            self.group.add(BackendConfig(url))
+        self.api = AdminAPI(self.group, self.clock)
+        self.stuck = False
+        server = WorkerChannel(self.api, Metrics(self.group))
+        self.parent = ParentChannel(pool, index)
+        self.pump = connect(
+            server, makeFakeServer(server), self.parent, makeFakeClient(self.parent)
+        )
+
+    def state(self):
+        return [(b.id, b.url, b.weight, b.adminState) for b in self.group]
+
+
+class WorkersAPITests(SynchronousTestCase):
+    """
+    L{WorkersAPI}: the parent's admin API over workers reached in memory.
+    """
+
+    urls = ("http://127.0.0.1:8081", "http://127.0.0.1:8082")
+
+    def setUp(self):
+        from rrbalancer.admin._workers import WorkersAPI, WorkersMetrics
+        from rrbalancer.workers import WorkerPool
+
+        self.clock = Clock()
+        self.pool = WorkerPool(
+            Config(backends=(BackendConfig(self.urls[0]),), ports=("tcp:0",), admin=None),
+            self.clock, 2,
+        )
+        self.api = WorkersAPI(self.pool, self.clock, timeout=5)
+        self.metrics = WorkersMetrics(self.api)
+        self.workers = {}
+        for index in (1, 2):
+            self.connect(index)
+
+    def connect(self, index):
+        self.workers[index] = MemoryWorker(self.pool, index, self.urls)
+        self.settle()
+        return self.workers[index]
+
+    def settle(self):
+        for _ in range(50):
+            moved = [w.pump.pump() for w in self.workers.values() if not w.stuck]
+            if not any(moved):
+                return
+        self.fail("the channels never settled")
+
+    def result(self, d):
+        self.settle()
+        return self.successResultOf(d)
+
+    def refusal(self, d):
+        self.settle()
+        return self.failureResultOf(d, APIError).value
+
+    def test_addedEverywhereWithOneID(self):
+        answer = self.result(self.api.addBackend({"url": "http://127.0.0.1:8083"}, "peer"))
+        self.assertEqual(answer["id"], "3")
+        self.assertEqual([w["worker"] for w in answer["workers"]], [1, 2])
+        for worker in self.workers.values():
+            self.assertEqual(worker.group.get("3").url, "http://127.0.0.1:8083")
+
+    def test_changedAndRemovedEverywhere(self):
+        answer = self.result(self.api.changeBackend("1", {"state": "draining", "weight": 4}, "p"))
+        self.assertEqual((answer["state"], answer["weight"]), (DRAINING, 4))
+        self.result(self.api.removeBackend("2", "p"))
+        self.result(self.api.bulk({"add": [{"url": "http://127.0.0.1:8084"}]}, "p"))
+        for worker in self.workers.values():
+            self.assertEqual(
+                worker.state(),
+                [("1", self.urls[0], 4, DRAINING), ("3", "http://127.0.0.1:8084", 1, UP)],
+            )
+
+    def test_refusedChangesNothing(self):
+        """
+        A change the first worker refuses is answered as it refused it, and
+        reaches no other worker.
+        """
+        before = [w.state() for w in self.workers.values()]
+        error = self.refusal(self.api.changeBackend("1", {"weight": 0}, "p"))
+        self.assertEqual(error.code, 400)
+        self.assertIn("weight", error.message)
+        self.assertEqual(self.refusal(self.api.changeBackend("9", {"weight": 2}, "p")).code, 404)
+        self.assertEqual([w.state() for w in self.workers.values()], before)
+
+    def test_otherWorkerRefuses(self):
+        """
+        A worker that cannot apply what the first did is named.
+        """
+        backend = self.workers[2].group.get("1")
+        backend.active = 1
+        self.workers[2].group.retire(backend, "by hand")
+        error = self.refusal(self.api.changeBackend("1", {"weight": 2}, "p"))
+        self.assertEqual(error.code, 502)
+        self.assertIn("worker 2 did not apply the change", error.message)
+        self.assertIn("is being removed", error.message)
+        self.assertEqual(self.workers[1].group.get("1").weight, 2)
+        # Ids a worker has that the first has not: refused, not overwritten.
+        self.workers[2].group.add(BackendConfig("http://127.0.0.1:8090"))
+        error = self.refusal(self.api.addBackend({"url": "http://127.0.0.1:8083"}, "p"))
+        self.assertIn("worker 2 did not apply the change: ids differ", error.message)
+        self.assertEqual(self.workers[2].group.get("3").url, "http://127.0.0.1:8090")
+
+    def test_reloadWithoutFile(self):
+        """
+        A reload the first worker refuses (no config file) is its answer.
+        """
+        error = self.refusal(self.api.reload("p"))
+        self.assertEqual(error.code, 409)
+        self.assertIn("without --config", error.message)
+
+    def test_workerTimesOut(self):
+        self.workers[2].stuck = True
+        d = self.api.changeBackend("1", {"weight": 2}, "p")
+        self.settle()
+        self.assertNoResult(d)
+        self.clock.advance(5)
+        error = self.failureResultOf(d, APIError).value
+        self.assertEqual(error.code, 504)
+        self.assertIn("worker 2 did not answer within 5s", error.message)
+        d = self.api.listBackends()
+        self.settle()
+        self.clock.advance(5)
+        self.assertIn("worker 2", self.failureResultOf(d, APIError).value.message)
+
+    def test_noWorker(self):
+        for worker in self.workers.values():
+            worker.pump.clientIO.loseConnection()
+        self.settle()
+        self.assertEqual(self.api.workers(), [])
+        self.assertEqual(self.refusal(self.api.addBackend({"url": "http://a:1"}, "p")).code, 503)
+        self.assertEqual(self.refusal(self.api.status()).code, 503)
+
+    def test_figuresSummed(self):
+        """
+        Counts are summed; a backend is up only if every worker finds it
+        so, and each worker's view is listed.
+        """
+        one, two = (self.workers[i].group.get("1") for i in (1, 2))
+        one.requests, two.requests = 3, 4
+        one.active, two.active = 1, 2
+        one.stats.responses["2xx"] = 3
+        two.stats.responses["2xx"] = 2
+        two.stats.responses["5xx"] = 2
+        two.healthy = False
+        page = self.result(self.api.listBackends())
+        self.assertEqual(page["total"], 2)
+        self.assertEqual(page["counts"]["down"], 1)
+        backend = page["backends"][0]
+        self.assertEqual(backend["requests"], 7)
+        self.assertEqual(backend["active"], 3)
+        self.assertEqual(backend["responses"], {"2xx": 5, "5xx": 2})
+        self.assertEqual((backend["state"], backend["healthy"]), ("down", False))
+        self.assertEqual(
+            [(w["worker"], w["state"], w["requests"]) for w in backend["workers"]],
+            [(1, "up", 3), (2, "down", 4)],
+        )
+        self.assertEqual(self.result(self.api.getBackend("1"))["requests"], 7)
+        self.assertEqual(self.refusal(self.api.getBackend("9")).code, 404)
+        self.assertEqual(self.result(self.api.listBackends(state="up"))["matched"], 1)
+        status = self.result(self.api.status())
+        self.assertEqual(status["totals"]["requests"], 7)
+        self.assertEqual(status["totals"]["active"], 3)
+        self.assertEqual(status["totals"]["up"], 1)
+        self.assertEqual([w["answering"] for w in status["workers"]], [True, True])
+
+    def test_pages(self):
+        """
+        Pages, search and counts over every worker's backends, the page
+        asked for in full only.
+        """
+        self.result(self.api.bulk(
+            {"add": [{"url": f"http://127.0.0.1:{9000 + n}"} for n in range(5)]}, "p"))
+        page = self.result(self.api.listBackends(offset=2, limit=3))
+        self.assertEqual([b["id"] for b in page["backends"]], ["3", "4", "5"])
+        self.assertEqual((page["total"], page["matched"], page["counts"]["up"]), (7, 7, 7))
+        self.assertEqual(len(page["backends"][0]["workers"]), 2)
+        page = self.result(self.api.listBackends(match=":9003"))
+        self.assertEqual([b["url"] for b in page["backends"]], ["http://127.0.0.1:9003"])
+        self.assertEqual(self.result(self.api.listBackends(offset=50))["backends"], [])
+        self.assertEqual(self.assertRaises(APIError, self.api.listBackends, limit=0).code, 400)
+
+    def test_metricsSummed(self):
+        from prometheus_client.parser import text_string_to_metric_families
+
+        self.workers[1].group.get("1").requests = 3
+        self.workers[2].group.get("1").requests = 4
+        self.workers[2].group.get("1").healthy = False
+        text = self.result(self.metrics.render()).decode("utf-8")
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+        backend = ("backend", self.urls[0])
+        self.assertEqual(samples[("rrbalancer_backend_attempts_total", (backend,))], 7)
+        self.assertEqual(samples[("rrbalancer_backend_up", (backend, ("worker", "1")))], 1)
+        self.assertEqual(samples[("rrbalancer_backend_up", (backend, ("worker", "2")))], 0)
+        self.assertEqual(samples[("rrbalancer_workers", ())], 2)
+
+    def test_workerStartedAgain(self):
+        """
+        A worker that starts again gets the backends changed before it
+        started, with their ids, before it is asked anything.
+        """
+        self.result(self.api.addBackend({"url": "http://127.0.0.1:8083"}, "p"))
+        self.result(self.api.changeBackend("1", {"state": "disabled"}, "p"))
+        self.workers[2].pump.clientIO.loseConnection()
+        self.settle()
+        self.assertEqual([i for i, _ in self.api.workers()], [1])
+        again = self.connect(2)
+        self.assertEqual(again.state(), self.workers[1].state())
+        self.assertEqual([i for i, _ in self.api.workers()], [1, 2])
+        self.assertEqual(self.result(self.api.addBackend({"url": "http://b:1"}, "p"))["id"], "4")
+        self.assertEqual(again.group.get("4").url, "http://b:1")
+
+    def test_throughTheResource(self):
+        """
+        The admin resource answers the workers' API once they have.
+        """
+        stub = StubTreq(AdminResource(self.api, MetricsResource(self.metrics)))
+        d = stub.post(
+            "http://127.0.0.1/api/backends", data=b'{"url": "http://127.0.0.1:8083"}',
+            headers={b"Content-Type": [b"application/json"], b"Host": [b"127.0.0.1"]},
+        )
+        for _ in range(5):
+            stub.flush()
+            self.settle()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 201)
+        self.assertEqual(response.headers.getRawHeaders(b"location"), [b"/api/backends/3"])
+        body = json.loads(self.successResultOf(stub.content(response)))
+        self.assertEqual(len(body["workers"]), 2)
+        self.workers[2].stuck = True
+        d = stub.get("http://127.0.0.1/metrics", headers={b"Host": [b"127.0.0.1"]})
+        stub.flush()
+        self.settle()
+        self.clock.advance(5)
+        stub.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 503)
+        self.assertIn(b"worker 2", self.successResultOf(stub.content(response)))

@@ -505,3 +505,62 @@ class BrowserTests(TestCase):
         )
         self.assertTrue(csv.startswith("id,url,"), csv[:80])
         self.assertEqual(len(csv.strip().splitlines()), 251)
+
+
+class WorkersBrowserTests(TestCase):
+    """
+    The dashboard of a balancer of two real workers, served by their
+    parent.
+    """
+
+    timeout = 90
+
+    @inlineCallbacks
+    def test_workers(self):
+        from rrbalancer.config import BackendConfig, Config
+        from rrbalancer.service import makeService
+
+        settleConnections(self)
+        _, oneURL = startBackend(self, "one")
+        _, twoURL = startBackend(self, "two")
+        service = makeService(
+            Config(
+                backends=(BackendConfig(oneURL),),
+                ports=("tcp:0:interface=127.0.0.1",),
+                admin="tcp:0:interface=127.0.0.1",
+                health=HealthConfig(enabled=False),
+                shutdownGrace=2,
+                workers=2,
+            ),
+            reactor,
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        [listener] = [s for s in service if getattr(s, "role", None) == "admin"]
+        admin = "http://" + listener.address()
+
+        browser, page = yield openBrowser(self, admin + "/")
+        yield page.waitFor(
+            "document.querySelectorAll('#backend-rows tr').length === 1"
+            " && document.getElementById('health-note').textContent"
+            ".includes('2 of 2 workers answering')",
+            "the backend, both workers answering",
+            timeout=45,
+        )
+        title = yield page.evaluate("document.querySelector('tr[data-backend-id=\"1\"] .pill').title")
+        self.assertEqual(title.splitlines()[0], "worker 1: up, 0 in flight, 0 requests")
+        self.assertTrue(title.splitlines()[1].startswith("worker 2: up"), title)
+
+        # The page's buttons and form change every worker.
+        yield page.type("#add-url", twoURL)
+        yield page.click("#add-submit")
+        yield page.waitFor(f"{page.state(2)} === 'up'", "the new backend up")
+        yield page.click('tr[data-backend-id="1"] button[data-action="drain"]')
+        yield page.waitFor(f"{page.state(1)} === 'draining'", "backend 1 draining")
+        client = makeClient(self)
+        code, body = yield call(client, "GET", f"{admin}/api/backends/1")
+        self.assertEqual([w["state"] for w in body["workers"]], ["draining", "draining"])
+        code, body = yield call(client, "GET", f"{admin}/api/backends/2")
+        self.assertEqual(len(body["workers"]), 2)
+        errors = [e for e in browser.events if e["method"] == "Runtime.exceptionThrown"]
+        self.assertEqual(errors, [])

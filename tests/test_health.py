@@ -846,3 +846,39 @@ class RealSocketTests(TestCase):
         self.assertIs((yield checker.check(backend)), False)
         self.assertIn("refused", backend.lastError.lower())
         self.assertEqual(checker._pending, set())
+
+
+class SharedTests(SynchronousTestCase):
+    """
+    A checker whose results another process takes (L{HealthChecker.observer}),
+    and one that only takes them (C{scheduled} off).
+    """
+
+    def test_observerSeesEachResult(self):
+        checker, group, [backend], clock, server = makeChecker(answer=response(503))
+        seen = []
+        checker.observer = lambda *result: seen.append(result)
+        checker.check(backend)
+        server.flush()
+        [(who, ok_, reason, code, duration)] = seen
+        self.assertEqual((who, ok_, reason, code), (backend, False, "HTTP 503", 503))
+        self.assertEqual(duration, 0)
+
+    def test_notScheduled(self):
+        """
+        Started unscheduled, it checks nothing by itself, the lateness of
+        the loop is still measured, and a check asked for still runs.
+        """
+        checker, group, [backend], clock, server = makeChecker(answer=response(200))
+        checker.scheduled = False
+        checker.start()
+        self.addCleanup(checker.stop)
+        group.add(BackendConfig("http://127.0.0.1:8082"))
+        step(clock, 5, server)
+        self.assertEqual(server.requests, [])
+        self.assertTrue(checker.lagMonitor.running)
+        self.assertIs(self.successResultOf(self.flushed(checker.check(backend), server)), True)
+
+    def flushed(self, d, server):
+        server.flush()
+        return d

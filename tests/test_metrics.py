@@ -10,6 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from treq.testing import StubTreq
 
+from rrbalancer import __version__
 from rrbalancer.backends import DISABLED, DRAINING, UP, BackendGroup
 from rrbalancer.config import BackendConfig, HealthConfig
 from prometheus_client.openmetrics.parser import (
@@ -404,3 +405,58 @@ class DiscoveryMetricsTests(SynchronousTestCase):
     def test_noneWithoutDiscovery(self):
         text = Metrics(self.group).render().decode("utf-8")
         self.assertNotIn("rrbalancer_discovery", text)
+
+
+class MergeTests(SynchronousTestCase):
+    """
+    L{mergeMetrics}: several workers' metrics as one balancer's, still
+    valid in both formats.
+    """
+
+    def workers(self):
+        one, clock = makeGroup()
+        two, _ = makeGroup()
+        one.get("1").recordResponse(200, 0.01, 10, 100)
+        two.get("1").recordResponse(200, 0.02, 5, 50)
+        two.get("1").recordResponse(503, 0.5, 0, 10)
+        two.get("2").healthy = False
+        return [(1, Metrics(one, FakeSite(), clock)), (2, Metrics(two, FakeSite(), clock))]
+
+    def merged(self, openMetrics):
+        from rrbalancer.metrics import mergeMetrics
+
+        texts = [(i, m.render(openMetrics).decode("utf-8")) for i, m in self.workers()]
+        text = mergeMetrics(texts, openMetrics, len(texts))
+        parse = openMetricsFamilies if openMetrics else text_string_to_metric_families
+        samples = {}
+        for family in parse(text):
+            for sample in family.samples:
+                samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = (
+                    sample.value
+                )
+        return samples
+
+    def check(self, samples):
+        b1 = ("backend", "http://127.0.0.1:8081")
+        b2 = ("backend", "http://127.0.0.1:8082")
+        self.assertEqual(samples["rrbalancer_in_flight_requests"][()], 6)
+        self.assertEqual(samples["rrbalancer_shed_requests_total"][()], 4)
+        self.assertEqual(samples["rrbalancer_backend_requests_total"],
+                         {(b1, ("code", "2xx")): 2, (b1, ("code", "5xx")): 1})
+        self.assertEqual(samples["rrbalancer_backend_response_bytes_total"][(b1,)], 160)
+        durations = samples["rrbalancer_backend_request_duration_seconds_bucket"]
+        self.assertEqual(durations[(b1, ("le", "+Inf"))], 3)
+        self.assertEqual(samples["rrbalancer_backend_request_duration_seconds_count"][(b1,)], 3)
+        self.assertEqual(samples["rrbalancer_backend_weight"][(b1,)], 1)
+        self.assertEqual(samples["rrbalancer_backend_up"],
+                         {(b1, ("worker", "1")): 1, (b2, ("worker", "1")): 1,
+                          (b1, ("worker", "2")): 1, (b2, ("worker", "2")): 0})
+        self.assertEqual(samples["rrbalancer_backends"][(("state", "down"), ("worker", "2"))], 1)
+        self.assertEqual(samples["rrbalancer_info"][(("version", __version__),)], 1)
+        self.assertEqual(samples["rrbalancer_workers"][()], 2)
+
+    def test_text(self):
+        self.check(self.merged(False))
+
+    def test_openMetrics(self):
+        self.check(self.merged(True))

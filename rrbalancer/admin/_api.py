@@ -12,10 +12,12 @@ import json
 from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from .. import __version__
 from ..backends import API, DISABLED, DRAINING, STATES, UP, Backend, BackendGroup
 from ..config import BackendConfig, ConfigError, parseBackendURL
+from ..interfaces import IAdminAPI
 from ..reload import Reloader
 from ..site import listenerKey
 
@@ -154,6 +156,7 @@ def _checkFields(body: Dict[str, Any], allowed: Tuple[str, ...]) -> None:
         )
 
 
+@implementer(IAdminAPI)
 class AdminAPI:
     """
     What the admin endpoints do, apart from HTTP.

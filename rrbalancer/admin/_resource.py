@@ -10,14 +10,16 @@ import json
 import os
 from typing import Any, List, Optional
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Site
 
 from ..listeners import describeAddress
 from ..metrics import MetricsResource
 from ..site import BalancerSite
-from ._api import DEFAULT_PAGE, AdminAPI, APIError
+from ..interfaces import IAdminAPI
+from ._api import DEFAULT_PAGE, APIError
 from ._guards import TokenCheck, refusal
 
 DASHBOARD_DIR = os.path.join(
@@ -55,7 +57,7 @@ class AdminResource(Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, api: AdminAPI, metrics: Resource, token: Optional[bytes] = None) -> None:
+    def __init__(self, api: IAdminAPI, metrics: Resource, token: Optional[bytes] = None) -> None:
         Resource.__init__(self)
         self.api = api
         self.metrics = metrics
@@ -142,7 +144,7 @@ class AdminResource(Resource):
         return describeAddress(request.getClientAddress()) or "unknown"
 
     def _status(self, request) -> bytes:
-        return self._json(request, 200, self.api.status())
+        return self._respond(request, self.api.status(), lambda v: self._json(request, 200, v))
 
     def _discovery(self, request) -> bytes:
         return self._json(
@@ -152,7 +154,9 @@ class AdminResource(Resource):
         )
 
     def _reload(self, request) -> bytes:
-        return self._json(request, 200, self.api.reload(self._peer(request)))
+        return self._respond(
+            request, self.api.reload(self._peer(request)), lambda v: self._json(request, 200, v)
+        )
 
     def _listBackends(self, request) -> bytes:
         args = request.args
@@ -176,39 +180,87 @@ class AdminResource(Resource):
             offset=number("offset", 0),
             limit=number("limit", DEFAULT_PAGE),
         )
-        if arg("format") == "csv":
-            request.setHeader(b"content-type", b"text/csv; charset=utf-8")
-            request.setHeader(
-                b"content-disposition", b'attachment; filename="rrbalancer-backends.csv"'
-            )
-            return backendsCSV(answer["backends"])
-        return self._json(request, 200, answer)
+        csvWanted = arg("format") == "csv"
+
+        def write(answer) -> bytes:
+            if csvWanted:
+                request.setHeader(b"content-type", b"text/csv; charset=utf-8")
+                request.setHeader(
+                    b"content-disposition", b'attachment; filename="rrbalancer-backends.csv"'
+                )
+                return backendsCSV(answer["backends"])
+            return self._json(request, 200, answer)
+
+        return self._respond(request, answer, write)
 
     def _bulk(self, request) -> bytes:
-        return self._json(request, 200, self.api.bulk(self._body(request), self._peer(request)))
+        answer = self.api.bulk(self._body(request), self._peer(request))
+        return self._respond(request, answer, lambda v: self._json(request, 200, v))
 
     def _addBackend(self, request) -> bytes:
-        answer = self.api.addBackend(self._body(request), self._peer(request))
-        request.setHeader(b"location", f"/api/backends/{answer['id']}".encode("ascii"))
-        return self._json(request, 201, answer)
+        def write(answer) -> bytes:
+            request.setHeader(b"location", f"/api/backends/{answer['id']}".encode("ascii"))
+            return self._json(request, 201, answer)
+
+        return self._respond(
+            request, self.api.addBackend(self._body(request), self._peer(request)), write
+        )
 
     def _getBackend(self, request, backendID: str) -> bytes:
-        return self._json(request, 200, self.api.getBackend(backendID))
+        return self._respond(
+            request, self.api.getBackend(backendID), lambda v: self._json(request, 200, v)
+        )
 
     def _changeBackend(self, request, backendID: str) -> bytes:
         # An unknown id is a 404 even when the body is bad too.
-        self.api.getBackend(backendID)
-        body = self._body(request)
-        return self._json(
-            request, 200, self.api.changeBackend(backendID, body, self._peer(request))
-        )
+        found = self.api.getBackend(backendID)
+
+        def change(_):
+            body = self._body(request)
+            return self.api.changeBackend(backendID, body, self._peer(request))
+
+        if isinstance(found, Deferred):
+            answer = found.addCallback(change)
+        else:
+            answer = change(found)
+        return self._respond(request, answer, lambda v: self._json(request, 200, v))
 
     def _removeBackend(self, request, backendID: str) -> bytes:
-        self.api.removeBackend(backendID, self._peer(request))
-        request.setResponseCode(204)
-        return b""
+        def write(_) -> bytes:
+            request.setResponseCode(204)
+            return b""
+
+        return self._respond(request, self.api.removeBackend(backendID, self._peer(request)), write)
 
     # -- answers -------------------------------------------------------------
+
+    def _respond(self, request, answer, write) -> bytes:
+        """
+        C{write(answer)} now, or once a L{Deferred} answer has come (from
+        the workers, in the parent of several), as JSON errors if it fails.
+        """
+        if not isinstance(answer, Deferred):
+            return write(answer)
+        gone = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def failed(failure):
+            if failure.check(APIError):
+                error = failure.value
+                return self._error(request, error.code, error.message)
+            self.log.failure("admin request {uri} failed", failure,
+                             uri=request.uri.decode("ascii", "replace"))
+            return self._error(request, 500, "internal error: see the balancer's log")
+
+        def finish(body: bytes) -> None:
+            if gone:
+                return
+            request.write(body)
+            request.finish()
+
+        answer.addCallback(write).addErrback(failed).addCallback(finish)
+        answer.addErrback(lambda f: self.log.failure("admin answer not sent", f))
+        return NOT_DONE_YET
 
     def _allow(self, method: bytes, *allowed: bytes) -> None:
         if method not in allowed:
@@ -280,7 +332,7 @@ def backendsCSV(backends) -> bytes:
     return out.getvalue().encode("utf-8")
 
 
-def makeAdminSite(api: AdminAPI, metrics, reactor, token: Optional[bytes] = None) -> Site:
+def makeAdminSite(api: IAdminAPI, metrics, reactor, token: Optional[bytes] = None) -> Site:
     resource = AdminResource(api, MetricsResource(metrics), token)
     site = BalancerSite(resource, reactor, maxBodySize=MAX_BODY)
     site.noisy = False

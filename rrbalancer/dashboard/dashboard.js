@@ -233,6 +233,14 @@
     if (b.last_error && (b.state === "down" || b.state === "ejected")) sub += " · " + b.last_error;
     if (b.weight_ramp < 1) sub += ` · slow start ${Math.round(b.weight_ramp * 100)}%`;
     for (const [k2, v] of Object.entries(b.policy || {})) sub += ` · ${k2} ${v}`;
+    // With several workers, each has its own health view: say where they differ.
+    const views = b.workers || [];
+    if (views.some((w) => w.state !== b.state || w.state !== views[0].state)) {
+      sub += " · workers: " + views.map((w) => `${w.worker} ${w.state}`).join(", ");
+    }
+    c.pill.title = views.length
+      ? views.map((w) => `worker ${w.worker}: ${w.state}, ${w.active} in flight, ${w.requests} requests`).join("\n")
+      : "";
     setText(c.sub, sub);
     c.sub.title = b.last_error ? "Last error: " + b.last_error : "";
 
@@ -373,6 +381,8 @@
     const e = status.ejection;
     if (e && e.ejected) note += ` · ${e.ejected} ejected`;
     if (status.panic && status.panic.active) note += ` · PANIC: under ${status.panic.threshold}% of the primaries up, balancing over all of them`;
+    const workers = status.workers;
+    if (workers) note += ` · ${workers.filter((w) => w.answering).length} of ${workers.length} workers answering`;
     setText($("health-note"), note);
     const addresses = status.listeners.map((l) => l.address || l.description).join(", ");
     setText($("listeners"), addresses ? "Balancing on " + addresses : "");
