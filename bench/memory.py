@@ -134,8 +134,10 @@ def pinned(cpu: int, argv: list) -> list:
 
 def interpreter(python: str) -> str:
     return subprocess.run(
-        [python, "-c", "import platform, sys; print(platform.python_implementation(), "
-         "sys.version.split()[0], getattr(sys, 'pypy_version_info', ''))"],
+        [python, "-c", "import platform, sys, twisted; v = getattr(sys, 'pypy_version_info', None); "
+         "print(platform.python_implementation(), "
+         "'.'.join(map(str, v[:3])) + ' (Python ' + platform.python_version() + ')' if v "
+         "else platform.python_version(), '/ Twisted', twisted.__version__)"],
         capture_output=True, text=True, timeout=60,
     ).stdout.strip()
 
@@ -274,6 +276,9 @@ def main() -> None:
             parser.error(f"--env: expected NAME=VALUE, got {item!r}")
         environment[name] = value
 
+    # SIGTERM (timeout, kill) ends the run as Ctrl-C does: through the
+    # clean-up below, so that no backend or balancer is left behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     folder = tempfile.mkdtemp(prefix="rrmemory-")
     with open(os.path.join(folder, "backend.py"), "w") as f:
         f.write(BACKEND)
@@ -287,8 +292,7 @@ def main() -> None:
         waitFor(backendPort)
         print(f"balancer: {interpreter(args.python)}"
               + "".join(f"; {item}" for item in args.env))
-        lb, lbPort = startBalancer(args, folder, [backendPort], environment, "lb")
-        procs.append(lb)
+        lb, lbPort = startBalancer(args, folder, [backendPort], environment, "lb", procs)
         print(f"idle RSS: {rssKiB(lb.pid) / 1024:.1f} MiB")
         if "connections" in phases:
             idleConnections(args, lb, lbPort)
@@ -304,8 +308,7 @@ def main() -> None:
                 procs.append(backends)
             for port in ports:
                 waitFor(port)
-            lb, lbPort = startBalancer(args, folder, ports, environment, "lb-load")
-            procs.append(lb)
+            lb, lbPort = startBalancer(args, folder, ports, environment, "lb-load", procs)
             print(f"load: {len(ports)} backends; idle RSS before it: "
                   f"{rssKiB(lb.pid) / 1024:.1f} MiB")
             sustainedLoad(args, lb, lbPort, folder)
@@ -315,10 +318,11 @@ def main() -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def startBalancer(args, folder: str, ports: list, environment: dict, name: str):
+def startBalancer(args, folder: str, ports: list, environment: dict, name: str, procs: list):
     """
     The balancer on a free loopback port, on CPU 0, after 20 requests and
-    4 seconds of rest.  Returns (process, port).
+    4 seconds of rest; added to C{procs} as soon as it runs, so that it is
+    stopped however the run ends.  Returns (process, port).
     """
     lbPort = freePort()
     twistd = os.path.join(os.path.dirname(args.python), "twistd")
@@ -332,6 +336,7 @@ def startBalancer(args, folder: str, ports: list, environment: dict, name: str):
     # installed beside --python.
     lb = subprocess.Popen(pinned(0, command), start_new_session=True, cwd=folder,
                           env=environment)
+    procs.append(lb)
     waitFor(lbPort)
     for _ in range(20):
         get(lbPort)
