@@ -39,6 +39,7 @@ from rrbalancer.config import BackendConfig, Config, ConfigError, HealthConfig, 
 from rrbalancer.demo import DemoBackends
 from rrbalancer.proxy import BackendProxyResource
 from rrbalancer.listeners import Listener
+from rrbalancer.memory import HeapGuard, pypyHeap
 from rrbalancer.service import BalancerService, makeService
 from rrbalancer.site import BalancerSite
 
@@ -457,6 +458,26 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(backend.lastError, "no answer within 1s")
         self.successResultOf(service.stopService())
         self.assertFalse(checker.running)
+
+    def test_heapGuardOnPyPy(self):
+        """
+        On PyPy the service keeps the heap bounded with a L{HeapGuard} on
+        its own reactor, started and stopped with it; CPython has none.
+        """
+        memory = memoryReactor()
+        service = makeService(config(), memory)
+        guard = service.heapGuard
+        if pypyHeap() is None:
+            self.assertIsNone(guard)
+            self.assertEqual([s for s in service if isinstance(s, HeapGuard)], [])
+            return
+        self.assertIn(guard, list(service))
+        self.assertIs(guard._clock, memory)
+        service.startService()
+        self.assertTrue(guard.running)
+        self.assertGreater(guard.bound, 0)
+        self.successResultOf(service.stopService())
+        self.assertFalse(guard.running)
 
     def test_demoOnlyWhenAsked(self):
         memory = MemoryReactorClock()
