@@ -154,8 +154,12 @@ def _checkTogether(config: Config, explicitAdmin: bool) -> Config:
     """
     The rules that involve more than one setting.
     """
-    if not config.backends and not config.demo:
+    if not config.backends and not config.demo and not config.pools:
         raise ConfigError("no backend: give at least one --backend URL (or try --demo)")
+    if config.routes:
+        from .routing import checkRouting
+
+        checkRouting(config)
     if config.workers > 1 and config.admin is not None:
         if explicitAdmin:
             raise ConfigError(

@@ -140,9 +140,15 @@ def check(config) -> None:
         raise _fail(str(e)) from None
     listeners = len(config.ports) + (config.admin is not None)
     backends = len(config.backends)
+    routing = ""
+    if config.pools or config.routes:
+        pools, routes = len(config.pools), len(config.routes)
+        routing = (
+            f", {pools} more pool{'s' * (pools != 1)}, {routes} route{'s' * (routes != 1)}"
+        )
     print(
         f"rrbalancer: configuration OK ({backends} backend{'s' * (backends != 1)}, "
-        f"{listeners} listener{'s' * (listeners != 1)})"
+        f"{listeners} listener{'s' * (listeners != 1)}{routing})"
     )
     raise SystemExit(0)
 

@@ -439,7 +439,10 @@ class AdminAPI:
         inFlight = None
         config = None
         limits: List[Dict[str, Any]] = []
+        routing: Dict[str, Any] = {"pools": [], "routes": []}
         if service is not None:
+            if getattr(service, "pools", None) is not None:
+                routing = service.pools.status()
             for limiter in service.balancer.limits.limiters:
                 limits.append(
                     {"limit": limiter.limit.describe(), "keys": len(limiter),
@@ -486,6 +489,8 @@ class AdminAPI:
             },
             "slow_start": self.group.slowStart,
             "rate_limits": limits,
+            "pools": routing["pools"],
+            "routes": routing["routes"],
             "queue": _queueJSON(self.group),
             "ejection": {
                 "after": self.group.ejection.after,
