@@ -1,0 +1,175 @@
+"""
+Tests for L{rrbalancer.pools}: C{[[pool]]} tables, and the balancer each
+one becomes.
+"""
+
+from dataclasses import replace
+
+from twisted.internet.task import Clock
+from twisted.logger import formatEvent
+from twisted.trial.unittest import SynchronousTestCase
+
+from rrbalancer.admin import AdminAPI
+from rrbalancer.config import BackendConfig, ConfigError, buildConfig
+from rrbalancer.pools import PoolConfig, parsePools
+from rrbalancer.reload import Reloader
+from rrbalancer.service import makeService
+
+from .support import memoryReactor
+
+ONE = ["http://127.0.0.1:8081"]
+API = {"name": "api", "backend": [{"url": "http://127.0.0.1:9001", "weight": 2},
+                                  "http://127.0.0.1:9002,backup"]}
+
+
+def config(**settings):
+    settings.setdefault("backend", ONE)
+    settings.setdefault("admin", "none")
+    return buildConfig(settings)
+
+
+class ParseTests(SynchronousTestCase):
+    def test_backendsAsTopLevel(self):
+        """
+        A pool's backends are written as the top-level ones, tables or the
+        command line's strings, and parsed by the same function.
+        """
+        (pool,) = parsePools([API])
+        self.assertEqual(pool, PoolConfig("api", (
+            BackendConfig("http://127.0.0.1:9001", weight=2),
+            BackendConfig("http://127.0.0.1:9002", backup=True),
+        )))
+
+    def test_defaultsAreTopLevel(self):
+        """
+        Without balance or [pool.health], a pool balances and checks as the
+        top level does; what it gives replaces only those keys.
+        """
+        c = config(
+            balance="p2c", health={"interval": 7, "path": "/up"},
+            pool=[API, dict(API, name="b", balance="random", health={"interval": 1, "rise": 4})],
+        )
+        first, second = (p.configFor(c) for p in c.pools)
+        self.assertEqual((first.balance, first.health), ("p2c", c.health))
+        self.assertEqual(second.balance, "random")
+        self.assertEqual(
+            second.health, replace(c.health, interval=1.0, rise=4)
+        )
+        self.assertEqual(second.health.path, "/up")
+        self.assertEqual(second.backends, c.pools[1].backends)
+        self.assertEqual((second.pools, second.routes, second.limits), ((), (), ()))
+
+    def test_poolsAloneAreEnough(self):
+        """
+        Pools without top-level backends make a balancer without a default
+        pool.
+        """
+        c = buildConfig({"pool": [API], "admin": "none"})
+        self.assertEqual((c.backends, len(c.pools)), ((), 1))
+
+    def test_mistakes(self):
+        for pools, message in [
+            ({"name": "api"}, "pool: a single [pool] table; write [[pool]] (one per pool)"),
+            ([{"backend": ONE}], "pool 1: every pool needs a name"),
+            ([{"name": "a b", "backend": ONE}], "pool 1: name 'a b' is not a pool name"),
+            ([{"name": "api"}], "pool api: no backends; give it at least one [[pool.backend]]"),
+            ([{"name": "api", "backend": []}], "pool api: no backends"),
+            ([{"name": "default", "backend": ONE}], "pool default: the top-level [[backend]]"),
+            ([API, API], "pool api: two pools have that name"),
+            ([dict(API, balanse="p2c")], "pool 1: unknown key 'balanse' (did you mean 'balance'?)"),
+            ([dict(API, balance="fastest")], "pool api: balance: 'fastest' is not a policy"),
+            ([dict(API, health={"interval": 0})], "pool api: health.interval: must be greater than 0"),
+            ([dict(API, health={"intervl": 1})], "pool api: health: unknown setting 'intervl'"),
+            ([dict(API, backend=["ftp://x"])], "pool api: backend: 'ftp://x' must start with"),
+            ([dict(API, backend=[ONE[0], ONE[0]])], "pool api: pool.backend: http://127.0.0.1:8081 is listed twice"),
+        ]:
+            e = self.assertRaises(ConfigError, buildConfig, {"backend": ONE, "pool": pools})
+            self.assertIn(message, str(e))
+
+
+class PoolsServiceTests(SynchronousTestCase):
+    def build(self, **settings):
+        settings.setdefault("port", "tcp:0:interface=127.0.0.1")
+        return makeService(config(**settings), memoryReactor())
+
+    def test_eachPoolABalancer(self):
+        """
+        Each pool is a balancer of its own with its backends, policy and
+        health checks; client rate limits are the service's, shared.
+        """
+        service = self.build(
+            health={"interval": 3}, limit=[{"rate": 5}],
+            pool=[dict(API, balance="least-conn", health={"interval": 11})],
+        )
+        default, api = service.pools.balancers["default"], service.pools.balancers["api"]
+        self.assertIs(default, service.balancer)
+        self.assertEqual([b.url for b in api.group], ["http://127.0.0.1:9001", "http://127.0.0.1:9002"])
+        self.assertEqual([b.url for b in default.group], ONE)
+        self.assertEqual(api.group.policy.name, "least-conn")
+        self.assertEqual(default.group.policy.name, "round-robin")
+        self.assertEqual((api.config.health.interval, default.config.health.interval), (11, 3))
+        self.assertIsNotNone(api.healthChecker)
+        self.assertIsNot(api.healthChecker, default.healthChecker)
+        self.assertIs(api.resource().limits, default.limits)
+        self.assertEqual(len(default.limits.limiters), 1)
+        self.assertIs(service.site.resource, service.pools.router)
+
+    def test_startsAndStopsWithTheService(self):
+        service = self.build(pool=[API])
+        api = service.pools.balancers["api"]
+        service.startService()
+        self.assertTrue(api.running)
+        service.stopService()
+        self.assertFalse(api.running)
+
+    def test_status(self):
+        """
+        C{GET /api/status} lists the pools with their backends' counts,
+        and the routes in the order they are tried.
+        """
+        service = self.build(
+            pool=[API],
+            route=[{"path_prefix": "/api", "pool": "api"},
+                   {"host": "*.example.com", "pool": "default", "methods": ["GET"]}],
+        )
+        api = service.pools.balancers["api"]
+        api.group.byServer(api.config.backends[0]).healthy = True
+        status = AdminAPI(service.group, Clock(), service=service).status()
+        self.assertEqual(
+            [(p["name"], p["backends"], p["balance"]) for p in status["pools"]],
+            [("default", 1, "round-robin"), ("api", 2, "round-robin")],
+        )
+        self.assertEqual(
+            [r["route"] for r in status["routes"]], [2, 1]
+        )
+        self.assertEqual(status["routes"][0], {
+            "route": 2, "host": "*.example.com", "path_prefix": None, "methods": ["GET"],
+            "pool": "default", "split": None, "strip_prefix": False, "priority": 0,
+        })
+
+    def test_noDefault(self):
+        service = self.build(backend=[], pool=[API], route=[{"pool": "api"}])
+        self.assertEqual(list(service.pools.balancers), ["api"])
+        self.assertEqual(len(service.group), 0)
+
+
+class ReloadTests(SynchronousTestCase):
+    def test_poolsAndRoutesNeedARestart(self):
+        """
+        A reload that finds the pools or the routes changed applies the
+        rest and says, in the log and the answer, that those need a restart.
+        """
+        old = config(pool=[API], route=[{"path_prefix": "/a", "pool": "api"}])
+        new = config(
+            backend=ONE + ["http://127.0.0.1:8082"],
+            pool=[dict(API, balance="random")],
+            route=[{"path_prefix": "/b", "pool": "api"}],
+        )
+        service = makeService(old, memoryReactor())
+        events = []
+        reloader = Reloader(old, service.group, load=lambda: new)
+        reloader.log = reloader.log.__class__(observer=events.append)
+        result = reloader.reload()
+        self.assertEqual(result["added"], ["http://127.0.0.1:8082"])
+        self.assertEqual(sorted(result["ignored"]), ["pools", "routes"])
+        self.assertIn("needs a restart, not applied: pools, routes", formatEvent(events[-1]))
