@@ -28,7 +28,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
-from rrbalancer.config import ConfigError, buildConfig
+from rrbalancer.config import ConfigError, buildConfig, tomllib
 from rrbalancer.routing import Router, byPrecedence, parseRoutes, requestHost
 from rrbalancer.service import makeService
 
@@ -333,6 +333,32 @@ class ParseTests(SynchronousTestCase):
 
     def test_singleTable(self):
         self.assertIn("write [[route]]", self.error({"pool": "default"}))
+
+
+class ReadmeTests(SynchronousTestCase):
+    def test_workedExample(self):
+        """
+        The README's example config is valid, and its table of requests
+        says where the router sends them.
+        """
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+            text = f.read()
+        part = text[text.index("### Pools and routes"):]
+        example = part[part.index("```toml\n") + 8:part.index("```\n\n")]
+        config = buildConfig(dict(tomllib.loads(example), admin="none"))
+        r = Router(byPrecedence(config.routes), {n: _Pool(n) for n in ("default", "api", "static")})
+        for method, target, host, pool, prepath in [
+            (b"GET", b"/v1/users", b"API.example.com:8000", "api", []),
+            (b"GET", b"/assets/app.css", b"www.example.com", "static", [b"assets"]),
+            (b"GET", b"/assetsx", b"www.example.com", "default", []),
+            (b"GET", b"/v2/items", b"shop.test", "api", []),
+            (b"POST", b"/v2/items", b"shop.test", "default", []),
+        ]:
+            req = request(target, host, method)
+            self.assertEqual(send(r, req), pool, target)
+            self.assertEqual(req.prepath, prepath, target)
+        self.assertIn("| `GET /assets/app.css` with `Host: www.example.com` | `static` |", part)
 
 
 class RoutedBalancerTests(TestCase):
