@@ -5,9 +5,10 @@ one becomes.
 
 from dataclasses import replace
 
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from rrbalancer.admin import AdminAPI
 from rrbalancer.config import BackendConfig, ConfigError, buildConfig
@@ -15,7 +16,9 @@ from rrbalancer.pools import PoolConfig, parsePools
 from rrbalancer.reload import Reloader
 from rrbalancer.service import makeService
 
-from .support import memoryReactor
+from .support import Net, ScriptedBackend, exchange, memoryReactor, ok, reply
+from .test_admin import poll
+from .test_routing import startRouted
 
 ONE = ["http://127.0.0.1:8081"]
 API = {"name": "api", "backend": [{"url": "http://127.0.0.1:9001", "weight": 2},
@@ -173,3 +176,45 @@ class ReloadTests(SynchronousTestCase):
         self.assertEqual(result["added"], ["http://127.0.0.1:8082"])
         self.assertEqual(sorted(result["ignored"]), ["pools", "routes"])
         self.assertIn("needs a restart, not applied: pools, routes", formatEvent(events[-1]))
+
+
+class PoolHealthTests(TestCase):
+    """
+    A pool's checks are its own, on real sockets.
+    """
+
+    def setUp(self):
+        self.net = Net(self)
+
+    @inlineCallbacks
+    def test_ownChecks(self):
+        """
+        With checks off at the top level and on in [pool.health], the
+        pool's dead backend is taken out and its requests go to the live
+        one, while the default pool's dead backend, unchecked, stays up.
+        """
+        live = ScriptedBackend(self.net, reply(ok(b"live")))
+        dead = f"http://127.0.0.1:{self.net.refusingPort()}"
+        service, port = yield startRouted(self.net, {
+            "backend": [f"http://127.0.0.1:{self.net.refusingPort()}"],
+            "eject_after": 0,
+            "pool": [{
+                "name": "api", "backend": [dead, live.url],
+                "health": {"enabled": True, "interval": 0.05, "timeout": 1, "fall": 1,
+                           "rise": 1, "jitter": 0},
+            }],
+            "route": [{"path_prefix": "/api", "pool": "api"}],
+        })
+        api = service.pools.balancers["api"].group
+        (deadBackend,) = [b for b in api if b.url == dead]
+        yield poll(lambda: deadBackend.state == "down", timeout=5, what="the check")
+        retries = api.retries
+        for _ in range(4):
+            response = yield exchange(
+                self.net, port, b"GET /api/x HTTP/1.1\r\nHost: h\r\n\r\n"
+            )
+            self.assertEqual((response.code, response.body), (200, b"live"))
+        # Never tried: the check had taken it out.
+        self.assertEqual((api.retries, deadBackend.state), (retries, "down"))
+        self.assertEqual([b.state for b in service.group], ["up"])
+        self.assertIsNone(service.balancer.healthChecker)

@@ -38,6 +38,35 @@ from .test_plugin import TwistdMixin
 ONE = ["http://127.0.0.1:8081"]
 
 
+@inlineCallbacks
+def startRouted(net, settings):
+    """
+    The service of L{makeService} for a settings dict with pools and routes
+    (checks off unless given), listening on a loopback port the system
+    chooses: (the service, its port).
+    """
+    settings = dict(
+        {"health": {"enabled": False}}, port=["tcp:0:interface=127.0.0.1"],
+        admin="none", shutdown_grace=2, **settings
+    )
+    service = makeService(buildConfig(settings), reactor)
+    net.trackFactory(service.site)
+    for balancer in service.pools.balancers.values():
+        for backend in balancer.group:
+            net.trackFactory(backend.pool)
+    net.addService(service)
+    service.startService()
+    listening = Deferred()
+
+    def gotPort(port):
+        listening.callback(port)
+        return port
+
+    service.listeners[0]._waitingForPort.addCallback(gotPort)
+    port = yield withTimeout(listening)
+    return service, port.getHost().port
+
+
 class _Pool(Resource):
     """
     A pool's resource that notes what the router handed it.
@@ -370,28 +399,8 @@ class RoutedBalancerTests(TestCase):
     def setUp(self):
         self.net = Net(self)
 
-    @inlineCallbacks
     def start(self, settings):
-        settings = dict(
-            settings, port=["tcp:0:interface=127.0.0.1"], admin="none",
-            health={"enabled": False}, shutdown_grace=2,
-        )
-        service = makeService(buildConfig(settings), reactor)
-        self.net.trackFactory(service.site)
-        for balancer in service.pools.balancers.values():
-            for backend in balancer.group:
-                self.net.trackFactory(backend.pool)
-        self.net.addService(service)
-        service.startService()
-        listening = Deferred()
-
-        def gotPort(port):
-            listening.callback(port)
-            return port
-
-        service.listeners[0]._waitingForPort.addCallback(gotPort)
-        port = yield withTimeout(listening)
-        return service, port.getHost().port
+        return startRouted(self.net, settings)
 
     @inlineCallbacks
     def test_threePools(self):
