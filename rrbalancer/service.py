@@ -115,7 +115,7 @@ class BalancerService(MultiService):
         self.reloader = Reloader(config, self.group, onAdded=self.checkNow)
         self.metrics = Metrics(
             self.group, self.site, reactor, config.metricsPerBackend, self.healthChecker,
-            self.balancer.limits,
+            self.balancer.limits, pools=self.pools,
         )
         if config.admin is not None:
             # Before the client ports: an admin port in use stops the start

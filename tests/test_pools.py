@@ -5,6 +5,10 @@ one becomes.
 
 from dataclasses import replace
 
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openMetricsFamilies,
+)
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent
@@ -218,3 +222,49 @@ class PoolHealthTests(TestCase):
         self.assertEqual((api.retries, deadBackend.state), (retries, "down"))
         self.assertEqual([b.state for b in service.group], ["up"])
         self.assertIsNone(service.balancer.healthChecker)
+
+
+class MetricsTests(SynchronousTestCase):
+    def scrape(self, service, openMetrics=False):
+        text = service.metrics.render(openMetrics).decode("utf-8")
+        parse = openMetricsFamilies if openMetrics else text_string_to_metric_families
+        samples = {}
+        for family in parse(text):
+            for sample in family.samples:
+                key = tuple(sorted(sample.labels.items()))
+                samples.setdefault(sample.name, {})[key] = sample.value
+        return samples
+
+    def test_seriesByPool(self):
+        """
+        With pools, every pool's backends are counted and have their series,
+        labelled with their pool (a URL in two pools is two series).
+        """
+        shared = dict(API, name="b", backend=[ONE[0]])
+        service = makeService(config(pool=[API, shared]), memoryReactor())
+        for openMetrics in (False, True):
+            samples = self.scrape(service, openMetrics)
+            self.assertEqual(samples["rrbalancer_backends"][(("state", "up"),)], 4)
+            pools = samples["rrbalancer_pool_backends"]
+            self.assertEqual(
+                {pool: count for ((_, pool), (_, state)), count in pools.items() if state == "up"},
+                {"default": 1, "api": 2, "b": 1},
+            )
+            weights = samples["rrbalancer_backend_weight"]
+            self.assertEqual(weights, {
+                (("backend", ONE[0]), ("pool", "default")): 1,
+                (("backend", "http://127.0.0.1:9001"), ("pool", "api")): 2,
+                (("backend", "http://127.0.0.1:9002"), ("pool", "api")): 1,
+                (("backend", ONE[0]), ("pool", "b")): 1,
+            })
+
+    def test_onePoolUnlabelled(self):
+        """
+        A balancer without pools keeps the series it always had.
+        """
+        service = makeService(config(), memoryReactor())
+        samples = self.scrape(service)
+        self.assertNotIn("rrbalancer_pool_backends", samples)
+        self.assertEqual(
+            list(samples["rrbalancer_backend_weight"]), [(("backend", ONE[0]),)]
+        )
