@@ -196,6 +196,37 @@ class Pools(MultiService):
             self.log.info("{route}", route=route.describe())
         MultiService.startService(self)
 
+    def rebalance(self, new) -> List[str]:
+        """
+        Apply a reload's balancing settings (L{rrbalancer.reload.BALANCING})
+        to the pools that take them from the top level: the pools themselves
+        are as they started (a change to them needs a restart), so a pool's
+        own C{balance} stays, and one that named none follows the file.
+
+        @return: what changed, as the reload reports it.
+        """
+        from .backends import Ejection
+        from .policies import policyFor
+        from .reload import BALANCING
+
+        changed = []
+        for pool in self.config.pools:
+            balancer = self.balancers[pool.name]
+            config = pool.configFor(new)
+            if all(getattr(config, n) == getattr(balancer.config, n) for n in BALANCING):
+                continue
+            balancer.group.rebalance(
+                policyFor(config, balancer.reactor),
+                Ejection.fromConfig(config),
+                config.slowStart,
+                config.panicThreshold,
+            )
+            balancer.config = replace(
+                balancer.config, **{n: getattr(config, n) for n in BALANCING}
+            )
+            changed.append(f"balancing of pool {pool.name}")
+        return changed
+
     def status(self) -> Dict[str, List[Dict[str, Any]]]:
         """
         The pools with their backends' counts, and the routes in the order

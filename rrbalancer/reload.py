@@ -39,6 +39,8 @@ class Reloader:
         one came from, with the same command-line settings over it.
     @param onAdded: called with each backend a reload adds (to check it at
         once rather than at the next health check).
+    @param pools: the L{rrbalancer.pools.Pools}, whose pools follow the
+        balancing settings they take from the top level; or None.
     @ivar managed: the servers the file lists, as of the last reload.
     """
 
@@ -50,8 +52,10 @@ class Reloader:
         group: BackendGroup,
         load: Optional[Callable[[], Config]] = None,
         onAdded: Callable[[Backend], None] = lambda backend: None,
+        pools=None,
     ) -> None:
         self.config = config
+        self.pools = pools
         self.group = group
         self._load = load
         self.onAdded = onAdded
@@ -141,6 +145,8 @@ class Reloader:
                 new.panicThreshold,
             )
             changed.append("balancing")
+        if self.pools is not None:
+            changed.extend(self.pools.rebalance(new))
         ignored = [
             f.name
             for f in fields(Config)

@@ -112,7 +112,7 @@ class BalancerService(MultiService):
         if config.demo:
             self.demo = DemoBackends(self.group, reactor)
             self.demo.setServiceParent(self)
-        self.reloader = Reloader(config, self.group, onAdded=self.checkNow)
+        self.reloader = Reloader(config, self.group, onAdded=self.checkNow, pools=self.pools)
         self.metrics = Metrics(
             self.group, self.site, reactor, config.metricsPerBackend, self.healthChecker,
             self.balancer.limits, pools=self.pools,

@@ -181,6 +181,33 @@ class ReloadTests(SynchronousTestCase):
         self.assertEqual(sorted(result["ignored"]), ["pools", "routes"])
         self.assertIn("needs a restart, not applied: pools, routes", formatEvent(events[-1]))
 
+    def test_inheritedBalancingFollows(self):
+        """
+        A reload's balancing settings reach the pools that take them from
+        the top level, and only those.
+        """
+        old = config(pool=[API, dict(API, name="own", balance="random")])
+        new = config(
+            pool=[API, dict(API, name="own", balance="random")],
+            balance="least-conn", slow_start=30,
+        )
+        service = makeService(old, memoryReactor())
+        self.assertIs(service.reloader.pools, service.pools)
+        result = Reloader(old, service.group, load=lambda: new, pools=service.pools).reload()
+        self.assertEqual(
+            result["changed"], ["balancing", "balancing of pool api", "balancing of pool own"]
+        )
+        self.assertEqual(result["ignored"], [])
+        api, own = service.pools.balancers["api"], service.pools.balancers["own"]
+        self.assertEqual(
+            (service.group.policy.name, api.group.policy.name, own.group.policy.name),
+            ("least-conn", "least-conn", "random"),
+        )
+        self.assertEqual((api.group.slowStart, own.group.slowStart), (30, 30))
+        self.assertEqual(api.config.balance, "least-conn")
+        again = Reloader(new, service.group, load=lambda: new, pools=service.pools).reload()
+        self.assertEqual(again["changed"], [])
+
 
 class PoolHealthTests(TestCase):
     """
