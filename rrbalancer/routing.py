@@ -20,7 +20,7 @@ which is how the balancer's resource knows it is mounted under a prefix
 import ipaddress
 import random as _random
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import unquote_to_bytes
 
 from twisted.logger import Logger
@@ -349,6 +349,18 @@ def _splitter(split, random: Callable[[], float]) -> Callable[[], str]:
     return pick
 
 
+def _segments(path: bytes, depth: int, most: Optional[int] = None) -> List[bytes]:
+    """
+    The decoded segments of C{path} below C{depth}, as twisted.web makes
+    C{request.postpath}; with C{most}, only the first C{most} are whole
+    (what follows them is left in one piece, never compared).
+    """
+    if path[:1] != b"/":
+        return []
+    raw = path.split(b"/") if most is None else path.split(b"/", 1 + depth + most)
+    return [unquote_to_bytes(s) if b"%" in s else s for s in raw[1 + depth :]]
+
+
 class Router(Resource):
     """
     The root of the balancer's site: each request goes to the resource of
@@ -378,6 +390,8 @@ class Router(Resource):
         self.pools = dict(pools)
         self.default = self.pools.get(DEFAULT)
         self._compiled = [_Compiled(r, random) for r in self.routes]
+        # No route looks further into a path than this many segments.
+        self._deepest = max((len(r.segments) for r in self.routes), default=0)
 
     def route(self, host: str, segments: Sequence[bytes], method: bytes):
         """
@@ -409,12 +423,11 @@ class Router(Resource):
                 host = requestHost(hosts[0] if hosts else None)
             path = requestTarget(uri).partition(b"?")[0]
         depth = len(request.prepath)
-        raw = path.split(b"/")[1 + depth :] if path[:1] == b"/" else []
-        segments = [unquote_to_bytes(s) for s in raw]
-        route, name = self.route(host, segments, request.method)
+        route, name = self.route(host, _segments(path, depth, self._deepest), request.method)
         if route is None:
             return self._send(request, DEFAULT, self.default)
         if route.stripPrefix:
+            segments = _segments(path, depth)
             n = len(route.segments)
             request.prepath = request.prepath + segments[:n]
             request.postpath = segments[n:]
