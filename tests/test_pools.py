@@ -11,17 +11,20 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
-from twisted.logger import formatEvent
+from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from rrbalancer.admin import AdminAPI
+from treq.testing import StubTreq
+
+from rrbalancer.admin import AdminAPI, AdminResource
 from rrbalancer.config import BackendConfig, ConfigError, buildConfig
+from rrbalancer.metrics import MetricsResource
 from rrbalancer.pools import PoolConfig, parsePools
 from rrbalancer.reload import Reloader
 from rrbalancer.service import makeService
 
 from .support import Net, ScriptedBackend, exchange, memoryReactor, ok, reply
-from .test_admin import poll
+from .test_admin import InMemoryAdmin, poll
 from .test_routing import startRouted
 
 ONE = ["http://127.0.0.1:8081"]
@@ -295,3 +298,82 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(
             list(samples["rrbalancer_backend_weight"]), [(("backend", ONE[0]),)]
         )
+
+
+class PoolAdmin(InMemoryAdmin):
+    """
+    The admin resource of a whole service with pools, reached with
+    L{StubTreq}.
+    """
+
+    def __init__(self, **settings):
+        self.clock = Clock()
+        self.service = makeService(config(**settings), memoryReactor())
+        self.group = self.service.group
+        self.api = AdminAPI(self.group, self.clock, service=self.service)
+        self.events = []
+        self.api.log = Logger(observer=self.events.append)
+        self.resource = AdminResource(self.api, MetricsResource(self.service.metrics))
+        self.stub = StubTreq(self.resource)
+
+
+class PoolAdminTests(SynchronousTestCase):
+    def setUp(self):
+        self.admin = PoolAdmin(pool=[API], health={"enabled": False})
+        self.api = self.admin.service.pools.balancers["api"].group
+
+    def test_listAPool(self):
+        code, body, _, _ = self.admin.request("GET", "/api/backends?pool=api")
+        self.assertEqual(code, 200)
+        self.assertEqual(
+            [b["url"] for b in body["backends"]],
+            ["http://127.0.0.1:9001", "http://127.0.0.1:9002"],
+        )
+        code, body, _, _ = self.admin.request("GET", "/api/backends")
+        self.assertEqual([b["url"] for b in body["backends"]], ONE)
+        code, body, _, _ = self.admin.request("GET", "/api/backends?pool=default")
+        self.assertEqual([b["url"] for b in body["backends"]], ONE)
+
+    def test_addAndRemoveInAPool(self):
+        """
+        A pool field adds to that pool only; ?pool= names it to change and
+        remove, and the log names it.
+        """
+        code, body, response, _ = self.admin.request(
+            "POST", "/api/backends", {"url": "http://127.0.0.1:9003", "pool": "api", "weight": 3}
+        )
+        self.assertEqual(code, 201, body)
+        self.assertEqual(response.headers.getRawHeaders(b"location"), [b"/api/backends/3?pool=api"])
+        self.assertEqual([b.url for b in self.api][-1], "http://127.0.0.1:9003")
+        self.assertEqual([b.url for b in self.admin.group], ONE)
+        self.assertIn("of pool api", formatEvent(self.admin.events[-1]))
+        code, body, _, _ = self.admin.request("PATCH", "/api/backends/3?pool=api", {"weight": 5})
+        self.assertEqual((code, body["weight"]), (200, 5))
+        code, _, _, _ = self.admin.request("DELETE", "/api/backends/3?pool=api")
+        self.assertEqual(code, 204)
+        self.assertIsNone(self.api.get("3"))
+        code, body, _, _ = self.admin.request("GET", "/api/backends/3")
+        self.assertEqual(code, 404, body)
+
+    def test_bulkInAPool(self):
+        code, body, _, _ = self.admin.request(
+            "POST", "/api/backends/bulk",
+            {"pool": "api", "add": [{"url": "http://127.0.0.1:9004"}], "remove": ["1"]},
+        )
+        self.assertEqual((code, body["added"], body["removed"]), (200, ["3"], ["1"]))
+        self.assertIsNone(self.api.get("1"))
+        self.assertEqual([b.url for b in self.admin.group], ONE)
+
+    def test_unknownPool(self):
+        for method, path, body in [
+            ("GET", "/api/backends?pool=nope", None),
+            ("POST", "/api/backends", {"url": "http://127.0.0.1:9005", "pool": "nope"}),
+            ("DELETE", "/api/backends/1?pool=nope", None),
+        ]:
+            code, answer, _, _ = self.admin.request(method, path, body)
+            self.assertEqual((code, answer), (404, {"error": "pool: no pool named 'nope'"}))
+        code, answer, _, _ = self.admin.request(
+            "POST", "/api/backends", {"url": "http://127.0.0.1:9005", "pool": ["api"]}
+        )
+        self.assertEqual(code, 400, answer)
+        self.assertEqual(len(self.api), 2)

@@ -8,6 +8,7 @@ L{APIError} whose message names the problem, and a request that fails
 changes nothing.
 """
 
+import copy
 import json
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -175,6 +176,28 @@ class AdminAPI:
         self.service = service
         self.healthChecker = healthChecker
         self.started = clock.seconds()
+        self.pool: Optional[str] = None
+
+    def inPool(self, name: Optional[str]) -> "AdminAPI":
+        """
+        The same API over one pool's backends (L{rrbalancer.pools}): this
+        one for None and for the default pool.
+        """
+        pools = getattr(self.service, "pools", None)
+        if name is None or (pools is None and name == "default"):
+            return self
+        if not isinstance(name, str):
+            raise APIError(400, f"pool: expected a pool's name, got {name!r}")
+        balancer = pools.balancers.get(name) if pools is not None else None
+        if balancer is None:
+            raise APIError(404, f"pool: no pool named {name!r}")
+        if balancer.group is self.group:
+            return self
+        api = copy.copy(self)
+        api.group = balancer.group
+        api.healthChecker = balancer.healthChecker
+        api.pool = name
+        return api
 
     def checkNow(self, backend: Backend) -> None:
         """
@@ -193,11 +216,12 @@ class AdminAPI:
 
     def _logChange(self, peer: str, action: str, backend: Backend, before, after) -> None:
         self.log.info(
-            "admin {peer}: {action} backend {id} {url}: {before} -> {after}",
+            "admin {peer}: {action} backend {id} {url}{where}: {before} -> {after}",
             peer=peer,
             action=action,
             id=backend.id,
             url=backend.url,
+            where=f" of pool {self.pool}" if self.pool else "",
             before=json.dumps(before, sort_keys=True) if before else "absent",
             after=json.dumps(after, sort_keys=True) if after else "removed",
         )

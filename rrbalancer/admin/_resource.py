@@ -162,7 +162,7 @@ class AdminResource(Resource):
             except ValueError:
                 raise APIError(400, f"{name}: expected a whole number, got {value!r}") from None
 
-        answer = self.api.listBackends(
+        answer = self._api(request).listBackends(
             state=arg("state"),
             match=arg("q"),
             offset=number("offset", 0),
@@ -177,28 +177,48 @@ class AdminResource(Resource):
         return self._json(request, 200, answer)
 
     def _bulk(self, request) -> bytes:
-        return self._json(request, 200, self.api.bulk(self._body(request), self._peer(request)))
+        body = self._body(request)
+        api = self._api(request, body)
+        return self._json(request, 200, api.bulk(body, self._peer(request)))
 
     def _addBackend(self, request) -> bytes:
-        answer = self.api.addBackend(self._body(request), self._peer(request))
-        request.setHeader(b"location", f"/api/backends/{answer['id']}".encode("ascii"))
+        body = self._body(request)
+        api = self._api(request, body)
+        answer = api.addBackend(body, self._peer(request))
+        location = f"/api/backends/{answer['id']}"
+        if api.pool:
+            location += f"?pool={api.pool}"
+        request.setHeader(b"location", location.encode("ascii"))
         return self._json(request, 201, answer)
 
     def _getBackend(self, request, backendID: str) -> bytes:
-        return self._json(request, 200, self.api.getBackend(backendID))
+        return self._json(request, 200, self._api(request).getBackend(backendID))
 
     def _changeBackend(self, request, backendID: str) -> bytes:
         # An unknown id is a 404 even when the body is bad too.
-        self.api.getBackend(backendID)
+        api = self._api(request)
+        api.getBackend(backendID)
         body = self._body(request)
         return self._json(
-            request, 200, self.api.changeBackend(backendID, body, self._peer(request))
+            request, 200, api.changeBackend(backendID, body, self._peer(request))
         )
 
     def _removeBackend(self, request, backendID: str) -> bytes:
-        self.api.removeBackend(backendID, self._peer(request))
+        self._api(request).removeBackend(backendID, self._peer(request))
         request.setResponseCode(204)
         return b""
+
+    def _api(self, request, body: Any = None) -> AdminAPI:
+        """
+        The API over the pool a request names: C{?pool=NAME}, or a
+        C{"pool"} field of its JSON object (taken out of it); the default
+        pool's without either.
+        """
+        values = request.args.get(b"pool")
+        name = values[0].decode("utf-8", "replace") if values else None
+        if isinstance(body, dict) and "pool" in body:
+            name = body.pop("pool")
+        return self.api.inPool(name)
 
     # -- answers -------------------------------------------------------------
 
