@@ -156,7 +156,7 @@ def _checkTogether(config: Config, explicitAdmin: bool) -> Config:
     """
     if not config.backends and not config.demo and not config.pools:
         raise ConfigError("no backend: give at least one --backend URL (or try --demo)")
-    if config.routes:
+    if config.routes or config.pools:
         from .routing import checkRouting
 
         checkRouting(config)

@@ -194,6 +194,13 @@ class Pools(MultiService):
             )
         for route in self.routes:
             self.log.info("{route}", route=route.describe())
+        routed = {pool for route in self.routes for pool in route.pools}
+        for pool in self.config.pools:
+            if pool.name not in routed:
+                self.log.warn(
+                    "pool {name}: no route leads to it, so it takes no requests",
+                    name=pool.name,
+                )
         MultiService.startService(self)
 
     def rebalance(self, new) -> List[str]:

@@ -257,11 +257,16 @@ def parseRoutes(value: Any, name: str = "route") -> Tuple[RouteConfig, ...]:
 def checkRouting(config) -> None:
     """
     The rules that need the pools and the routes together: every route's
-    pools exist.
+    pools exist, and some pool can be reached.
 
     @raise ConfigError: naming the route and the pool.
     """
     names = poolNames(config)
+    if not config.routes and DEFAULT not in names:
+        raise ConfigError(
+            "route: no [[route]] leads to the pools, and without top-level backends "
+            "there is no default pool: every request would get 404"
+        )
     for route in config.routes:
         for pool in route.pools:
             if pool not in names:

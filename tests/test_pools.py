@@ -74,7 +74,7 @@ class ParseTests(SynchronousTestCase):
         Pools without top-level backends make a balancer without a default
         pool.
         """
-        c = buildConfig({"pool": [API], "admin": "none"})
+        c = buildConfig({"pool": [API], "route": [{"pool": "api"}], "admin": "none"})
         self.assertEqual((c.backends, len(c.pools)), ((), 1))
 
     def test_mistakes(self):
@@ -377,3 +377,25 @@ class PoolAdminTests(SynchronousTestCase):
         )
         self.assertEqual(code, 400, answer)
         self.assertEqual(len(self.api), 2)
+
+
+class ReachTests(SynchronousTestCase):
+    def test_nothingReachable(self):
+        """
+        Pools without routes and without a default pool would answer every
+        request 404: refused.
+        """
+        e = self.assertRaises(ConfigError, buildConfig, {"pool": [API], "admin": "none"})
+        self.assertIn("every request would get 404", str(e))
+
+    def test_unroutedPoolWarned(self):
+        service = makeService(
+            config(pool=[API, dict(API, name="b")], route=[{"path_prefix": "/b", "pool": "b"}]),
+            memoryReactor(),
+        )
+        events = []
+        service.pools.log = Logger(observer=events.append)
+        service.pools.startService()
+        self.addCleanup(service.pools.stopService)
+        warned = [formatEvent(e) for e in events if e["log_level"].name == "warn"]
+        self.assertEqual(warned, ["pool api: no route leads to it, so it takes no requests"])
