@@ -53,12 +53,17 @@ class PoolConfig:
         The L{Config} of this pool's L{Balancer}: the running one, with the
         pool's backends, policy and checks.  Client rate limits are the
         balancer's, not each pool's, so they are left out here and shared.
+        A sticky cookie has the pool's name in its own: with one name for
+        all, a client's visit to another pool would unstick it from its
+        backend in this one.
         """
+        sticky = config.stickyCookie
         return replace(
             config,
             backends=self.backends,
             balance=self.balance or config.balance,
             health=replace(config.health, **dict(self.health)),
+            stickyCookie=f"{sticky}-{self.name}" if sticky is not None else None,
             limits=(),
             pools=(),
             routes=(),

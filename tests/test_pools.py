@@ -31,6 +31,8 @@ ONE = ["http://127.0.0.1:8081"]
 API = {"name": "api", "backend": [{"url": "http://127.0.0.1:9001", "weight": 2},
                                   "http://127.0.0.1:9002,backup"]}
 
+API_POOL = parsePools([API])[0]
+
 
 def config(**settings):
     settings.setdefault("backend", ONE)
@@ -68,6 +70,19 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual(second.health.path, "/up")
         self.assertEqual(second.backends, c.pools[1].backends)
         self.assertEqual((second.pools, second.routes, second.limits), ((), (), ()))
+
+    def test_stickyCookiePerPool(self):
+        """
+        Each pool has a sticky cookie of its own, so that a client keeps its
+        backend in each pool it visits.
+        """
+        service = makeService(config(pool=[API], sticky_cookie="rr"), memoryReactor())
+        balancers = service.pools.balancers
+        self.assertEqual(
+            (balancers["default"].resource().sticky.name, balancers["api"].resource().sticky.name),
+            (b"rr", b"rr-api"),
+        )
+        self.assertIsNone(API_POOL.configFor(config()).stickyCookie)
 
     def test_poolsAloneAreEnough(self):
         """
