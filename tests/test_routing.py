@@ -431,6 +431,10 @@ class RoutedBalancerTests(TestCase):
             (b"/staticx/a", b"www.example.com", web, b"/staticx/a", None, "default"),
             (b"/img/1.png", b"eu.cdn.example.com", static, b"/img/1.png", None, "static"),
             (b"/img/1.png", b"cdn.example.com", web, b"/img/1.png", None, "default"),
+            (b"http://api.example.com/static/x", b"api.example.com", api, b"/static/x", None,
+             "api"),
+            (b"http://www.example.com/static/x?y", b"www.example.com", static, b"/x?y",
+             b"/static", "static"),
         ]
         for target, host, backend, received, prefix, pool in cases:
             before = len(backend.requests)
@@ -444,7 +448,7 @@ class RoutedBalancerTests(TestCase):
             self.assertEqual(got.header(b"host"), [host], target)
             self.assertEqual(got.header(b"x-forwarded-prefix"), [prefix] if prefix else [], target)
         self.assertEqual(
-            (len(web.requests), len(api.requests), len(static.requests)), (3, 1, 3)
+            (len(web.requests), len(api.requests), len(static.requests)), (3, 2, 4)
         )
         self.assertEqual(service.pools.balancers["api"].group.policy.name, "least-conn")
         yield service.stopService()
