@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import unquote_to_bytes
 
-from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -376,7 +375,6 @@ class Router(Resource):
     """
 
     isLeaf = True
-    log = Logger()
 
     def __init__(
         self,
