@@ -494,9 +494,9 @@ class CheckTests(TwistdMixin, TestCase):
 
     def test_unknownPoolChecked(self):
         path = self.writeConfig(self.CONFIG)
-        line = self.assertOneLineError(self.plugin("--check", "--config", path), "apii")
-        self.assertEqual(line, self.LINE)
-        self.assertEqual(self.plugin("--check", "--config", path)[0], 1)
+        result = self.plugin("--check", "--config", path)
+        self.assertEqual(result[0], 1)
+        self.assertEqual(self.assertOneLineError(result, "apii"), self.LINE)
 
     def test_unknownPoolRefusedAtStart(self):
         path = self.writeConfig(self.CONFIG)
