@@ -414,3 +414,21 @@ class ReachTests(SynchronousTestCase):
         self.addCleanup(service.pools.stopService)
         warned = [formatEvent(e) for e in events if e["log_level"].name == "warn"]
         self.assertEqual(warned, ["pool api: no route leads to it, so it takes no requests"])
+
+
+class EmbeddingTests(SynchronousTestCase):
+    def test_balancerIsOnePool(self):
+        """
+        Pools and routes given to a L{Balancer} of one's own would be
+        ignored: refused, saying what to do instead.
+        """
+        from rrbalancer import Balancer
+
+        for settings in ({"pool": [API]}, {"route": [{"pool": "default"}]}):
+            e = self.assertRaises(ConfigError, Balancer, ONE, memoryReactor(), **settings)
+            self.assertIn("a Balancer is one pool", str(e))
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write('backend = ["http://127.0.0.1:8081"]\n[[route]]\npool = "default"\n')
+        e = self.assertRaises(ConfigError, Balancer.fromConfig, path, memoryReactor())
+        self.assertIn("a Balancer is one pool", str(e))
