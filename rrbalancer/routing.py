@@ -309,10 +309,11 @@ class _Compiled:
     A route as the router tries it: each test a plain comparison.
     """
 
-    __slots__ = ("config", "host", "suffix", "segments", "methods", "pick")
+    __slots__ = ("config", "host", "suffix", "segments", "methods", "strip", "pick")
 
     def __init__(self, config: RouteConfig, random: Callable[[], float]) -> None:
         self.config = config
+        self.strip = config.stripPrefix
         self.host = config.host if config.hostKind == EXACT else None
         self.suffix = config.host[1:] if config.hostKind == WILDCARD else None
         self.segments = list(config.segments)
@@ -401,9 +402,13 @@ class Router(Resource):
         The first route that matches, and the pool it chose, or (None,
         None).
         """
+        compiled, pool = self._match(host, segments, method)
+        return (compiled.config if compiled is not None else None), pool
+
+    def _match(self, host: str, segments: Sequence[bytes], method: bytes):
         for compiled in self._compiled:
             if compiled.matches(host, segments, method):
-                return compiled.config, compiled.pick()
+                return compiled, compiled.pick()
         return None, None
 
     def render(self, request):
@@ -426,10 +431,10 @@ class Router(Resource):
                 host = requestHost(hosts[0] if hosts else None)
             path = requestTarget(uri).partition(b"?")[0]
         depth = len(request.prepath)
-        route, name = self.route(host, _segments(path, depth, self._deepest), request.method)
+        route, name = self._match(host, _segments(path, depth, self._deepest), request.method)
         if route is None:
             return self._send(request, DEFAULT, self.default)
-        if route.stripPrefix:
+        if route.strip:
             segments = _segments(path, depth)
             n = len(route.segments)
             request.prepath = request.prepath + segments[:n]
