@@ -366,6 +366,7 @@ class PoolAdminTests(SynchronousTestCase):
         self.assertEqual((code, body["weight"]), (200, 5))
         code, _, _, _ = self.admin.request("DELETE", "/api/backends/3?pool=api")
         self.assertEqual(code, 204)
+        self.assertIn("backend 3 http://127.0.0.1:9003 of pool api once", formatEvent(self.admin.events[-1]))
         self.assertIsNone(self.api.get("3"))
         code, body, _, _ = self.admin.request("GET", "/api/backends/3")
         self.assertEqual(code, 404, body)
@@ -376,6 +377,7 @@ class PoolAdminTests(SynchronousTestCase):
             {"pool": "api", "add": [{"url": "http://127.0.0.1:9004"}], "remove": ["1"]},
         )
         self.assertEqual((code, body["added"], body["removed"]), (200, ["3"], ["1"]))
+        self.assertIn("bulk change of pool api: 1 added", formatEvent(self.admin.events[-1]))
         self.assertIsNone(self.api.get("1"))
         self.assertEqual([b.url for b in self.admin.group], ONE)
 

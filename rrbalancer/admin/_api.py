@@ -327,8 +327,9 @@ class AdminAPI:
         for backend in removes:
             self.group.retire(backend, reason)
         self.log.info(
-            "admin {peer}: bulk change: {added} added, {changed} changed, {removed} removed",
+            "admin {peer}: bulk change{where}: {added} added, {changed} changed, {removed} removed",
             peer=peer,
+            where=f" of pool {self.pool}" if self.pool else "",
             added=len(added),
             changed=len(changes),
             removed=len(removes),
@@ -432,11 +433,12 @@ class AdminAPI:
         inFlight = backend.active
         self.group.retire(backend, f"removed by {peer}")
         self.log.info(
-            "admin {peer}: removing backend {id} {url} once its {n} requests in "
-            "flight end: {before} -> removed",
+            "admin {peer}: removing backend {id} {url}{where} once its {n} requests "
+            "in flight end: {before} -> removed",
             peer=peer,
             id=backend.id,
             url=backend.url,
+            where=f" of pool {self.pool}" if self.pool else "",
             n=inFlight,
             before=json.dumps(before, sort_keys=True),
         )
