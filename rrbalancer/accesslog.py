@@ -97,6 +97,7 @@ def jsonFormat(now: float, request) -> str:
             "backend_status": getattr(request, "backendStatus", None),
             "attempts": getattr(request, "attempts", 0),
             "request_id": getattr(request, "requestID", None),
+            "pool": getattr(request, "pool", None),
         },
         ensure_ascii=False,
     )

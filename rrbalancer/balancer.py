@@ -20,7 +20,7 @@ from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
 
 from .backends import CONFIG, BackendGroup, Ejection
-from .config import Config, buildConfig, loadConfig
+from .config import Config, ConfigError, buildConfig, loadConfig
 from .discovery import buildDiscovery
 from .health import HealthChecker
 from .policies import policyFor
@@ -47,6 +47,16 @@ class _HealthService(Service):
     def stopService(self):
         Service.stopService(self)
         self.checker.stop()
+
+
+def _onePool() -> ConfigError:
+    # Pools and routes would be checked and then ignored: a Balancer is one
+    # pool, and the router belongs to the site.
+    return ConfigError(
+        "pool, route: a Balancer is one pool; mount one per pool in your "
+        "resource tree, or build the service (rrbalancer.service.makeService) "
+        "for [[pool]] and [[route]]"
+    )
 
 
 class Balancer(MultiService):
@@ -93,6 +103,8 @@ class Balancer(MultiService):
         if reactor is None:
             from twisted.internet import reactor
         if config is None:
+            if settings.get("pool") or settings.get("route"):
+                raise _onePool()
             settings = dict(settings, backend=list(backends))
             settings.setdefault("admin", "none")
             config = buildConfig(settings, baseDir=os.getcwd())
@@ -143,7 +155,10 @@ class Balancer(MultiService):
         The balancer a TOML file describes (C{overrides} laid over it, as
         flags are).
         """
-        return cls(reactor=reactor, config=loadConfig(path, overrides))
+        config = loadConfig(path, overrides)
+        if config.pools or config.routes:
+            raise _onePool()
+        return cls(reactor=reactor, config=config)
 
     def _upstream(self, backend: BackendConfig) -> BackendProxyResource:
         pool = connectionPool(self.reactor, backend, self.config, self._trust)

@@ -154,7 +154,7 @@ def _checkTogether(config: Config) -> Config:
     """
     The rules that involve more than one setting.
     """
-    if not config.backends and not config.demo and not config.discover:
+    if not config.backends and not config.demo and not config.discover and not config.pools:
         raise ConfigError(
             "no backend: give at least one --backend URL or --discover URL (or try --demo)"
         )
@@ -163,6 +163,10 @@ def _checkTogether(config: Config) -> Config:
             f"dns_min_ttl: {config.dnsMinTTL:g} is more than dns_max_ttl "
             f"({config.dnsMaxTTL:g})"
         )
+    if config.routes or config.pools:
+        from .routing import checkRouting
+
+        checkRouting(config)
     if (
         config.admin is not None
         and config.adminTokenFile is None

@@ -163,6 +163,9 @@ class Metrics:
         measures (optional).
     @param discovery: the discovery sources' service, for how each is doing
         (optional).
+    @param pools: the balancer's L{rrbalancer.pools.Pools}; with pools
+        besides the default, the backend counts and series are every
+        pool's, each series labelled with its pool (optional).
     """
 
     def __init__(
@@ -174,8 +177,10 @@ class Metrics:
         health=None,
         discovery=None,
         limits=None,
+        pools=None,
     ) -> None:
         self.group = group
+        self.pools = pools
         self.limits = limits
         self.site = site
         self.health = health
@@ -192,9 +197,21 @@ class Metrics:
         help = help.replace("\\", "\\\\").replace("\n", "\\n")
         return f"# HELP {shown} {help}\n# TYPE {shown} {kind}\n"
 
+    def _groups(self) -> List[Tuple[Optional[str], BackendGroup]]:
+        """
+        The groups whose backends are shown, with their pool's name; no
+        name (and no pool label) for a balancer of one pool, so that its
+        series are what they always were.
+        """
+        pools = self.pools
+        if pools is None or not pools.config.pools:
+            return [(None, self.group)]
+        return [(name, b.group) for name, b in pools.balancers.items()]
+
     def _lines(self, openMetrics: bool) -> Iterator[str]:
         head = self._head
-        backends = list(self.group)
+        groups = self._groups()
+        backends = [b for _, group in groups for b in group]
 
         def one(name: str, kind: str, help: str, value, labels: str = "") -> str:
             sample = name + "_total" if kind == "counter" else name
@@ -280,8 +297,23 @@ class Metrics:
         yield head("rrbalancer_backends", "gauge", "Backends in each state.", openMetrics)
         for state, count in counts.items():
             yield f'rrbalancer_backends{{state="{state}"}} {count}\n'
+        if groups[0][0] is not None:
+            yield head("rrbalancer_pool_backends", "gauge",
+                       "Backends in each state, by pool.", openMetrics)
+            for pool, group in groups:
+                counts = dict.fromkeys(STATES, 0)
+                for backend in group:
+                    counts[backend.state] += 1
+                for state, count in counts.items():
+                    yield (f'rrbalancer_pool_backends{{pool="{_label(pool)}",'
+                           f'state="{state}"}} {count}\n')
         if self.perBackend:
-            names = [f'{{backend="{_label(b.url)}"' for b in backends]
+            names = [
+                f'{{backend="{_label(b.url)}"'
+                + (f',pool="{_label(pool)}"' if pool is not None else "")
+                for pool, group in groups
+                for b in group
+            ]
             for name, kind, help, samples in BACKEND_FAMILIES:
                 yield head(name, kind, help, openMetrics)
                 sample = name + "_total" if kind == "counter" else name

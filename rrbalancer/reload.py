@@ -43,6 +43,8 @@ class Reloader:
     Backends the file lists are owned by L{CONFIG}; one that another
     owner (the API, a discovery source) lists too stays when the file drops
     it.
+    @param pools: the L{rrbalancer.pools.Pools}, whose pools follow the
+        balancing settings they take from the top level; or None.
     """
 
     log = Logger()
@@ -53,8 +55,10 @@ class Reloader:
         group: BackendGroup,
         load: Optional[Callable[[], Config]] = None,
         onAdded: Callable[[Backend], None] = lambda backend: None,
+        pools=None,
     ) -> None:
         self.config = config
+        self.pools = pools
         self.group = group
         self._load = load
         self.onAdded = onAdded
@@ -149,6 +153,8 @@ class Reloader:
                 new.panicThreshold,
             )
             changed.append("balancing")
+        if self.pools is not None:
+            changed.extend(self.pools.rebalance(new))
         ignored = [
             f.name
             for f in fields(Config)

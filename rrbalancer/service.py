@@ -22,6 +22,7 @@ from .demo import DemoBackends
 from .listeners import Listener
 from .memory import heapGuard, settleMemory
 from .metrics import Metrics
+from .pools import Pools
 from .reload import Reloader
 from .settings import readAdminToken
 from .signals import SignalHandlers
@@ -62,8 +63,10 @@ class BalancerService(MultiService):
 
     @ivar config: the settings it was built from.
     @ivar balancer: the backends, their health checks and the proxy
-        resource (L{Balancer}).
-    @ivar site: the client-facing site serving the balancer's resource.
+        resource (L{Balancer}): the pool named default.
+    @ivar pools: the other pools and the router in front of every pool
+        (L{Pools}).
+    @ivar site: the client-facing site serving the router.
     @ivar listeners: a L{Listener} per C{--port}.
     @ivar reloader: applies the config file again (SIGHUP, the API).
     @ivar signals: SIGHUP reloads and reopens the access log, SIGUSR1
@@ -98,8 +101,10 @@ class BalancerService(MultiService):
         self._clock = reactor
         self.balancer = Balancer(reactor=reactor, config=config)
         self.balancer.setServiceParent(self)
+        self.pools = Pools(config, reactor, self.balancer)
+        self.pools.setServiceParent(self)
         self.site = BalancerSite(
-            self.balancer.resource(),
+            self.pools.resource(),
             reactor,
             accessLog=config.accessLog,
             accessLogFormat=config.accessLogFormat,
@@ -120,7 +125,7 @@ class BalancerService(MultiService):
         if config.demo:
             self.demo = DemoBackends(self.group, reactor)
             self.demo.setServiceParent(self)
-        self.reloader = Reloader(config, self.group, onAdded=self.checkNow)
+        self.reloader = Reloader(config, self.group, onAdded=self.checkNow, pools=self.pools)
         self.metrics = Metrics(
             self.group,
             self.site,
@@ -129,6 +134,7 @@ class BalancerService(MultiService):
             self.healthChecker,
             self.discovery,
             self.balancer.limits,
+            pools=self.pools,
         )
         if config.admin is not None:
             # Before the client ports: an admin port in use stops the start
@@ -239,17 +245,22 @@ class BalancerService(MultiService):
     def stopService(self):
         # The site stops (closing its access log) with its last port; hold
         # it started until the requests in flight are done, so that they
-        # are logged too.  The balancer (its checks and pools) stops last.
+        # are logged too.  The balancers (their checks and connection pools)
+        # stop last.
         site = self.site
         holding = site.numPorts > 0
         if holding:
             site.doStart()
         Service.stopService(self)
+        last = (self.balancer, self.pools)
         d = DeferredList(
-            [maybeDeferred(s.stopService) for s in reversed(list(self)) if s is not self.balancer]
+            [maybeDeferred(s.stopService) for s in reversed(list(self)) if s not in last]
         )
         d.addCallback(lambda _: self._drain())
-        d.addCallback(lambda _: self.balancer.stopService())
+        d.addCallback(
+            lambda _: DeferredList([maybeDeferred(s.stopService) for s in last])
+        )
+        d.addCallback(lambda _: None)
         if holding:
             d.addBoth(lambda result: (site.doStop(), result)[1])
         return d

@@ -433,6 +433,24 @@ def parseDiscover(value: Any, name: str = "discover") -> tuple:
     return parseSources(value, name)
 
 
+def parsePools(value: Any, name: str = "pool") -> tuple:
+    """
+    C{[[pool]]} tables (L{rrbalancer.pools}).
+    """
+    from .pools import parsePools
+
+    return parsePools(value, name)
+
+
+def parseRoutes(value: Any, name: str = "route") -> tuple:
+    """
+    C{[[route]]} tables (L{rrbalancer.routing}).
+    """
+    from .routing import parseRoutes
+
+    return parseRoutes(value, name)
+
+
 def parseVia(value: Any, name: str) -> Optional[str]:
     """
     A Via pseudonym: C{auto}, C{none}, or a token.
@@ -804,13 +822,26 @@ SETTINGS: Tuple[Setting, ...] = (
        "headers). TOML: [[limit]] tables with those keys. Repeatable.",
        flag="rate-limit", repeatable=True, reloadable=False,
        metavar="RATE[,burst=N][,key=K]..."),
+    _s("pool", "pools", parsePools, (),
+       "TOML only: [[pool]] tables, each a group of backends of its own with its "
+       "own health checks and policy: name, [[pool.backend]] (as [[backend]]), "
+       "balance (default: balance) and a [pool.health] table (default: [health]). "
+       "The top-level backends are the pool named default. A change needs a "
+       "restart.", flag=""),
+    _s("route", "routes", parseRoutes, (),
+       "TOML only: [[route]] tables sending requests to a pool: host (exact or "
+       "*.example.com), path_prefix (whole segments), methods, pool (or split, a "
+       "list of {pool, weight}), strip_prefix and priority. Tried by priority, "
+       "then exact host, wildcard host, none, then the longest prefix, then file "
+       "order; unmatched requests go to the default pool, or get 404 without one. "
+       "A change needs a restart.", flag=""),
     _s("access_log", "accessLog", logFile, None,
        "Write an NCSA combined access log here; - is standard output.",
        path=True, metavar="PATH"),
     _s("access_log_format", "accessLogFormat", oneOf("combined", "json"), "combined",
        "combined: NCSA combined lines; json: one JSON object a line with time, "
        "client, method, target, protocol, status, bytes, duration_ms, backend, "
-       "backend_status, attempts and request_id.", metavar="combined|json"),
+       "backend_status, attempts, request_id and pool.", metavar="combined|json"),
     _s("request_id_header", "requestIDHeader", parseHeaderName, "X-Request-ID",
        "A request's id: kept from this header, or made when absent; sent to the "
        "backend and logged. none turns it off.", metavar="NAME|none"),

@@ -142,9 +142,15 @@ def check(config) -> None:
     backends = len(config.backends)
     sources = len(config.discover)
     found = f"{sources} discovery source{'s' * (sources != 1)}, " if sources else ""
+    routing = ""
+    if config.pools or config.routes:
+        pools, routes = len(config.pools), len(config.routes)
+        routing = (
+            f", {pools} more pool{'s' * (pools != 1)}, {routes} route{'s' * (routes != 1)}"
+        )
     print(
         f"rrbalancer: configuration OK ({backends} backend{'s' * (backends != 1)}, "
-        f"{found}{listeners} listener{'s' * (listeners != 1)})"
+        f"{found}{listeners} listener{'s' * (listeners != 1)}{routing})"
     )
     raise SystemExit(0)
 

@@ -636,6 +636,8 @@ class ConfigFileTests(ConfigErrorMixin, TestCase):
         config = loadConfig(os.path.join(here, "balancer.toml"))
         self.assertEqual(len(config.backends), 3)
         self.assertEqual([b.backup for b in config.backends], [False, False, True])
+        self.assertEqual([(p.name, len(p.backends)) for p in config.pools], [("api", 2)])
+        self.assertEqual([(r.pathPrefix, r.pool) for r in config.routes], [("/api", "api")])
 
 
 class FileLineTests(ConfigErrorMixin, TestCase):

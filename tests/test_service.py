@@ -886,7 +886,8 @@ class AccessLogTests(RealNetworkMixin, TestCase):
             sorted(first),
             sorted(
                 ["time", "client", "method", "target", "protocol", "status", "bytes",
-                 "duration_ms", "backend", "backend_status", "attempts", "request_id"]
+                 "duration_ms", "backend", "backend_status", "attempts", "request_id",
+                 "pool"]
             ),
         )
         self.assertEqual(
@@ -896,6 +897,7 @@ class AccessLogTests(RealNetworkMixin, TestCase):
                 "protocol": "HTTP/1.1", "status": 200,
                 "bytes": len(b"hello from the backend\n"), "backend": self.backendURL,
                 "backend_status": 200, "attempts": 1, "request_id": "r-1",
+                "pool": "default",
             },
         )
         self.assertRegex(first["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00$")

@@ -8,6 +8,7 @@ L{APIError} whose message names the problem, and a request that fails
 changes nothing.
 """
 
+import copy
 import json
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -187,6 +188,28 @@ class AdminAPI:
         self.healthChecker = healthChecker
         self.discovery = discovery
         self.started = clock.seconds()
+        self.pool: Optional[str] = None
+
+    def inPool(self, name: Optional[str]) -> "AdminAPI":
+        """
+        The same API over one pool's backends (L{rrbalancer.pools}): this
+        one for None and for the default pool.
+        """
+        pools = getattr(self.service, "pools", None)
+        if name is None or (pools is None and name == "default"):
+            return self
+        if not isinstance(name, str):
+            raise APIError(400, f"pool: expected a pool's name, got {name!r}")
+        balancer = pools.balancers.get(name) if pools is not None else None
+        if balancer is None:
+            raise APIError(404, f"pool: no pool named {name!r}")
+        if balancer.group is self.group:
+            return self
+        api = copy.copy(self)
+        api.group = balancer.group
+        api.healthChecker = balancer.healthChecker
+        api.pool = name
+        return api
 
     def checkNow(self, backend: Backend) -> None:
         """
@@ -205,11 +228,12 @@ class AdminAPI:
 
     def _logChange(self, peer: str, action: str, backend: Backend, before, after) -> None:
         self.log.info(
-            "admin {peer}: {action} backend {id} {url}: {before} -> {after}",
+            "admin {peer}: {action} backend {id} {url}{where}: {before} -> {after}",
             peer=peer,
             action=action,
             id=backend.id,
             url=backend.url,
+            where=f" of pool {self.pool}" if self.pool else "",
             before=json.dumps(before, sort_keys=True) if before else "absent",
             after=json.dumps(after, sort_keys=True) if after else "removed",
         )
@@ -315,8 +339,9 @@ class AdminAPI:
         for backend in removes:
             self.group.retire(backend, reason)
         self.log.info(
-            "admin {peer}: bulk change: {added} added, {changed} changed, {removed} removed",
+            "admin {peer}: bulk change{where}: {added} added, {changed} changed, {removed} removed",
             peer=peer,
+            where=f" of pool {self.pool}" if self.pool else "",
             added=len(added),
             changed=len(changes),
             removed=len(removes),
@@ -422,11 +447,12 @@ class AdminAPI:
         inFlight = backend.active
         self.group.retire(backend, f"removed by {peer}")
         self.log.info(
-            "admin {peer}: removing backend {id} {url} once its {n} requests in "
-            "flight end: {before} -> removed",
+            "admin {peer}: removing backend {id} {url}{where} once its {n} requests "
+            "in flight end: {before} -> removed",
             peer=peer,
             id=backend.id,
             url=backend.url,
+            where=f" of pool {self.pool}" if self.pool else "",
             n=inFlight,
             before=json.dumps(before, sort_keys=True),
         )
@@ -461,7 +487,10 @@ class AdminAPI:
         inFlight = None
         config = None
         limits: List[Dict[str, Any]] = []
+        routing: Dict[str, Any] = {"pools": [], "routes": []}
         if service is not None:
+            if getattr(service, "pools", None) is not None:
+                routing = service.pools.status()
             for limiter in service.balancer.limits.limiters:
                 limits.append(
                     {"limit": limiter.limit.describe(), "keys": len(limiter),
@@ -508,6 +537,8 @@ class AdminAPI:
             },
             "slow_start": self.group.slowStart,
             "rate_limits": limits,
+            "pools": routing["pools"],
+            "routes": routing["routes"],
             "queue": _queueJSON(self.group),
             "ejection": {
                 "after": self.group.ejection.after,

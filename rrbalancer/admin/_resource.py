@@ -174,7 +174,7 @@ class AdminResource(Resource):
             except ValueError:
                 raise APIError(400, f"{name}: expected a whole number, got {value!r}") from None
 
-        answer = self.api.listBackends(
+        answer = self._api(request).listBackends(
             state=arg("state"),
             match=arg("q"),
             offset=number("offset", 0),
@@ -194,30 +194,38 @@ class AdminResource(Resource):
         return self._respond(request, answer, write)
 
     def _bulk(self, request) -> bytes:
-        answer = self.api.bulk(self._body(request), self._peer(request))
+        body = self._body(request)
+        api = self._api(request, body)
+        answer = api.bulk(body, self._peer(request))
         return self._respond(request, answer, lambda v: self._json(request, 200, v))
 
     def _addBackend(self, request) -> bytes:
+        body = self._body(request)
+        api = self._api(request, body)
+        pool = getattr(api, "pool", None)
+
         def write(answer) -> bytes:
-            request.setHeader(b"location", f"/api/backends/{answer['id']}".encode("ascii"))
+            location = f"/api/backends/{answer['id']}"
+            if pool:
+                location += f"?pool={pool}"
+            request.setHeader(b"location", location.encode("ascii"))
             return self._json(request, 201, answer)
 
-        return self._respond(
-            request, self.api.addBackend(self._body(request), self._peer(request)), write
-        )
+        return self._respond(request, api.addBackend(body, self._peer(request)), write)
 
     def _getBackend(self, request, backendID: str) -> bytes:
         return self._respond(
-            request, self.api.getBackend(backendID), lambda v: self._json(request, 200, v)
+            request, self._api(request).getBackend(backendID), lambda v: self._json(request, 200, v)
         )
 
     def _changeBackend(self, request, backendID: str) -> bytes:
         # An unknown id is a 404 even when the body is bad too.
-        found = self.api.getBackend(backendID)
+        api = self._api(request)
+        found = api.getBackend(backendID)
 
         def change(_):
             body = self._body(request)
-            return self.api.changeBackend(backendID, body, self._peer(request))
+            return api.changeBackend(backendID, body, self._peer(request))
 
         if isinstance(found, Deferred):
             answer = found.addCallback(change)
@@ -230,7 +238,27 @@ class AdminResource(Resource):
             request.setResponseCode(204)
             return b""
 
-        return self._respond(request, self.api.removeBackend(backendID, self._peer(request)), write)
+        return self._respond(
+            request, self._api(request).removeBackend(backendID, self._peer(request)), write
+        )
+
+    def _api(self, request, body: Any = None):
+        """
+        The API over the pool a request names: C{?pool=NAME}, or a
+        C{"pool"} field of its JSON object (taken out of it); the default
+        pool's without either.
+        """
+        values = request.args.get(b"pool")
+        name = values[0].decode("utf-8", "replace") if values else None
+        if isinstance(body, dict) and "pool" in body:
+            name = body.pop("pool")
+        inPool = getattr(self.api, "inPool", None)
+        if inPool is None:
+            # The workers' API fronts the default pool only.
+            if name not in (None, "default"):
+                raise APIError(400, f"pool {name!r}: with --workers the API manages the default pool only")
+            return self.api
+        return inPool(name)
 
     # -- answers -------------------------------------------------------------
 

@@ -1,0 +1,259 @@
+"""
+Pools: more than one group of backends behind one balancer, each with its
+own health checks and policy (HAProxy's backends, NGINX's upstreams,
+Envoy's clusters), chosen per request by L{rrbalancer.routing}.
+
+The top-level backends are the pool named C{default}, so that a file
+without C{[[pool]]} tables means what it always meant.  Every other pool is
+a whole L{Balancer} built from the running L{Config} with the pool's own
+backends, policy and checks laid over it: one more pool is one more of the
+object every single-pool balancer already is, not new machinery.
+"""
+
+from dataclasses import dataclass, replace
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from twisted.application.service import MultiService
+from twisted.logger import Logger
+
+from .backends import UP
+from .settings import (
+    BackendConfig,
+    ConfigError,
+    _nearest,
+    parseBackends,
+    parsePolicy,
+    settingsIn,
+    string,
+)
+
+DEFAULT = "default"
+POOL_KEYS = ("name", "backend", "balance", "health")
+_NAME = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """
+    One C{[[pool]]} table as the operator wrote it.
+
+    @ivar balance: its policy, or None for the top-level C{balance}.
+    @ivar health: the C{[pool.health]} keys it gives, as (attribute, value)
+        pairs; the others are the top-level C{[health]}'s, so that a pool
+        states only how its checks differ.
+    """
+
+    name: str
+    backends: Tuple[BackendConfig, ...]
+    balance: Optional[str] = None
+    health: Tuple[Tuple[str, Any], ...] = ()
+
+    def configFor(self, config):
+        """
+        The L{Config} of this pool's L{Balancer}: the running one, with the
+        pool's backends, policy and checks.  Client rate limits are the
+        balancer's, not each pool's, so they are left out here and shared.
+        A sticky cookie has the pool's name in its own: with one name for
+        all, a client's visit to another pool would unstick it from its
+        backend in this one.
+        """
+        sticky = config.stickyCookie
+        return replace(
+            config,
+            backends=self.backends,
+            balance=self.balance or config.balance,
+            health=replace(config.health, **dict(self.health)),
+            stickyCookie=f"{sticky}-{self.name}" if sticky is not None else None,
+            limits=(),
+            pools=(),
+            routes=(),
+        )
+
+
+def _poolName(value: Any, where: str) -> str:
+    name = string(value, f"{where}: name").strip()
+    if not name or not _NAME.issuperset(name):
+        raise ConfigError(f"{where}: name {name!r} is not a pool name (letters, digits, -_.)")
+    return name
+
+
+def parsePool(spec: Any, number: int) -> PoolConfig:
+    where = f"pool {number}"
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"{where}: expected a [[pool]] table, got {spec!r}")
+    unknown = sorted(set(spec) - set(POOL_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key {unknown[0]!r}{_nearest(unknown[0], POOL_KEYS)}"
+        )
+    if "name" not in spec:
+        raise ConfigError(f"{where}: every pool needs a name")
+    name = _poolName(spec["name"], where)
+    where = f"pool {name}"
+    if name == DEFAULT:
+        raise ConfigError(
+            f"{where}: the top-level [[backend]] list is the pool named {DEFAULT}; "
+            "give this pool another name"
+        )
+    if not spec.get("backend"):
+        raise ConfigError(f"{where}: no backends; give it at least one [[pool.backend]]")
+    try:
+        backends = parseBackends(spec["backend"], "pool.backend")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    balance = None
+    if "balance" in spec:
+        balance = parsePolicy(spec["balance"], f"{where}: balance")
+    health = spec.get("health", {})
+    if not isinstance(health, Mapping):
+        raise ConfigError(f"{where}: health: expected a [pool.health] table")
+    declared = {s.name: s for s in settingsIn("health")}
+    overrides = []
+    for key, value in health.items():
+        setting = declared.get(key)
+        if setting is None:
+            raise ConfigError(
+                f"{where}: health: unknown setting {key!r}{_nearest(key, declared)}"
+            )
+        overrides.append((setting.attr, setting.parse(value, f"{where}: health.{key}")))
+    return PoolConfig(name, backends, balance, tuple(overrides))
+
+
+def parsePools(value: Any, name: str = "pool") -> Tuple[PoolConfig, ...]:
+    if isinstance(value, Mapping):
+        raise ConfigError(f"{name}: a single [{name}] table; write [[{name}]] (one per pool)")
+    pools = tuple(parsePool(spec, n) for n, spec in enumerate(_asList(value), 1))
+    seen = set()
+    for pool in pools:
+        if pool.name in seen:
+            raise ConfigError(f"pool {pool.name}: two pools have that name")
+        seen.add(pool.name)
+    return pools
+
+
+def _asList(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def poolNames(config) -> Tuple[str, ...]:
+    """
+    The pools a config has: C{default} when it has top-level backends (or
+    the demo's), then its C{[[pool]]}s in file order.
+    """
+    names = tuple(p.name for p in config.pools)
+    if config.backends or config.demo:
+        return (DEFAULT,) + names
+    return names
+
+
+class Pools(MultiService):
+    """
+    The balancer's pools and the router in front of them.
+
+    The default pool's L{Balancer} is the service's own (it has the admin
+    API, the metrics and the reload); this holds the others as children,
+    so that they start and stop together.
+
+    @ivar balancers: every pool's L{Balancer} by name, the default's
+        included when there is one.
+    @ivar router: the L{rrbalancer.routing.Router} a site serves.
+    """
+
+    log = Logger()
+
+    def __init__(self, config, reactor, default) -> None:
+        from .balancer import Balancer
+        from .routing import Router, byPrecedence
+
+        MultiService.__init__(self)
+        self.config = config
+        self.balancers: Dict[str, Any] = {}
+        if DEFAULT in poolNames(config):
+            self.balancers[DEFAULT] = default
+        for pool in config.pools:
+            balancer = Balancer(reactor=reactor, config=pool.configFor(config))
+            # One set of client limits for the whole balancer, whichever
+            # pool a request goes to.
+            balancer.limits = default.limits
+            balancer.resource().limits = default.limits
+            balancer.setServiceParent(self)
+            self.balancers[pool.name] = balancer
+        self.routes = byPrecedence(config.routes)
+        self.router = Router(
+            self.routes, {name: b.resource() for name, b in self.balancers.items()}
+        )
+
+    def resource(self):
+        return self.router
+
+    def startService(self) -> None:
+        for pool in self.config.pools:
+            balancer = self.balancers[pool.name]
+            health = balancer.config.health
+            self.log.info(
+                "pool {name}: {n} backends by {policy}; health checks: {checks}",
+                name=pool.name,
+                n=len(balancer.group),
+                policy=balancer.config.balance,
+                checks=f"GET {health.path} every {health.interval:g}s" if health.enabled else "off",
+            )
+        for route in self.routes:
+            self.log.info("{route}", route=route.describe())
+        routed = {pool for route in self.routes for pool in route.pools}
+        for pool in self.config.pools:
+            if pool.name not in routed:
+                self.log.warn(
+                    "pool {name}: no route leads to it, so it takes no requests",
+                    name=pool.name,
+                )
+        MultiService.startService(self)
+
+    def rebalance(self, new) -> List[str]:
+        """
+        Apply a reload's balancing settings (L{rrbalancer.reload.BALANCING})
+        to the pools that take them from the top level: the pools themselves
+        are as they started (a change to them needs a restart), so a pool's
+        own C{balance} stays, and one that named none follows the file.
+
+        @return: what changed, as the reload reports it.
+        """
+        from .backends import Ejection
+        from .policies import policyFor
+        from .reload import BALANCING
+
+        changed = []
+        for pool in self.config.pools:
+            balancer = self.balancers[pool.name]
+            config = pool.configFor(new)
+            if all(getattr(config, n) == getattr(balancer.config, n) for n in BALANCING):
+                continue
+            balancer.group.rebalance(
+                policyFor(config, balancer.reactor),
+                Ejection.fromConfig(config),
+                config.slowStart,
+                config.panicThreshold,
+            )
+            balancer.config = replace(
+                balancer.config, **{n: getattr(config, n) for n in BALANCING}
+            )
+            changed.append(f"balancing of pool {pool.name}")
+        return changed
+
+    def status(self) -> Dict[str, List[Dict[str, Any]]]:
+        """
+        The pools with their backends' counts, and the routes in the order
+        they are tried: what C{GET /api/status} shows.
+        """
+        pools = []
+        for name, balancer in self.balancers.items():
+            backends = list(balancer.group)
+            pools.append(
+                {
+                    "name": name,
+                    "balance": balancer.group.policy.name,
+                    "backends": len(backends),
+                    "up": sum(1 for b in backends if b.state == UP),
+                    "available": sum(1 for b in backends if b.available),
+                }
+            )
+        return {"pools": pools, "routes": [route.json() for route in self.routes]}

@@ -1,0 +1,436 @@
+"""
+Tests for L{rrbalancer.pools}: C{[[pool]]} tables, and the balancer each
+one becomes.
+"""
+
+from dataclasses import replace
+
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openMetricsFamilies,
+)
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.logger import Logger, formatEvent
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from treq.testing import StubTreq
+
+from rrbalancer.admin import AdminAPI, AdminResource
+from rrbalancer.config import BackendConfig, ConfigError, buildConfig
+from rrbalancer.metrics import MetricsResource
+from rrbalancer.pools import PoolConfig, parsePools
+from rrbalancer.reload import Reloader
+from rrbalancer.service import makeService
+
+from .support import Net, ScriptedBackend, exchange, memoryReactor, ok, reply
+from .test_admin import InMemoryAdmin, poll
+from .test_routing import startRouted
+
+ONE = ["http://127.0.0.1:8081"]
+API = {"name": "api", "backend": [{"url": "http://127.0.0.1:9001", "weight": 2},
+                                  "http://127.0.0.1:9002,backup"]}
+
+API_POOL = parsePools([API])[0]
+
+
+def config(**settings):
+    settings.setdefault("backend", ONE)
+    settings.setdefault("admin", "none")
+    return buildConfig(settings)
+
+
+class ParseTests(SynchronousTestCase):
+    def test_backendsAsTopLevel(self):
+        """
+        A pool's backends are written as the top-level ones, tables or the
+        command line's strings, and parsed by the same function.
+        """
+        (pool,) = parsePools([API])
+        self.assertEqual(pool, PoolConfig("api", (
+            BackendConfig("http://127.0.0.1:9001", weight=2),
+            BackendConfig("http://127.0.0.1:9002", backup=True),
+        )))
+
+    def test_defaultsAreTopLevel(self):
+        """
+        Without balance or [pool.health], a pool balances and checks as the
+        top level does; what it gives replaces only those keys.
+        """
+        c = config(
+            balance="p2c", health={"interval": 7, "path": "/up"},
+            pool=[API, dict(API, name="b", balance="random", health={"interval": 1, "rise": 4})],
+        )
+        first, second = (p.configFor(c) for p in c.pools)
+        self.assertEqual((first.balance, first.health), ("p2c", c.health))
+        self.assertEqual(second.balance, "random")
+        self.assertEqual(
+            second.health, replace(c.health, interval=1.0, rise=4)
+        )
+        self.assertEqual(second.health.path, "/up")
+        self.assertEqual(second.backends, c.pools[1].backends)
+        self.assertEqual((second.pools, second.routes, second.limits), ((), (), ()))
+
+    def test_stickyCookiePerPool(self):
+        """
+        Each pool has a sticky cookie of its own, so that a client keeps its
+        backend in each pool it visits.
+        """
+        service = makeService(config(pool=[API], sticky_cookie="rr"), memoryReactor())
+        balancers = service.pools.balancers
+        self.assertEqual(
+            (balancers["default"].resource().sticky.name, balancers["api"].resource().sticky.name),
+            (b"rr", b"rr-api"),
+        )
+        self.assertIsNone(API_POOL.configFor(config()).stickyCookie)
+
+    def test_poolsAloneAreEnough(self):
+        """
+        Pools without top-level backends make a balancer without a default
+        pool.
+        """
+        c = buildConfig({"pool": [API], "route": [{"pool": "api"}], "admin": "none"})
+        self.assertEqual((c.backends, len(c.pools)), ((), 1))
+
+    def test_mistakes(self):
+        for pools, message in [
+            ({"name": "api"}, "pool: a single [pool] table; write [[pool]] (one per pool)"),
+            ([{"backend": ONE}], "pool 1: every pool needs a name"),
+            ([{"name": "a b", "backend": ONE}], "pool 1: name 'a b' is not a pool name"),
+            ([{"name": "api"}], "pool api: no backends; give it at least one [[pool.backend]]"),
+            ([{"name": "api", "backend": []}], "pool api: no backends"),
+            ([{"name": "default", "backend": ONE}], "pool default: the top-level [[backend]]"),
+            ([API, API], "pool api: two pools have that name"),
+            ([dict(API, balanse="p2c")], "pool 1: unknown key 'balanse' (did you mean 'balance'?)"),
+            ([dict(API, balance="fastest")], "pool api: balance: 'fastest' is not a policy"),
+            ([dict(API, health={"interval": 0})], "pool api: health.interval: must be greater than 0"),
+            ([dict(API, health={"intervl": 1})], "pool api: health: unknown setting 'intervl'"),
+            ([dict(API, backend=["ftp://x"])], "pool api: backend: 'ftp://x' must start with"),
+            ([dict(API, backend=[ONE[0], ONE[0]])], "pool api: pool.backend: http://127.0.0.1:8081 is listed twice"),
+        ]:
+            e = self.assertRaises(ConfigError, buildConfig, {"backend": ONE, "pool": pools})
+            self.assertIn(message, str(e))
+
+
+class PoolsServiceTests(SynchronousTestCase):
+    def build(self, **settings):
+        settings.setdefault("port", "tcp:0:interface=127.0.0.1")
+        return makeService(config(**settings), memoryReactor())
+
+    def test_eachPoolABalancer(self):
+        """
+        Each pool is a balancer of its own with its backends, policy and
+        health checks; client rate limits are the service's, shared.
+        """
+        service = self.build(
+            health={"interval": 3}, limit=[{"rate": 5}],
+            pool=[dict(API, balance="least-conn", health={"interval": 11})],
+        )
+        default, api = service.pools.balancers["default"], service.pools.balancers["api"]
+        self.assertIs(default, service.balancer)
+        self.assertEqual([b.url for b in api.group], ["http://127.0.0.1:9001", "http://127.0.0.1:9002"])
+        self.assertEqual([b.url for b in default.group], ONE)
+        self.assertEqual(api.group.policy.name, "least-conn")
+        self.assertEqual(default.group.policy.name, "round-robin")
+        self.assertEqual((api.config.health.interval, default.config.health.interval), (11, 3))
+        self.assertIsNotNone(api.healthChecker)
+        self.assertIsNot(api.healthChecker, default.healthChecker)
+        self.assertIs(api.resource().limits, default.limits)
+        self.assertEqual(len(default.limits.limiters), 1)
+        self.assertIs(service.site.resource, service.pools.router)
+
+    def test_startsAndStopsWithTheService(self):
+        service = self.build(pool=[API])
+        api = service.pools.balancers["api"]
+        service.startService()
+        self.assertTrue(api.running)
+        service.stopService()
+        self.assertFalse(api.running)
+
+    def test_status(self):
+        """
+        C{GET /api/status} lists the pools with their backends' counts,
+        and the routes in the order they are tried.
+        """
+        service = self.build(
+            pool=[API],
+            route=[{"path_prefix": "/api", "pool": "api"},
+                   {"host": "*.example.com", "pool": "default", "methods": ["GET"]}],
+        )
+        api = service.pools.balancers["api"]
+        api.group.byServer(api.config.backends[0]).healthy = True
+        status = AdminAPI(service.group, Clock(), service=service).status()
+        self.assertEqual(
+            [(p["name"], p["backends"], p["balance"]) for p in status["pools"]],
+            [("default", 1, "round-robin"), ("api", 2, "round-robin")],
+        )
+        self.assertEqual(
+            [r["route"] for r in status["routes"]], [2, 1]
+        )
+        self.assertEqual(status["routes"][0], {
+            "route": 2, "host": "*.example.com", "path_prefix": None, "methods": ["GET"],
+            "pool": "default", "split": None, "strip_prefix": False, "priority": 0,
+        })
+
+    def test_noDefault(self):
+        service = self.build(backend=[], pool=[API], route=[{"pool": "api"}])
+        self.assertEqual(list(service.pools.balancers), ["api"])
+        self.assertEqual(len(service.group), 0)
+
+
+class ReloadTests(SynchronousTestCase):
+    def test_poolsAndRoutesNeedARestart(self):
+        """
+        A reload that finds the pools or the routes changed applies the
+        rest and says, in the log and the answer, that those need a restart.
+        """
+        old = config(pool=[API], route=[{"path_prefix": "/a", "pool": "api"}])
+        new = config(
+            backend=ONE + ["http://127.0.0.1:8082"],
+            pool=[dict(API, balance="random")],
+            route=[{"path_prefix": "/b", "pool": "api"}],
+        )
+        service = makeService(old, memoryReactor())
+        events = []
+        reloader = Reloader(old, service.group, load=lambda: new)
+        reloader.log = reloader.log.__class__(observer=events.append)
+        result = reloader.reload()
+        self.assertEqual(result["added"], ["http://127.0.0.1:8082"])
+        self.assertEqual(sorted(result["ignored"]), ["pools", "routes"])
+        self.assertIn("needs a restart, not applied: pools, routes", formatEvent(events[-1]))
+
+    def test_inheritedBalancingFollows(self):
+        """
+        A reload's balancing settings reach the pools that take them from
+        the top level, and only those.
+        """
+        old = config(pool=[API, dict(API, name="own", balance="random")])
+        new = config(
+            pool=[API, dict(API, name="own", balance="random")],
+            balance="least-conn", slow_start=30,
+        )
+        service = makeService(old, memoryReactor())
+        self.assertIs(service.reloader.pools, service.pools)
+        result = Reloader(old, service.group, load=lambda: new, pools=service.pools).reload()
+        self.assertEqual(
+            result["changed"], ["balancing", "balancing of pool api", "balancing of pool own"]
+        )
+        self.assertEqual(result["ignored"], [])
+        api, own = service.pools.balancers["api"], service.pools.balancers["own"]
+        self.assertEqual(
+            (service.group.policy.name, api.group.policy.name, own.group.policy.name),
+            ("least-conn", "least-conn", "random"),
+        )
+        self.assertEqual((api.group.slowStart, own.group.slowStart), (30, 30))
+        self.assertEqual(api.config.balance, "least-conn")
+        again = Reloader(new, service.group, load=lambda: new, pools=service.pools).reload()
+        self.assertEqual(again["changed"], [])
+
+
+class PoolHealthTests(TestCase):
+    """
+    A pool's checks are its own, on real sockets.
+    """
+
+    def setUp(self):
+        self.net = Net(self)
+
+    @inlineCallbacks
+    def test_ownChecks(self):
+        """
+        With checks off at the top level and on in [pool.health], the
+        pool's dead backend is taken out and its requests go to the live
+        one, while the default pool's dead backend, unchecked, stays up.
+        """
+        live = ScriptedBackend(self.net, reply(ok(b"live")))
+        dead = f"http://127.0.0.1:{self.net.refusingPort()}"
+        service, port = yield startRouted(self.net, {
+            "backend": [f"http://127.0.0.1:{self.net.refusingPort()}"],
+            "eject_after": 0,
+            "pool": [{
+                "name": "api", "backend": [dead, live.url],
+                "health": {"enabled": True, "interval": 0.05, "timeout": 1, "fall": 1,
+                           "rise": 1, "jitter": 0},
+            }],
+            "route": [{"path_prefix": "/api", "pool": "api"}],
+        })
+        api = service.pools.balancers["api"].group
+        (deadBackend,) = [b for b in api if b.url == dead]
+        yield poll(lambda: deadBackend.state == "down", timeout=5, what="the check")
+        retries = api.retries
+        for _ in range(4):
+            response = yield exchange(
+                self.net, port, b"GET /api/x HTTP/1.1\r\nHost: h\r\n\r\n"
+            )
+            self.assertEqual((response.code, response.body), (200, b"live"))
+        # Never tried: the check had taken it out.
+        self.assertEqual((api.retries, deadBackend.state), (retries, "down"))
+        self.assertEqual([b.state for b in service.group], ["up"])
+        self.assertIsNone(service.balancer.healthChecker)
+
+
+class MetricsTests(SynchronousTestCase):
+    def scrape(self, service, openMetrics=False):
+        text = service.metrics.render(openMetrics).decode("utf-8")
+        parse = openMetricsFamilies if openMetrics else text_string_to_metric_families
+        samples = {}
+        for family in parse(text):
+            for sample in family.samples:
+                key = tuple(sorted(sample.labels.items()))
+                samples.setdefault(sample.name, {})[key] = sample.value
+        return samples
+
+    def test_seriesByPool(self):
+        """
+        With pools, every pool's backends are counted and have their series,
+        labelled with their pool (a URL in two pools is two series).
+        """
+        shared = dict(API, name="b", backend=[ONE[0]])
+        service = makeService(config(pool=[API, shared]), memoryReactor())
+        for openMetrics in (False, True):
+            samples = self.scrape(service, openMetrics)
+            self.assertEqual(samples["rrbalancer_backends"][(("state", "up"),)], 4)
+            pools = samples["rrbalancer_pool_backends"]
+            self.assertEqual(
+                {pool: count for ((_, pool), (_, state)), count in pools.items() if state == "up"},
+                {"default": 1, "api": 2, "b": 1},
+            )
+            weights = samples["rrbalancer_backend_weight"]
+            self.assertEqual(weights, {
+                (("backend", ONE[0]), ("pool", "default")): 1,
+                (("backend", "http://127.0.0.1:9001"), ("pool", "api")): 2,
+                (("backend", "http://127.0.0.1:9002"), ("pool", "api")): 1,
+                (("backend", ONE[0]), ("pool", "b")): 1,
+            })
+
+    def test_onePoolUnlabelled(self):
+        """
+        A balancer without pools keeps the series it always had.
+        """
+        service = makeService(config(), memoryReactor())
+        samples = self.scrape(service)
+        self.assertNotIn("rrbalancer_pool_backends", samples)
+        self.assertEqual(
+            list(samples["rrbalancer_backend_weight"]), [(("backend", ONE[0]),)]
+        )
+
+
+class PoolAdmin(InMemoryAdmin):
+    """
+    The admin resource of a whole service with pools, reached with
+    L{StubTreq}.
+    """
+
+    def __init__(self, **settings):
+        self.clock = Clock()
+        self.service = makeService(config(**settings), memoryReactor())
+        self.group = self.service.group
+        self.api = AdminAPI(self.group, self.clock, service=self.service)
+        self.events = []
+        self.api.log = Logger(observer=self.events.append)
+        self.resource = AdminResource(self.api, MetricsResource(self.service.metrics))
+        self.stub = StubTreq(self.resource)
+
+
+class PoolAdminTests(SynchronousTestCase):
+    def setUp(self):
+        self.admin = PoolAdmin(pool=[API], health={"enabled": False})
+        self.api = self.admin.service.pools.balancers["api"].group
+
+    def test_listAPool(self):
+        code, body, _, _ = self.admin.request("GET", "/api/backends?pool=api")
+        self.assertEqual(code, 200)
+        self.assertEqual(
+            [b["url"] for b in body["backends"]],
+            ["http://127.0.0.1:9001", "http://127.0.0.1:9002"],
+        )
+        code, body, _, _ = self.admin.request("GET", "/api/backends")
+        self.assertEqual([b["url"] for b in body["backends"]], ONE)
+        code, body, _, _ = self.admin.request("GET", "/api/backends?pool=default")
+        self.assertEqual([b["url"] for b in body["backends"]], ONE)
+
+    def test_addAndRemoveInAPool(self):
+        """
+        A pool field adds to that pool only; ?pool= names it to change and
+        remove, and the log names it.
+        """
+        code, body, response, _ = self.admin.request(
+            "POST", "/api/backends", {"url": "http://127.0.0.1:9003", "pool": "api", "weight": 3}
+        )
+        self.assertEqual(code, 201, body)
+        self.assertEqual(response.headers.getRawHeaders(b"location"), [b"/api/backends/3?pool=api"])
+        self.assertEqual([b.url for b in self.api][-1], "http://127.0.0.1:9003")
+        self.assertEqual([b.url for b in self.admin.group], ONE)
+        self.assertIn("of pool api", formatEvent(self.admin.events[-1]))
+        code, body, _, _ = self.admin.request("PATCH", "/api/backends/3?pool=api", {"weight": 5})
+        self.assertEqual((code, body["weight"]), (200, 5))
+        code, _, _, _ = self.admin.request("DELETE", "/api/backends/3?pool=api")
+        self.assertEqual(code, 204)
+        self.assertIn("backend 3 http://127.0.0.1:9003 of pool api once", formatEvent(self.admin.events[-1]))
+        self.assertIsNone(self.api.get("3"))
+        code, body, _, _ = self.admin.request("GET", "/api/backends/3")
+        self.assertEqual(code, 404, body)
+
+    def test_bulkInAPool(self):
+        code, body, _, _ = self.admin.request(
+            "POST", "/api/backends/bulk",
+            {"pool": "api", "add": [{"url": "http://127.0.0.1:9004"}], "remove": ["1"]},
+        )
+        self.assertEqual((code, body["added"], body["removed"]), (200, ["3"], ["1"]))
+        self.assertIn("bulk change of pool api: 1 added", formatEvent(self.admin.events[-1]))
+        self.assertIsNone(self.api.get("1"))
+        self.assertEqual([b.url for b in self.admin.group], ONE)
+
+    def test_unknownPool(self):
+        for method, path, body in [
+            ("GET", "/api/backends?pool=nope", None),
+            ("POST", "/api/backends", {"url": "http://127.0.0.1:9005", "pool": "nope"}),
+            ("DELETE", "/api/backends/1?pool=nope", None),
+        ]:
+            code, answer, _, _ = self.admin.request(method, path, body)
+            self.assertEqual((code, answer), (404, {"error": "pool: no pool named 'nope'"}))
+        code, answer, _, _ = self.admin.request(
+            "POST", "/api/backends", {"url": "http://127.0.0.1:9005", "pool": ["api"]}
+        )
+        self.assertEqual(code, 400, answer)
+        self.assertEqual(len(self.api), 2)
+
+
+class ReachTests(SynchronousTestCase):
+    def test_nothingReachable(self):
+        """
+        Pools without routes and without a default pool would answer every
+        request 404: refused.
+        """
+        e = self.assertRaises(ConfigError, buildConfig, {"pool": [API], "admin": "none"})
+        self.assertIn("every request would get 404", str(e))
+
+    def test_unroutedPoolWarned(self):
+        service = makeService(
+            config(pool=[API, dict(API, name="b")], route=[{"path_prefix": "/b", "pool": "b"}]),
+            memoryReactor(),
+        )
+        events = []
+        service.pools.log = Logger(observer=events.append)
+        service.pools.startService()
+        self.addCleanup(service.pools.stopService)
+        warned = [formatEvent(e) for e in events if e["log_level"].name == "warn"]
+        self.assertEqual(warned, ["pool api: no route leads to it, so it takes no requests"])
+
+
+class EmbeddingTests(SynchronousTestCase):
+    def test_balancerIsOnePool(self):
+        """
+        Pools and routes given to a L{Balancer} of one's own would be
+        ignored: refused, saying what to do instead.
+        """
+        from rrbalancer import Balancer
+
+        for settings in ({"pool": [API]}, {"route": [{"pool": "default"}]}):
+            e = self.assertRaises(ConfigError, Balancer, ONE, memoryReactor(), **settings)
+            self.assertIn("a Balancer is one pool", str(e))
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write('backend = ["http://127.0.0.1:8081"]\n[[route]]\npool = "default"\n')
+        e = self.assertRaises(ConfigError, Balancer.fromConfig, path, memoryReactor())
+        self.assertIn("a Balancer is one pool", str(e))
