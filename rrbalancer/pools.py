@@ -138,10 +138,11 @@ def _asList(value: Any) -> list:
 def poolNames(config) -> Tuple[str, ...]:
     """
     The pools a config has: C{default} when it has top-level backends (or
-    the demo's), then its C{[[pool]]}s in file order.
+    the demo's, or discovery sources that feed it), then its C{[[pool]]}s
+    in file order.
     """
     names = tuple(p.name for p in config.pools)
-    if config.backends or config.demo:
+    if config.backends or config.demo or config.discover:
         return (DEFAULT,) + names
     return names
 

@@ -264,6 +264,7 @@ def checkRouting(config) -> None:
     if not config.routes and DEFAULT not in names:
         raise ConfigError(
             "route: no [[route]] leads to the pools, and without top-level backends "
+            "or discovery sources "
             "there is no default pool: every request would get 404"
         )
     for route in config.routes:

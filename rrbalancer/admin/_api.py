@@ -188,7 +188,7 @@ class AdminAPI:
         self.healthChecker = healthChecker
         self.discovery = discovery
         self.started = clock.seconds()
-        self.pool: Optional[str] = None
+        self.poolName: Optional[str] = None
 
     def inPool(self, name: Optional[str]) -> "AdminAPI":
         """
@@ -208,7 +208,7 @@ class AdminAPI:
         api = copy.copy(self)
         api.group = balancer.group
         api.healthChecker = balancer.healthChecker
-        api.pool = name
+        api.poolName = name
         return api
 
     def checkNow(self, backend: Backend) -> None:
@@ -233,7 +233,7 @@ class AdminAPI:
             action=action,
             id=backend.id,
             url=backend.url,
-            where=f" of pool {self.pool}" if self.pool else "",
+            where=f" of pool {self.poolName}" if self.poolName else "",
             before=json.dumps(before, sort_keys=True) if before else "absent",
             after=json.dumps(after, sort_keys=True) if after else "removed",
         )
@@ -341,7 +341,7 @@ class AdminAPI:
         self.log.info(
             "admin {peer}: bulk change{where}: {added} added, {changed} changed, {removed} removed",
             peer=peer,
-            where=f" of pool {self.pool}" if self.pool else "",
+            where=f" of pool {self.poolName}" if self.poolName else "",
             added=len(added),
             changed=len(changes),
             removed=len(removes),
@@ -452,7 +452,7 @@ class AdminAPI:
             peer=peer,
             id=backend.id,
             url=backend.url,
-            where=f" of pool {self.pool}" if self.pool else "",
+            where=f" of pool {self.poolName}" if self.poolName else "",
             n=inFlight,
             before=json.dumps(before, sort_keys=True),
         )

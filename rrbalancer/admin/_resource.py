@@ -202,7 +202,7 @@ class AdminResource(Resource):
     def _addBackend(self, request) -> bytes:
         body = self._body(request)
         api = self._api(request, body)
-        pool = getattr(api, "pool", None)
+        pool = getattr(api, "poolName", None)
 
         def write(answer) -> bytes:
             location = f"/api/backends/{answer['id']}"
