@@ -125,8 +125,8 @@ def wrkSlice(port: int, seconds: int):
     )
 
 
-def wrkResult(process) -> dict:
-    out, _ = process.communicate(timeout=SLICE + 60)
+def wrkResult(process, seconds: float = SLICE) -> dict:
+    out, _ = process.communicate(timeout=seconds + 60)
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     socket = re.search(
@@ -222,7 +222,7 @@ def main() -> int:
         if not waitServing(port, balancer, 30):
             raise SystemExit(f"soak: the balancer did not start; see {out}/balancer.log")
         warm = wrkSlice(port, int(args.warmup))
-        wrkResult(warm)
+        wrkResult(warm, args.warmup)
         # Quiet now: the file descriptors the balancer holds besides its
         # connections to the backends, to compare with the end.
         quietFds = quiet(balancer.pid, adminPort)

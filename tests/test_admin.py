@@ -1556,6 +1556,26 @@ class WorkersAPITests(SynchronousTestCase):
         self.assertEqual(self.result(self.api.addBackend({"url": "http://b:1"}, "p"))["id"], "4")
         self.assertEqual(again.group.get("4").url, "http://b:1")
 
+    def test_discoveryAndPoolsThroughTheResource(self):
+        """
+        C{/api/discovery} answers from the workers' status; a pool other
+        than the default is refused with a reason, not a traceback.
+        """
+        stub = StubTreq(AdminResource(self.api, MetricsResource(self.metrics)))
+        headers = {b"Host": [b"127.0.0.1"]}
+        d = stub.get("http://127.0.0.1/api/discovery", headers=headers)
+        for _ in range(5):
+            stub.flush()
+            self.settle()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(json.loads(self.successResultOf(stub.content(response)))["sources"], [])
+        d = stub.get("http://127.0.0.1/api/backends?pool=api", headers=headers)
+        stub.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 400)
+        self.assertIn(b"default pool only", self.successResultOf(stub.content(response)))
+
     def test_throughTheResource(self):
         """
         The admin resource answers the workers' API once they have.

@@ -147,10 +147,16 @@ class AdminResource(Resource):
         return self._respond(request, self.api.status(), lambda v: self._json(request, 200, v))
 
     def _discovery(self, request) -> bytes:
-        return self._json(
+        sources = getattr(self.api, "discoverySources", None)
+        if sources is not None:
+            return self._json(request, 200, {"sources": sources(), "now": self.api.clock.seconds()})
+        # The workers' API: what the status says of them.
+        return self._respond(
             request,
-            200,
-            {"sources": self.api.discoverySources(), "now": self.api.clock.seconds()},
+            self.api.status(),
+            lambda status: self._json(
+                request, 200, {"sources": status.get("discovery", []), "now": status["now"]}
+            ),
         )
 
     def _reload(self, request) -> bytes:
