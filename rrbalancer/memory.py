@@ -20,8 +20,10 @@ to reclaim it but a collection that comes far too late.  Those knobs are
 environment variables, read once at start, that a process cannot change
 for itself; what it can do is run the major collection sooner.
 L{HeapGuard} does, in steps, once the old generation has doubled since
-the last collection (the rule PyPy keeps with a small nursery), and never
-below twice what it held when the balancer started.
+the last collection (close to PyPy's own 1.82, without the floor of eight
+nurseries), and never below twice what it held when the balancer started.
+With a small nursery PyPy gets there first, and the guard has nothing to
+do.
 """
 
 import gc
