@@ -18,6 +18,7 @@ from . import _twisted, http2
 from .accesslog import AccessLog
 from .headers import connectionTokens
 from .listeners import describeAddress
+from .stats import RateMeter
 from .tunnel import TunnelCounts
 
 
@@ -156,6 +157,12 @@ class BalancerRequest(Request):
             return
         self.site = self._site = site = self.channel.site
         site.inFlight += 1
+        counts = getattr(self.channel, "_counted", None)
+        if counts is None:
+            # An HTTP/2 stream: its connection's listener.
+            counts = site.connections.get(listenerKey(self.getHost()))
+        if counts is not None:
+            counts[2].mark()
         self.startedAt = site.reactor.seconds()
         if not site.resource.isLeaf:
             Request.process(self)
@@ -633,7 +640,7 @@ class BalancerSite(Site):
         self._channels = set()
         self._closedWaiters = []
         # Connections by the listener they reached (see listenerKey):
-        # [open, accepted since start].
+        # [open, accepted since start, its requests (a RateMeter)].
         self.connections: Dict[object, List[int]] = {}
 
     def buildProtocol(self, addr):
@@ -671,7 +678,10 @@ class BalancerSite(Site):
         # Counted once connected: a connection whose TLS setup failed
         # never was, and must not hold up a stop.
         self._channels.add(channel)
-        counts = self.connections.setdefault(listenerKey(channel.getHost()), [0, 0])
+        key = listenerKey(channel.getHost())
+        counts = self.connections.get(key)
+        if counts is None:
+            counts = self.connections[key] = [0, 0, RateMeter(self.reactor)]
         counts[0] += 1
         counts[1] += 1
         channel._counted = counts

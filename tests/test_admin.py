@@ -1301,11 +1301,14 @@ class ListenerRowsTests(TestCase):
         one, oneURL = startBackend(self, "one")
         service, balancer, admin = yield startWithAdmin(self, balancerConfig([oneURL]))
         client = makeClient(self)
-        yield client.get(balancer + "/x")
+        for _ in range(3):
+            yield client.get(balancer + "/x")
         code, status = yield call(client, "GET", admin + "/api/status")
         [listener] = status["listeners"]
         self.assertGreaterEqual(listener["connections_total"], 1)
         self.assertIn("connections", listener)
+        self.assertEqual(listener["requests_total"], 3)
+        self.assertGreater(listener["requests_per_second"], 0)
 
 
 class ExportTests(SynchronousTestCase):

@@ -138,3 +138,24 @@ class StatsTests(SynchronousTestCase):
         self.stats.recordResponse(200, 0.01, 0, 0)  # a bucket's bound is in it
         self.assertEqual(self.stats.buckets[1], 1)
         self.assertEqual(self.stats.buckets[-1], 1)  # +Inf
+
+
+class RateMeterTests(SynchronousTestCase):
+    def test_perSecond(self):
+        from rrbalancer.stats import RateMeter
+
+        clock = Clock()
+        clock.advance(100)
+        meter = RateMeter(clock)
+        for _ in range(5):
+            meter.mark()
+        # Less than a second since it started: counted over one second.
+        self.assertEqual(meter.perSecond(), 5)
+        for _ in range(20):
+            clock.advance(1)
+            meter.mark()
+        # Ten seconds' window: ten marks in it.
+        self.assertEqual(meter.perSecond(), 1.0)
+        self.assertEqual(meter.total, 25)
+        clock.advance(60)
+        self.assertEqual(meter.perSecond(), 0)

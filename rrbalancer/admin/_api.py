@@ -499,13 +499,18 @@ class AdminAPI:
             for listener in service.listeners:
                 address = listener.address()
                 key = listenerKey(listener.port.getHost()) if listener.port is not None else None
-                opened, accepted = service.site.connections.get(key, (0, 0))
+                counts = service.site.connections.get(key)
+                opened, accepted = counts[:2] if counts is not None else (0, 0)
                 listeners.append(
                     {
                         "description": listener.description,
                         "address": address,
                         "connections": opened,
                         "connections_total": accepted,
+                        "requests_total": counts[2].total if counts is not None else 0,
+                        "requests_per_second": (
+                            round(counts[2].perSecond(), 3) if counts is not None else 0.0
+                        ),
                     }
                 )
             adminListener = service.adminListener

@@ -430,19 +430,18 @@ class WorkersAPI:
             now = self.clock.seconds()
             status.update(uptime=round(now - self.started, 3), started=self.started, now=now,
                           version=__version__)
-            connections: Dict[str, List[int]] = {}
+            keys = ("connections", "connections_total", "requests_total", "requests_per_second")
+            sums: Dict[str, Dict[str, float]] = {}
             for _, snapshot in snapshots:
                 for listener in snapshot["status"]["listeners"]:
-                    counts = connections.setdefault(listener["description"], [0, 0])
-                    counts[0] += listener["connections"]
-                    counts[1] += listener["connections_total"]
+                    counts = sums.setdefault(listener["description"], dict.fromkeys(keys, 0))
+                    for key in keys:
+                        counts[key] += listener.get(key, 0)
             status["listeners"] = [
-                {
-                    "description": description,
-                    "address": address,
-                    "connections": connections.get(description, [0, 0])[0],
-                    "connections_total": connections.get(description, [0, 0])[1],
-                }
+                dict(
+                    {"description": description, "address": address},
+                    **sums.get(description, dict.fromkeys(keys, 0)),
+                )
                 for description, address in self.pool.addresses()
             ]
             admin = self.adminListener

@@ -384,7 +384,11 @@
     const workers = status.workers;
     if (workers) note += ` · ${workers.filter((w) => w.answering).length} of ${workers.length} workers answering`;
     setText($("health-note"), note);
-    const addresses = status.listeners.map((l) => l.address || l.description).join(", ");
+    const addresses = status.listeners.map((l) => {
+      const where = l.address || l.description;
+      return l.requests_per_second === undefined ? where
+        : `${where} (${fmtRate(l.requests_per_second)} req/s, ${l.connections} connections)`;
+    }).join(", ");
     setText($("listeners"), addresses ? "Balancing on " + addresses : "");
     setText($("config-path"), status.config ? "Config: " + status.config : "");
     renderDiscovery(status.discovery || [], status.now);
