@@ -105,11 +105,24 @@ class BalancerH2Connection(_twisted.H2Connection):
     _headTimer = None
     _served = False
 
+    # Streams a client may reset before their answer, at once, and a second
+    # after that (Rapid Reset, CVE-2023-44487: each reset stream was already
+    # passed on to a backend, so a client resetting them by the thousand
+    # costs the balancer and its backends what answering would, and none
+    # of it counts against the streams allowed at once).  Past the budget
+    # the connection is closed with ENHANCE_YOUR_CALM.
+    RESET_BURST = 200
+    RESET_RATE = 20.0
+
     def __init__(
         self, reactor, maxConcurrentStreams: int = 100, headerTimeout: float = 10.0
     ) -> None:
         _twisted.H2Connection.__init__(self, reactor)
         self.headerTimeout = headerTimeout
+        self._clock = reactor
+        self._resetBudget = float(self.RESET_BURST)
+        self._resetChecked = reactor.seconds()
+        self.resetsRefused = False
         # Before the connection preface, which announces the settings.
         codes = h2.settings.SettingCodes
         self.conn.local_settings = h2.settings.Settings(
@@ -212,7 +225,32 @@ class BalancerH2Connection(_twisted.H2Connection):
 
     def _requestAborted(self, event):
         if event.stream_id in self.streams:
-            return _twisted.H2Connection._requestAborted(self, event)
+            result = _twisted.H2Connection._requestAborted(self, event)
+            if not self._resetAllowed():
+                self._calm()
+            return result
+
+    def _resetAllowed(self) -> bool:
+        now = self._clock.seconds()
+        self._resetBudget = min(
+            float(self.RESET_BURST),
+            self._resetBudget + (now - self._resetChecked) * self.RESET_RATE,
+        )
+        self._resetChecked = now
+        self._resetBudget -= 1
+        return self._resetBudget >= 0
+
+    def _calm(self) -> None:
+        """
+        Too many streams reset: GOAWAY with ENHANCE_YOUR_CALM, and close.
+        """
+        if self.resetsRefused or self.transport is None:
+            return
+        self.resetsRefused = True
+        self.closing = True
+        self.conn.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+        if _twisted.h2WriteControlData(self):
+            self.transport.loseConnection()
 
     def _stopStream(self, streamID: int, code) -> bool:
         try:

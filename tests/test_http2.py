@@ -435,6 +435,30 @@ class MemoryTests(SynchronousTestCase):
         # The transport's producer let go, as TLS needs to close.
         self.assertIsNone(self.client.transport.producer)
 
+    def test_rapidReset(self):
+        """
+        A client that opens and resets streams faster than the budget
+        (Rapid Reset) is sent GOAWAY with ENHANCE_YOUR_CALM and its
+        connection closed; one that resets now and then is not.
+        """
+        channel = self.client.channel.http2
+        channel.RESET_BURST = 5
+        for _ in range(5):
+            stream = self.client.request()
+            self.client.h2.reset_stream(stream)
+            self.client.pump()
+        self.assertFalse(self.client.transport.disconnecting)
+        self.clock.advance(1)
+        for _ in range(25):
+            stream = self.client.request()
+            self.client.h2.reset_stream(stream)
+            self.client.pump()
+            if self.client.transport.disconnecting:
+                break
+        self.assertTrue(self.client.transport.disconnecting)
+        [goaway] = self.client.of(None, h2.events.ConnectionTerminated)
+        self.assertEqual(goaway.error_code, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+
     def test_connectionLost(self):
         self.client.request()
         [request] = self.resource.requests
