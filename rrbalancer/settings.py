@@ -271,6 +271,26 @@ def _isAddress(host: str) -> bool:
 BACKEND_KEYS = ("url", "weight", "backup")
 
 
+def splitWeightAndBackup(text: str, where: str) -> Tuple[str, Dict[str, Any]]:
+    """
+    C{HEAD[,weight=N][,backup]} as the command line gives a backend (or a
+    discovery source): its head, and its options as a TOML table would.
+    """
+    head, *rest = [part.strip() for part in text.split(",")]
+    options: Dict[str, Any] = {}
+    for part in rest:
+        key, sep, val = (p.strip() for p in part.partition("="))
+        if key == "backup" and not sep:
+            options["backup"] = True
+        elif key == "weight" and sep:
+            options["weight"] = val
+        else:
+            raise ConfigError(
+                f"{where}: unknown option {part!r} in {text!r} (expected weight=N or backup)"
+            )
+    return head, options
+
+
 def parseBackendSpec(spec: Any) -> BackendConfig:
     """
     Parse the command line's C{URL[,weight=N][,backup]}, or a TOML table
@@ -285,20 +305,7 @@ def parseBackendSpec(spec: Any) -> BackendConfig:
         options = dict(spec)
         url = options.pop("url")
     else:
-        text = string(spec, "backend")
-        url, *rest = [part.strip() for part in text.split(",")]
-        options = {}
-        for part in rest:
-            key, sep, val = (p.strip() for p in part.partition("="))
-            if key == "backup" and not sep:
-                options["backup"] = True
-            elif key == "weight" and sep:
-                options["weight"] = val
-            else:
-                raise ConfigError(
-                    f"backend: unknown option {part!r} in {text!r} "
-                    "(expected weight=N or backup)"
-                )
+        url, options = splitWeightAndBackup(string(spec, "backend"), "backend")
     url = parseBackendURL(url)
     weight = integer(options.get("weight", 1), f"backend {url}: weight", minimum=1)
     backup = boolean(options.get("backup", False), f"backend {url}: backup")

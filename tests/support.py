@@ -660,9 +660,21 @@ def startBalancer(net: Net, urls, **settings):
     and listening on a loopback port chosen by the system.
     """
     service = makeService(makeConfig(urls, **settings), reactor)
+    port = yield serve(net, service)
+    return Balancer(service, port)
+
+
+@inlineCallbacks
+def serve(net: Net, service):
+    """
+    Start C{service} (from L{rrbalancer.service.makeService}), its client
+    connections and every pool's backend connections tracked by C{net};
+    fires with the port its first listener got.
+    """
     net.trackFactory(service.site)
-    for backend in service.group:
-        net.trackFactory(backend.pool)
+    for balancer in service.pools.balancers.values():
+        for backend in balancer.group:
+            net.trackFactory(backend.pool)
     net.addService(service)
     service.startService()
     # The listener's own Deferred must keep its result (the port it stops
@@ -675,7 +687,7 @@ def startBalancer(net: Net, urls, **settings):
 
     service.listeners[0]._waitingForPort.addCallback(gotPort)
     port = yield withTimeout(listening)
-    return Balancer(service, port.getHost().port)
+    return port.getHost().port
 
 
 @inlineCallbacks

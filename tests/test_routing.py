@@ -22,7 +22,7 @@ import os
 import random
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -32,7 +32,7 @@ from rrbalancer.config import ConfigError, buildConfig, tomllib
 from rrbalancer.routing import Router, byPrecedence, parseRoutes, requestHost
 from rrbalancer.service import makeService
 
-from .support import Net, ScriptedBackend, exchange, ok, reply, withTimeout
+from .support import Net, ScriptedBackend, exchange, ok, reply, serve
 from .test_plugin import TwistdMixin
 
 ONE = ["http://127.0.0.1:8081"]
@@ -50,21 +50,8 @@ def startRouted(net, settings):
         admin="none", shutdown_grace=2, **settings
     )
     service = makeService(buildConfig(settings), reactor)
-    net.trackFactory(service.site)
-    for balancer in service.pools.balancers.values():
-        for backend in balancer.group:
-            net.trackFactory(backend.pool)
-    net.addService(service)
-    service.startService()
-    listening = Deferred()
-
-    def gotPort(port):
-        listening.callback(port)
-        return port
-
-    service.listeners[0]._waitingForPort.addCallback(gotPort)
-    port = yield withTimeout(listening)
-    return service, port.getHost().port
+    port = yield serve(net, service)
+    return service, port
 
 
 class _Pool(Resource):

@@ -36,6 +36,7 @@ from zope.interface import Attribute, Interface
 from ..settings import (
     ConfigError,
     _nearest,
+    splitWeightAndBackup,
     asList,
     boolean,
     integer,
@@ -240,18 +241,7 @@ def parseSource(spec: Any, where: str = "discover") -> SourceConfig:
         options = dict(spec)
         text = string(options.pop("url"), where).strip()
     else:
-        text, *rest = [part.strip() for part in string(spec, where).split(",")]
-        options = {}
-        for part in rest:
-            key, sep, value = (p.strip() for p in part.partition("="))
-            if key == "backup" and not sep:
-                options["backup"] = True
-            elif key == "weight" and sep:
-                options["weight"] = value
-            else:
-                raise ConfigError(
-                    f"{where}: unknown option {part!r} in {spec!r} (expected weight=N or backup)"
-                )
+        text, options = splitWeightAndBackup(string(spec, where), where)
     scheme, sep, _ = text.partition("://")
     scheme = scheme.lower()
     if not sep:
