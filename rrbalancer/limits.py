@@ -207,8 +207,10 @@ class RateLimiter:
                 return self._refuse(key, wait, "over the rate")
             delay = wait
         state.tokens -= 1
-        state.inFlight += 1
         self.counts["delayed" if delay else "passed"] += 1
+        if not limit.maxInflight:
+            return Verdict(delay=delay) if delay else PASS
+        state.inFlight += 1
 
         def release():
             state.inFlight -= 1
@@ -286,12 +288,18 @@ class Limits:
                 return
             delay = max(delay, verdict.delay)
         if releases:
-            def released(result):
+            whenEnded = getattr(request, "whenEnded", None)
+            if whenEnded is not None:
+                # The balancer's own requests say so without a Deferred.
                 for release in releases:
-                    release()
-                return result
+                    whenEnded(release)
+            else:
+                def released(result):
+                    for release in releases:
+                        release()
+                    return result
 
-            request.notifyFinish().addBoth(released)
+                request.notifyFinish().addBoth(released)
         self._addHeaders(request)
         if not delay:
             proceed()

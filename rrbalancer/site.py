@@ -195,10 +195,26 @@ class BalancerRequest(Request):
         self.write(body)
         self.finish()
 
+    _endWatchers = None
+
+    def whenEnded(self, callback) -> None:
+        """
+        Call C{callback} once this request is over, however it ends
+        (answered, its connection lost, switched to a tunnel): what
+        L{notifyFinish} tells, without a Deferred per request.
+        """
+        if self._endWatchers is None:
+            self._endWatchers = []
+        self._endWatchers.append(callback)
+
     def _uncount(self) -> None:
         site, self._site = self._site, None
         if site is not None:
             site._requestDone()
+        watchers, self._endWatchers = self._endWatchers, None
+        if watchers:
+            for callback in watchers:
+                callback()
 
     def finish(self):
         Request.finish(self)

@@ -21,6 +21,7 @@ from .support import (
     WAIT,
     Net,
     RawClient,
+    connectClient,
     ScriptedBackend,
     exchange,
     get,
@@ -252,6 +253,31 @@ class ThroughTheBalancerTests(TestCase):
         text = balancer.service.metrics.render().decode()
         self.assertIn('rrbalancer_rate_limit_requests_total{limit="0",outcome="rejected"} '
                       f'{codes.count(429)}', text)
+
+    @inlineCallbacks
+    def test_inFlightPerClient(self):
+        """
+        max_inflight 1: a second request while the first is held gets 429;
+        once the first is answered (the request over, its place freed),
+        the next one passes.
+        """
+        held = []
+        backend = ScriptedBackend(self.net, lambda connection, request: held.append(connection))
+        limit = buildConfig(
+            {"backend": [backend.url], "limit": ["1000/s,max_inflight=1"]}
+        ).limits
+        balancer = yield startBalancer(self.net, [backend.url], limits=limit)
+        first = yield connectClient(self.net, balancer.port)
+        first.send(get())
+        yield backend.waitFor(lambda: len(held) == 1)
+        refused = yield exchange(self.net, balancer.port, get())
+        self.assertEqual(refused.code, 429)
+        held[0].write(ok())
+        self.assertEqual((yield first.readResponse()).code, 200)
+        later = exchange(self.net, balancer.port, get())
+        yield backend.waitFor(lambda: len(held) == 2)
+        held[1].write(ok())
+        self.assertEqual((yield later).code, 200)
 
     @inlineCallbacks
     def test_none(self):
