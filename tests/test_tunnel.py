@@ -380,9 +380,9 @@ class WebSocketTests(TestCase):
 
         kwargs.setdefault("max_size", None)
         kwargs.setdefault("compression", None)
+        kwargs.setdefault("open_timeout", WAIT)
         return connect(
-            self.wsURL, open_timeout=WAIT, close_timeout=WAIT, ping_interval=None,
-            proxy=None, **kwargs
+            self.wsURL, close_timeout=WAIT, ping_interval=None, proxy=None, **kwargs
         )
 
     @inlineCallbacks
@@ -462,7 +462,11 @@ class WebSocketTests(TestCase):
         message = os.urandom(1024 * 1024)
 
         def client():
-            with self.connect(ssl=context, server_hostname="balancer.example") as ws:
+            # A TLS handshake on a cold PyPy under a busy CI machine may take
+            # longer than a plain connection's bound.
+            with self.connect(
+                ssl=context, server_hostname="balancer.example", open_timeout=WAIT * 4
+            ) as ws:
                 ws.send("over TLS")
                 text = ws.recv(timeout=WAIT)
                 ws.send(message)
