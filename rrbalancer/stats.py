@@ -233,7 +233,10 @@ class RateMeter:
             slots.popleft()
 
     def perSecond(self) -> float:
+        # Marks are kept by whole second, so the window starts on one: a
+        # mark made in the second that the window's start falls in counts,
+        # and so does the part of that second it covers.
         now = self._clock.seconds()
-        span = min(RATE_WINDOW, max(1.0, now - self.started))
-        since = now - span
-        return sum(count for second, count in self._slots if second > since) / span
+        start = math.floor(now - min(RATE_WINDOW, max(1.0, now - self.started)))
+        count = sum(count for second, count in self._slots if second >= start)
+        return count / max(1.0, now - max(start, self.started))

@@ -154,8 +154,31 @@ class RateMeterTests(SynchronousTestCase):
         for _ in range(20):
             clock.advance(1)
             meter.mark()
-        # Ten seconds' window: ten marks in it.
-        self.assertEqual(meter.perSecond(), 1.0)
+        # Ten seconds' window from a whole second, both ends marked.
+        self.assertEqual(meter.perSecond(), 1.1)
         self.assertEqual(meter.total, 25)
         clock.advance(60)
         self.assertEqual(meter.perSecond(), 0)
+
+    def test_markInTheSecondBefore(self):
+        """
+        Marks made late in one second still count early in the next: the
+        meter keeps whole seconds, and a window that starts part-way into
+        one must not drop it.
+        """
+        from rrbalancer.stats import RateMeter
+
+        clock = Clock()
+        clock.advance(100.9)
+        meter = RateMeter(clock)
+        for _ in range(3):
+            meter.mark()
+        clock.advance(0.2)
+        self.assertEqual(meter.perSecond(), 3)
+        clock.advance(200)
+        for _ in range(21):
+            meter.mark()
+            clock.advance(0.5)
+        # Two marks a second; the window starts on the whole second before
+        # the first of them and holds all 21, made over 10.6 s.
+        self.assertAlmostEqual(meter.perSecond(), 21 / 10.6)
