@@ -353,8 +353,10 @@ class BrowserTests(TestCase):
         self.assertLessEqual(reactor.seconds() - changed, 2.0)
         self.assertTrue((yield page.evaluate("window.__sameDocument === true")))
 
-        # Enable brings them back.
+        # Enable brings them back. One at a time, as a person clicks: the
+        # table redraws after each change and may move the next button.
         yield page.click('tr[data-backend-id="1"] button[data-action="enable"]')
+        yield page.waitFor(f"{page.state(1)} === 'up'", "backend 1 up")
         yield page.click('tr[data-backend-id="2"] button[data-action="enable"]')
         yield poll(lambda: group.get("1").adminState == UP and group.get("2").available,
                    what="the backends to be enabled")
