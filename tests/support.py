@@ -16,8 +16,11 @@ Shared helpers for the proxy tests.
    test's control.
 """
 
+import itertools
+import os
 import socket
 from typing import Callable, List, Optional, Tuple
+from urllib.parse import urlsplit
 
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
@@ -38,10 +41,14 @@ from twisted.internet.interfaces import (
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from zope.interface import alsoProvides, implementer
 from twisted.python.failure import Failure
+from twisted.web.proxy import ReverseProxyResource
+from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from rrbalancer.config import BackendConfig, Config, HealthConfig
 from rrbalancer.service import makeService
+
+LITERAL = os.environ.get("RRBALANCER_TEST_LITERAL") == "1"
 
 # The longest any single wait in a test may take before the test fails
 # (a hang is a failure, never a stuck run).
@@ -653,12 +660,41 @@ def makeConfig(urls, **settings) -> Config:
     return Config(backends=tuple(BackendConfig(url=url) for url in urls), **settings)
 
 
+class LiteralBalancer:
+    """
+    The literal design the project started from, as a yardstick for the
+    fault and hardening suites: a resource that hands each request to the
+    next stock L{ReverseProxyResource}, and nothing else (no pool, no
+    timeouts, no checks).  C{RRBALANCER_TEST_LITERAL=1} runs those suites
+    against it, to show which of their cases are defects there.
+    """
+
+    backends = ()
+
+    def __init__(self, net: Net, urls) -> None:
+        proxies = []
+        for url in urls:
+            parts = urlsplit(url)
+            proxies.append(ReverseProxyResource(parts.hostname, parts.port, b""))
+        turn = itertools.cycle(proxies).__next__
+
+        class RoundRobin(Resource):
+            def getChild(self, path, request):
+                return turn().getChild(path, request)
+
+        self.site = Site(RoundRobin())
+        self.port = net.listen(self.site)
+
+
 @inlineCallbacks
 def startBalancer(net: Net, urls, **settings):
     """
     The balancer of L{rrbalancer.service.makeService} for C{urls}, started
-    and listening on a loopback port chosen by the system.
+    and listening on a loopback port chosen by the system; the
+    L{LiteralBalancer} instead under C{RRBALANCER_TEST_LITERAL=1}.
     """
+    if LITERAL:
+        return LiteralBalancer(net, urls)
     service = makeService(makeConfig(urls, **settings), reactor)
     port = yield serve(net, service)
     return Balancer(service, port)

@@ -23,6 +23,16 @@ connections than it had.
 | a kept connection closed as it is reused | 200, from a fresh connection | replaced |
 | 103 Early Hints, then 200 | the 200 | kept |
 | a header value holding NUL or a bare CR | 502 | closed |
+
+Against the literal design (C{RRBALANCER_TEST_LITERAL=1}: a resource
+handing each request to the next stock C{ReverseProxyResource}), every case
+here and in L{tests.test_hardening} fails but seven: an answer before the
+body, a body longer than its Content-Length and two responses to one
+request (it opens a new HTTP/1.0 connection per request, so no stale bytes
+can reach another client), and four of the hardening cases (an early
+answer, HTTP/1.0 without Host, an unknown coding, running out of file
+descriptors): 28 of 35 fail there, by a wrong answer, a hang, a traceback
+or connections left open.
 """
 
 from twisted.internet import reactor
@@ -73,8 +83,9 @@ class _Faults(unittest.TestCase):
         for n in range(3):
             response = yield exchange(self.net, balancer.port, get(b"/next%d" % (n,)))
             self.assertEqual((response.code, response.body), (200, b"next:/next%d" % (n,)))
-        pool = balancer.backends[0].pool
-        self.assertLessEqual(pool.openCount, 1)
+        # (The literal design keeps no connections: nothing to count.)
+        for backend in balancer.backends:
+            self.assertLessEqual(backend.pool.openCount, 1)
         return client
 
     @inlineCallbacks
