@@ -221,6 +221,10 @@ def measure(procs, target, n, addrs, args, out):
         procs.stop(p)
 
 
+def cpuPerRequest(result) -> float:
+    return result["busy"] / 100 / result["rps"] * 1e6 if result["rps"] else 0.0
+
+
 def median(results):
     """
     The median of each figure over rounds (a round that failed fails all).
@@ -277,9 +281,9 @@ def main():
     signal.signal(signal.SIGTERM, interrupted)
     first = {}
     print(f"logs and configs in {out}", file=sys.stderr)
-    header = "%-11s %6s %10s %9s %9s %9s %9s %8s %9s %s" % (
-        "target", "N", "req/s", "p99-ms", "load-cpu", "idle-cpu", "idle-rss", "rss-MiB",
-        "vs-N" + str(counts[0]), "notes",
+    header = "%-11s %6s %10s %9s %9s %8s %9s %9s %8s %9s %s" % (
+        "target", "N", "req/s", "p99-ms", "load-cpu", "cpu-us", "idle-cpu", "idle-rss",
+        "rss-MiB", "vs-N" + str(counts[0]), "notes",
     )
     print(header)
     try:
@@ -306,10 +310,10 @@ def main():
                 if r["errors"]:
                     notes.append(f"socket errors: {r['errors']}")
                 print(
-                    "%-11s %6d %10.0f %9.2f %8.0f%% %8.1f%% %9.1f %8.1f %9s %s"
+                    "%-11s %6d %10.0f %9.2f %8.0f%% %8.0f %8.1f%% %9.1f %8.1f %9s %s"
                     % (
-                        target, n, r["rps"], r["p99"] or 0, r["busy"], r["idle"], r["idleRSS"],
-                        r["rss"], ratio, "; ".join(notes),
+                        target, n, r["rps"], r["p99"] or 0, r["busy"], cpuPerRequest(r),
+                        r["idle"], r["idleRSS"], r["rss"], ratio, "; ".join(notes),
                     ),
                     flush=True,
                 )
@@ -319,7 +323,9 @@ def main():
     finally:
         procs.stopAll()
     print(
-        "(load-cpu: the balancer's CPU under wrk, 100% being its whole core; idle-rss:"
+        "(load-cpu: the balancer's CPU under wrk, 100% being its whole core; cpu-us: its"
+        " CPU microseconds per request, health checks included, which a busy machine"
+        " moves less than req/s; idle-rss:"
         " RSS in MiB before the load, rss-MiB after it; vs-N: throughput ratio / p99"
         " ratio against the first N)"
     )
