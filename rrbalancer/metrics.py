@@ -208,6 +208,59 @@ class Metrics:
             return [(None, self.group)]
         return [(name, b.group) for name, b in pools.balancers.items()]
 
+    def _pools(self, groups, openMetrics: bool) -> Iterator[str]:
+        """
+        What each pool's group counts apart from its backends: retries, the
+        panic threshold and the queue; a series a pool, labelled with it
+        when the balancer has pools.
+        """
+        head = self._head
+        pools = [("" if name is None else f'pool="{_label(name)}"', group) for name, group in groups]
+
+        def family(name: str, kind: str, help: str, value) -> Iterator[str]:
+            yield head(name, kind, help, openMetrics)
+            sample = name + "_total" if kind == "counter" else name
+            for pool, group in pools:
+                labels = f"{{{pool}}}" if pool else ""
+                yield f"{sample}{labels} {_number(value(group))}\n"
+
+        yield from family("rrbalancer_retries", "counter",
+                          "Requests that moved on to another backend after one failed them.",
+                          lambda group: group.retries)
+        yield from family("rrbalancer_panic", "gauge",
+                          "1 while under the panic threshold (every enabled primary is picked "
+                          "whatever its health), else 0.",
+                          lambda group: 1 if group.panicking else 0)
+        yield from family("rrbalancer_panics", "counter",
+                          "Times the panic threshold was crossed.", lambda group: group.panics)
+        pools = [(pool, group) for pool, group in pools if group.requestQueue is not None]
+        if not pools:
+            return
+        yield from family("rrbalancer_queue_length", "gauge",
+                          "Requests waiting for a backend with room (--max-conns).",
+                          lambda group: len(group.requestQueue))
+        yield from family("rrbalancer_queue_peak", "gauge",
+                          "The most requests that have waited at once.",
+                          lambda group: group.requestQueue.peak)
+        yield head("rrbalancer_queue_requests", "counter",
+                   "Requests that left the queue, by how: served, rejected (the queue "
+                   "was full), timeouts, abandoned (the client left).", openMetrics)
+        for pool, group in pools:
+            for outcome, count in group.requestQueue.counts.items():
+                labels = f'{pool},outcome="{outcome}"' if pool else f'outcome="{outcome}"'
+                yield f"rrbalancer_queue_requests_total{{{labels}}} {count}\n"
+        yield head("rrbalancer_queue_wait_seconds", "histogram",
+                   "How long served requests waited in the queue.", openMetrics)
+        for pool, group in pools:
+            queue, cumulative = group.requestQueue, 0
+            for bound, count in zip(WAIT_BUCKETS + (math.inf,), queue.waits):
+                cumulative += count
+                labels = f'{pool},le="{_bound(bound)}"' if pool else f'le="{_bound(bound)}"'
+                yield f"rrbalancer_queue_wait_seconds_bucket{{{labels}}} {cumulative}\n"
+            labels = f"{{{pool}}}" if pool else ""
+            yield f"rrbalancer_queue_wait_seconds_count{labels} {cumulative}\n"
+            yield f"rrbalancer_queue_wait_seconds_sum{labels} {_number(float(queue.waitSum))}\n"
+
     def _lines(self, openMetrics: bool) -> Iterator[str]:
         head = self._head
         groups = self._groups()
@@ -247,33 +300,7 @@ class Metrics:
         if self.started is not None:
             yield one("rrbalancer_uptime_seconds", "gauge", "Seconds since the balancer started.",
                       self.clock.seconds() - self.started)
-        yield one("rrbalancer_retries", "counter",
-                  "Requests that moved on to another backend after one failed them.",
-                  self.group.retries)
-        yield one("rrbalancer_panic", "gauge",
-                  "1 while under the panic threshold (every enabled primary is picked "
-                  "whatever its health), else 0.", 1 if self.group.panicking else 0)
-        yield one("rrbalancer_panics", "counter",
-                  "Times the panic threshold was crossed.", self.group.panics)
-        queue = self.group.requestQueue
-        if queue is not None:
-            yield one("rrbalancer_queue_length", "gauge",
-                      "Requests waiting for a backend with room (--max-conns).", len(queue))
-            yield one("rrbalancer_queue_peak", "gauge",
-                      "The most requests that have waited at once.", queue.peak)
-            yield head("rrbalancer_queue_requests", "counter",
-                       "Requests that left the queue, by how: served, rejected (the queue "
-                       "was full), timeouts, abandoned (the client left).", openMetrics)
-            for outcome, count in queue.counts.items():
-                yield f'rrbalancer_queue_requests_total{{outcome="{outcome}"}} {count}\n'
-            yield head("rrbalancer_queue_wait_seconds", "histogram",
-                       "How long served requests waited in the queue.", openMetrics)
-            cumulative = 0
-            for bound, count in zip(WAIT_BUCKETS + (math.inf,), queue.waits):
-                cumulative += count
-                yield f'rrbalancer_queue_wait_seconds_bucket{{le="{_bound(bound)}"}} {cumulative}\n'
-            yield f"rrbalancer_queue_wait_seconds_count {cumulative}\n"
-            yield f"rrbalancer_queue_wait_seconds_sum {_number(float(queue.waitSum))}\n"
+        yield from self._pools(groups, openMetrics)
         limiters = self.limits.limiters if self.limits else ()
         if limiters:
             yield head("rrbalancer_rate_limit_requests", "counter",

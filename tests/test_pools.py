@@ -303,6 +303,28 @@ class MetricsTests(SynchronousTestCase):
                 (("backend", ONE[0]), ("pool", "b")): 1,
             })
 
+    def test_retriesPanicQueueByPool(self):
+        """
+        Retries, the panic threshold and the queue are each pool's own, a
+        series a pool.
+        """
+        service = makeService(config(pool=[API], max_conns=1), memoryReactor())
+        service.pools.balancers["api"].group.retries = 3
+        service.pools.balancers["api"].group.requestQueue.peak = 2
+        for openMetrics in (False, True):
+            samples = self.scrape(service, openMetrics)
+            self.assertEqual(
+                samples["rrbalancer_retries_total"],
+                {(("pool", "default"),): 0, (("pool", "api"),): 3},
+            )
+            self.assertEqual(
+                samples["rrbalancer_queue_peak"],
+                {(("pool", "default"),): 0, (("pool", "api"),): 2},
+            )
+            self.assertEqual(len(samples["rrbalancer_panic"]), 2)
+            buckets = samples["rrbalancer_queue_wait_seconds_bucket"]
+            self.assertEqual({dict(k)["pool"] for k in buckets}, {"default", "api"})
+
     def test_onePoolUnlabelled(self):
         """
         A balancer without pools keeps the series it always had.
