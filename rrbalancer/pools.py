@@ -247,14 +247,19 @@ class Pools(MultiService):
         """
         pools = []
         for name, balancer in self.balancers.items():
-            backends = list(balancer.group)
+            group = balancer.group
+            backends = list(group)
+            queue = group.requestQueue
             pools.append(
                 {
                     "name": name,
-                    "balance": balancer.group.policy.name,
+                    "balance": group.policy.name,
                     "backends": len(backends),
                     "up": sum(1 for b in backends if b.state == UP),
                     "available": sum(1 for b in backends if b.available),
+                    "retries": group.retries,
+                    "panic": group.panicking,
+                    "queued": len(queue) if queue is not None else 0,
                 }
             )
         return {"pools": pools, "routes": [route.json() for route in self.routes]}

@@ -159,10 +159,11 @@ class PoolsServiceTests(SynchronousTestCase):
         )
         api = service.pools.balancers["api"]
         api.group.byServer(api.config.backends[0]).healthy = True
+        api.group.retries = 4
         status = AdminAPI(service.group, Clock(), service=service).status()
         self.assertEqual(
-            [(p["name"], p["backends"], p["balance"]) for p in status["pools"]],
-            [("default", 1, "round-robin"), ("api", 2, "round-robin")],
+            [(p["name"], p["backends"], p["balance"], p["retries"]) for p in status["pools"]],
+            [("default", 1, "round-robin", 0), ("api", 2, "round-robin", 4)],
         )
         self.assertEqual(
             [r["route"] for r in status["routes"]], [2, 1]
