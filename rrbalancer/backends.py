@@ -101,6 +101,8 @@ class Backend:
         it over its connection pool), or None for a backend that is only a
         model (in tests of the model).
     @ivar active: requests in flight on it; the proxy counts them.
+    @ivar tunnels: the tunnels (upgraded connections) to it: how many are
+        open, and what they carried.
     @ivar removing: it is draining on its way out of the group.
     @ivar stickyID: names it in a sticky-session cookie: stable across
         restarts and balancers, and not its address.
@@ -255,6 +257,18 @@ class Backend:
             waiters, self._idleWaiters = self._idleWaiters, None
             for d in waiters:
                 d.callback(self)
+
+    @property
+    def load(self) -> int:
+        """
+        What the load-aware policies weigh: the requests in flight and the
+        tunnels open.  A tunnel holds a connection to the backend, and a
+        session's work there, for as long as it lasts: a backend holding
+        500 WebSockets is not idle (HAProxy's C{leastconn} counts the
+        connections established so).  C{active} stays the requests alone,
+        for C{max_conns} and the figures.
+        """
+        return self._active + self.tunnels.open
 
     def whenIdle(self) -> Deferred:
         """

@@ -554,6 +554,37 @@ class WebSocketTests(TestCase):
         yield self.waitFor(lambda: b.tunnels.open == 0, "the tunnel to close")
 
     @inlineCallbacks
+    def openRawTunnel(self, port):
+        """
+        A client of the balancer on C{port} whose connection was switched to
+        the raw echo protocol.
+        """
+        client = yield connectClient(self.net, port)
+        client.send(UPGRADE_ECHO)
+        yield client.waitForBytes(b"switched:")
+        return client
+
+    @inlineCallbacks
+    def test_tunnelsAreLoad(self):
+        """
+        For least-conn, a backend holding open tunnels and no request is
+        not idle: new connections go to the other one until it holds as
+        many.
+        """
+        factory = Factory.forProtocol(_RawEchoUpgrade)
+        urls = [f"http://127.0.0.1:{self.net.listen(factory)}" for _ in range(2)]
+        balancer = yield startBalancer(self.net, urls, balance="least-conn")
+        a, b = balancer.backends
+        b.setAdminState("draining", "test")
+        for _ in range(3):
+            yield self.openRawTunnel(balancer.port)
+        self.assertEqual((a.tunnels.open, a.active, a.load), (3, 0, 3))
+        b.setAdminState("up", "test")
+        for _ in range(3):
+            yield self.openRawTunnel(balancer.port)
+        self.assertEqual((a.tunnels.open, b.tunnels.open), (3, 3))
+
+    @inlineCallbacks
     def test_floodBounded(self):
         """
         A client that stops reading while the backend floods: the backend is
