@@ -855,7 +855,8 @@ SETTINGS: Tuple[Setting, ...] = (
        "backend and logged. none turns it off.", metavar="NAME|none"),
     _s("shutdown_grace", "shutdownGrace", secondsOrZero, 10.0,
        "On SIGTERM/SIGINT: stop accepting, let requests in flight finish and "
-       "tunnels run this many seconds, close what is left, exit 0.", metavar="S"),
+       "tunnels run this many seconds, close what is left, exit 0. A removed "
+       "backend's tunnels run as long.", metavar="S"),
     _s("tunnel_timeout", "tunnelTimeout", seconds, 3600.0,
        "A tunnel (a WebSocket or other upgraded connection) with no byte "
        "either way for this many seconds is closed.", metavar="S"),
