@@ -19,9 +19,10 @@ from twisted.internet._sslverify import IOpenSSLTrustRoot
 # HTTP/2: Twisted's server side is public only through its generic channel,
 # which a site with a channel class of its own cannot use.  The balancer's
 # connection subclasses H2Connection, and overrides (each calling Twisted's
-# own first) its handlers of a stream's data, end and reset
-# (_requestDataReceived, _requestEnded, _requestAborted), which look a
-# stream up without asking whether Twisted has already forgotten it,
+# own first) its handlers of a new stream, and of a stream's data, end and
+# reset (_requestReceived, which cannot refuse one; _requestDataReceived,
+# _requestEnded, _requestAborted, which look a stream up without asking
+# whether Twisted has already forgotten it),
 # _requestDone, where a stream is forgotten, and connectionLost, whose
 # second argument (_cancelTimeouts) it passes on.
 from twisted.web._http2 import H2Connection, H2Stream

@@ -165,6 +165,7 @@ class HTTP2NamesTests(SynchronousTestCase):
     def test_streamHandlers(self):
         seen = []
         connection = self.connection
+        connection._requestReceived = lambda e: seen.append(("new", e.stream_id))
         connection._requestDataReceived = lambda e: seen.append(("data", e.stream_id))
         connection._requestEnded = lambda e: seen.append(("end", e.stream_id))
         connection._requestAborted = lambda e: seen.append(("reset", e.stream_id))
@@ -174,7 +175,11 @@ class HTTP2NamesTests(SynchronousTestCase):
         other = self.request(end=False)
         self.client.reset_stream(other)
         self.send()
-        self.assertEqual(seen, [("data", stream), ("end", stream), ("reset", other)])
+        self.assertEqual(
+            seen,
+            [("new", stream), ("data", stream), ("end", stream), ("new", other),
+             ("reset", other)],
+        )
 
     def test_requestDoneForgetsStream(self):
         done = []
