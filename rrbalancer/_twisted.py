@@ -9,6 +9,7 @@ goes through Twisted's public API.
 """
 
 from twisted.internet.tcp import Client as _TCP_CLIENT
+from twisted.internet.tcp import Server as _TCP_SERVER
 from twisted.web import http
 
 # trustRoot= of optionsForClientTLS takes an object providing this; Twisted
@@ -118,24 +119,29 @@ def waitingForTransport(channel: http.HTTPChannel) -> bool:
     return channel._waitingForTransport
 
 
+# Plain TCP connections, a client's and an accepted one.
+_TCP_TRANSPORTS = (_TCP_CLIENT, _TCP_SERVER)
+
+
 def writeNow(transport, data: bytes) -> None:
     """
     Write C{data}, sending it at once where that is safe: a plain TCP
     connection with nothing already waiting to be sent.
 
-    (It reads a TCP client transport's private buffers, to know that
-    nothing is waiting to be sent before it.)
+    (It reads a TCP transport's private buffers, to know that nothing is
+    waiting to be sent before it.)
 
     A transport's C{write} only buffers, and asks the reactor to wait until
     the socket can be written to; the send happens on the reactor's next
     turn.  For a request of a few hundred bytes on an idle connection that
     costs an event and two epoll changes on top of the send itself: a
-    quarter of what a health check costs the balancer.  Anything not sent
+    quarter of what a health check costs the balancer, and as much again
+    as a tunnel's own work on a small WebSocket message.  Anything not sent
     at once (a full socket buffer, an error) goes through C{write}, which
     also reports a lost connection the usual way.
     """
     if (
-        type(transport) is _TCP_CLIENT
+        type(transport) in _TCP_TRANSPORTS
         and not transport.TLS
         and transport.connected
         and not transport.disconnecting

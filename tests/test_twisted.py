@@ -101,15 +101,17 @@ class PrivateNamesTests(SynchronousTestCase):
 
     def test_tcpClientBuffers(self):
         """
-        writeNow reads a TCP client transport's buffers and writes to its
-        socket directly.
+        writeNow reads a TCP transport's buffers (a client's, and an
+        accepted connection's) and writes to its socket directly.
         """
         from twisted.internet.abstract import FileDescriptor
-        from twisted.internet.tcp import Client
+        from twisted.internet.tcp import Client, Server
 
         self.assertIs(_twisted._TCP_CLIENT, Client)
+        self.assertEqual(_twisted._TCP_TRANSPORTS, (Client, Server))
         for name in ("writeSomeData", "TLS", "connected", "disconnecting"):
-            self.assertTrue(hasattr(Client, name), name)
+            for kind in (Client, Server):
+                self.assertTrue(hasattr(kind, name), name)
         descriptor = FileDescriptor(reactor=MemoryReactorClock())
         self.assertEqual((descriptor.dataBuffer, descriptor._tempDataBuffer), (b"", []))
 
