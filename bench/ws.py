@@ -42,17 +42,16 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from scale import Processes, waitListening  # noqa: E402
-from uneven import groupCPU, loadavg  # noqa: E402
+# The same layout as uneven.py's: the fronts on core 0, the rest on core 1.
+from uneven import (  # noqa: E402
+    HERE, HOST, LB_CPU, LOAD_CPU, ROOT, groupCPU, loadavg, toolVersion, treeAndMachine,
+    writeReport,
+)
 from ws_peers import Histogram  # noqa: E402
 
-LB_CPU = "0"
-LOAD_CPU = "1"
-HOST = "127.0.0.1"
 PEERS = os.path.join(HERE, "ws_peers.py")
 # name: (kind, on PyPy)
 TARGETS = {
@@ -238,34 +237,14 @@ def table(results):
 
 
 def versions(args):
-    def first(argv, pick=lambda s: s.splitlines()[0]):
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-            return pick(done.stdout + done.stderr)
-        except Exception:
-            return "?"
-
-    git = subprocess.run(["git", "-C", args.tree, "rev-parse", "--short", "HEAD"],
-                         capture_output=True, text=True)
-    commit = " at " + git.stdout.strip() if not git.returncode else ""
-    model = "?"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    import twisted
     import websockets
 
-    peer = first([args.peer_python, "-c", "import platform; print(platform.python_implementation(),"
-                  " platform.python_version())"])
-    return [
-        f"date: {time.strftime('%Y-%m-%d %H:%M:%S %z')}; {os.cpu_count()} CPUs, {model}",
-        f"rrbalancer: {args.tree}{commit}; CPython {sys.version.split()[0]}, "
-        f"Twisted {twisted.__version__}",
+    peer = toolVersion([args.peer_python, "-c", "import platform; print("
+                        "platform.python_implementation(), platform.python_version())"])
+    return treeAndMachine(args.tree) + [
         f"backend and client: bench/ws_peers.py on {peer}, core {LOAD_CPU}; "
         f"checked with websockets {websockets.__version__}",
-        "nginx " + first(["nginx", "-v"], lambda s: s.strip().rpartition("/")[2])
+        "nginx " + toolVersion(["nginx", "-v"], lambda s: s.strip().rpartition("/")[2])
         + f", one worker; each front alone on core {LB_CPU}",
     ]
 
@@ -330,11 +309,8 @@ def main():
     out = args.out or tempfile.mkdtemp(prefix="wsbench-")
     os.makedirs(os.path.join(out, "raw"), exist_ok=True)
     procs = Processes()
-
-    def interrupted(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupted)
+    # Stopped as by Ctrl-C: what was started is stopped on the way out.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     header = versions(args)
     header.append(f"load average at start: {loadavg()} (the machine may be shared: figures move)")
     header.append(
@@ -348,7 +324,7 @@ def main():
     report = ["# WebSocket echo", ""] + ["- " + line for line in header]
     runs = {k: {t: [] for t in targets} for k in kinds}
     try:
-        server = procs.start([args.peer_python, PEERS, "serve", str(backend)], LOAD_CPU,
+        procs.start([args.peer_python, PEERS, "serve", str(backend)], LOAD_CPU,
                              os.path.join(out, "backend.log"))
         if not waitListening(f"{HOST}:{backend}", 30):
             die(f"the backend did not start (see {out}/backend.log)")
@@ -402,13 +378,7 @@ def main():
         return 130
     finally:
         procs.stopAll()
-    report += ["", f"- load average at end: {loadavg()}"]
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write("\n".join(report) + "\n")
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(runs, f, indent=1)
-    print("\n".join(report))
-    say(f"summary: {out}/summary.md")
+    say("summary: " + writeReport(out, report, runs))
     return 0
 
 

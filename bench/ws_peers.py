@@ -25,7 +25,6 @@ import json
 import math
 import os
 import sys
-import time
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
@@ -196,6 +195,21 @@ def request(port):
     )
 
 
+def afterSwitch(buffer, transport):
+    """
+    What C{buffer} holds after a whole C{101} head: None while the head is
+    not whole, or when the answer is not a 101 (the connection is then
+    aborted).
+    """
+    head, sep, rest = buffer.partition(b"\r\n\r\n")
+    if not sep:
+        return None
+    if not head.startswith(b"HTTP/1.1 101"):
+        transport.abort()
+        return None
+    return rest
+
+
 def masked(first, payload):
     """
     A client's frame, masked with a zero key (valid, and nothing to XOR).
@@ -278,11 +292,8 @@ class Handshaker(asyncio.Protocol):
     def data_received(self, data):
         self.buffer += data
         if self.stage == 0:
-            head, sep, rest = self.buffer.partition(b"\r\n\r\n")
-            if not sep:
-                return
-            if not head.startswith(b"HTTP/1.1 101"):
-                self.transport.abort()
+            rest = afterSwitch(self.buffer, self.transport)
+            if rest is None:
                 return
             self.buffer = rest
             self.stage = 1
@@ -361,11 +372,8 @@ class PingPong(asyncio.Protocol):
     def data_received(self, data):
         if not self.upgraded:
             self.buffer += data
-            head, sep, rest = self.buffer.partition(b"\r\n\r\n")
-            if not sep:
-                return
-            if not head.startswith(b"HTTP/1.1 101"):
-                self.transport.abort()
+            rest = afterSwitch(self.buffer, self.transport)
+            if rest is None:
                 return
             self.upgraded = True
             self.ready.set_result(self)
