@@ -395,14 +395,23 @@ def table(scenario, results, delays):
     return "\n".join(lines), verdict
 
 
-def versions(tree):
-    def first(argv, pick=lambda s: s.splitlines()[0]):
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-            return pick(done.stdout + done.stderr)
-        except Exception:
-            return "?"
+def toolVersion(argv, pick=lambda s: s.splitlines()[0]):
+    """
+    What C{argv} prints of its version, read by C{pick}; C{?} when it
+    cannot be run.
+    """
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        return pick(done.stdout + done.stderr)
+    except Exception:
+        return "?"
 
+
+def treeAndMachine(tree):
+    """
+    The lines a bench's report opens with: when, on what machine, and
+    which rrbalancer tree (at which commit) on which Python and Twisted.
+    """
     git = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"],
                          capture_output=True, text=True)
     if git.returncode:
@@ -423,6 +432,12 @@ def versions(tree):
         f"date: {time.strftime('%Y-%m-%d %H:%M:%S %z')}; {os.cpu_count()} CPUs, {model}",
         f"rrbalancer: {tree}{commit}; CPython {sys.version.split()[0]}, "
         f"Twisted {twisted.__version__}",
+    ]
+
+
+def versions(tree):
+    first = toolVersion
+    return treeAndMachine(tree) + [
         "backends: " + first([
             os.path.join(PYPY_VENV, "bin", "python"), "-c",
             "import sys, twisted; print('PyPy %d.%d.%d' % sys.pypy_version_info[:3],"
@@ -432,6 +447,24 @@ def versions(tree):
         + ", HAProxy " + first(["haproxy", "-v"], lambda s: s.split()[2])
         + ", wrk " + first(["wrk", "-v"], lambda s: s.split()[1]),
     ]
+
+
+def writeReport(out, report, data):
+    """
+    End a bench's report (Markdown lines) with the load average, write it
+    (C{summary.md}) and its figures (C{results.json}) to C{out}, and print
+    it.
+
+    @return: the report's path.
+    """
+    report = report + ["", f"- load average at end: {loadavg()}"]
+    path = os.path.join(out, "summary.md")
+    with open(path, "w") as f:
+        f.write("\n".join(report) + "\n")
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(data, f, indent=1)
+    print("\n".join(report))
+    return path
 
 
 def loadavg():
@@ -591,13 +624,7 @@ def main():
         return 130
     finally:
         procs.stopAll()
-    report += ["", f"- load average at end: {loadavg()}"]
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write("\n".join(report) + "\n")
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(everything, f, indent=1)
-    print("\n".join(report))
-    say(f"summary: {out}/summary.md")
+    say("summary: " + writeReport(out, report, everything))
     return 0
 
 

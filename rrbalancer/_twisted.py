@@ -9,6 +9,7 @@ goes through Twisted's public API.
 """
 
 from twisted.internet.tcp import Client as _TCP_CLIENT
+from twisted.internet.tcp import Server as _TCP_SERVER
 from twisted.web import http
 
 # trustRoot= of optionsForClientTLS takes an object providing this; Twisted
@@ -19,9 +20,10 @@ from twisted.internet._sslverify import IOpenSSLTrustRoot
 # HTTP/2: Twisted's server side is public only through its generic channel,
 # which a site with a channel class of its own cannot use.  The balancer's
 # connection subclasses H2Connection, and overrides (each calling Twisted's
-# own first) its handlers of a stream's data, end and reset
-# (_requestDataReceived, _requestEnded, _requestAborted), which look a
-# stream up without asking whether Twisted has already forgotten it,
+# own first) its handlers of a new stream, and of a stream's data, end and
+# reset (_requestReceived, which cannot refuse one; _requestDataReceived,
+# _requestEnded, _requestAborted, which look a stream up without asking
+# whether Twisted has already forgotten it),
 # _requestDone, where a stream is forgotten, and connectionLost, whose
 # second argument (_cancelTimeouts) it passes on.
 from twisted.web._http2 import H2Connection, H2Stream
@@ -117,24 +119,29 @@ def waitingForTransport(channel: http.HTTPChannel) -> bool:
     return channel._waitingForTransport
 
 
+# Plain TCP connections, a client's and an accepted one.
+_TCP_TRANSPORTS = (_TCP_CLIENT, _TCP_SERVER)
+
+
 def writeNow(transport, data: bytes) -> None:
     """
     Write C{data}, sending it at once where that is safe: a plain TCP
     connection with nothing already waiting to be sent.
 
-    (It reads a TCP client transport's private buffers, to know that
-    nothing is waiting to be sent before it.)
+    (It reads a TCP transport's private buffers, to know that nothing is
+    waiting to be sent before it.)
 
     A transport's C{write} only buffers, and asks the reactor to wait until
     the socket can be written to; the send happens on the reactor's next
     turn.  For a request of a few hundred bytes on an idle connection that
     costs an event and two epoll changes on top of the send itself: a
-    quarter of what a health check costs the balancer.  Anything not sent
+    quarter of what a health check costs the balancer, and as much again
+    as a tunnel's own work on a small WebSocket message.  Anything not sent
     at once (a full socket buffer, an error) goes through C{write}, which
     also reports a lost connection the usual way.
     """
     if (
-        type(transport) is _TCP_CLIENT
+        type(transport) in _TCP_TRANSPORTS
         and not transport.TLS
         and transport.connected
         and not transport.disconnecting

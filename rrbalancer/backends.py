@@ -13,8 +13,9 @@ What the operator wants (C{adminState}):
  - C{disabled}: no traffic and no health checks.
 
 Removing a backend (L{BackendGroup.retire}) drains it first: it is
-forgotten once its last request in flight has ended, so that no request is
-cut.
+forgotten once its last request in flight has ended and its last tunnel has
+closed, so that no request is cut.  Tunnels may last for hours: those still
+open after the group's C{tunnelGrace} are closed.
 
 Two judges of health are kept apart, as Envoy keeps them: the active checks
 (rise/fall, see L{Backend.recordCheck}) and the failures client requests
@@ -101,6 +102,8 @@ class Backend:
         it over its connection pool), or None for a backend that is only a
         model (in tests of the model).
     @ivar active: requests in flight on it; the proxy counts them.
+    @ivar tunnels: the tunnels (upgraded connections) to it: how many are
+        open, and what they carried.
     @ivar removing: it is draining on its way out of the group.
     @ivar stickyID: names it in a sticky-session cookie: stable across
         restarts and balancers, and not its address.
@@ -136,6 +139,10 @@ class Backend:
         self._adminState = UP
         self._active = 0
         self._idleWaiters: Optional[List[Deferred]] = None
+        # Its open tunnels (a set made when the first opens), and the call
+        # that closes them when it is being removed.
+        self._openTunnels: Optional[Set] = None
+        self._closingTunnels = None
         self.removing = False
         self.owners: Tuple[str, ...] = ()
         self.requests = 0
@@ -252,15 +259,70 @@ class Backend:
                 if value < limit:
                     group._roomMade()
         if value <= 0 and self._idleWaiters:
+            self._maybeIdle()
+
+    @property
+    def load(self) -> int:
+        """
+        What the load-aware policies weigh: the requests in flight and the
+        tunnels open.  A tunnel holds a connection to the backend, and a
+        session's work there, for as long as it lasts: a backend holding
+        500 WebSockets is not idle (HAProxy's C{leastconn} counts the
+        connections established so).  C{active} stays the requests alone,
+        for C{max_conns} and the figures.
+        """
+        return self._active + self.tunnels.open
+
+    @property
+    def idle(self) -> bool:
+        """
+        No request in flight on it, and no tunnel open to it.
+        """
+        return self._active <= 0 and not self._openTunnels
+
+    def _maybeIdle(self) -> None:
+        if self._idleWaiters and self.idle:
             waiters, self._idleWaiters = self._idleWaiters, None
             for d in waiters:
                 d.callback(self)
 
+    def tunnelOpened(self, tunnel) -> None:
+        """
+        Keep C{tunnel} (a L{rrbalancer.tunnel.Tunnel} to this backend) until
+        both its connections are gone: removing this backend waits for it,
+        and may close it.
+        """
+        if self._openTunnels is None:
+            self._openTunnels = set()
+        self._openTunnels.add(tunnel)
+        tunnel.whenDone(self._tunnelClosed)
+
+    def _tunnelClosed(self, tunnel) -> None:
+        tunnels = self._openTunnels
+        if tunnels is not None:
+            tunnels.discard(tunnel)
+            if not tunnels:
+                self._openTunnels = None
+                self._maybeIdle()
+
+    def closeTunnels(self) -> int:
+        """
+        Close the tunnels open to this backend (each once what is buffered
+        for it is written; see L{rrbalancer.tunnel.Tunnel.close}).
+
+        @return: how many were open.
+        """
+        tunnels = list(self._openTunnels or ())
+        for tunnel in tunnels:
+            tunnel.close()
+        return len(tunnels)
+
     def whenIdle(self) -> Deferred:
         """
-        Fires (with this backend) once no request is in flight on it.
+        Fires (with this backend) once no request is in flight on it and no
+        tunnel is open to it.
         """
-        if self._active <= 0:
+        if self.idle:
             return succeed(self)
         d = Deferred()
         if self._idleWaiters is None:
@@ -455,6 +517,9 @@ class BackendGroup:
         policy picks it); 0 is no limit.  Requests that find every backend
         full wait in C{requestQueue} (of C{queueSize}, for C{queueTimeout}
         seconds).
+    @param tunnelGrace: seconds the tunnels of a backend being removed may
+        run on before they are closed (as a stopping balancer lets them run
+        for C{--shutdown-grace}).
     @ivar retries: requests that moved on to another backend after one
         failed them.
     @ivar panicking: the panic threshold is crossed now.
@@ -474,8 +539,10 @@ class BackendGroup:
         maxConns: int = 0,
         queueSize: int = 100,
         queueTimeout: float = 5.0,
+        tunnelGrace: float = 10.0,
     ) -> None:
         self.health = health
+        self.tunnelGrace = tunnelGrace
         self.policy = policy if policy is not None else RoundRobin()
         self.ejection = ejection
         self.slowStart = slowStart
@@ -763,7 +830,9 @@ class BackendGroup:
 
     def retire(self, backend: Backend, reason: str) -> Deferred:
         """
-        Drain C{backend}, then forget it once no request is in flight on it.
+        Drain C{backend}, then forget it once no request is in flight on it
+        and no tunnel open to it; the tunnels still open after
+        C{tunnelGrace} seconds are closed.
 
         @return: fires when it is forgotten.
         """
@@ -772,11 +841,18 @@ class BackendGroup:
             if backend.adminState != DRAINING:
                 backend.setAdminState(DRAINING, reason)
             self.log.info(
-                "backend {url} is being removed ({n} in flight): {reason}",
+                "backend {url} is being removed ({n} in flight, {t} tunnels): {reason}",
                 url=backend.url,
                 n=backend.active,
+                t=backend.tunnels.open,
                 reason=reason,
             )
+            if not backend.idle:
+                # A request in flight may still become a tunnel: whatever is
+                # open when the grace is over is closed.
+                backend._closingTunnels = self._clock.callLater(
+                    self.tunnelGrace, self._closeTunnels, backend
+                )
 
         def forget(_):
             if backend.removing and self._backends.get(backend.id) is backend:
@@ -808,12 +884,30 @@ class BackendGroup:
         self.retire(backend, reason)
         return True
 
+    def _closeTunnels(self, backend: Backend) -> None:
+        backend._closingTunnels = None
+        n = backend.closeTunnels()
+        if n:
+            self.log.info(
+                "backend {url} is being removed: closing its {n} tunnels still open"
+                " after {grace:g}s",
+                url=backend.url,
+                n=n,
+                grace=self.tunnelGrace,
+            )
+
+    def _stopClosingTunnels(self, backend: Backend) -> None:
+        call, backend._closingTunnels = backend._closingTunnels, None
+        if call is not None and call.active():
+            call.cancel()
+
     def keep(self, backend: Backend, reason: str) -> None:
         """
         Call off a pending removal: the backend takes traffic again.
         """
         if backend.removing:
             backend.removing = False
+            self._stopClosingTunnels(backend)
             backend.setAdminState(UP, reason)
 
     def remove(self, backend: Backend) -> None:
@@ -825,6 +919,7 @@ class BackendGroup:
         if backend._readmission is not None:
             backend._readmission.cancel()
             backend._readmission = None
+        self._stopClosingTunnels(backend)
         if backend.ejectedUntil is not None:
             backend.ejectedUntil = None
             self.ejected -= 1
@@ -926,6 +1021,7 @@ class BackendGroup:
             if backend._readmission is not None:
                 backend._readmission.cancel()
                 backend._readmission = None
+            self._stopClosingTunnels(backend)
 
     def availableCount(self) -> int:
         """

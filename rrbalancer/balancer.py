@@ -122,6 +122,7 @@ class Balancer(MultiService):
             maxConns=config.maxConns,
             queueSize=config.queueSize,
             queueTimeout=config.queueTimeout,
+            tunnelGrace=config.shutdownGrace,
         )
         for backend in config.backends:
             self.group.add(backend, owner=CONFIG)

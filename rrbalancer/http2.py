@@ -13,9 +13,10 @@ top: its reactor passed in, a bound on concurrent streams, backends paused
 while the client's transport is full (not only when a stream's window is
 spent), a stream reset when a response is cut short that tells its request
 so, streams answered before their body ended (a 413) asked to stop
-without error, a graceful close that lets answered streams drain, a
-deadline for the first request, and an idle timeout that never closes a
-connection under a request in flight.  (A stream's body timeout is the
+without error, a graceful close that lets answered streams drain (and
+refuses the streams opened after it), a deadline for every request head
+(the first, and each one after it), and an idle timeout that never closes
+a connection under a request in flight.  (A stream's body timeout is the
 request's: see L{rrbalancer.site.BalancerRequest}.)
 """
 
@@ -24,7 +25,7 @@ from typing import Optional
 import h2.errors
 import h2.exceptions
 import h2.settings
-from hyperframe.frame import GoAwayFrame
+from hyperframe.frame import ContinuationFrame, GoAwayFrame, HeadersFrame
 from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
@@ -59,6 +60,26 @@ def streamBlocked(stream) -> bool:
     if isinstance(connection, BalancerH2Connection):
         return connection.streamBlocked(stream.streamID)
     return False
+
+
+# The types of the frames that carry a header block.
+_HEAD_FRAMES = (HeadersFrame.type, ContinuationFrame.type)
+
+
+def headUnderWay(conn) -> bool:
+    """
+    Has C{conn} (an C{h2} package connection) part of a header block in
+    hand: a HEADERS frame waiting for its CONTINUATION frames, part of a
+    HEADERS or CONTINUATION frame, or part of a frame header (whose type
+    is not known yet)?  Nothing public tells: this reads the package's
+    frame buffer (the same in every release the balancer supports; the
+    tests check it).
+    """
+    buffer = conn.incoming_buffer
+    if buffer._headers_buffer:
+        return True
+    data = buffer._data
+    return 0 < len(data) and (len(data) < 4 or data[3] in _HEAD_FRAMES)
 
 
 class _Transport:
@@ -104,6 +125,9 @@ class BalancerH2Connection(_twisted.H2Connection):
     _transportPaused = False
     _headTimer = None
     _served = False
+    _lost = False
+    # Once GOAWAY is sent: the last stream it lets the client have.
+    _lastStreamID: Optional[int] = None
 
     # Streams a client may reset before their answer, at once, and a second
     # after that (Rapid Reset, CVE-2023-44487: each reset stream was already
@@ -133,20 +157,33 @@ class BalancerH2Connection(_twisted.H2Connection):
             },
         )
 
-    # -- the first request's deadline ------------------------------------------
+    # -- request heads' deadline -------------------------------------------------
 
     def dataReceived(self, data):
         """
-        The idle timeout restarts at every byte, whole frame or not, so a
-        client trickling its first request could hold a connection for
-        ever: the preface and the first request's head must arrive within
-        C{headerTimeout} of the first byte, as an HTTP/1.1 head must.
+        The idle timeout restarts at every byte, whole frame or not, and
+        does not run at all while a stream is open, so a client trickling a
+        request head could hold a connection for ever: the preface and the
+        first request's head must arrive within C{headerTimeout} of the
+        first byte, as an HTTP/1.1 head must; and so must every later
+        head, from its first byte to its last frame (HEADERS, then any
+        CONTINUATION: nothing else may come between them, so a head
+        trickled that way holds up the whole connection).
         """
         if not self._served and self._headTimer is None:
             self._headTimer = self.callLater(self.headerTimeout, self._headTimedOut)
         _twisted.H2Connection.dataReceived(self, data)
-        if not self._served and self.streams:
+        if not self._served:
+            if not self.streams:
+                return
             self._served = True
+            self._stopHeadTimer()
+        if self._lost or self.closing:
+            return
+        if headUnderWay(self.conn):
+            if self._headTimer is None:
+                self._headTimer = self.callLater(self.headerTimeout, self._headTimedOut)
+        else:
             self._stopHeadTimer()
 
     def timeoutConnection(self):
@@ -163,8 +200,9 @@ class BalancerH2Connection(_twisted.H2Connection):
 
     def _headTimedOut(self) -> None:
         self._headTimer = None
-        if not self._served and self.transport is not None:
-            # No stream to answer 408 on: GOAWAY, and close.
+        if self.transport is not None:
+            # No stream to answer 408 on (it has none before its head is
+            # whole): GOAWAY, and close once the streams open are done.
             self.goAway()
 
     def _stopHeadTimer(self) -> None:
@@ -173,6 +211,7 @@ class BalancerH2Connection(_twisted.H2Connection):
             timer.cancel()
 
     def connectionLost(self, reason, _cancelTimeouts=True):
+        self._lost = True
         self._stopHeadTimer()
         _twisted.H2Connection.connectionLost(self, reason, _cancelTimeouts)
 
@@ -208,6 +247,15 @@ class BalancerH2Connection(_twisted.H2Connection):
         return streamID not in self.streams or self.remainingOutboundWindow(streamID) <= 0
 
     # -- streams Twisted has forgotten ----------------------------------------
+
+    def _requestReceived(self, event):
+        if self._lastStreamID is not None and event.stream_id > self._lastStreamID:
+            # Opened after GOAWAY said which would be the last: refused
+            # (RFC 9113 section 6.8), which tells the client that it may
+            # send the request again elsewhere.
+            self._stopStream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
+        return _twisted.H2Connection._requestReceived(self, event)
 
     def _requestDataReceived(self, event):
         if event.stream_id in self.streams:
@@ -284,6 +332,8 @@ class BalancerH2Connection(_twisted.H2Connection):
         if self.closing or self.transport is None:
             return
         self.closing = True
+        self._stopHeadTimer()
+        self._lastStreamID = self.conn.highest_inbound_stream_id
         if not self.streams:
             self.conn.close_connection(error_code=h2.errors.ErrorCodes.NO_ERROR)
             if _twisted.h2WriteControlData(self):
@@ -293,8 +343,7 @@ class BalancerH2Connection(_twisted.H2Connection):
         # still open with it: this one only tells the client to open no
         # more (RFC 9113 section 6.8), and the streams go on.
         frame = GoAwayFrame(
-            0, last_stream_id=self.conn.highest_inbound_stream_id,
-            error_code=h2.errors.ErrorCodes.NO_ERROR,
+            0, last_stream_id=self._lastStreamID, error_code=h2.errors.ErrorCodes.NO_ERROR,
         )
         self.transport.write(frame.serialize())
 

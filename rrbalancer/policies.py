@@ -12,7 +12,7 @@ L{IBalancingPolicyFactory}).
 
 The cost of a pick is bounded whatever the number of backends, except
 C{least-conn}'s, which looks at every candidate as NGINX's C{least_conn}
-does, and C{hash}'s, which adds up the requests in flight on them.
+does, and C{hash}'s, which adds up the load on them.
 """
 
 import bisect
@@ -101,8 +101,9 @@ class RoundRobin:
 @implementer(IBalancingPolicy)
 class LeastConnections:
     """
-    Fewest requests in flight for its weight (in flight / weight); ties go
-    round in turn, so that idle backends still share the requests.
+    Fewest requests in flight and tunnels open for its weight (see
+    L{rrbalancer.backends.Backend.load}); ties go round in turn, so that
+    idle backends still share the requests.
     """
 
     name = "least-conn"
@@ -122,7 +123,7 @@ class LeastConnections:
             backend = members[(self._turn + i) % n]
             if backend in exclude:
                 continue
-            load = backend.active / candidates.weightOf(backend)
+            load = backend.load / candidates.weightOf(backend)
             if load < bestLoad:
                 best, bestLoad = backend, load
         return best
@@ -184,13 +185,15 @@ class WeightedRandom:
 class PowerOfTwoChoices:
     """
     Two backends at random, and the one with the lower cost: its EWMA
-    latency times its requests in flight plus one (as Finagle and Linkerd
-    do, without their peak rule).  The average weighs the answers by time,
+    latency times its load (requests in flight and tunnels open) plus one
+    (as Finagle and Linkerd do, without their peak rule).  The average weighs the answers by time,
     with C{decay} seconds' time constant, so that a backend that got slow
     gets less traffic while it is slow, and some still, to learn when it is
     fast again; but each answer moves it at least a C{SAMPLE_WEIGHT} of the
     way, so that under load it follows the last few dozen answers.  A
-    failure counts as a response as slow as C{penalty} seconds.
+    failure counts as a response as slow as C{penalty} seconds.  A tunnel
+    weighs in the load while it is open, but its life is no answer's
+    latency: only its handshake's answer (the C{101}) is a sample.
 
     Finagle's peak rule (an answer slower than the average replaces it)
     makes the average, under load, the slowest answer of the last
@@ -220,7 +223,7 @@ class PowerOfTwoChoices:
 
     def cost(self, backend, weight: int) -> float:
         latency = self.latency(backend)
-        return latency * (backend.active + 1) / weight
+        return latency * (backend.load + 1) / weight
 
     def latency(self, backend) -> float:
         """
@@ -309,7 +312,8 @@ class ConsistentHash:
     Consistent hashing with bounded loads (Mirrokni, Thorup and
     Zadimoghaddam, 2018): a key goes to the first backend clockwise from it
     on a ring of points, unless that backend already has more than
-    C{balance} times the mean of the requests in flight (for its weight);
+    C{balance} times the mean load (requests in flight and tunnels open,
+    for its weight);
     then to the next one round the ring that has not.
 
     The ring holds every backend the policy has met, up or not: a backend
@@ -365,12 +369,12 @@ class ConsistentHash:
         if self._met.get(id(candidates)) != candidates.version:
             self._meet(candidates)
         ring, owners = self._ring, self._owners
-        inFlight = 0
+        load = 0
         for backend in candidates:
-            inFlight += backend.active
+            load += backend.load
         # Every candidate may take up to this share of the load (plus one,
         # the request being placed), for its weight.
-        bound = self.balance * (inFlight + 1) / candidates.totalWeight
+        bound = self.balance * (load + 1) / candidates.totalWeight
         start = bisect.bisect(ring, (_digest(key), 0))
         seen = set()
         fallback = None
@@ -382,7 +386,7 @@ class ConsistentHash:
             seen.add(backend)
             if backend not in candidates or backend in exclude:
                 continue
-            if backend.active < bound * candidates.weightOf(backend):
+            if backend.load < bound * candidates.weightOf(backend):
                 return backend
             if fallback is None:
                 fallback = backend

@@ -557,8 +557,9 @@ class _Attempt:
             self.request.transport.abortConnection()
             tunnel = self._tunnel
             if tunnel is not None and not tunnel.started:
-                # Nothing will tell the site that it ended.
+                # Nothing will tell the site and the backend that it ended.
                 self._site._tunnelClosed(tunnel)
+                self.backend._tunnelClosed(tunnel)
         self._end()
 
     def _joinTunnel(self, connection, reason, headers, rest: bytes) -> None:
@@ -579,9 +580,10 @@ class _Attempt:
         tunnel = self._tunnel = Tunnel(
             self.clock, self.upstream.tunnelTimeout, (self.backend.tunnels, site.tunnelCounts)
         )
-        # Counted before the request stops being: a stopping balancer
-        # waits for either.
+        # Counted before the request stops being: a stopping balancer, and a
+        # backend's removal, wait for either.
         site.tunnelOpened(tunnel)
+        self.backend.tunnelOpened(tunnel)
         channel = request.switchProtocols(head)
         fromClient = channel.startTunnel(tunnel.client)
         connection.startTunnel(tunnel.backend)

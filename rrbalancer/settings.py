@@ -756,7 +756,8 @@ SETTINGS: Tuple[Setting, ...] = (
        "once; more are refused by the protocol, not queued.", metavar="N"),
     _s("balance", "balance", parsePolicy, "round-robin",
        "How a backend is chosen: round-robin (NGINX's smooth weighted round "
-       "robin), least-conn (fewest requests in flight for the weight), random "
+       "robin), least-conn (fewest requests in flight and tunnels open for the "
+       "weight), random "
        "(weighted), p2c (two at random, the faster by EWMA latency times "
        "load), hash (consistent hashing with bounded loads on --hash-key), or "
        "a policy a plugin offers.", metavar="NAME", reloadable=True),
@@ -765,9 +766,9 @@ SETTINGS: Tuple[Setting, ...] = (
        "or cookie:NAME. A request without it is balanced round robin.",
        metavar="KEY", reloadable=True),
     _s("hash_balance", "hashBalance", lambda v, n: number(v, n, minimum=1.0), 1.25,
-       "hash: no backend takes more than this many times the mean of the "
-       "requests in flight (for its weight); past it, a key goes on round the "
-       "ring to the next backend.", metavar="F", reloadable=True),
+       "hash: no backend takes more than this many times the mean load "
+       "(requests in flight and tunnels open, for its weight); past it, a key "
+       "goes on round the ring to the next backend.", metavar="F", reloadable=True),
     _s("ewma_decay", "ewmaDecay", seconds, 10.0,
        "p2c: the time constant, in seconds, over which a backend's slow "
        "answers are forgotten (under load, each answer also weighs at least "
@@ -854,7 +855,8 @@ SETTINGS: Tuple[Setting, ...] = (
        "backend and logged. none turns it off.", metavar="NAME|none"),
     _s("shutdown_grace", "shutdownGrace", secondsOrZero, 10.0,
        "On SIGTERM/SIGINT: stop accepting, let requests in flight finish and "
-       "tunnels run this many seconds, close what is left, exit 0.", metavar="S"),
+       "tunnels run this many seconds, close what is left, exit 0. A removed "
+       "backend's tunnels run as long.", metavar="S"),
     _s("tunnel_timeout", "tunnelTimeout", seconds, 3600.0,
        "A tunnel (a WebSocket or other upgraded connection) with no byte "
        "either way for this many seconds is closed.", metavar="S"),

@@ -26,6 +26,8 @@ from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ._twisted import writeNow
+
 # After asking both sides to close, so long for their buffered bytes to
 # drain before the connections are cut.
 ABORT_AFTER = 10.0
@@ -207,7 +209,10 @@ class Tunnel:
             for counts in self.counts:
                 counts.toClient += size
         self._last = self.clock.seconds()
-        target.transport.write(data)
+        # Sent at once when nothing waits before it: a tunnel mostly carries
+        # small messages one at a time, for which the reactor's turn that
+        # an ordinary write waits for costs as much as the carrying.
+        writeNow(target.transport, data)
 
     def _lost(self, end: TunnelEnd) -> None:
         if end.lost:

@@ -6,6 +6,7 @@ rise/fall rule that takes backends down and brings them back.
 from collections import Counter
 
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
@@ -19,6 +20,7 @@ from rrbalancer.backends import (
     Ejection,
 )
 from rrbalancer.config import BackendConfig, HealthConfig
+from rrbalancer.tunnel import Tunnel
 
 
 def captureStateLogs(testCase):
@@ -264,6 +266,90 @@ class OwnerTests(GroupMixin, TestCase):
         self.assertEqual(backend.owners, ())
         backend.active = 0
         self.assertIsNone(group.byURL("http://a"))
+
+
+class RemovalWithTunnelsTests(GroupMixin, TestCase):
+    """
+    A backend being removed waits for its tunnels as for its requests in
+    flight, for the group's C{tunnelGrace} at most; then they are closed.
+    """
+
+    def openTunnel(self, backend):
+        tunnel = Tunnel(self.clock, 3600.0, (backend.tunnels,))
+        backend.tunnelOpened(tunnel)
+        transports = StringTransport(), StringTransport()
+        tunnel.start(*transports)
+        return tunnel, transports
+
+    def lose(self, tunnel):
+        for end in (tunnel.client, tunnel.backend):
+            end.connectionLost(None)
+
+    def test_waitsForTunnels(self):
+        group, b = self.makeGroup("a", "b", tunnelGrace=30.0)
+        tunnel, _ = self.openTunnel(b["a"])
+        removed = group.retire(b["a"], "deleted")
+        self.assertNoResult(removed)
+        self.assertEqual((b["a"].state, b["a"].load), (DRAINING, 1))
+        self.clock.advance(29)
+        self.assertIs(group.byURL("http://a"), b["a"])
+        self.lose(tunnel)
+        self.assertIs(self.successResultOf(removed), b["a"])
+        self.assertIsNone(group.byURL("http://a"))
+        # Nothing is left to close them.
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_closedAfterGrace(self):
+        """
+        Tunnels still open after the grace are closed (once what is
+        buffered for them is written), and the backend goes when they have.
+        """
+        group, b = self.makeGroup("a", tunnelGrace=30.0)
+        tunnels = [self.openTunnel(b["a"]) for _ in range(2)]
+        removed = group.retire(b["a"], "deleted")
+        self.clock.advance(29.9)
+        self.assertFalse(any(t.disconnecting for _, ts in tunnels for t in ts))
+        self.clock.advance(0.1)
+        self.assertTrue(all(t.disconnecting for _, ts in tunnels for t in ts))
+        self.assertNoResult(removed)
+        for tunnel, _ in tunnels:
+            self.lose(tunnel)
+        self.successResultOf(removed)
+        self.assertEqual((b["a"].tunnels.open, b["a"].tunnels.opened), (0, 2))
+
+    def test_requestThatBecomesATunnel(self):
+        """
+        An upgrade in flight when the removal began, switched since, is
+        waited for and closed like the tunnels open then.
+        """
+        group, b = self.makeGroup("a", tunnelGrace=30.0)
+        b["a"].active = 1
+        removed = group.retire(b["a"], "deleted")
+        tunnel, (client, backend) = self.openTunnel(b["a"])
+        b["a"].active = 0
+        self.assertNoResult(removed)
+        self.clock.advance(30)
+        self.assertTrue(client.disconnecting and backend.disconnecting)
+        self.lose(tunnel)
+        self.successResultOf(removed)
+
+    def test_keptAgain(self):
+        """
+        A removal called off (the file lists the backend again) closes
+        nothing.
+        """
+        group, b = self.makeGroup("a", tunnelGrace=30.0)
+        tunnel, (client, _) = self.openTunnel(b["a"])
+        group.retire(b["a"], "gone from the file")
+        group.keep(b["a"], "back in the file")
+        self.clock.advance(60)
+        self.assertFalse(client.disconnecting)
+        self.assertEqual(b["a"].state, UP)
+
+    def test_idleAtOnce(self):
+        group, b = self.makeGroup("a")
+        self.successResultOf(group.retire(b["a"], "deleted"))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
 class CountingExclude(frozenset):

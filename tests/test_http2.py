@@ -17,7 +17,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.settings
-from hyperframe.frame import Frame
+from hyperframe.frame import ContinuationFrame, DataFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
 from twisted.internet.address import IPv4Address
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -298,6 +298,149 @@ class MemoryTests(SynchronousTestCase):
         self.answer(self.resource.requests[0])
         self.clock.advance(self.site.headerTimeout * 2)
         self.assertFalse(served.transport.disconnecting)
+
+    def headBlock(self, stream, path=b"/late"):
+        """
+        A request head for C{stream}, encoded by the client's own header
+        compressor (so that the server's stays in step with it), to be
+        sent by hand in as many frames as a test likes.
+        """
+        return self.client.h2.encoder.encode(
+            [(b":method", b"GET"), (b":path", path), (b":scheme", b"https"),
+             (b":authority", b"balancer.example")]
+        )
+
+    def send(self, *frames):
+        self.client.channel.dataReceived(b"".join(f.serialize() for f in frames))
+        self.clock.advance(0)
+
+    def sentFrames(self):
+        frames = _frames(self.client.transport.value())
+        self.client.transport.clear()
+        return frames
+
+    def test_slowHeadAfterTheFirst(self):
+        """
+        A request head after the first one, trickled (HEADERS, then
+        CONTINUATION frames slower than the header timeout in all), gets
+        GOAWAY when the header timeout has passed since its first byte,
+        whatever it sent since; the stream it would open is refused, the
+        streams open already finish, and the connection closes then.
+        """
+        first = self.client.request()
+        [request] = self.resource.requests
+        self.client.transport.clear()
+        stream = first + 2
+        block = self.headBlock(stream)
+        head = HeadersFrame(stream, block[:3])
+        head.flags.add("END_STREAM")
+        self.send(head)
+        for part in (block[3:5], block[5:7]):
+            self.clock.advance(self.site.headerTimeout / 3)
+            self.send(ContinuationFrame(stream, part))
+        self.assertEqual(self.sentFrames(), [])
+        self.clock.advance(self.site.headerTimeout / 3)
+        [goaway] = self.sentFrames()
+        self.assertIsInstance(goaway, GoAwayFrame)
+        self.assertEqual((goaway.last_stream_id, goaway.error_code), (first, 0))
+        self.assertFalse(self.client.transport.disconnecting)
+        late = ContinuationFrame(stream, block[7:])
+        late.flags.add("END_HEADERS")
+        self.send(late)
+        [refused] = self.sentFrames()
+        self.assertIsInstance(refused, RstStreamFrame)
+        self.assertEqual(
+            (refused.stream_id, refused.error_code),
+            (stream, h2.errors.ErrorCodes.REFUSED_STREAM),
+        )
+        self.assertEqual(len(self.resource.requests), 1)
+        self.answer(request)
+        self.assertTrue(self.client.transport.disconnecting)
+
+    def test_headThatNeverEnds(self):
+        """
+        A HEADERS frame whose CONTINUATION never comes, on a connection
+        idle otherwise: GOAWAY after the header timeout, and closed.
+        """
+        stream = self.client.request()
+        self.answer(self.resource.requests[0])
+        self.client.transport.clear()
+        self.send(HeadersFrame(stream + 2, self.headBlock(stream + 2)[:4]))
+        self.clock.advance(self.site.headerTimeout)
+        [goaway] = self.sentFrames()
+        self.assertIsInstance(goaway, GoAwayFrame)
+        self.assertTrue(self.client.transport.disconnecting)
+
+    def test_partFrameTrickled(self):
+        """
+        A HEADERS frame itself trickled a few bytes at a time (as each
+        chunk arrives, the idle timeout would start again): GOAWAY after
+        the header timeout.
+        """
+        stream = self.client.request()
+        self.answer(self.resource.requests[0])
+        self.client.transport.clear()
+        head = HeadersFrame(stream + 2, self.headBlock(stream + 2))
+        head.flags.add("END_HEADERS")
+        data = head.serialize()
+        for i in range(len(data) - 1):
+            self.client.channel.dataReceived(data[i:i + 1])
+            self.clock.advance(self.site.timeOut / 2)
+            if self.client.transport.value():
+                break
+        self.assertLess(i, len(data) - 2)
+        [goaway] = self.sentFrames()
+        self.assertIsInstance(goaway, GoAwayFrame)
+        self.assertTrue(self.client.transport.disconnecting)
+
+    def test_headsInTime(self):
+        """
+        Heads split over frames and reads, each whole within the header
+        timeout, are served, however long the connection lives; a slow
+        body is the body timeout's, not the header timeout's.
+        """
+        self.client.request()
+        post = self.client.request(
+            method=b"POST", headers=[(b"content-length", b"100")], body=b"x", end=False
+        )
+        for n, stream in enumerate((post + 2, post + 4)):
+            block = self.headBlock(stream, b"/%d" % (n,))
+            head = HeadersFrame(stream, block[:5])
+            head.flags.add("END_STREAM")
+            last = ContinuationFrame(stream, block[5:])
+            last.flags.add("END_HEADERS")
+            data = head.serialize() + last.serialize()
+            for i in range(0, len(data), 7):
+                self.client.channel.dataReceived(data[i:i + 7])
+                self.clock.advance(self.site.headerTimeout / 20)
+            self.clock.advance(self.site.headerTimeout)
+        # Part of a DATA frame of the unfinished body, held.
+        part = DataFrame(post, b"y" * 99).serialize()[:50]
+        self.client.channel.dataReceived(part)
+        self.clock.advance(self.site.headerTimeout * 2)
+        self.assertEqual(
+            [r.path for r in self.resource.requests], [b"/", b"/0", b"/1"]
+        )
+        self.assertFalse(self.client.transport.disconnecting)
+        self.assertNotIn(
+            GoAwayFrame, [type(f) for f in _frames(self.client.transport.value())]
+        )
+
+    def test_headUnderWayReadsTheBuffer(self):
+        """
+        L{http2.headUnderWay} reads the C{h2} package's frame buffer, which
+        nothing public shows: its names are still there.
+        """
+        conn = self.client.channel.http2.conn
+        self.assertFalse(http2.headUnderWay(conn))
+        head = HeadersFrame(1, b"\x82").serialize()
+        conn.incoming_buffer.add_data(head[:5])
+        self.assertTrue(http2.headUnderWay(conn))
+        data = DataFrame(1, b"x").serialize()
+        conn.incoming_buffer._data = bytearray(data[:5])
+        self.assertFalse(http2.headUnderWay(conn))
+        conn.incoming_buffer._data = bytearray(data[:2])
+        self.assertTrue(http2.headUnderWay(conn))
 
     def test_idleMeansNoStream(self):
         """

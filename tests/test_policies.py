@@ -8,6 +8,7 @@ import random
 import sys
 
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from rrbalancer import plugins as pluginsPackage
@@ -23,6 +24,7 @@ from rrbalancer.policies import (
     requestKey,
 )
 from rrbalancer.settings import ConfigError
+from rrbalancer.tunnel import Tunnel
 
 from .support import MemoryBalancer
 
@@ -33,6 +35,18 @@ def group(policy, *weights, clock=None):
         g.add(BackendConfig(f"http://127.0.0.1:{8081 + n}", weight=w)) for n, w in enumerate(weights)
     ]
     return g, backends
+
+
+def openTunnels(backend, n):
+    """
+    C{n} tunnels to C{backend}, started on string transports.
+    """
+    tunnels = []
+    for _ in range(n):
+        tunnel = Tunnel(Clock(), 3600.0, (backend.tunnels,))
+        tunnel.start(StringTransport(), StringTransport())
+        tunnels.append(tunnel)
+    return tunnels
 
 
 class _Request:
@@ -128,6 +142,18 @@ class ConsistentHashTests(SynchronousTestCase):
             x.active = 0
         self.assertIs(g.pick(request=hot), home)
 
+    def test_tunnelsCountInTheBound(self):
+        """
+        A key's backend holding many tunnels is over the bound: the key
+        goes on round the ring.
+        """
+        g, backends = group(self.policy(1.25), 1, 1, 1, 1)
+        hot = _Request(path=b"/hot")
+        home = g.pick(request=hot)
+        openTunnels(home, 8)
+        other = g.pick(request=hot)
+        self.assertIsNot(other, home)
+
     def test_weights(self):
         g, (a, b) = group(self.policy(balance=100), 1, 3)
         placed = self.placement(g, byPath(2000))
@@ -181,6 +207,18 @@ class LeastConnectionsTests(SynchronousTestCase):
         picks = [g.pick() for _ in range(6)]
         self.assertEqual(set(picks[:3]), set(backends))
         self.assertEqual(picks[:3], picks[3:])
+
+    def test_tunnelsCount(self):
+        """
+        An open tunnel weighs as a request in flight: a backend holding
+        tunnels and no request is not idle.
+        """
+        g, (a, b) = group(LeastConnections(), 1, 1)
+        openTunnels(a, 3)
+        b.active = 2
+        self.assertEqual(({g.pick() for _ in range(4)}, a.active, a.load), ({b}, 0, 3))
+        b.active = 4
+        self.assertEqual({g.pick() for _ in range(4)}, {a})
 
     def test_excludeAndDown(self):
         g, (a, b, c) = group(LeastConnections(), 1, 1, 1)
@@ -266,6 +304,27 @@ class PowerOfTwoChoicesTests(SynchronousTestCase):
         policy.finished(b, 0.01, False)
         a.active = 20
         self.assertEqual({g.pick() for _ in range(50)}, {b})
+
+    def test_tunnelsAreLoadNotLatency(self):
+        """
+        An open tunnel weighs in the cost as a request in flight; its
+        handshake's answer is a latency sample, and the tunnel's life,
+        however long, is none.
+        """
+        clock = Clock()
+        policy = PowerOfTwoChoices(clock, random=random.Random(5).random)
+        g, (a, b) = group(policy, 1, 1, clock=clock)
+        policy.finished(b, 0.01, False)
+        a.recordResponse(101, 0.01, 0, 0)
+        [tunnel] = openTunnels(a, 1)
+        self.assertEqual(policy.cost(a, 1), 0.01 * 2)
+        self.assertEqual({g.pick() for _ in range(50)}, {b})
+        clock.advance(600)
+        tunnel.close()
+        for end in (tunnel.client, tunnel.backend):
+            end.connectionLost(None)
+        self.assertEqual((a.load, a.tunnels.open), (0, 0))
+        self.assertLess(policy.latency(a), 0.01)
 
     def test_failureIsSlow(self):
         clock = Clock()

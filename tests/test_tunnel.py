@@ -554,6 +554,117 @@ class WebSocketTests(TestCase):
         yield self.waitFor(lambda: b.tunnels.open == 0, "the tunnel to close")
 
     @inlineCallbacks
+    def openRawTunnel(self, port):
+        """
+        A client of the balancer on C{port} whose connection was switched to
+        the raw echo protocol.
+        """
+        client = yield connectClient(self.net, port)
+        client.send(UPGRADE_ECHO)
+        yield client.waitForBytes(b"switched:")
+        return client
+
+    @inlineCallbacks
+    def test_tunnelsAreLoad(self):
+        """
+        For least-conn, a backend holding open tunnels and no request is
+        not idle: new connections go to the other one until it holds as
+        many.
+        """
+        factory = Factory.forProtocol(_RawEchoUpgrade)
+        urls = [f"http://127.0.0.1:{self.net.listen(factory)}" for _ in range(2)]
+        balancer = yield startBalancer(self.net, urls, balance="least-conn")
+        a, b = balancer.backends
+        b.setAdminState("draining", "test")
+        for _ in range(3):
+            yield self.openRawTunnel(balancer.port)
+        self.assertEqual((a.tunnels.open, a.active, a.load), (3, 0, 3))
+        b.setAdminState("up", "test")
+        for _ in range(3):
+            yield self.openRawTunnel(balancer.port)
+        self.assertEqual((a.tunnels.open, b.tunnels.open), (3, 3))
+
+    @inlineCallbacks
+    def deleteBackend(self, balancer, backend):
+        """
+        Remove C{backend} as an operator does: C{DELETE} on the admin API.
+        """
+        admin = balancer.service.adminListener.address()
+        client = yield connectClient(self.net, int(admin.rsplit(":", 1)[1]))
+        client.send(
+            b"DELETE /api/backends/%s HTTP/1.1\r\nHost: %s\r\nContent-Length: 0\r\n\r\n"
+            % (backend.id.encode("ascii"), admin.encode("ascii"))
+        )
+        response = yield client.readResponse(b"DELETE")
+        self.assertEqual(response.code, 204)
+
+    @inlineCallbacks
+    def test_removalWaitsForTunnels(self):
+        """
+        A WebSocket session open when its backend is removed goes on; the
+        backend, draining, is forgotten once the session ends.
+        """
+        backend = _WebSocketBackend(self)
+        balancer = yield self.balancer(
+            backend.url, admin="tcp:0:interface=127.0.0.1", shutdownGrace=60.0
+        )
+        [b] = balancer.backends
+        opened, goOn = threading.Event(), threading.Event()
+
+        def session():
+            with self.connect() as ws:
+                ws.send("before")
+                first = ws.recv(timeout=WAIT)
+                opened.set()
+                goOn.wait(WAIT * 2)
+                ws.send("after")
+                return first, ws.recv(timeout=WAIT)
+
+        done = withTimeout(deferToThread(session), 30)
+        yield self.waitFor(opened.is_set, "the session to open", 20)
+        yield self.deleteBackend(balancer, b)
+        self.assertEqual((b.state, b.tunnels.open), ("draining", 1))
+        self.assertIs(balancer.group.get(b.id), b)
+        goOn.set()
+        messages = yield done
+        self.assertEqual(messages, ("before", "after"))
+        yield self.waitFor(lambda: balancer.group.get(b.id) is None, "the backend to go")
+        self.assertEqual(b.tunnels.open, 0)
+
+    @inlineCallbacks
+    def test_removalClosesTunnelsAfterGrace(self):
+        """
+        A WebSocket session still open when its removed backend's grace
+        (C{--shutdown-grace}) is over is closed, and the backend goes.
+        """
+        from websockets.exceptions import ConnectionClosed
+
+        backend = _WebSocketBackend(self)
+        balancer = yield self.balancer(
+            backend.url, admin="tcp:0:interface=127.0.0.1", shutdownGrace=0.2
+        )
+        [b] = balancer.backends
+        opened = threading.Event()
+
+        def session():
+            with self.connect() as ws:
+                ws.send("before")
+                ws.recv(timeout=WAIT)
+                opened.set()
+                try:
+                    ws.recv(timeout=WAIT * 4)
+                except ConnectionClosed:
+                    return "closed"
+                return "still open"
+
+        done = withTimeout(deferToThread(session), 30)
+        yield self.waitFor(opened.is_set, "the session to open", 20)
+        yield self.deleteBackend(balancer, b)
+        yield self.waitFor(lambda: balancer.group.get(b.id) is None, "the backend to go")
+        ending = yield done
+        self.assertEqual(ending, "closed")
+
+    @inlineCallbacks
     def test_floodBounded(self):
         """
         A client that stops reading while the backend floods: the backend is

@@ -101,15 +101,17 @@ class PrivateNamesTests(SynchronousTestCase):
 
     def test_tcpClientBuffers(self):
         """
-        writeNow reads a TCP client transport's buffers and writes to its
-        socket directly.
+        writeNow reads a TCP transport's buffers (a client's, and an
+        accepted connection's) and writes to its socket directly.
         """
         from twisted.internet.abstract import FileDescriptor
-        from twisted.internet.tcp import Client
+        from twisted.internet.tcp import Client, Server
 
         self.assertIs(_twisted._TCP_CLIENT, Client)
+        self.assertEqual(_twisted._TCP_TRANSPORTS, (Client, Server))
         for name in ("writeSomeData", "TLS", "connected", "disconnecting"):
-            self.assertTrue(hasattr(Client, name), name)
+            for kind in (Client, Server):
+                self.assertTrue(hasattr(kind, name), name)
         descriptor = FileDescriptor(reactor=MemoryReactorClock())
         self.assertEqual((descriptor.dataBuffer, descriptor._tempDataBuffer), (b"", []))
 
@@ -165,6 +167,7 @@ class HTTP2NamesTests(SynchronousTestCase):
     def test_streamHandlers(self):
         seen = []
         connection = self.connection
+        connection._requestReceived = lambda e: seen.append(("new", e.stream_id))
         connection._requestDataReceived = lambda e: seen.append(("data", e.stream_id))
         connection._requestEnded = lambda e: seen.append(("end", e.stream_id))
         connection._requestAborted = lambda e: seen.append(("reset", e.stream_id))
@@ -174,7 +177,11 @@ class HTTP2NamesTests(SynchronousTestCase):
         other = self.request(end=False)
         self.client.reset_stream(other)
         self.send()
-        self.assertEqual(seen, [("data", stream), ("end", stream), ("reset", other)])
+        self.assertEqual(
+            seen,
+            [("new", stream), ("data", stream), ("end", stream), ("new", other),
+             ("reset", other)],
+        )
 
     def test_requestDoneForgetsStream(self):
         done = []

@@ -444,16 +444,17 @@ class AdminAPI:
         if backend.removing:
             return
         before = _snapshot(backend)
-        inFlight = backend.active
+        inFlight, tunnels = backend.active, backend.tunnels.open
         self.group.retire(backend, f"removed by {peer}")
         self.log.info(
             "admin {peer}: removing backend {id} {url}{where} once its {n} requests "
-            "in flight end: {before} -> removed",
+            "in flight end and its {t} tunnels close: {before} -> removed",
             peer=peer,
             id=backend.id,
             url=backend.url,
             where=f" of pool {self.poolName}" if self.poolName else "",
             n=inFlight,
+            t=tunnels,
             before=json.dumps(before, sort_keys=True),
         )
 
