@@ -248,30 +248,35 @@ class Backend:
 
     @active.setter
     def active(self, value: int) -> None:
+        tunnels = len(self._openTunnels) if self._openTunnels else 0
         old, self._active = self._active, value
         if value > self.peakActive:
             self.peakActive = value
+        self._loadChanged(old + tunnels, value + tunnels)
+        if value <= 0 and self._idleWaiters:
+            self._maybeIdle()
+
+    def _loadChanged(self, old: int, new: int) -> None:
         group = self._group
         if group is not None and group.maxConns:
             limit = group.maxConns
-            if (old >= limit) != (value >= limit):
+            if (old >= limit) != (new >= limit):
                 group._place(self)
-                if value < limit:
+                if new < limit:
                     group._roomMade()
-        if value <= 0 and self._idleWaiters:
-            self._maybeIdle()
 
     @property
     def load(self) -> int:
         """
-        What the load-aware policies weigh: the requests in flight and the
-        tunnels open.  A tunnel holds a connection to the backend, and a
-        session's work there, for as long as it lasts: a backend holding
-        500 WebSockets is not idle (HAProxy's C{leastconn} counts the
-        connections established so).  C{active} stays the requests alone,
-        for C{max_conns} and the figures.
+        The requests in flight and the tunnels open: what the load-aware
+        policies weigh and C{max_conns} bounds.  A tunnel holds a
+        connection to the backend, and a session's work there, for as long
+        as it lasts: a backend holding 500 WebSockets is not idle (NGINX's
+        C{max_conns} and HAProxy's C{leastconn} and C{maxconn} count an
+        upgraded connection so).  C{active} stays the requests alone, for
+        the figures.
         """
-        return self._active + self.tunnels.open
+        return self._active + (len(self._openTunnels) if self._openTunnels else 0)
 
     @property
     def idle(self) -> bool:
@@ -294,15 +299,21 @@ class Backend:
         """
         if self._openTunnels is None:
             self._openTunnels = set()
-        self._openTunnels.add(tunnel)
+        if tunnel not in self._openTunnels:
+            before = self.load
+            self._openTunnels.add(tunnel)
+            self._loadChanged(before, before + 1)
         tunnel.whenDone(self._tunnelClosed)
 
     def _tunnelClosed(self, tunnel) -> None:
         tunnels = self._openTunnels
-        if tunnels is not None:
+        if tunnels is not None and tunnel in tunnels:
+            before = self.load
             tunnels.discard(tunnel)
             if not tunnels:
                 self._openTunnels = None
+            self._loadChanged(before, before - 1)
+            if not tunnels:
                 self._maybeIdle()
 
     def closeTunnels(self) -> int:
@@ -513,8 +524,8 @@ class BackendGroup:
     @param panicThreshold: percent of the enabled primaries below which,
         with no backup up, every enabled primary is picked whatever its
         health; 0 is off.
-    @param maxConns: requests in flight that make a backend full (no
-        policy picks it); 0 is no limit.  Requests that find every backend
+    @param maxConns: requests in flight and tunnels open that make a
+        backend full (no policy picks it); 0 is no limit.  Requests that find every backend
         full wait in C{requestQueue} (of C{queueSize}, for C{queueTimeout}
         seconds).
     @param tunnelGrace: seconds the tunnels of a backend being removed may
@@ -678,7 +689,7 @@ class BackendGroup:
         available = (
             backend._healthy and backend._adminState == UP and backend.ejectedUntil is None
         )
-        full = available and self.maxConns and backend._active >= self.maxConns
+        full = available and self.maxConns and backend.load >= self.maxConns
         if full != backend._full:
             backend._full = full
             self.full += 1 if full else -1

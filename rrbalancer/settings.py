@@ -877,7 +877,8 @@ SETTINGS: Tuple[Setting, ...] = (
        "Past this many requests in flight on the balancer, new ones get 503 with "
        "Retry-After at once (load shedding); 0 is no bound.", metavar="N"),
     _s("max_conns", "maxConns", count, 0,
-       "Requests in flight that make a backend full (HAProxy's server maxconn): "
+       "Requests in flight (and tunnels open) that make a backend full (HAProxy's "
+       "server maxconn): "
        "no policy picks it, and a request that finds every backend full waits "
        "in one queue, oldest first (--queue-size, --queue-timeout), then gets "
        "503; 0 is no limit.", metavar="N"),

@@ -44,6 +44,7 @@ def openTunnels(backend, n):
     tunnels = []
     for _ in range(n):
         tunnel = Tunnel(Clock(), 3600.0, (backend.tunnels,))
+        backend.tunnelOpened(tunnel)
         tunnel.start(StringTransport(), StringTransport())
         tunnels.append(tunnel)
     return tunnels

@@ -7,6 +7,7 @@ balancer on loopback sockets.
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from rrbalancer.backends import BackendGroup
@@ -102,6 +103,32 @@ class FullBackendTests(SynchronousTestCase):
         self.assertEqual(served, [])
         self.clock.advance(0)
         self.assertEqual(served, [0])
+
+    def test_tunnelsHoldConnections(self):
+        """
+        An open tunnel holds a connection to its backend for as long as it
+        lasts, and counts toward C{max_conns} as a request does; the queue
+        moves on when it closes.
+        """
+        from rrbalancer.tunnel import Tunnel
+
+        tunnel = Tunnel(self.clock, 3600.0, (self.a.tunnels,))
+        self.a.active = 1
+        self.a.tunnelOpened(tunnel)
+        tunnel.start(StringTransport(), StringTransport())
+        # The upgrade's request ends; its tunnel stays.
+        self.a.active = 0
+        self.a.active = 1
+        self.assertEqual((self.a.load, self.group.full), (2, 1))
+        self.b.active = 2
+        served = []
+        self.group.requestQueue.wait().addCallback(served.append)
+        for end in (tunnel.client, tunnel.backend):
+            end.connectionLost(None)
+        self.assertEqual((self.a.load, self.group.full), (1, 1))
+        self.clock.advance(0)
+        self.assertEqual(served, [0])
+        self.assertIs(self.group.pick(), self.a)
 
     def test_downFullBackendNotCounted(self):
         self.a.active = 2
