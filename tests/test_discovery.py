@@ -105,6 +105,29 @@ class ParseTests(SynchronousTestCase):
         self.assertRefused({"url": "dns+a://web.example.com:8080", "wieght": 2}, "'weight'")
         self.assertRefused({"weight": 2}, "url")
 
+    def test_etcd(self):
+        self.assertEqual(
+            parseSource("ETCD://127.0.0.1:2379/services/web/"),
+            SourceConfig("etcd://127.0.0.1:2379/services/web/", "etcd", "/services/web/", 2379,
+                         host="127.0.0.1"),
+        )
+        self.assertEqual(parseSource("etcd://Etcd.Example.com/s/").url,
+                         "etcd://etcd.example.com:2379/s/")
+        self.assertEqual(parseSource({"url": "etcd://[::1]:2380/a/b/"}).url,
+                         "etcd://[::1]:2380/a/b/")
+
+    def test_etcdRefused(self):
+        self.assertRefused("etcd://127.0.0.1:2379", "key prefix", "etcd://HOST:PORT/PREFIX/")
+        self.assertRefused("etcd://127.0.0.1:2379/", "key prefix")
+        self.assertRefused("etcd://127.0.0.1:2379/services/web", "must end with /",
+                           "etcd://HOST:PORT/services/web/")
+        self.assertRefused("etcd:///services/web/", "etcd's address")
+        self.assertRefused("etcd://127.0.0.1:0/s/", "0 is not a TCP port")
+        self.assertRefused("etcd://u:p@127.0.0.1/s/", "credentials")
+        self.assertRefused("etcd://127.0.0.1/s/?x=1", "no query")
+        self.assertRefused("etcd://127.0.0.1/s/,weight=2", "weight")
+        self.assertRefused("etcd://bad_name!/s/", "not a DNS name")
+
     def test_listedTwice(self):
         e = self.assertRaises(
             ConfigError,

@@ -1,6 +1,6 @@
 """
 Backends found by discovery: a source of truth outside the balancer (DNS
-records now) tells every balancer reading it which servers to send
+records, keys in etcd) tells every balancer reading it which servers to send
 requests to, so that a server added there takes traffic everywhere without
 anybody typing it into each balancer.
 
@@ -19,11 +19,15 @@ The sources:
  - C{dns+a://NAME:PORT}: every A and AAAA address of NAME, on PORT;
  - C{dns+srv://_service._proto.NAME}: the SRV records of the name; the
    lowest priority present gives the primaries, higher ones the backups,
-   and an SRV weight is a backend's weight.
+   and an SRV weight is a backend's weight;
+ - C{etcd://HOST:PORT/PREFIX/}: every key under the prefix in etcd, whose
+   value is a backend's URL or a JSON object of its url, weight, backup
+   and state; read once, then watched.
 
 This module parses the URLs (at startup and for C{--check}, so that a
 mistake is one line) and builds the sources; C{_dns} holds the DNS ones,
-C{_service} the service that applies their answers.
+C{_etcd} the etcd one (C{_etcdclient} the calls it makes), C{_service} the
+service that applies their answers.
 """
 
 import ipaddress
@@ -90,13 +94,15 @@ class SourceConfig:
     @ivar url: the URL as written back (lower-case scheme and name); the
         source's name in the log, the admin API and the metrics, and the
         owner of the backends it adds.
-    @ivar scheme: C{dns+a} or C{dns+srv}.
-    @ivar name: the DNS name to ask about (no trailing dot).
-    @ivar port: the backends' port (C{dns+a}); None where the records give
-        it.
+    @ivar scheme: C{dns+a}, C{dns+srv} or C{etcd}.
+    @ivar name: the DNS name to ask about (no trailing dot), or etcd's key
+        prefix.
+    @ivar port: the backends' port (C{dns+a}), etcd's port (C{etcd}); None
+        where the records give it.
     @ivar weight: the weight of each backend (C{dns+a}; SRV records carry
         their own).
     @ivar backup: each backend is a backup (C{dns+a}).
+    @ivar host: etcd's address or name (C{etcd}).
     """
 
     url: str
@@ -105,6 +111,7 @@ class SourceConfig:
     port: Optional[int] = None
     weight: int = 1
     backup: bool = False
+    host: Optional[str] = None
 
 
 class SourceStatus:
@@ -184,7 +191,8 @@ class SourceStatus:
 # -- parsing ---------------------------------------------------------------------
 
 
-SCHEMES = ("dns+a", "dns+srv")
+SCHEMES = ("dns+a", "dns+srv", "etcd")
+ETCD_PORT = 2379
 SOURCE_KEYS = ("url", "weight", "backup")
 _LABEL = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
 
@@ -261,6 +269,8 @@ def parseSource(spec: Any, where: str = "discover") -> SourceConfig:
         raise ConfigError(f"{where}: bad URL: {e}") from None
     if parts.username is not None or parts.password is not None:
         raise ConfigError(f"{where}: must not carry credentials")
+    if scheme == "etcd":
+        return _parseEtcd(parts, port, options, where)
     if parts.query or parts.fragment or parts.path not in ("", "/"):
         raise ConfigError(f"{where}: must name a DNS name only (no path, query or fragment)")
     host = parts.netloc.rpartition("@")[2]
@@ -293,6 +303,38 @@ def parseSource(spec: Any, where: str = "discover") -> SourceConfig:
     return SourceConfig(f"dns+srv://{name}", scheme, name)
 
 
+def _parseEtcd(parts, port: Optional[int], options, where: str) -> SourceConfig:
+    """
+    C{etcd://HOST[:PORT]/PREFIX/}: etcd's client address (port 2379 unless
+    given) and the key prefix whose keys are the backends.
+    """
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{where}: no query or fragment; write etcd://HOST:PORT/PREFIX/")
+    if options:
+        raise ConfigError(
+            f"{where}: each key's value carries its weight and backup "
+            "(no weight= or backup here)"
+        )
+    host = parts.hostname
+    if not host:
+        raise ConfigError(f"{where}: needs etcd's address: etcd://HOST:PORT/PREFIX/")
+    if not _isAddress(host):
+        host = checkDNSName(host, where)
+    port = ETCD_PORT if port is None else tcpPortNumber(where, str(port))
+    prefix = parts.path
+    if prefix in ("", "/"):
+        raise ConfigError(
+            f"{where}: needs the key prefix of the backends: etcd://HOST:PORT/PREFIX/"
+        )
+    if not prefix.endswith("/"):
+        raise ConfigError(
+            f"{where}: the prefix must end with / (else the keys of {prefix}x/ "
+            f"would be backends too): etcd://HOST:PORT{prefix}/"
+        )
+    shown = f"[{host}]" if ":" in host else host
+    return SourceConfig(f"etcd://{shown}:{port}{prefix}", "etcd", prefix, port, host=host)
+
+
 def parseSources(value: Any, name: str = "discover") -> Tuple[SourceConfig, ...]:
     if isinstance(value, Mapping):
         raise ConfigError(f"{name}: a single [{name}] table; write [[{name}]] (one per source)")
@@ -319,11 +361,20 @@ def buildDiscovery(config, group, reactor, onAdded: Callable = lambda backend: N
     if not config.discover:
         return None
     from ._dns import DNSSource, SharedResolver
+    from ._etcd import EtcdSource, etcdURL
+    from ._etcdclient import EtcdClient, TreqClient
     from ._service import Discovery
 
     resolver = SharedResolver(reactor, config.dnsServers)
-    sources: List[IDiscoverySource] = [
-        DNSSource(spec, resolver, reactor, config.dnsMinTTL, config.dnsMaxTTL)
-        for spec in config.discover
-    ]
-    return Discovery(group, sources, onAdded, cleanups=[resolver.close])
+    cleanups: List[Callable] = [resolver.close]
+    http = None
+    sources: List[IDiscoverySource] = []
+    for spec in config.discover:
+        if spec.scheme == "etcd":
+            if http is None:
+                http = TreqClient(reactor)
+                cleanups.append(http.close)
+            sources.append(EtcdSource(spec, EtcdClient(http, etcdURL(spec), reactor), reactor))
+        else:
+            sources.append(DNSSource(spec, resolver, reactor, config.dnsMinTTL, config.dnsMaxTTL))
+    return Discovery(group, sources, onAdded, cleanups=cleanups)
