@@ -99,7 +99,7 @@ class Registrar:
             return f.read()
 
 
-class RegisterTests(TestCase):
+class EtcdTestCase(TestCase):
     timeout = 60
 
     @inlineCallbacks
@@ -127,6 +127,9 @@ class RegisterTests(TestCase):
                 raise AssertionError(f"timed out after {timeout}s waiting for {what}: {keys}")
             yield deferLater(reactor, 0.02, lambda: None)
 
+
+
+class RegisterTests(EtcdTestCase):
     @inlineCallbacks
     def test_termDeletes(self):
         """
@@ -154,3 +157,118 @@ class RegisterTests(TestCase):
         killed = reactor.seconds()
         yield self.keysUntil(lambda keys: not keys, 10, "the key to expire")
         self.assertLess(reactor.seconds() - killed, 3.0)
+
+
+class Load:
+    """
+    Requests through one balancer, one after another, until stopped: which
+    backend answered each, and every error a client met.
+    """
+
+    def __init__(self, testCase, url):
+        self.client = makeClient(testCase)
+        self.url = url
+        self.answers = []
+        self.errors = []
+        self.running = True
+        self.done = self._run()
+
+    def servedBy(self, name, since=0.0):
+        return [t for t, answered in self.answers if answered == name and t >= since]
+
+    @inlineCallbacks
+    def _run(self):
+        while self.running:
+            try:
+                response = yield self.client.get(self.url)
+                text = yield response.text()
+            except Exception as e:
+                self.errors.append(repr(e))
+            else:
+                if response.code != 200:
+                    self.errors.append(f"HTTP {response.code}: {text}")
+                else:
+                    self.answers.append((reactor.seconds(), text.split()[0]))
+            yield deferLater(reactor, 0.005, lambda: None)
+
+    def stop(self):
+        self.running = False
+        return self.done
+
+
+class FleetTests(EtcdTestCase):
+    """
+    Two balancers, one etcd, steady load through both.
+    """
+
+    PREFIX = "/services/web/"
+
+    @inlineCallbacks
+    def startBalancer(self):
+        config = balancerConfig(
+            [],
+            health=HealthConfig(interval=0.2, timeout=2.0, rise=1, fall=2, jitter=0.0),
+            discover=(parseSource(self.etcd.sourceURL(self.PREFIX)),),
+        )
+        service, base, admin = yield startWithAdmin(self, config)
+        return service, base, admin
+
+    @inlineCallbacks
+    def test_twoBalancers(self):
+        """
+        A backend that C{rrbalancer-register} lists takes traffic from both
+        balancers within a second; SIGKILL of its registrar removes it from
+        both within the TTL and a second; etcd stopped and started again
+        meanwhile costs no client a request, nor either balancer a
+        backend, and both watches resume.
+        """
+        etcd = self.etcd
+        backends = {n: startBackend(self, n) for n in "abc"}
+        yield etcd.put(self.PREFIX + "a", backends["a"][1])
+        balancers = []
+        for _ in range(2):
+            balancers.append((yield self.startBalancer()))
+        groups = [service.group for service, _, _ in balancers]
+
+        def available(group, name):
+            backend = group.byURL(backends[name][1])
+            return backend is not None and backend.available
+
+        yield poll(lambda: all(available(g, "a") for g in groups), what="a in both")
+        loads = [Load(self, base + "/") for _, base, _ in balancers]
+        self.addCleanup(lambda: [load.stop() for load in loads])
+
+        registrar = Registrar(self, etcd, self.PREFIX, backends["b"][1], ttl=2)
+        yield self.keysUntil(lambda keys: len(keys) == 2, 30, "b's key")
+        listed = reactor.seconds()
+        yield poll(lambda: all(load.servedBy("b") for load in loads), timeout=5,
+                   what="b to take traffic from both")
+        delays = [load.servedBy("b")[0] - listed for load in loads]
+        self.assertLess(max(delays), 1.0, delays)
+
+        # etcd goes away and comes back: nothing changes for the clients.
+        etcd.stop()
+        sources = [service.discovery.sources[0] for service, _, _ in balancers]
+        yield poll(lambda: all(s.status.state == "failing" for s in sources),
+                   what="both sources to notice")
+        served = [len(load.answers) for load in loads]
+        yield poll(lambda: all(len(l.answers) > n + 20 for l, n in zip(loads, served)),
+                   what="requests while etcd is away")
+        self.assertTrue(all(available(g, n) for g in groups for n in "ab"))
+        yield etcd.start()
+        yield etcd.put(self.PREFIX + "c", backends["c"][1])
+        yield poll(lambda: all(load.servedBy("c") for load in loads), timeout=40,
+                   what="c, written after the restart, to take traffic from both")
+        self.assertTrue(all(s.status.state == "ok" for s in sources))
+
+        # The registrar dies: its lease takes b out of both.
+        registrar.kill()
+        killed = reactor.seconds()
+        yield poll(lambda: all(g.byURL(backends["b"][1]) is None for g in groups),
+                   timeout=10, what="b to leave both")
+        self.assertLess(reactor.seconds() - killed, 3.0)
+        yield deferLater(reactor, 0.1, lambda: None)
+        for load in loads:
+            yield load.stop()
+            self.assertEqual(load.errors, [])
+            self.assertEqual(load.servedBy("b", since=reactor.seconds() - 0.05), [])
