@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from rrbalancer.backends import API, CONFIG, DRAINING, UP, BackendGroup
+from rrbalancer.backends import API, CONFIG, DISABLED, DRAINING, UP, BackendGroup
 from rrbalancer.config import BackendConfig, Config, ConfigError, HealthConfig, buildConfig
 from rrbalancer.discovery import (
     IDiscoverySource,
@@ -23,6 +23,7 @@ from rrbalancer.discovery import (
     parseSources,
 )
 from rrbalancer.discovery._dns import DNSSource
+from rrbalancer.discovery._etcd import EtcdBackend
 from rrbalancer.discovery._service import Discovery, SourceFeed
 from rrbalancer.reload import Reloader
 from rrbalancer.service import makeService
@@ -391,6 +392,41 @@ class FeedTests(SynchronousTestCase):
         self.source.give()
         self.assertEqual(len(self.group), 0)
 
+    def test_state(self):
+        """
+        A state the source gives (an etcd value's) applies when first given
+        and each time it changes; an operator's change made meanwhile stands
+        until then.  A backend enabled from disabled is checked at once.
+        """
+
+        def give(**states):
+            return self.feed.apply(frozenset(
+                EtcdBackend(url(name), state=state) for name, state in states.items()
+            ))
+
+        give(a="draining", b=None)
+        a, b = self.group.byURL(url("a")), self.group.byURL(url("b"))
+        self.assertEqual((a.adminState, b.adminState), (DRAINING, UP))
+        b.setAdminState(DISABLED, "disabled by 127.0.0.1")
+        self.assertEqual(give(a="draining", b=None)["changed"], [])
+        self.assertEqual(b.adminState, DISABLED)
+        del self.checked[:]
+        self.assertEqual(give(a=None, b="up")["changed"], [url("a"), url("b")])
+        self.assertEqual((a.adminState, b.adminState), (UP, UP))
+        self.assertEqual(self.checked, [b])
+        give(a="disabled", b="up")
+        self.assertEqual(a.adminState, DISABLED)
+        self.assertIn("discovery dns+a://web.example.com:80", a.lastChangeReason)
+
+    def test_stateOfAReturningBackend(self):
+        self.feed.apply(frozenset([EtcdBackend(url("a"), state="disabled")]))
+        a = self.group.byURL(url("a"))
+        a.active = 1
+        self.feed.apply(frozenset())
+        self.assertTrue(a.removing)
+        self.feed.apply(frozenset([EtcdBackend(url("a"), state="disabled")]))
+        self.assertEqual((a.adminState, a.removing), (DISABLED, False))
+
 
 class OwnershipTests(SynchronousTestCase):
     """
@@ -498,6 +534,24 @@ class ServiceTests(SynchronousTestCase):
         two.stopped.callback(None)
         self.assertEqual(cleaned, [1])
         self.successResultOf(d)
+
+    def test_share(self):
+        """
+        An operator's change goes to each source that lists the backend and
+        can take it back.
+        """
+        group = BackendGroup(HealthConfig(enabled=False), Clock())
+        one, two, three = FakeSource(), FakeSource("dns+a://two.example.com:80"), FakeSource(
+            "dns+a://three.example.com:80")
+        shared = []
+        one.share = lambda backend, state, weight: shared.append((1, backend.url, state, weight))
+        two.share = lambda backend, state, weight: shared.append((2, backend.url, state, weight))
+        discovery = Discovery(group, [one, two, three])
+        discovery.startService()
+        one.give("a")
+        three.give("a")
+        discovery.share(group.byURL(url("a")), "draining", None)
+        self.assertEqual(shared, [(1, url("a"), "draining", None)])
 
     def test_status(self):
         group = BackendGroup(HealthConfig(enabled=False), Clock())

@@ -23,6 +23,7 @@ from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
+from rrbalancer.backends import BackendGroup
 from rrbalancer.config import HealthConfig
 from rrbalancer.discovery import IDiscoverySource, SourceStatus, parseSource
 from rrbalancer.discovery._etcd import (
@@ -160,12 +161,19 @@ class FakeClient:
         self.down = False
         self.reads = 0
         self.watches = []
+        self.puts = []
 
     def range(self, prefix):
         self.reads += 1
         if self.down:
             return fail(ConnectionRefusedError())
         return succeed((self.revision, sorted(self.keys.items())))
+
+    def put(self, key, value, lease=None, keepLease=False):
+        self.puts.append((key, value, keepLease))
+        if self.down:
+            return fail(ConnectionRefusedError())
+        return succeed(self.revision)
 
     def watch(self, prefix, start, onResult):
         watch = FakeWatch(start, onResult)
@@ -309,6 +317,33 @@ class SourceTests(SynchronousTestCase):
 
     def test_interface(self):
         verifyObject(IDiscoverySource, self.source)
+
+    def test_share(self):
+        """
+        An operator's change is written back to the backend's key, keeping
+        its lease, and keeping what the change does not touch; a failure to
+        write is logged.
+        """
+        group = BackendGroup(HealthConfig(enabled=False), self.clock)
+        [watch] = self.client.watches
+        watch.events(put(b"/services/web/b", b'{"url": "http://127.0.0.1:2", "weight": 3, '
+                                               b'"backup": true, "zone": "x"}', 6))
+        b = group.add(BackendConfig("http://127.0.0.1:2"))
+        self.successResultOf(self.source.share(b, "draining", None))
+        self.successResultOf(self.source.share(b, None, 7))
+        self.assertEqual(self.client.puts, [
+            (b"/services/web/b",
+             b'{"backup": true, "state": "draining", "url": "http://127.0.0.1:2", "weight": 3}',
+             True),
+            (b"/services/web/b", b'{"backup": true, "url": "http://127.0.0.1:2", "weight": 7}',
+             True),
+        ])
+        self.client.down = True
+        self.successResultOf(self.source.share(b, "up", None))
+        self.assertIn("could not write /services/web/b", self.logged("warn")[-1])
+        elsewhere = group.add(BackendConfig("http://127.0.0.1:9"))
+        self.successResultOf(self.source.share(elsewhere, "up", None))
+        self.assertEqual(len(self.client.puts), 3)
 
     def test_stop(self):
         [watch] = self.client.watches

@@ -7,6 +7,7 @@ backend traffic, and ride out an etcd restart without a client error.
 """
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from rrbalancer.settings import ConfigError
 
 from .test_admin import (
     balancerConfig,
+    call,
     makeClient,
     poll,
     settleConnections,
@@ -79,6 +81,7 @@ class Registrar:
     def __init__(self, testCase, etcd, prefix, url, ttl=10):
         self.log = tempfile.NamedTemporaryFile(prefix="rrbalancer-register-", suffix=".log")
         testCase.addCleanup(self.log.close)
+        self.key = f"{prefix}{url.split('://')[1]}".encode("utf-8")
         env = dict(os.environ, PYTHONPATH=ROOT)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "rrbalancer.register", "--etcd", etcd.url,
@@ -245,6 +248,30 @@ class FleetTests(EtcdTestCase):
                    what="b to take traffic from both")
         delays = [load.servedBy("b")[0] - listed for load in loads]
         self.assertLess(max(delays), 1.0, delays)
+
+        # Drained through one balancer's API, b drains in both; enabled, it
+        # takes traffic in both again.  Its key keeps its lease.
+        admin = balancers[0][2]
+        b = groups[0].byURL(backends["b"][1])
+        code, _ = yield call(makeClient(self), "PATCH", f"{admin}/api/backends/{b.id}",
+                             {"state": "draining"})
+        self.assertEqual(code, 200)
+        yield poll(lambda: all(g.byURL(backends["b"][1]).adminState == "draining" for g in groups),
+                   timeout=1.0, what="b to drain in both")
+        drained = reactor.seconds()
+        yield deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual([load.servedBy("b", since=drained + 0.05) for load in loads], [[], []])
+        keys = yield self.keys()
+        self.assertEqual(json.loads(keys[registrar.key]),
+                         {"url": backends["b"][1], "state": "draining"})
+        other = balancers[1][0].group.byURL(backends["b"][1])
+        code, _ = yield call(makeClient(self), "PATCH", f"{balancers[1][2]}/api/backends/{other.id}",
+                             {"state": "up", "weight": 2})
+        self.assertEqual(code, 200)
+        enabled = reactor.seconds()
+        yield poll(lambda: all(load.servedBy("b", since=enabled) for load in loads), timeout=1.0,
+                   what="b to take traffic in both again")
+        self.assertEqual([g.byURL(backends["b"][1]).weight for g in groups], [2, 2])
 
         # etcd goes away and comes back: nothing changes for the clients.
         etcd.stop()

@@ -186,8 +186,37 @@ class EtcdSource:
                 return key
         return None
 
-    def described(self, key: bytes) -> Optional[EtcdBackend]:
-        return self._values.get(key)
+    def share(self, backend, state: Optional[str], weight: Optional[int]) -> Deferred:
+        """
+        Write an operator's change of C{backend} (its state, its weight;
+        None for no change) back to its key, for every balancer watching
+        the prefix to apply.  A failure is logged: the change stands here.
+        """
+        key = self.keyOf(backend)
+        if key is None:
+            return succeed(None)
+        described = self._values[key]
+        assert described is not None
+        config = BackendConfig(
+            described.url, described.weight if weight is None else weight, described.backup
+        )
+        value = formatValue(config, described.state if state is None else state)
+        where = key.decode("utf-8", "replace")
+
+        def written(_):
+            self.log.info(
+                "discovery {url}: {key} = {value}", url=self.config.url, key=where,
+                value=value.decode("utf-8"),
+            )
+
+        def failed(failure):
+            self.log.warn(
+                "discovery {url}: could not write {key}: {reason}; the change holds "
+                "on this balancer only",
+                url=self.config.url, key=where, reason=_describe(failure),
+            )
+
+        return self.client.put(key, value, keepLease=True).addCallbacks(written, failed)
 
     def _set(self, key: bytes, value: bytes) -> None:
         try:

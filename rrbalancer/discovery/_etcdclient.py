@@ -257,10 +257,19 @@ class EtcdClient:
 
         return d.addCallback(pairs)
 
-    def put(self, key: bytes, value: bytes, lease: Optional[str] = None) -> Deferred:
+    def put(
+        self, key: bytes, value: bytes, lease: Optional[str] = None, keepLease: bool = False
+    ) -> Deferred:
+        """
+        Set C{key}, under C{lease}, or with C{keepLease} under the lease it
+        has (if any: a key put by C{rrbalancer-register} still goes with
+        its registrar).
+        """
         body: Dict[str, Any] = {"key": encode(key), "value": encode(value)}
         if lease is not None:
             body["lease"] = lease
+        if keepLease:
+            body["ignore_lease"] = True
         return self.call("/v3/kv/put", body).addCallback(revisionOf)
 
     def delete(self, key: bytes) -> Deferred:
