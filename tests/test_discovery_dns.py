@@ -9,7 +9,6 @@ zone the test rewrites) over UDP and TCP.
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 
@@ -32,6 +31,7 @@ from rrbalancer.discovery._dns import (
     backendURL,
 )
 
+from .support import restartablePort
 from .test_admin import (
     balancerConfig,
     call,
@@ -827,9 +827,7 @@ class Dnsmasq:
         testCase.addCleanup(shutil.rmtree, self.dir, True)
         # Readable by the user dnsmasq becomes after it starts as root.
         os.chmod(self.dir, 0o755)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = restartablePort()
         self.process = None
         self.log = os.path.join(self.dir, "log")
         testCase.addCleanup(self.stop)

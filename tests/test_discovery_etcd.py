@@ -11,7 +11,6 @@ balancer fed by it.
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 
@@ -40,6 +39,7 @@ from rrbalancer.discovery._etcdclient import (
 )
 from rrbalancer.settings import BackendConfig
 
+from .support import restartablePort
 from .test_admin import (
     balancerConfig,
     call,
@@ -355,12 +355,6 @@ class SourceTests(SynchronousTestCase):
 # -- against a real etcd ----------------------------------------------------------------
 
 
-def freePort():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class EtcdServer:
     """
     A real etcd on loopback ports, its data in a temporary directory, for
@@ -373,8 +367,8 @@ class EtcdServer:
         self.testCase = testCase
         self.dataDir = tempfile.mkdtemp(prefix="rrbalancer-etcd-")
         testCase.addCleanup(shutil.rmtree, self.dataDir, True)
-        self.clientPort = freePort()
-        self.peerPort = freePort()
+        self.clientPort = restartablePort()
+        self.peerPort = restartablePort()
         self.url = f"http://127.0.0.1:{self.clientPort}"
         self.process = None
         self.http = TreqClient(reactor)
@@ -533,3 +527,41 @@ class RealEtcdTests(TestCase):
         self.assertEqual(source.revision, last)
         self.assertEqual(reads, [b"/services/web/"])
         yield source.stop()
+
+    @inlineCallbacks
+    def test_balancer(self):
+        """
+        A balancer whose backends are the keys of a prefix sends them
+        traffic; etcd away, it keeps serving them, and its admin API and
+        metrics say that the source fails and why.
+        """
+        etcd = self.etcd
+        backends = [startBackend(self, name) for name in "ab"]
+        for name, (_, url) in zip("ab", backends):
+            yield etcd.put(f"/services/web/{name}", url)
+        url = etcd.sourceURL("/services/web/")
+        service, base, admin = yield startWithAdmin(
+            self, balancerConfig([], discover=(parseSource(url),))
+        )
+        client = makeClient(self)
+        yield poll(lambda: len(service.group) == 2, what="both backends")
+        bodies = set()
+        for _ in range(4):
+            response = yield client.get(base + "/")
+            bodies.add((yield response.text()))
+        self.assertEqual(bodies, {"a /\n", "b /\n"})
+
+        etcd.stop()
+        yield poll(lambda: service.discovery.sources[0].status.state == "failing",
+                   what="the source to fail")
+        code, answer = yield call(client, "GET", admin + "/api/discovery")
+        [shown] = answer["sources"]
+        self.assertEqual((shown["url"], shown["kind"], shown["state"], shown["backends"]),
+                         (url, "etcd", "failing", 2))
+        self.assertIn("watching", shown["last_error"])
+        response = yield client.get(admin + "/metrics")
+        metrics = yield response.text()
+        self.assertIn(f'rrbalancer_discovery_up{{source="{url}"}} 0', metrics)
+        response = yield client.get(base + "/")
+        self.assertEqual(response.code, 200)
+        yield response.text()
