@@ -821,7 +821,7 @@ class Dnsmasq:
     """
 
     def __init__(self, testCase):
-        if not os.path.exists(DNSMASQ):
+        if not os.path.exists(DNSMASQ) and not os.environ.get("CI"):
             raise SkipTest(f"{DNSMASQ} is missing (Debian's dnsmasq)")
         self.dir = tempfile.mkdtemp(prefix="rrbalancer-dnsmasq-")
         testCase.addCleanup(shutil.rmtree, self.dir, True)

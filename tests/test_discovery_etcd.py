@@ -362,7 +362,7 @@ class EtcdServer:
     """
 
     def __init__(self, testCase):
-        if not os.path.exists(ETCD):
+        if not os.path.exists(ETCD) and not os.environ.get("CI"):
             raise SkipTest(f"{ETCD} is missing (Debian's etcd-server)")
         self.testCase = testCase
         self.dataDir = tempfile.mkdtemp(prefix="rrbalancer-etcd-")
