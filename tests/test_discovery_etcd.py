@@ -419,7 +419,11 @@ class EtcdServer:
         return self.client.delete(key.encode("utf-8"))
 
 
-class RealEtcdTests(TestCase):
+class EtcdTestCase(TestCase):
+    """
+    A test with its own etcd, started before it.
+    """
+
     timeout = 60
 
     @inlineCallbacks
@@ -427,6 +431,9 @@ class RealEtcdTests(TestCase):
         settleConnections(self)
         self.etcd = EtcdServer(self)
         yield self.etcd.start()
+
+
+class RealEtcdTests(EtcdTestCase):
 
     @inlineCallbacks
     def test_followsTheKeys(self):

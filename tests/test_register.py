@@ -17,7 +17,7 @@ import tempfile
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 import rrbalancer
 from rrbalancer.config import HealthConfig
@@ -30,11 +30,10 @@ from .test_admin import (
     call,
     makeClient,
     poll,
-    settleConnections,
     startBackend,
     startWithAdmin,
 )
-from .test_discovery_etcd import EtcdServer
+from .test_discovery_etcd import EtcdTestCase
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(rrbalancer.__file__)))
 
@@ -102,15 +101,7 @@ class Registrar:
             return f.read()
 
 
-class EtcdTestCase(TestCase):
-    timeout = 60
-
-    @inlineCallbacks
-    def setUp(self):
-        settleConnections(self)
-        self.etcd = EtcdServer(self)
-        yield self.etcd.start()
-
+class KeysTestCase(EtcdTestCase):
     @inlineCallbacks
     def keys(self, prefix="/services/web/"):
         revision, pairs = yield self.etcd.client.range(prefix.encode())
@@ -132,7 +123,7 @@ class EtcdTestCase(TestCase):
 
 
 
-class RegisterTests(EtcdTestCase):
+class RegisterTests(KeysTestCase):
     @inlineCallbacks
     def test_termDeletes(self):
         """
@@ -199,7 +190,7 @@ class Load:
         return self.done
 
 
-class FleetTests(EtcdTestCase):
+class FleetTests(KeysTestCase):
     """
     Two balancers, one etcd, steady load through both.
     """
