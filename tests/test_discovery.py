@@ -246,6 +246,7 @@ class MistakeTests(SynchronousTestCase):
         self.assertMistake(["--discover", "consul://127.0.0.1:8500"], "consul")
         self.assertMistake(["--discover", "dns+a://web.example.com"], "port")
         self.assertMistake(["--discover", "dns+a://web..example.com:80"], "empty label")
+        self.assertMistake(["--discover", "etcd://127.0.0.1:2379/services/web"], "must end with /")
         self.assertMistake(["--discover", "dns+a://web.example.com:80\nx"], "CR, LF")
         self.assertMistake(
             ["--discover", "dns+a://web.example.com:80", "--dns-server", "ns.example.com"],
