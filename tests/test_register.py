@@ -15,13 +15,16 @@ import sys
 import tempfile
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
-from twisted.internet.task import deferLater
+from twisted.internet.defer import fail, inlineCallbacks, succeed
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock, deferLater
+from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 import rrbalancer
 from rrbalancer.config import HealthConfig
 from rrbalancer.discovery import parseSource
+from rrbalancer.register import Registrar
 from rrbalancer.register import main, parseArguments
 from rrbalancer.settings import ConfigError
 
@@ -72,7 +75,7 @@ class ArgumentTests(SynchronousTestCase):
         self.assertEqual(stderr.getvalue(), "rrbalancer-register: --weight: must be at least 1, got -1\n")
 
 
-class Registrar:
+class RegistrarProcess:
     """
     C{rrbalancer-register} running as its own process.
     """
@@ -130,7 +133,7 @@ class RegisterTests(KeysTestCase):
         The key is there while the registrar runs, gone as soon as SIGTERM
         stops it, and it exits 0.
         """
-        registrar = Registrar(self, self.etcd, "/services/web/", "http://127.0.0.1:8081")
+        registrar = RegistrarProcess(self, self.etcd, "/services/web/", "http://127.0.0.1:8081")
         found = yield self.keysUntil(bool, 30, "the key to be put")
         self.assertEqual(found, {b"/services/web/127.0.0.1:8081": b'{"url": "http://127.0.0.1:8081"}'})
         registrar.kill(signal.SIGTERM)
@@ -145,7 +148,7 @@ class RegisterTests(KeysTestCase):
         SIGKILL leaves the key to its lease: gone within the TTL and a
         second.
         """
-        registrar = Registrar(self, self.etcd, "/services/web/", "http://127.0.0.1:8082", ttl=2)
+        registrar = RegistrarProcess(self, self.etcd, "/services/web/", "http://127.0.0.1:8082", ttl=2)
         yield self.keysUntil(bool, 30, "the key to be put")
         registrar.kill()
         killed = reactor.seconds()
@@ -232,7 +235,7 @@ class FleetTests(KeysTestCase):
         loads = [Load(self, base + "/") for _, base, _ in balancers]
         self.addCleanup(lambda: [load.stop() for load in loads])
 
-        registrar = Registrar(self, etcd, self.PREFIX, backends["b"][1], ttl=2)
+        registrar = RegistrarProcess(self, etcd, self.PREFIX, backends["b"][1], ttl=2)
         yield self.keysUntil(lambda keys: len(keys) == 2, 30, "b's key")
         listed = reactor.seconds()
         yield poll(lambda: all(load.servedBy("b") for load in loads), timeout=5,
@@ -290,3 +293,100 @@ class FleetTests(KeysTestCase):
             yield load.stop()
             self.assertEqual(load.errors, [])
             self.assertEqual(load.servedBy("b", since=reactor.seconds() - 0.05), [])
+
+
+class FakeEtcd:
+    """
+    The calls a L{rrbalancer.register.Registrar} makes, answered from
+    memory; C{down} fails them all.
+    """
+
+    def __init__(self):
+        self.keys = {}
+        self.leases = {}
+        self.down = False
+        self.granted = 0
+
+    def _answer(self, result):
+        if self.down:
+            return fail(ConnectionRefusedError())
+        return succeed(result)
+
+    def grant(self, ttl):
+        self.granted += 1
+        lease = str(self.granted)
+        if not self.down:
+            self.leases[lease] = ttl
+        return self._answer((lease, ttl))
+
+    def put(self, key, value, lease=None):
+        if not self.down:
+            self.keys[key] = (value, lease)
+        return self._answer(1)
+
+    def keepAlive(self, lease):
+        return self._answer(self.leases.get(lease, 0))
+
+    def expire(self):
+        self.leases.clear()
+        self.keys.clear()
+
+    def delete(self, key):
+        if not self.down:
+            self.keys.pop(key, None)
+        return self._answer(1)
+
+    def revoke(self, lease):
+        if not self.down:
+            self.leases.pop(lease, None)
+        return self._answer({})
+
+
+class RegistrarTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.etcd = FakeEtcd()
+        self.registrar = Registrar(
+            parseArguments(ArgumentTests.ARGS + ["--ttl", "9"]), self.etcd, self.clock
+        )
+        self.events = []
+        self.registrar.log = Logger(observer=self.events.append)
+        self.registrar.start()
+
+    def logged(self):
+        return [formatEvent(e) for e in self.events]
+
+    def test_renewedEveryThirdOfTheTTL(self):
+        key = b"/services/web/127.0.0.1:8081"
+        self.assertEqual(self.etcd.keys, {key: (b'{"url": "http://127.0.0.1:8081"}', "1")})
+        self.assertEqual(self.clock.getDelayedCalls()[0].getTime(), 3.0)
+        self.clock.advance(3)
+        self.clock.advance(3)
+        self.assertEqual(self.etcd.granted, 1)
+
+    def test_expiredLeaseRegistersAgain(self):
+        """
+        etcd away for longer than the TTL: the failures are said once, and
+        the key is put again under a new lease when etcd is back.
+        """
+        self.etcd.down = True
+        for _ in range(5):
+            self.clock.advance(3)
+        self.etcd.expire()
+        self.etcd.down = False
+        self.clock.advance(3)
+        self.assertEqual(self.etcd.keys[b"/services/web/127.0.0.1:8081"][1], "2")
+        logged = self.logged()
+        self.assertEqual(len([line for line in logged if "trying again" in line]), 1)
+        self.assertIn("etcd answers again", logged[-1])
+
+    def test_stop(self):
+        self.successResultOf(self.registrar.stop())
+        self.assertEqual((self.etcd.keys, self.etcd.leases), ({}, {}))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertIn("/services/web/127.0.0.1:8081 deleted", self.logged()[-1])
+
+    def test_stopWithEtcdAway(self):
+        self.etcd.down = True
+        self.successResultOf(self.registrar.stop())
+        self.assertIn("it goes with its lease", self.logged()[-1])
