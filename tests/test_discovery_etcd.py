@@ -162,6 +162,7 @@ class FakeClient:
         self.reads = 0
         self.watches = []
         self.puts = []
+        self.probes = []
 
     def range(self, prefix):
         self.reads += 1
@@ -174,6 +175,11 @@ class FakeClient:
         if self.down:
             return fail(ConnectionRefusedError())
         return succeed(self.revision)
+
+    def status(self):
+        d = Deferred()
+        self.probes.append(d)
+        return d
 
     def watch(self, prefix, start, onResult):
         watch = FakeWatch(start, onResult)
@@ -317,6 +323,34 @@ class SourceTests(SynchronousTestCase):
 
     def test_interface(self):
         verifyObject(IDiscoverySource, self.source)
+
+    def test_probe(self):
+        """
+        While watching, etcd is asked every 10 s whether it answers; no
+        answer within 5 s ends the watch as a failure, and it resumes
+        later.
+        """
+        [watch] = self.client.watches
+        watch.created(5)
+        self.clock.advance(10)
+        [probe] = self.client.probes
+        probe.callback({})
+        self.clock.advance(9.9)
+        self.assertEqual(len(self.client.probes), 1)
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.client.probes), 2)
+        self.clock.advance(5)
+        self.assertTrue(watch.stopped)
+        self.assertEqual(self.source.status.state, SourceStatus.FAILING)
+        self.assertEqual(self.source.status.lastError, "watching: no answer in time")
+        self.assertEqual(self.urls(), ["http://127.0.0.1:1"])
+        self.clock.advance(0.5)
+        resumed = self.client.watches[-1]
+        self.assertEqual(resumed.start, 6)
+        resumed.created(5)
+        self.assertEqual(self.source.status.state, SourceStatus.OK)
+        self.source.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_share(self):
         """
@@ -533,6 +567,40 @@ class RealEtcdTests(EtcdTestCase):
                    timeout=2, what="the prefix read again")
         self.assertEqual(source.revision, last)
         self.assertEqual(reads, [b"/services/web/"])
+        yield source.stop()
+
+    @inlineCallbacks
+    def test_hungEtcd(self):
+        """
+        etcd that stops answering without closing the watch (SIGSTOP here,
+        a partition in life) is noticed by the probe: the source says it
+        fails, keeps its set, and follows the keys again once etcd answers.
+        """
+        etcd = self.etcd
+        yield etcd.put("/services/web/a", "http://127.0.0.1:1")
+        http = TreqClient(reactor)
+        self.addCleanup(http.close)
+        source = EtcdSource(
+            parseSource(etcd.sourceURL("/services/web/")),
+            EtcdClient(http, etcd.url, reactor, timeout=0.5),
+            reactor,
+            probe=(0.2, 0.5),
+        )
+        sets = []
+        source.start(lambda backends: sets.append(sorted(b.url for b in backends)))
+        self.addCleanup(source.stop)
+        yield poll(lambda: source.status.state == SourceStatus.OK, what="the watch")
+        etcd.process.send_signal(signal.SIGSTOP)
+        self.addCleanup(lambda: etcd.process and etcd.process.send_signal(signal.SIGCONT))
+        stopped = reactor.seconds()
+        yield poll(lambda: source.status.state == SourceStatus.FAILING, timeout=5,
+                   what="the probe to notice")
+        self.assertLess(reactor.seconds() - stopped, 1.5)
+        self.assertEqual(sets, [["http://127.0.0.1:1"]])
+        etcd.process.send_signal(signal.SIGCONT)
+        yield etcd.put("/services/web/b", "http://127.0.0.1:2")
+        yield poll(lambda: sets[-1] == ["http://127.0.0.1:1", "http://127.0.0.1:2"], timeout=10,
+                   what="the watch to resume")
         yield source.stop()
 
     @inlineCallbacks

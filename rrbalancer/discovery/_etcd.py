@@ -17,6 +17,11 @@ after the last it saw, so that nothing written meanwhile is missed; if
 etcd has compacted that revision away, or the store is not the one it was
 (a restore, another cluster), it reads the prefix whole again.
 
+A watch that stays open on a connection nobody answers any more (etcd
+hung, a network partition that sends no reset) would never say so: while
+watching, the source asks etcd for its status every 10 s, and one that
+gets no answer within 5 s counts as a failure of the watch.
+
 A value that is not a backend is logged (once per value) and skipped;
 the other keys still count.
 """
@@ -24,9 +29,9 @@ the other keys still count.
 import json
 import random
 from dataclasses import dataclass
-from typing import Callable, Dict, FrozenSet, Optional
+from typing import Callable, Dict, FrozenSet, Optional, Tuple
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.client import ResponseFailed
@@ -39,6 +44,10 @@ from ._etcdclient import Compacted, EtcdClient, decode, revisionOf
 
 FIRST_RETRY = 0.5
 MAX_RETRY = 30.0
+# While watching: how often etcd is asked whether it is there, and how long
+# its answer may take.
+PROBE_INTERVAL = 10.0
+PROBE_TIMEOUT = 5.0
 VALUE_KEYS = ("url", "weight", "backup", "state")
 
 
@@ -117,6 +126,8 @@ class EtcdSource:
 
     @param client: an L{EtcdClient} on the source's etcd.
     @param random: a number in [0, 1) for each retry's jitter.
+    @param probe: (interval, timeout) of the checks that etcd still answers
+        while the source watches.
     @ivar revision: the last revision of the prefix the source has seen.
     """
 
@@ -128,11 +139,15 @@ class EtcdSource:
         client: EtcdClient,
         clock: IReactorTime,
         random: Callable[[], float] = random.random,
+        probe: Tuple[float, float] = (PROBE_INTERVAL, PROBE_TIMEOUT),
     ) -> None:
         self.config = config
         self.client = client
         self._clock = clock
         self._random = random
+        self._probeInterval, self._probeTimeout = probe
+        self._probeCall = None
+        self._probing: Optional[Deferred] = None
         self._prefix = config.name.encode("utf-8")
         self.status = SourceStatus(clock.seconds())
         self.running = False
@@ -164,6 +179,7 @@ class EtcdSource:
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
+        self._stopProbing()
         self.status.nextLookup = None
         if self._reading is not None:
             self._reading.cancel()
@@ -321,6 +337,7 @@ class EtcdSource:
                 raise Compacted(revisionOf(result))
             self._cluster = cluster
             self._publish()
+            self._scheduleProbe()
             return
         events = result.get("events") or []
         for event in events:
@@ -335,6 +352,40 @@ class EtcdSource:
             # A progress report: nothing under the prefix changed until then.
             self.revision = max(self.revision, revisionOf(result))
         self._publish()
+
+    def _scheduleProbe(self) -> None:
+        self._stopProbing()
+        self._probeCall = self._clock.callLater(self._probeInterval, self._checkAlive)
+
+    def _stopProbing(self) -> None:
+        call, self._probeCall = self._probeCall, None
+        if call is not None and call.active():
+            call.cancel()
+        probing, self._probing = self._probing, None
+        if probing is not None:
+            probing.cancel()
+
+    def _checkAlive(self) -> None:
+        self._probeCall = None
+        watch = self._watch
+        d = self._probing = self.client.status().addTimeout(self._probeTimeout, self._clock)
+
+        def answered(_):
+            if self._probing is d:
+                self._probing = None
+                self._scheduleProbe()
+
+        def silent(failure):
+            if self._probing is not d:
+                # Called off (the watch ended or the source stopped).
+                return
+            self._probing = None
+            if self._watch is watch and watch is not None and self.running:
+                self._watch = None
+                watch.stop()
+                self._failed(failure, "watching")
+
+        d.addCallbacks(answered, silent).addErrback(self._broken)
 
     def _watchEnded(self, _, watch) -> None:
         if self._watch is watch and self.running:
@@ -366,6 +417,7 @@ class EtcdSource:
     def _failed(self, failure, doing: str) -> None:
         if not self.running:
             return
+        self._stopProbing()
         self._failuresInRow += 1
         reason = "etcd ended the watch" if failure is None else _describe(failure)
         wasFailing = self.status.state == SourceStatus.FAILING
@@ -398,7 +450,7 @@ class EtcdSource:
 
 
 def _describe(failure) -> str:
-    if failure.check(CancelledError):
+    if failure.check(CancelledError, TimeoutError):
         return "no answer in time"
     if failure.check(ResponseFailed):
         reasons = failure.value.reasons

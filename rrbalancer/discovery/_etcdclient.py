@@ -278,6 +278,12 @@ class EtcdClient:
     def compact(self, revision: int) -> Deferred:
         return self.call("/v3/kv/compaction", {"revision": str(revision)})
 
+    def status(self) -> Deferred:
+        """
+        The member's status: a cheap call that says etcd answers.
+        """
+        return self.call("/v3/maintenance/status", {})
+
     # -- leases ------------------------------------------------------------------
 
     def grant(self, ttl: int) -> Deferred:
@@ -339,7 +345,10 @@ class EtcdClient:
             response.deliverBody(watch._stream)
             return finished
 
-        request = watch._request = self._post("/v3/watch", body, unbuffered=True)
+        # The timeout is for the answer's head alone, which etcd sends at once.
+        request = watch._request = self._post(
+            "/v3/watch", body, unbuffered=True, timeout=self._timeout
+        )
         request.addCallback(streaming)
 
         def ended(result):
