@@ -6,6 +6,8 @@ for as long as it runs, so that every balancer watching the prefix
     rrbalancer-register --etcd http://127.0.0.1:2379 --prefix /services/web/ \\
         --url http://127.0.0.1:8081 [--weight N] [--ttl 10]
 
+C{--etcd} may list several members, comma-separated: the calls go to the
+next one when one fails.
 The key (the prefix and the backend's host:port) is put under a lease of
 C{--ttl} seconds, renewed every third of it.  SIGTERM or SIGINT deletes the
 key and revokes the lease, and the process exits 0; if the process dies
@@ -45,7 +47,9 @@ class Registration:
     The checked command line.
     """
 
-    def __init__(self, etcd: str, prefix: str, backend: BackendConfig, ttl: int) -> None:
+    def __init__(
+        self, etcd: List[str], prefix: str, backend: BackendConfig, ttl: int
+    ) -> None:
         self.etcd = etcd
         self.prefix = prefix
         self.backend = backend
@@ -67,8 +71,9 @@ def parseArguments(argv: List[str]) -> Registration:
     @raise ConfigError: a mistake, told in one line.
     """
     parser = _Parser(prog="rrbalancer-register", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--etcd", required=True, metavar="URL",
-                        help="etcd's client URL, such as http://127.0.0.1:2379")
+    parser.add_argument("--etcd", required=True, metavar="URL[,URL...]",
+                        help="etcd's client URL, such as http://127.0.0.1:2379 "
+                        "(or those of several members)")
     parser.add_argument("--prefix", required=True,
                         help="the key prefix the balancers watch, such as /services/web/")
     parser.add_argument("--url", required=True, help="this backend's URL")
@@ -76,14 +81,7 @@ def parseArguments(argv: List[str]) -> Registration:
     parser.add_argument("--ttl", default="10", metavar="S",
                         help="seconds the key outlives this process (default 10)")
     args = parser.parse_args(argv)
-    parts = urlsplit(args.etcd)
-    try:
-        port = parts.port
-    except ValueError as e:
-        raise ConfigError(f"--etcd: {e}") from None
-    if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
-        raise ConfigError(f"--etcd: expected http://HOST:PORT, got {args.etcd!r}")
-    del port
+    members = [_member(url.strip()) for url in args.etcd.split(",")]
     if not args.prefix.startswith("/") or not args.prefix.endswith("/"):
         raise ConfigError(f"--prefix: expected /PREFIX/ (a / at each end), got {args.prefix!r}")
     url = parseBackendURL(args.url, "--url")
@@ -96,7 +94,18 @@ def parseArguments(argv: List[str]) -> Registration:
         raise ConfigError(f"--weight: must be at least 1, got {weight}")
     if ttl < MIN_TTL:
         raise ConfigError(f"--ttl: must be at least {MIN_TTL}, got {ttl}")
-    return Registration(args.etcd.rstrip("/"), args.prefix, BackendConfig(url, weight), ttl)
+    return Registration(members, args.prefix, BackendConfig(url, weight), ttl)
+
+
+def _member(url: str) -> str:
+    parts = urlsplit(url)
+    try:
+        parts.port
+    except ValueError as e:
+        raise ConfigError(f"--etcd: {url!r}: {e}") from None
+    if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
+        raise ConfigError(f"--etcd: expected http://HOST:PORT, got {url!r}")
+    return url.rstrip("/")
 
 
 class Registrar:
@@ -153,15 +162,16 @@ class Registrar:
     def _succeeded(self, _) -> None:
         if self._failing:
             self._failing = False
-            self.log.info("etcd answers again")
+            self.log.info("etcd {etcd} answers again", etcd=self.client.base)
 
     def _failed(self, failure) -> None:
+        member = self.client.base
+        self.client.rotate()
         if not self._failing:
             self._failing = True
             self.log.warn(
                 "etcd {etcd}: {reason}; trying again every {every:g}s",
-                etcd=self.registration.etcd, reason=failure.getErrorMessage(),
-                every=self.interval,
+                etcd=member, reason=failure.getErrorMessage(), every=self.interval,
             )
 
     @property

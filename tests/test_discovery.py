@@ -109,9 +109,13 @@ class ParseTests(SynchronousTestCase):
     def test_etcd(self):
         self.assertEqual(
             parseSource("ETCD://127.0.0.1:2379/services/web/"),
-            SourceConfig("etcd://127.0.0.1:2379/services/web/", "etcd", "/services/web/", 2379,
-                         host="127.0.0.1"),
+            SourceConfig("etcd://127.0.0.1:2379/services/web/", "etcd", "/services/web/",
+                         members=(("127.0.0.1", 2379),)),
         )
+        cluster = parseSource("etcd://127.0.0.1:2379,127.0.0.2,etcd3.example.com:2479/s/")
+        self.assertEqual(cluster.url, "etcd://127.0.0.1:2379,127.0.0.2:2379,etcd3.example.com:2479/s/")
+        self.assertEqual(cluster.members, (("127.0.0.1", 2379), ("127.0.0.2", 2379),
+                                           ("etcd3.example.com", 2479)))
         self.assertEqual(parseSource("etcd://Etcd.Example.com/s/").url,
                          "etcd://etcd.example.com:2379/s/")
         self.assertEqual(parseSource({"url": "etcd://[::1]:2380/a/b/"}).url,
@@ -128,6 +132,9 @@ class ParseTests(SynchronousTestCase):
         self.assertRefused("etcd://127.0.0.1/s/?x=1", "no query")
         self.assertRefused("etcd://127.0.0.1/s/,weight=2", "weight")
         self.assertRefused("etcd://bad_name!/s/", "not a DNS name")
+        self.assertRefused("etcd://127.0.0.1:2379,127.0.0.1/s/", "names 127.0.0.1 twice")
+        self.assertRefused("etcd://127.0.0.1:2379,/s/", "etcd's address")
+        self.assertRefused("etcd://127.0.0.1/s/, backup", "weight")
 
     def test_listedTwice(self):
         e = self.assertRaises(

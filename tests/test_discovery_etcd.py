@@ -28,6 +28,7 @@ from rrbalancer.discovery import IDiscoverySource, SourceStatus, parseSource
 from rrbalancer.discovery._etcd import (
     EtcdBackend,
     EtcdSource,
+    etcdURLs,
     formatValue,
     parseValue,
 )
@@ -155,9 +156,12 @@ class FakeClient:
     test to feed; C{down} fails every call.
     """
 
+    base = "http://127.0.0.1:2379"
+
     def __init__(self):
         self.keys = {}
         self.revision = 1
+        self.rotated = 0
         self.down = False
         self.reads = 0
         self.watches = []
@@ -175,6 +179,9 @@ class FakeClient:
         if self.down:
             return fail(ConnectionRefusedError())
         return succeed(self.revision)
+
+    def rotate(self):
+        self.rotated += 1
 
     def status(self):
         d = Deferred()
@@ -342,7 +349,9 @@ class SourceTests(SynchronousTestCase):
         self.clock.advance(5)
         self.assertTrue(watch.stopped)
         self.assertEqual(self.source.status.state, SourceStatus.FAILING)
-        self.assertEqual(self.source.status.lastError, "watching: no answer in time")
+        self.assertEqual(self.source.status.lastError,
+                         "watching http://127.0.0.1:2379: no answer in time")
+        self.assertEqual(self.client.rotated, 1)
         self.assertEqual(self.urls(), ["http://127.0.0.1:1"])
         self.clock.advance(0.5)
         resumed = self.client.watches[-1]
@@ -392,18 +401,25 @@ class SourceTests(SynchronousTestCase):
 class EtcdServer:
     """
     A real etcd on loopback ports, its data in a temporary directory, for
-    one test; L{stop} and L{start} again keep its data.
+    one test; L{stop} and L{start} again keep its data.  Alone, or a member
+    of a cluster (L{EtcdCluster}).
     """
 
-    def __init__(self, testCase):
+    def __init__(self, testCase, name="test"):
         if not os.path.exists(ETCD) and not os.environ.get("CI"):
             raise SkipTest(f"{ETCD} is missing (Debian's etcd-server)")
         self.testCase = testCase
+        self.name = name
         self.dataDir = tempfile.mkdtemp(prefix="rrbalancer-etcd-")
         testCase.addCleanup(shutil.rmtree, self.dataDir, True)
         self.clientPort = restartablePort()
         self.peerPort = restartablePort()
         self.url = f"http://127.0.0.1:{self.clientPort}"
+        self.peerURL = f"http://127.0.0.1:{self.peerPort}"
+        self.cluster = f"{name}={self.peerURL}"
+        # One member on loopback elects itself in 0.1 s rather than 1 s (no
+        # follower can miss its heartbeats); a cluster's get more room.
+        self.timing = ("10", "100")
         self.process = None
         self.http = TreqClient(reactor)
         self.client = EtcdClient(self.http, self.url, reactor, timeout=2.0)
@@ -413,22 +429,26 @@ class EtcdServer:
     def sourceURL(self, prefix):
         return f"etcd://127.0.0.1:{self.clientPort}{prefix}"
 
-    @inlineCallbacks
-    def start(self):
-        peer = f"http://127.0.0.1:{self.peerPort}"
+    def spawn(self):
+        peer = self.peerURL
         self.process = subprocess.Popen(
             [
-                ETCD, "--name", "test", "--data-dir", self.dataDir,
+                ETCD, "--name", self.name, "--data-dir", self.dataDir,
                 "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                "--initial-cluster", f"test={peer}", "--log-level", "error",
-                # One member on loopback: it elects itself in 0.1 s rather
-                # than 1 s (no follower can miss its heartbeats).
-                "--heartbeat-interval", "10", "--election-timeout", "100",
+                "--initial-cluster", self.cluster, "--log-level", "error",
+                "--heartbeat-interval", self.timing[0], "--election-timeout", self.timing[1],
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+
+    def start(self):
+        self.spawn()
+        return self.answering()
+
+    @inlineCallbacks
+    def answering(self):
         deadline = reactor.seconds() + 30
         while True:
             if self.process.poll() is not None:
@@ -454,6 +474,30 @@ class EtcdServer:
 
     def delete(self, key):
         return self.client.delete(key.encode("utf-8"))
+
+
+class EtcdCluster:
+    """
+    Real etcd members, one cluster.
+    """
+
+    def __init__(self, testCase, size=3):
+        self.members = [EtcdServer(testCase, f"m{n}") for n in range(size)]
+        cluster = ",".join(m.cluster for m in self.members)
+        for member in self.members:
+            member.cluster = cluster
+            member.timing = ("50", "500")
+
+    @inlineCallbacks
+    def start(self):
+        for member in self.members:
+            member.spawn()
+        for member in self.members:
+            yield member.answering()
+
+    def sourceURL(self, prefix):
+        members = ",".join(f"127.0.0.1:{m.clientPort}" for m in self.members)
+        return f"etcd://{members}{prefix}"
 
 
 class EtcdTestCase(TestCase):
@@ -643,3 +687,46 @@ class RealEtcdTests(EtcdTestCase):
         response = yield client.get(base + "/")
         self.assertEqual(response.code, 200)
         yield response.text()
+
+
+class ClusterTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_failover(self):
+        """
+        A source given the three members of a cluster goes on with the next
+        one when the one it watches through stops: no backend lost, and
+        what is written meanwhile followed.
+        """
+        settleConnections(self)
+        cluster = EtcdCluster(self)
+        yield cluster.start()
+        first, second, third = cluster.members
+        yield third.put("/services/web/a", "http://127.0.0.1:1")
+        http = TreqClient(reactor)
+        self.addCleanup(http.close)
+        config = parseSource(cluster.sourceURL("/services/web/"))
+        source = EtcdSource(config, EtcdClient(http, etcdURLs(config), reactor), reactor)
+        sets = []
+        source.start(lambda backends: sets.append(sorted(b.url for b in backends)))
+        self.addCleanup(source.stop)
+        yield poll(lambda: sets == [["http://127.0.0.1:1"]], what="the set")
+        self.assertEqual(source.client.base, first.url)
+
+        first.stop()
+        # (Retried: if the first was the leader, a write waits for the next.)
+        deadline = reactor.seconds() + 10
+        while True:
+            try:
+                yield third.put("/services/web/b", "http://127.0.0.1:2")
+                break
+            except Exception:
+                if reactor.seconds() > deadline:
+                    raise
+                yield deferLater(reactor, 0.05, lambda: None)
+        yield poll(lambda: sets[-1] == ["http://127.0.0.1:1", "http://127.0.0.1:2"],
+                   timeout=10, what="the watch to go on through the second member")
+        self.assertEqual(source.client.base, second.url)
+        self.assertEqual(source.status.state, SourceStatus.OK)
+        yield source.stop()

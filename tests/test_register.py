@@ -49,7 +49,11 @@ class ArgumentTests(SynchronousTestCase):
         registration = parseArguments(self.ARGS + ["--weight", "3", "--ttl", "5"])
         self.assertEqual(registration.key, b"/services/web/127.0.0.1:8081")
         self.assertEqual(registration.value, b'{"url": "http://127.0.0.1:8081", "weight": 3}')
-        self.assertEqual((registration.etcd, registration.ttl), ("http://127.0.0.1:2379", 5))
+        self.assertEqual((registration.etcd, registration.ttl), (["http://127.0.0.1:2379"], 5))
+        cluster = parseArguments(
+            ["--etcd", "http://127.0.0.1:2379/, http://127.0.0.2:2379"] + self.ARGS[2:]
+        )
+        self.assertEqual(cluster.etcd, ["http://127.0.0.1:2379", "http://127.0.0.2:2379"])
         ipv6 = parseArguments(self.ARGS[:-1] + ["http://[::1]:81"])
         self.assertEqual(ipv6.key, b"/services/web/[::1]:81")
 
@@ -60,6 +64,8 @@ class ArgumentTests(SynchronousTestCase):
             (self.ARGS + ["--ttl", "x"], "whole numbers"),
             (self.ARGS + ["--ttl", "1"], "--ttl: must be at least 2"),
             (["--etcd", "127.0.0.1:2379"] + self.ARGS[2:], "--etcd"),
+            (["--etcd", "http://127.0.0.1:2379,"] + self.ARGS[2:], "--etcd"),
+            (["--etcd", "http://127.0.0.1:x"] + self.ARGS[2:], "--etcd"),
             (self.ARGS[:2] + ["--prefix", "services"] + self.ARGS[4:], "--prefix"),
             (self.ARGS[:4] + ["--url", "ftp://x"], "--url"),
             (self.ARGS + ["--bogus"], "--bogus"),
@@ -289,11 +295,17 @@ class FakeEtcd:
     memory; C{down} fails them all.
     """
 
+    base = "http://127.0.0.1:2379"
+
     def __init__(self):
         self.keys = {}
         self.leases = {}
         self.down = False
         self.granted = 0
+        self.rotated = 0
+
+    def rotate(self):
+        self.rotated += 1
 
     def _answer(self, result):
         if self.down:
@@ -366,7 +378,8 @@ class RegistrarTests(SynchronousTestCase):
         self.assertEqual(self.etcd.keys[b"/services/web/127.0.0.1:8081"][1], "2")
         logged = self.logged()
         self.assertEqual(len([line for line in logged if "trying again" in line]), 1)
-        self.assertIn("etcd answers again", logged[-1])
+        self.assertEqual(self.etcd.rotated, 5)
+        self.assertIn("etcd http://127.0.0.1:2379 answers again", logged[-1])
 
     def test_stop(self):
         self.successResultOf(self.registrar.stop())

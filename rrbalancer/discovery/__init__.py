@@ -20,9 +20,10 @@ The sources:
  - C{dns+srv://_service._proto.NAME}: the SRV records of the name; the
    lowest priority present gives the primaries, higher ones the backups,
    and an SRV weight is a backend's weight;
- - C{etcd://HOST:PORT/PREFIX/}: every key under the prefix in etcd, whose
-   value is a backend's URL or a JSON object of its url, weight, backup
-   and state; read once, then watched.
+ - C{etcd://HOST:PORT[,HOST:PORT...]/PREFIX/}: every key under the prefix
+   in etcd (asked of the members given, one after the other as they fail),
+   whose value is a backend's URL or a JSON object of its url, weight,
+   backup and state; read once, then watched.
 
 This module parses the URLs (at startup and for C{--check}, so that a
 mistake is one line) and builds the sources; C{_dns} holds the DNS ones,
@@ -97,12 +98,13 @@ class SourceConfig:
     @ivar scheme: C{dns+a}, C{dns+srv} or C{etcd}.
     @ivar name: the DNS name to ask about (no trailing dot), or etcd's key
         prefix.
-    @ivar port: the backends' port (C{dns+a}), etcd's port (C{etcd}); None
-        where the records give it.
+    @ivar port: the backends' port (C{dns+a}); None where the records give
+        it or the URL names no backend (C{etcd}).
     @ivar weight: the weight of each backend (C{dns+a}; SRV records carry
         their own).
     @ivar backup: each backend is a backup (C{dns+a}).
-    @ivar host: etcd's address or name (C{etcd}).
+    @ivar members: the (address or name, port) of each etcd member given
+        (C{etcd}).
     """
 
     url: str
@@ -111,7 +113,7 @@ class SourceConfig:
     port: Optional[int] = None
     weight: int = 1
     backup: bool = False
-    host: Optional[str] = None
+    members: Tuple[Tuple[str, int], ...] = ()
 
 
 class SourceStatus:
@@ -249,7 +251,12 @@ def parseSource(spec: Any, where: str = "discover") -> SourceConfig:
         options = dict(spec)
         text = string(options.pop("url"), where).strip()
     else:
-        text, options = splitWeightAndBackup(string(spec, where), where)
+        text = string(spec, where).strip()
+        if text.lower().startswith("etcd://"):
+            # Its commas part the members; it takes no option.
+            options = {}
+        else:
+            text, options = splitWeightAndBackup(text, where)
     scheme, sep, _ = text.partition("://")
     scheme = scheme.lower()
     if not sep:
@@ -264,13 +271,14 @@ def parseSource(spec: Any, where: str = "discover") -> SourceConfig:
     where = f"{where} {text}"
     try:
         parts = urlsplit(text)
-        port = parts.port
+        # (etcd's URL may name several members, each with its port.)
+        port = parts.port if scheme != "etcd" else None
     except ValueError as e:
         raise ConfigError(f"{where}: bad URL: {e}") from None
     if parts.username is not None or parts.password is not None:
         raise ConfigError(f"{where}: must not carry credentials")
     if scheme == "etcd":
-        return _parseEtcd(parts, port, options, where)
+        return _parseEtcd(parts, options, where)
     if parts.query or parts.fragment or parts.path not in ("", "/"):
         raise ConfigError(f"{where}: must name a DNS name only (no path, query or fragment)")
     host = parts.netloc.rpartition("@")[2]
@@ -303,10 +311,11 @@ def parseSource(spec: Any, where: str = "discover") -> SourceConfig:
     return SourceConfig(f"dns+srv://{name}", scheme, name)
 
 
-def _parseEtcd(parts, port: Optional[int], options, where: str) -> SourceConfig:
+def _parseEtcd(parts, options, where: str) -> SourceConfig:
     """
-    C{etcd://HOST[:PORT]/PREFIX/}: etcd's client address (port 2379 unless
-    given) and the key prefix whose keys are the backends.
+    C{etcd://HOST[:PORT][,HOST[:PORT]...]/PREFIX/}: the client address of
+    each etcd member to ask (port 2379 unless given) and the key prefix
+    whose keys are the backends.
     """
     if parts.query or parts.fragment:
         raise ConfigError(f"{where}: no query or fragment; write etcd://HOST:PORT/PREFIX/")
@@ -315,13 +324,28 @@ def _parseEtcd(parts, port: Optional[int], options, where: str) -> SourceConfig:
             f"{where}: each key's value carries its weight and backup "
             "(no weight= or backup here)"
         )
-    host = parts.hostname
-    if not host:
-        raise ConfigError(f"{where}: needs etcd's address: etcd://HOST:PORT/PREFIX/")
-    if not _isAddress(host):
-        host = checkDNSName(host, where)
-    port = ETCD_PORT if port is None else tcpPortNumber(where, str(port))
+    members: List[Tuple[str, int]] = []
+    for item in parts.netloc.split(","):
+        try:
+            member = urlsplit(f"//{item.strip()}")
+            port = member.port
+        except ValueError as e:
+            raise ConfigError(f"{where}: bad address {item!r}: {e}") from None
+        host = member.hostname
+        if not host:
+            raise ConfigError(f"{where}: needs etcd's address: etcd://HOST:PORT/PREFIX/")
+        if not _isAddress(host):
+            host = checkDNSName(host, where)
+        port = ETCD_PORT if port is None else tcpPortNumber(where, str(port))
+        if (host, port) in members:
+            raise ConfigError(f"{where}: names {item.strip()} twice")
+        members.append((host, port))
     prefix = parts.path
+    if "," in prefix:
+        raise ConfigError(
+            f"{where}: each key's value carries its weight and backup "
+            "(no weight= or backup here)"
+        )
     if prefix in ("", "/"):
         raise ConfigError(
             f"{where}: needs the key prefix of the backends: etcd://HOST:PORT/PREFIX/"
@@ -331,8 +355,8 @@ def _parseEtcd(parts, port: Optional[int], options, where: str) -> SourceConfig:
             f"{where}: the prefix must end with / (else the keys of {prefix}x/ "
             f"would be backends too): etcd://HOST:PORT{prefix}/"
         )
-    shown = f"[{host}]" if ":" in host else host
-    return SourceConfig(f"etcd://{shown}:{port}{prefix}", "etcd", prefix, port, host=host)
+    shown = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in members)
+    return SourceConfig(f"etcd://{shown}{prefix}", "etcd", prefix, members=tuple(members))
 
 
 def parseSources(value: Any, name: str = "discover") -> Tuple[SourceConfig, ...]:
@@ -361,7 +385,7 @@ def buildDiscovery(config, group, reactor, onAdded: Callable = lambda backend: N
     if not config.discover:
         return None
     from ._dns import DNSSource, SharedResolver
-    from ._etcd import EtcdSource, etcdURL
+    from ._etcd import EtcdSource, etcdURLs
     from ._etcdclient import EtcdClient, TreqClient
     from ._service import Discovery
 
@@ -374,7 +398,7 @@ def buildDiscovery(config, group, reactor, onAdded: Callable = lambda backend: N
             if http is None:
                 http = TreqClient(reactor)
                 cleanups.append(http.close)
-            sources.append(EtcdSource(spec, EtcdClient(http, etcdURL(spec), reactor), reactor))
+            sources.append(EtcdSource(spec, EtcdClient(http, etcdURLs(spec), reactor), reactor))
         else:
             sources.append(DNSSource(spec, resolver, reactor, config.dnsMinTTL, config.dnsMaxTTL))
     return Discovery(group, sources, onAdded, cleanups=cleanups)

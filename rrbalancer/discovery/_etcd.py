@@ -29,7 +29,7 @@ the other keys still count.
 import json
 import random
 from dataclasses import dataclass
-from typing import Callable, Dict, FrozenSet, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -112,11 +112,14 @@ def formatValue(backend: BackendConfig, state: Optional[str]) -> bytes:
     return json.dumps(spec, sort_keys=True).encode("utf-8")
 
 
-def etcdURL(config: SourceConfig) -> str:
-    host = config.host or "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{config.port}"
+def etcdURLs(config: SourceConfig) -> List[str]:
+    """
+    The client URL of each member an C{etcd://} URL names.
+    """
+    return [
+        f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        for host, port in config.members
+    ]
 
 
 @implementer(IDiscoverySource)
@@ -269,8 +272,9 @@ class EtcdSource:
         self.status.nextLookup = None
         if previous == SourceStatus.FAILING:
             self.log.info(
-                "discovery {url}: etcd answers again ({n} backends)",
+                "discovery {url}: etcd {member} answers again ({n} backends)",
                 url=self.config.url,
+                member=self.client.base,
                 n=len(backends),
             )
         if backends == self._current:
@@ -420,17 +424,21 @@ class EtcdSource:
         self._stopProbing()
         self._failuresInRow += 1
         reason = "etcd ended the watch" if failure is None else _describe(failure)
+        member = self.client.base
+        # The next try goes to the next member given, if any.
+        self.client.rotate()
         wasFailing = self.status.state == SourceStatus.FAILING
-        self.status.failed(self._clock.seconds(), f"{doing}: {reason}")
+        self.status.failed(self._clock.seconds(), f"{doing} {member}: {reason}")
         if not wasFailing:
             if self._current is None:
                 kept = "no backends from it yet"
             else:
                 kept = f"keeping its {len(self._current)} backends"
             self.log.warn(
-                "discovery {url}: etcd failed {doing}: {reason}; {kept}; trying again, "
-                "every {most:g}s at most",
+                "discovery {url}: etcd {member} failed {doing}: {reason}; {kept}; "
+                "trying again, every {most:g}s at most",
                 url=self.config.url,
+                member=member,
                 doing=doing,
                 reason=reason,
                 kept=kept,

@@ -11,7 +11,7 @@ L{treq.testing.StubTreq} in tests).
 
 import base64
 import json
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import treq
 from treq.client import HTTPClient
@@ -194,18 +194,39 @@ class Watch:
 
 class EtcdClient:
     """
-    Calls on one etcd member.
+    Calls on an etcd cluster, through one of its members at a time.
 
     @param http: treq's C{post} and C{json_content}.
-    @param base: the member's URL, such as C{http://127.0.0.1:2379}.
+    @param bases: each member's client URL, such as
+        C{http://127.0.0.1:2379} (or one URL).
     @param reactor: for the calls' timeouts.
     """
 
-    def __init__(self, http, base: str, reactor, timeout: float = CALL_TIMEOUT) -> None:
+    def __init__(
+        self, http, bases: Union[str, Sequence[str]], reactor, timeout: float = CALL_TIMEOUT
+    ) -> None:
         self._http = http
-        self.base = base.rstrip("/")
+        if isinstance(bases, str):
+            bases = [bases]
+        self._bases = [base.rstrip("/") for base in bases]
+        self._current = 0
         self._reactor = reactor
         self._timeout = timeout
+
+    @property
+    def base(self) -> str:
+        """
+        The member the calls go to.
+        """
+        return self._bases[self._current]
+
+    def rotate(self) -> None:
+        """
+        Go to the next member (the first after the last): the caller saw
+        this one fail.  (A revision is the cluster's, so a watch resumes on
+        any member.)
+        """
+        self._current = (self._current + 1) % len(self._bases)
 
     def _post(self, path: str, body: Dict[str, Any], **kwargs) -> Deferred:
         return self._http.post(
