@@ -99,7 +99,8 @@ class ValueTests(SynchronousTestCase):
             EtcdBackend("http://10.0.0.1:80", 2, True, "disabled", b"/k"),
         )
         self.assertEqual(
-            formatValue(BackendConfig("http://10.0.0.1:80"), None), b'{"url": "http://10.0.0.1:80"}'
+            formatValue(BackendConfig("http://10.0.0.1:80"), None),
+            b'{"url": "http://10.0.0.1:80"}',
         )
 
     def test_prefixEnd(self):
@@ -226,7 +227,9 @@ class SourceTests(SynchronousTestCase):
         self.assertEqual(len(self.sets), 1)
         watch.events(put(b"/services/web/b", b'{"url": "http://127.0.0.1:2", "weight": 4}', 6))
         self.assertEqual(self.urls(), ["http://127.0.0.1:1", "http://127.0.0.1:2"])
-        watch.events(delete(b"/services/web/a", 7), put(b"/services/web/c", b"http://127.0.0.1:3", 7))
+        watch.events(
+            delete(b"/services/web/a", 7), put(b"/services/web/c", b"http://127.0.0.1:3", 7)
+        )
         self.assertEqual(self.urls(), ["http://127.0.0.1:2", "http://127.0.0.1:3"])
         self.assertEqual(self.source.revision, 7)
         self.assertEqual(self.source.status.state, SourceStatus.OK)

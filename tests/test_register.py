@@ -78,7 +78,9 @@ class ArgumentTests(SynchronousTestCase):
         self.patch(sys, "stderr", stderr)
         e = self.assertRaises(SystemExit, main, self.ARGS + ["--weight", "-1"])
         self.assertEqual(e.code, 2)
-        self.assertEqual(stderr.getvalue(), "rrbalancer-register: --weight: must be at least 1, got -1\n")
+        self.assertEqual(
+            stderr.getvalue(), "rrbalancer-register: --weight: must be at least 1, got -1\n"
+        )
 
 
 class RegistrarProcess:

@@ -33,12 +33,13 @@ service that applies their answers.
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
 
 from zope.interface import Attribute, Interface
 
 from ..settings import (
+    BackendConfig,
     ConfigError,
     _nearest,
     splitWeightAndBackup,
@@ -188,6 +189,35 @@ class SourceStatus:
             "failures": self.failures,
             "next_lookup": self.nextLookup,
         }
+
+
+class Handover:
+    """
+    What a source gives its callback: the whole set, only when it differs
+    from the last one given.  A set the callback could not apply is logged
+    (in the source's log) and given again with the next answer, whether
+    that one changed or not.
+
+    @ivar current: the last set given, or None before the first (or after
+        one that could not be applied).
+    """
+
+    def __init__(self, source: "IDiscoverySource") -> None:
+        self._source = source
+        self.onChange: Callable[[FrozenSet[BackendConfig]], None] = lambda backends: None
+        self.current: Optional[FrozenSet[BackendConfig]] = None
+
+    def give(self, backends: FrozenSet[BackendConfig]) -> None:
+        if backends == self.current:
+            return
+        self.current = backends
+        try:
+            self.onChange(backends)
+        except Exception:
+            self.current = None
+            self._source.log.failure(
+                "discovery {url}: its answer could not be applied", url=self._source.config.url
+            )
 
 
 # -- parsing ---------------------------------------------------------------------

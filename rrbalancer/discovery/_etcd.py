@@ -39,7 +39,7 @@ from zope.interface import implementer
 
 from ..backends import ADMIN_STATES
 from ..settings import BackendConfig, ConfigError, boolean, integer, parseBackendURL
-from . import IDiscoverySource, SourceConfig, SourceStatus
+from . import Handover, IDiscoverySource, SourceConfig, SourceStatus
 from ._etcdclient import Compacted, EtcdClient, decode, revisionOf
 
 FIRST_RETRY = 0.5
@@ -158,8 +158,7 @@ class EtcdSource:
         self._cluster: Optional[str] = None
         self._values: Dict[bytes, Optional[EtcdBackend]] = {}
         self._skipped: Dict[bytes, bytes] = {}
-        self._current: Optional[FrozenSet[BackendConfig]] = None
-        self._onChange: Callable[[FrozenSet[BackendConfig]], None] = lambda backends: None
+        self._handover = Handover(self)
         self._reading: Optional[Deferred] = None
         self._watch = None
         self._call = None
@@ -173,7 +172,7 @@ class EtcdSource:
     def start(self, onChange: Callable[[FrozenSet[BackendConfig]], None]) -> None:
         if self.running:
             return
-        self._onChange = onChange
+        self._handover.onChange = onChange
         self.running = True
         self._read()
 
@@ -277,16 +276,7 @@ class EtcdSource:
                 member=self.client.base,
                 n=len(backends),
             )
-        if backends == self._current:
-            return
-        self._current = backends
-        try:
-            self._onChange(backends)
-        except Exception:
-            self._current = None
-            self.log.failure(
-                "discovery {url}: its backends could not be applied", url=self.config.url
-            )
+        self._handover.give(backends)
 
     # -- reading and watching ------------------------------------------------------
 
@@ -430,10 +420,10 @@ class EtcdSource:
         wasFailing = self.status.state == SourceStatus.FAILING
         self.status.failed(self._clock.seconds(), f"{doing} {member}: {reason}")
         if not wasFailing:
-            if self._current is None:
+            if self._handover.current is None:
                 kept = "no backends from it yet"
             else:
-                kept = f"keeping its {len(self._current)} backends"
+                kept = f"keeping its {len(self._handover.current)} backends"
             self.log.warn(
                 "discovery {url}: etcd {member} failed {doing}: {reason}; {kept}; "
                 "trying again, every {most:g}s at most",
@@ -446,7 +436,8 @@ class EtcdSource:
             )
         delay = self.retryDelay()
         self.status.nextLookup = self._clock.seconds() + delay
-        again = self._startWatch if self._current is not None else self._read
+        # Resumed where it was, once the prefix has been read.
+        again = self._startWatch if self.revision else self._read
         self._call = self._clock.callLater(delay, again)
 
     def _broken(self, failure) -> None:

@@ -269,7 +269,8 @@ class EtcdClient:
         Every key beginning with C{prefix}: fires with (revision, [(key,
         value)]).
         """
-        d = self.call("/v3/kv/range", {"key": encode(prefix), "range_end": encode(prefixEnd(prefix))})
+        body = {"key": encode(prefix), "range_end": encode(prefixEnd(prefix))}
+        d = self.call("/v3/kv/range", body)
 
         def pairs(answer) -> Tuple[int, List[Tuple[bytes, bytes]]]:
             return revisionOf(answer), [
@@ -326,7 +327,9 @@ class EtcdClient:
 
     # -- watching ----------------------------------------------------------------
 
-    def watch(self, prefix: bytes, start: int, onResult: Callable[[Dict[str, Any]], None]) -> Watch:
+    def watch(
+        self, prefix: bytes, start: int, onResult: Callable[[Dict[str, Any]], None]
+    ) -> Watch:
         """
         Watch every key beginning with C{prefix} from revision C{start} on:
         C{onResult} is called with each of etcd's results in turn (its
