@@ -702,8 +702,10 @@ SETTINGS: Tuple[Setting, ...] = (
        "Backends found by discovery, repeatable: dns+a://NAME:PORT (every A and "
        "AAAA address of NAME, on PORT; ,weight=N and ,backup apply to each) or "
        "dns+srv://_http._tcp.NAME (SRV records: the lowest priority present are "
-       "primaries, the others backups; the SRV weight is the weight). Asked again "
-       "at the answer's TTL; a failed lookup keeps the last answer.",
+       "primaries, the others backups; the SRV weight is the weight), asked again "
+       "at the answer's TTL; or etcd://HOST:PORT/PREFIX/ (each key under the "
+       "prefix, its value a URL or {\"url\", \"weight\", \"backup\", \"state\"}; "
+       "watched). A failed lookup or an etcd outage keeps the last set.",
        repeatable=True, metavar="URL"),
     _s("dns_server", "dnsServers", parseDNSServers, (),
        "The DNS server discovery asks: an address, with :PORT when not 53 "

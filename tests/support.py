@@ -18,6 +18,7 @@ Shared helpers for the proxy tests.
 
 import itertools
 import os
+import random
 import socket
 from typing import Callable, List, Optional, Tuple
 from urllib.parse import urlsplit
@@ -57,6 +58,35 @@ WAIT = 5.0
 
 def withTimeout(d: Deferred, seconds: float = WAIT) -> Deferred:
     return d.addTimeout(seconds, reactor)
+
+
+def restartablePort() -> int:
+    """
+    A loopback port free for TCP and UDP, for a server the test stops and
+    starts again on the same port (etcd, dnsmasq): taken below the range
+    the kernel hands out to outgoing connections, so that none of the
+    test's own connections takes it while the server is down.
+    """
+    low = 20000
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    high = max(low + 1000, ephemeral) - 1
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randint(low, high)
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp, socket.socket(
+                socket.AF_INET, socket.SOCK_DGRAM
+            ) as udp:
+                tcp.bind(("127.0.0.1", port))
+                udp.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no free loopback port below the ephemeral range")
 
 
 # -- tracking what a test opened ----------------------------------------------

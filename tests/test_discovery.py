@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from rrbalancer.backends import API, CONFIG, DRAINING, UP, BackendGroup
+from rrbalancer.backends import API, CONFIG, DISABLED, DRAINING, UP, BackendGroup
 from rrbalancer.config import BackendConfig, Config, ConfigError, HealthConfig, buildConfig
 from rrbalancer.discovery import (
     IDiscoverySource,
@@ -23,6 +23,7 @@ from rrbalancer.discovery import (
     parseSources,
 )
 from rrbalancer.discovery._dns import DNSSource
+from rrbalancer.discovery._etcd import EtcdBackend
 from rrbalancer.discovery._service import Discovery, SourceFeed
 from rrbalancer.reload import Reloader
 from rrbalancer.service import makeService
@@ -104,6 +105,36 @@ class ParseTests(SynchronousTestCase):
         self.assertRefused("dns+a://web.example.com:8080,heavy", "heavy")
         self.assertRefused({"url": "dns+a://web.example.com:8080", "wieght": 2}, "'weight'")
         self.assertRefused({"weight": 2}, "url")
+
+    def test_etcd(self):
+        self.assertEqual(
+            parseSource("ETCD://127.0.0.1:2379/services/web/"),
+            SourceConfig("etcd://127.0.0.1:2379/services/web/", "etcd", "/services/web/",
+                         members=(("127.0.0.1", 2379),)),
+        )
+        cluster = parseSource("etcd://127.0.0.1:2379,127.0.0.2,etcd3.example.com:2479/s/")
+        self.assertEqual(cluster.url, "etcd://127.0.0.1:2379,127.0.0.2:2379,etcd3.example.com:2479/s/")
+        self.assertEqual(cluster.members, (("127.0.0.1", 2379), ("127.0.0.2", 2379),
+                                           ("etcd3.example.com", 2479)))
+        self.assertEqual(parseSource("etcd://Etcd.Example.com/s/").url,
+                         "etcd://etcd.example.com:2379/s/")
+        self.assertEqual(parseSource({"url": "etcd://[::1]:2380/a/b/"}).url,
+                         "etcd://[::1]:2380/a/b/")
+
+    def test_etcdRefused(self):
+        self.assertRefused("etcd://127.0.0.1:2379", "key prefix", "etcd://HOST:PORT/PREFIX/")
+        self.assertRefused("etcd://127.0.0.1:2379/", "key prefix")
+        self.assertRefused("etcd://127.0.0.1:2379/services/web", "must end with /",
+                           "etcd://HOST:PORT/services/web/")
+        self.assertRefused("etcd:///services/web/", "etcd's address")
+        self.assertRefused("etcd://127.0.0.1:0/s/", "0 is not a TCP port")
+        self.assertRefused("etcd://u:p@127.0.0.1/s/", "credentials")
+        self.assertRefused("etcd://127.0.0.1/s/?x=1", "no query")
+        self.assertRefused("etcd://127.0.0.1/s/,weight=2", "weight")
+        self.assertRefused("etcd://bad_name!/s/", "not a DNS name")
+        self.assertRefused("etcd://127.0.0.1:2379,127.0.0.1/s/", "names 127.0.0.1 twice")
+        self.assertRefused("etcd://127.0.0.1:2379,/s/", "etcd's address")
+        self.assertRefused("etcd://127.0.0.1/s/, backup", "weight")
 
     def test_listedTwice(self):
         e = self.assertRaises(
@@ -222,6 +253,7 @@ class MistakeTests(SynchronousTestCase):
         self.assertMistake(["--discover", "consul://127.0.0.1:8500"], "consul")
         self.assertMistake(["--discover", "dns+a://web.example.com"], "port")
         self.assertMistake(["--discover", "dns+a://web..example.com:80"], "empty label")
+        self.assertMistake(["--discover", "etcd://127.0.0.1:2379/services/web"], "must end with /")
         self.assertMistake(["--discover", "dns+a://web.example.com:80\nx"], "CR, LF")
         self.assertMistake(
             ["--discover", "dns+a://web.example.com:80", "--dns-server", "ns.example.com"],
@@ -368,6 +400,41 @@ class FeedTests(SynchronousTestCase):
         self.source.give()
         self.assertEqual(len(self.group), 0)
 
+    def test_state(self):
+        """
+        A state the source gives (an etcd value's) applies when first given
+        and each time it changes; an operator's change made meanwhile stands
+        until then.  A backend enabled from disabled is checked at once.
+        """
+
+        def give(**states):
+            return self.feed.apply(frozenset(
+                EtcdBackend(url(name), state=state) for name, state in states.items()
+            ))
+
+        give(a="draining", b=None)
+        a, b = self.group.byURL(url("a")), self.group.byURL(url("b"))
+        self.assertEqual((a.adminState, b.adminState), (DRAINING, UP))
+        b.setAdminState(DISABLED, "disabled by 127.0.0.1")
+        self.assertEqual(give(a="draining", b=None)["changed"], [])
+        self.assertEqual(b.adminState, DISABLED)
+        del self.checked[:]
+        self.assertEqual(give(a=None, b="up")["changed"], [url("a"), url("b")])
+        self.assertEqual((a.adminState, b.adminState), (UP, UP))
+        self.assertEqual(self.checked, [b])
+        give(a="disabled", b="up")
+        self.assertEqual(a.adminState, DISABLED)
+        self.assertIn("discovery dns+a://web.example.com:80", a.lastChangeReason)
+
+    def test_stateOfAReturningBackend(self):
+        self.feed.apply(frozenset([EtcdBackend(url("a"), state="disabled")]))
+        a = self.group.byURL(url("a"))
+        a.active = 1
+        self.feed.apply(frozenset())
+        self.assertTrue(a.removing)
+        self.feed.apply(frozenset([EtcdBackend(url("a"), state="disabled")]))
+        self.assertEqual((a.adminState, a.removing), (DISABLED, False))
+
 
 class OwnershipTests(SynchronousTestCase):
     """
@@ -475,6 +542,24 @@ class ServiceTests(SynchronousTestCase):
         two.stopped.callback(None)
         self.assertEqual(cleaned, [1])
         self.successResultOf(d)
+
+    def test_share(self):
+        """
+        An operator's change goes to each source that lists the backend and
+        can take it back.
+        """
+        group = BackendGroup(HealthConfig(enabled=False), Clock())
+        one, two, three = FakeSource(), FakeSource("dns+a://two.example.com:80"), FakeSource(
+            "dns+a://three.example.com:80")
+        shared = []
+        one.share = lambda backend, state, weight: shared.append((1, backend.url, state, weight))
+        two.share = lambda backend, state, weight: shared.append((2, backend.url, state, weight))
+        discovery = Discovery(group, [one, two, three])
+        discovery.startService()
+        one.give("a")
+        three.give("a")
+        discovery.share(group.byURL(url("a")), "draining", None)
+        self.assertEqual(shared, [(1, url("a"), "draining", None)])
 
     def test_status(self):
         group = BackendGroup(HealthConfig(enabled=False), Clock())

@@ -6,17 +6,24 @@ balancer whose backends come from a real DNS server (Twisted's, serving a
 zone the test rewrites) over UDP and TCP.
 """
 
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
 from twisted.logger import Logger, formatEvent
 from twisted.names import authority, dns, error, server
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from rrbalancer.backends import DRAINING, UP
 from rrbalancer.config import BackendConfig, HealthConfig
 from rrbalancer.discovery import SourceStatus, parseSource
+from rrbalancer.discovery import _dns
 from rrbalancer.discovery._dns import (
     QUERY_TIMEOUT,
     DNSSource,
@@ -24,6 +31,7 @@ from rrbalancer.discovery._dns import (
     backendURL,
 )
 
+from .support import restartablePort
 from .test_admin import (
     balancerConfig,
     call,
@@ -796,3 +804,167 @@ class RealServerTests(TestCase):
         self.assertEqual(dnsServer.overTCP, 1)
         yield service.stopService()
         yield poll(lambda: not dnsServer.connections, what="the TCP connection to close")
+
+
+# -- against dnsmasq ------------------------------------------------------------------------
+
+
+DNSMASQ = "/usr/sbin/dnsmasq"
+
+
+class Dnsmasq:
+    """
+    A real dnsmasq (Debian's) on a loopback port, serving the SRV and host
+    records of a config file and the addresses of a hosts file that the
+    test writes: L{reload} (SIGHUP) re-reads the hosts file, L{restart}
+    everything (dnsmasq reads its SRV records only when it starts).
+    """
+
+    def __init__(self, testCase):
+        if not os.path.exists(DNSMASQ) and not os.environ.get("CI"):
+            raise SkipTest(f"{DNSMASQ} is missing (Debian's dnsmasq)")
+        self.dir = tempfile.mkdtemp(prefix="rrbalancer-dnsmasq-")
+        testCase.addCleanup(shutil.rmtree, self.dir, True)
+        # Readable by the user dnsmasq becomes after it starts as root.
+        os.chmod(self.dir, 0o755)
+        self.port = restartablePort()
+        self.process = None
+        self.log = os.path.join(self.dir, "log")
+        testCase.addCleanup(self.stop)
+
+    def _write(self, name, lines):
+        path = os.path.join(self.dir, name)
+        with open(path, "w") as f:
+            f.write("".join(line + "\n" for line in lines))
+        os.chmod(path, 0o644)
+        return path
+
+    def configure(self, srv=(), hosts=()):
+        """
+        @param srv: (service name, target, port, priority, weight) for
+            each SRV record; each target is 127.0.0.1.
+        @param hosts: (address, name) for each line of the hosts file.
+        """
+        hostsFile = self._write("hosts", [f"{address} {name}" for address, name in hosts])
+        # Answered here, never forwarded: no record is an empty answer.
+        lines = [f"addn-hosts={hostsFile}", "local=/example.com/"]
+        for name, target, port, priority, weight in srv:
+            lines.append(f"srv-host={name},{target},{port},{priority},{weight}")
+        for target in sorted({record[1] for record in srv}):
+            lines.append(f"host-record={target},127.0.0.1")
+        self._write("conf", lines)
+
+    @inlineCallbacks
+    def start(self):
+        open(self.log, "w").close()
+        self.process = subprocess.Popen(
+            [
+                DNSMASQ, "--keep-in-foreground", "--no-resolv", "--no-hosts",
+                f"--port={self.port}", "--listen-address=127.0.0.1", "--bind-interfaces",
+                f"--conf-file={os.path.join(self.dir, 'conf')}", "--local-ttl=1",
+                f"--pid-file={os.path.join(self.dir, 'pid')}", f"--log-facility={self.log}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+        def started():
+            if self.process.poll() is not None:
+                raise AssertionError(f"dnsmasq exited with {self.process.returncode}")
+            with open(self.log) as f:
+                return "started" in f.read()
+
+        yield poll(started, timeout=15, what="dnsmasq to start")
+
+    def reload(self):
+        self.process.send_signal(signal.SIGHUP)
+
+    def stop(self):
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            process.wait(timeout=15)
+
+    def restart(self):
+        self.stop()
+        return self.start()
+
+
+class DnsmasqTests(TestCase):
+    """
+    A balancer following the records dnsmasq serves, with a TTL of 1 s.
+    """
+
+    timeout = 60
+    SERVICE = "_http._tcp.web.example.com"
+
+    @inlineCallbacks
+    def test_followsTheRecords(self):
+        """
+        SRV records added, changed (weight, priority) and removed, and
+        addresses added to the hosts file, are followed within their TTL;
+        dnsmasq killed, the balancer keeps its backends.
+        """
+        settleConnections(self)
+        # Queries to a dnsmasq that is gone time out sooner.
+        self.patch(_dns, "QUERY_TIMEOUT", (0.3,))
+        dnsmasq = Dnsmasq(self)
+        s = self.SERVICE
+        dnsmasq.configure(srv=[(s, "a.web.example.com", 8081, 0, 5)],
+                          hosts=[("127.0.0.5", "many.example.com")])
+        yield dnsmasq.start()
+        config = balancerConfig(
+            [],
+            discover=(parseSource(f"dns+srv://{s}"), parseSource("dns+a://many.example.com:9")),
+            dnsServers=(("127.0.0.1", dnsmasq.port),),
+            dnsMinTTL=0.05,
+            dnsMaxTTL=5.0,
+        )
+        service, _, _ = yield startWithAdmin(self, config)
+
+        def described():
+            return sorted((b.url, b.weight, b.backup) for b in service.group if not b.removing)
+
+        @inlineCallbacks
+        def follows(*expected):
+            yield poll(lambda: described() == sorted(expected), timeout=2.0,
+                       what=f"{sorted(expected)} (now {described()})")
+
+        many = ("http://127.0.0.5:9", 1, False)
+        yield follows(("http://127.0.0.1:8081", 5, False), many)
+
+        dnsmasq.configure(srv=[(s, "a.web.example.com", 8081, 0, 5),
+                               (s, "b.web.example.com", 8082, 0, 3)],
+                          hosts=[("127.0.0.5", "many.example.com")])
+        yield dnsmasq.restart()
+        yield follows(("http://127.0.0.1:8081", 5, False), ("http://127.0.0.1:8082", 3, False),
+                      many)
+
+        dnsmasq.configure(srv=[(s, "a.web.example.com", 8081, 0, 1),
+                               (s, "b.web.example.com", 8082, 1, 3)],
+                          hosts=[("127.0.0.5", "many.example.com")])
+        yield dnsmasq.restart()
+        yield follows(("http://127.0.0.1:8081", 1, False), ("http://127.0.0.1:8082", 3, True),
+                      many)
+
+        dnsmasq.configure(srv=[(s, "a.web.example.com", 8081, 0, 1)],
+                          hosts=[("127.0.0.5", "many.example.com"),
+                                 ("127.0.0.6", "many.example.com")])
+        yield dnsmasq.restart()
+        yield follows(("http://127.0.0.1:8081", 1, False), many, ("http://127.0.0.6:9", 1, False))
+
+        dnsmasq.configure(srv=[(s, "a.web.example.com", 8081, 0, 1)],
+                          hosts=[("127.0.0.6", "many.example.com")])
+        dnsmasq.reload()
+        yield follows(("http://127.0.0.1:8081", 1, False), ("http://127.0.0.6:9", 1, False))
+
+        kept = described()
+        dnsmasq.stop()
+        sources = service.discovery.sources
+        yield poll(lambda: all(source.status.state == "failing" for source in sources),
+                   timeout=10, what="both sources to fail")
+        self.assertEqual(described(), kept)
+        yield dnsmasq.start()
+        yield poll(lambda: all(source.status.state == "ok" for source in sources),
+                   timeout=10, what="both sources to answer again")
+        self.assertEqual(described(), kept)

@@ -336,6 +336,7 @@ class AdminAPI:
                 backend.setAdminState(state, reason)
                 if wasDisabled and state != DISABLED:
                     self.checkNow(backend)
+            self._share(backend, state, weight)
         for backend in removes:
             self.group.retire(backend, reason)
         self.log.info(
@@ -437,7 +438,16 @@ class AdminAPI:
             if wasDisabled and state != DISABLED:
                 self.checkNow(backend)
         self._logChange(peer, "changed", backend, before, _snapshot(backend))
+        self._share(backend, state, weight)
         return backendJSON(backend)
+
+    def _share(self, backend: Backend, state: Optional[str], weight: Optional[int]) -> None:
+        """
+        A change of a backend an etcd prefix lists goes back to etcd too, so
+        that every balancer watching the prefix makes it.
+        """
+        if self.discovery is not None:
+            self.discovery.share(backend, state, weight)
 
     def removeBackend(self, backendID: str, peer: str) -> None:
         backend = self._backend(backendID)

@@ -1,6 +1,6 @@
 """
 Backends found by discovery: a source of truth outside the balancer (DNS
-records now) tells every balancer reading it which servers to send
+records, keys in etcd) tells every balancer reading it which servers to send
 requests to, so that a server added there takes traffic everywhere without
 anybody typing it into each balancer.
 
@@ -19,21 +19,27 @@ The sources:
  - C{dns+a://NAME:PORT}: every A and AAAA address of NAME, on PORT;
  - C{dns+srv://_service._proto.NAME}: the SRV records of the name; the
    lowest priority present gives the primaries, higher ones the backups,
-   and an SRV weight is a backend's weight.
+   and an SRV weight is a backend's weight;
+ - C{etcd://HOST:PORT[,HOST:PORT...]/PREFIX/}: every key under the prefix
+   in etcd (asked of the members given, one after the other as they fail),
+   whose value is a backend's URL or a JSON object of its url, weight,
+   backup and state; read once, then watched.
 
 This module parses the URLs (at startup and for C{--check}, so that a
 mistake is one line) and builds the sources; C{_dns} holds the DNS ones,
-C{_service} the service that applies their answers.
+C{_etcd} the etcd one (C{_etcdclient} the calls it makes), C{_service} the
+service that applies their answers.
 """
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
 
 from zope.interface import Attribute, Interface
 
 from ..settings import (
+    BackendConfig,
     ConfigError,
     _nearest,
     splitWeightAndBackup,
@@ -90,13 +96,16 @@ class SourceConfig:
     @ivar url: the URL as written back (lower-case scheme and name); the
         source's name in the log, the admin API and the metrics, and the
         owner of the backends it adds.
-    @ivar scheme: C{dns+a} or C{dns+srv}.
-    @ivar name: the DNS name to ask about (no trailing dot).
+    @ivar scheme: C{dns+a}, C{dns+srv} or C{etcd}.
+    @ivar name: the DNS name to ask about (no trailing dot), or etcd's key
+        prefix.
     @ivar port: the backends' port (C{dns+a}); None where the records give
-        it.
+        it or the URL names no backend (C{etcd}).
     @ivar weight: the weight of each backend (C{dns+a}; SRV records carry
         their own).
     @ivar backup: each backend is a backup (C{dns+a}).
+    @ivar members: the (address or name, port) of each etcd member given
+        (C{etcd}).
     """
 
     url: str
@@ -105,6 +114,7 @@ class SourceConfig:
     port: Optional[int] = None
     weight: int = 1
     backup: bool = False
+    members: Tuple[Tuple[str, int], ...] = ()
 
 
 class SourceStatus:
@@ -181,10 +191,40 @@ class SourceStatus:
         }
 
 
+class Handover:
+    """
+    What a source gives its callback: the whole set, only when it differs
+    from the last one given.  A set the callback could not apply is logged
+    (in the source's log) and given again with the next answer, whether
+    that one changed or not.
+
+    @ivar current: the last set given, or None before the first (or after
+        one that could not be applied).
+    """
+
+    def __init__(self, source: "IDiscoverySource") -> None:
+        self._source = source
+        self.onChange: Callable[[FrozenSet[BackendConfig]], None] = lambda backends: None
+        self.current: Optional[FrozenSet[BackendConfig]] = None
+
+    def give(self, backends: FrozenSet[BackendConfig]) -> None:
+        if backends == self.current:
+            return
+        self.current = backends
+        try:
+            self.onChange(backends)
+        except Exception:
+            self.current = None
+            self._source.log.failure(
+                "discovery {url}: its answer could not be applied", url=self._source.config.url
+            )
+
+
 # -- parsing ---------------------------------------------------------------------
 
 
-SCHEMES = ("dns+a", "dns+srv")
+SCHEMES = ("dns+a", "dns+srv", "etcd")
+ETCD_PORT = 2379
 SOURCE_KEYS = ("url", "weight", "backup")
 _LABEL = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
 
@@ -241,7 +281,12 @@ def parseSource(spec: Any, where: str = "discover") -> SourceConfig:
         options = dict(spec)
         text = string(options.pop("url"), where).strip()
     else:
-        text, options = splitWeightAndBackup(string(spec, where), where)
+        text = string(spec, where).strip()
+        if text.lower().startswith("etcd://"):
+            # Its commas part the members; it takes no option.
+            options = {}
+        else:
+            text, options = splitWeightAndBackup(text, where)
     scheme, sep, _ = text.partition("://")
     scheme = scheme.lower()
     if not sep:
@@ -256,11 +301,14 @@ def parseSource(spec: Any, where: str = "discover") -> SourceConfig:
     where = f"{where} {text}"
     try:
         parts = urlsplit(text)
-        port = parts.port
+        # (etcd's URL may name several members, each with its port.)
+        port = parts.port if scheme != "etcd" else None
     except ValueError as e:
         raise ConfigError(f"{where}: bad URL: {e}") from None
     if parts.username is not None or parts.password is not None:
         raise ConfigError(f"{where}: must not carry credentials")
+    if scheme == "etcd":
+        return _parseEtcd(parts, options, where)
     if parts.query or parts.fragment or parts.path not in ("", "/"):
         raise ConfigError(f"{where}: must name a DNS name only (no path, query or fragment)")
     host = parts.netloc.rpartition("@")[2]
@@ -293,6 +341,54 @@ def parseSource(spec: Any, where: str = "discover") -> SourceConfig:
     return SourceConfig(f"dns+srv://{name}", scheme, name)
 
 
+def _parseEtcd(parts, options, where: str) -> SourceConfig:
+    """
+    C{etcd://HOST[:PORT][,HOST[:PORT]...]/PREFIX/}: the client address of
+    each etcd member to ask (port 2379 unless given) and the key prefix
+    whose keys are the backends.
+    """
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{where}: no query or fragment; write etcd://HOST:PORT/PREFIX/")
+    if options:
+        raise ConfigError(
+            f"{where}: each key's value carries its weight and backup "
+            "(no weight= or backup here)"
+        )
+    members: List[Tuple[str, int]] = []
+    for item in parts.netloc.split(","):
+        try:
+            member = urlsplit(f"//{item.strip()}")
+            port = member.port
+        except ValueError as e:
+            raise ConfigError(f"{where}: bad address {item!r}: {e}") from None
+        host = member.hostname
+        if not host:
+            raise ConfigError(f"{where}: needs etcd's address: etcd://HOST:PORT/PREFIX/")
+        if not _isAddress(host):
+            host = checkDNSName(host, where)
+        port = ETCD_PORT if port is None else tcpPortNumber(where, str(port))
+        if (host, port) in members:
+            raise ConfigError(f"{where}: names {item.strip()} twice")
+        members.append((host, port))
+    prefix = parts.path
+    if "," in prefix:
+        raise ConfigError(
+            f"{where}: each key's value carries its weight and backup "
+            "(no weight= or backup here)"
+        )
+    if prefix in ("", "/"):
+        raise ConfigError(
+            f"{where}: needs the key prefix of the backends: etcd://HOST:PORT/PREFIX/"
+        )
+    if not prefix.endswith("/"):
+        raise ConfigError(
+            f"{where}: the prefix must end with / (else the keys of {prefix}x/ "
+            f"would be backends too): etcd://HOST:PORT{prefix}/"
+        )
+    shown = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in members)
+    return SourceConfig(f"etcd://{shown}{prefix}", "etcd", prefix, members=tuple(members))
+
+
 def parseSources(value: Any, name: str = "discover") -> Tuple[SourceConfig, ...]:
     if isinstance(value, Mapping):
         raise ConfigError(f"{name}: a single [{name}] table; write [[{name}]] (one per source)")
@@ -319,11 +415,20 @@ def buildDiscovery(config, group, reactor, onAdded: Callable = lambda backend: N
     if not config.discover:
         return None
     from ._dns import DNSSource, SharedResolver
+    from ._etcd import EtcdSource, etcdURLs
+    from ._etcdclient import EtcdClient, TreqClient
     from ._service import Discovery
 
     resolver = SharedResolver(reactor, config.dnsServers)
-    sources: List[IDiscoverySource] = [
-        DNSSource(spec, resolver, reactor, config.dnsMinTTL, config.dnsMaxTTL)
-        for spec in config.discover
-    ]
-    return Discovery(group, sources, onAdded, cleanups=[resolver.close])
+    cleanups: List[Callable] = [resolver.close]
+    http = None
+    sources: List[IDiscoverySource] = []
+    for spec in config.discover:
+        if spec.scheme == "etcd":
+            if http is None:
+                http = TreqClient(reactor)
+                cleanups.append(http.close)
+            sources.append(EtcdSource(spec, EtcdClient(http, etcdURLs(spec), reactor), reactor))
+        else:
+            sources.append(DNSSource(spec, resolver, reactor, config.dnsMinTTL, config.dnsMaxTTL))
+    return Discovery(group, sources, onAdded, cleanups=cleanups)

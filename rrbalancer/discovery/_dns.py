@@ -37,7 +37,7 @@ from zope.interface import implementer
 
 from .._twisted import stopRereadingResolvConf
 from ..settings import BackendConfig
-from . import IDiscoverySource, SourceConfig, SourceStatus
+from . import Handover, IDiscoverySource, SourceConfig, SourceStatus
 
 # Seconds before each try of a query is given up (and sent again): the
 # resolver's own default waits a minute in all, far too long for a
@@ -379,8 +379,7 @@ class DNSSource:
         self.maxTTL = maxTTL
         self.status = SourceStatus(clock.seconds())
         self.running = False
-        self._onChange: Callable[[FrozenSet[BackendConfig]], None] = lambda backends: None
-        self._current: Optional[FrozenSet[BackendConfig]] = None
+        self._handover = Handover(self)
         self._call = None
         self._inFlight: Optional[Deferred] = None
         self._idle: List[Deferred] = []
@@ -392,7 +391,7 @@ class DNSSource:
     def start(self, onChange: Callable[[FrozenSet[BackendConfig]], None]) -> None:
         if self.running:
             return
-        self._onChange = onChange
+        self._handover.onChange = onChange
         self.running = True
         self._ask()
 
@@ -456,17 +455,7 @@ class DNSSource:
                 n=len(backends),
             )
         self._schedule(self.delay(ttl))
-        if backends == self._current:
-            return
-        self._current = backends
-        try:
-            self._onChange(backends)
-        except Exception:
-            # Given again with the next answer, whether it changed or not.
-            self._current = None
-            self.log.failure(
-                "discovery {url}: its answer could not be applied", url=self.config.url
-            )
+        self._handover.give(backends)
 
     def _failed(self, failure) -> None:
         if not self.running:
@@ -479,10 +468,10 @@ class DNSSource:
         )
         delay = self.retryDelay()
         if self.status.failed(self._clock.seconds(), reason):
-            if self._current is None:
+            if self._handover.current is None:
                 kept = "no backends from it yet"
             else:
-                kept = f"keeping the {len(self._current)} backends of its last answer"
+                kept = f"keeping the {len(self._handover.current)} backends of its last answer"
             self.log.warn(
                 "discovery {url}: lookup failed: {reason}; {kept}; asking again "
                 "every {most:g}s at most until it answers",

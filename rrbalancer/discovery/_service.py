@@ -4,13 +4,13 @@ added, changed and removed in the balancer's one group, by the same path a
 reload takes, each source owning what it lists.
 """
 
-from typing import Callable, Dict, FrozenSet, Iterable, List, Tuple
+from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import DeferredList, maybeDeferred
 from twisted.logger import Logger
 
-from ..backends import Backend, BackendGroup
+from ..backends import DISABLED, UP, Backend, BackendGroup
 from ..settings import BackendConfig
 from . import IDiscoverySource
 
@@ -26,7 +26,9 @@ class SourceFeed:
     source) lists it.  The source sets the weight and role of the backends
     it adds, and of those whose description it changes, never of a backend
     it merely lists as well (an operator's change through the API then
-    stands until the source changes its mind).
+    stands until the source changes its mind).  So with the state a source
+    may give (an etcd value's C{state}): up, draining or disabled, applied
+    when it is first given and each time it changes.
 
     @ivar described: the source's last set, by server (see
         L{BackendConfig.server}).
@@ -61,13 +63,17 @@ class SourceFeed:
         changed: List[str] = []
         for server, config in sorted(wanted.items()):
             backend = group.byServer(config)
+            state = getattr(config, "state", None)
             if backend is None:
                 backend = group.add(config, awaitCheck=True, reason=reason, owner=owner)
                 added.append(backend.url)
+                if state is not None and state != UP:
+                    backend.setAdminState(state, reason)
                 self.onAdded(backend)
                 continue
             group.claim(backend, owner)
-            if backend.removing:
+            kept = backend.removing
+            if kept:
                 group.keep(backend, reason)
                 changed.append(backend.url)
             before = self.described.get(server)
@@ -76,6 +82,12 @@ class SourceFeed:
                 config.backup,
             ):
                 group.reconfigure(backend, config.weight, config.backup)
+                if backend.url not in changed:
+                    changed.append(backend.url)
+            if (kept or state != getattr(before, "state", None)) and (
+                backend.adminState != (state or UP)
+            ):
+                self._setState(backend, state or UP, reason)
                 if backend.url not in changed:
                     changed.append(backend.url)
         for server, config in sorted(self.described.items()):
@@ -98,6 +110,14 @@ class SourceFeed:
                 changed=changed or "none",
             )
         return {"added": added, "removed": removed, "changed": changed}
+
+
+    def _setState(self, backend: Backend, state: str, reason: str) -> None:
+        wasDisabled = backend.adminState == DISABLED
+        backend.setAdminState(state, reason)
+        if wasDisabled and state != DISABLED:
+            # Unchecked while disabled: checked at once, as the API does.
+            self.onAdded(backend)
 
 
 class Discovery(Service):
@@ -141,6 +161,17 @@ class Discovery(Service):
             )
 
         return stopped.addCallback(cleanUp)
+
+    def share(self, backend: Backend, state: Optional[str], weight: Optional[int]) -> None:
+        """
+        An operator changed C{backend}'s state or weight here: each source
+        listing it that can take the change back (an etcd prefix) does, so
+        that every balancer watching it makes the change too.
+        """
+        for feed in self.feeds:
+            share = getattr(feed.source, "share", None)
+            if share is not None and feed.owner in backend.owners:
+                share(backend, state, weight)
 
     def status(self) -> List[dict]:
         """
