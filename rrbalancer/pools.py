@@ -158,12 +158,15 @@ class Pools(MultiService):
     @ivar balancers: every pool's L{Balancer} by name, the default's
         included when there is one.
     @ivar router: the L{rrbalancer.routing.Router} a site serves.
+    @ivar mirrors: the copies routes send to other pools
+        (L{rrbalancer.mirror.Mirrors}).
     """
 
     log = Logger()
 
     def __init__(self, config, reactor, default) -> None:
         from .balancer import Balancer
+        from .mirror import Mirrors
         from .routing import Router, byPrecedence
 
         MultiService.__init__(self)
@@ -180,8 +183,15 @@ class Pools(MultiService):
             balancer.setServiceParent(self)
             self.balancers[pool.name] = balancer
         self.routes = byPrecedence(config.routes)
+        self.mirrors = Mirrors(
+            {name: b.group for name, b in self.balancers.items()},
+            config.mirrorMaxInflight,
+            config.mirrorMaxBody,
+        )
         self.router = Router(
-            self.routes, {name: b.resource() for name, b in self.balancers.items()}
+            self.routes,
+            {name: b.resource() for name, b in self.balancers.items()},
+            mirrors=self.mirrors,
         )
 
     def resource(self):
@@ -257,4 +267,8 @@ class Pools(MultiService):
                     "available": sum(1 for b in backends if b.available),
                 }
             )
-        return {"pools": pools, "routes": [route.json() for route in self.routes]}
+        return {
+            "pools": pools,
+            "routes": [route.json() for route in self.routes],
+            "mirrors": self.mirrors.json(),
+        }

@@ -28,10 +28,14 @@ from twisted.web.server import NOT_DONE_YET
 
 from .pools import DEFAULT, poolNames
 from .proxy import _ORIGIN_FORM, requestTarget, respondWithError, targetAuthority
-from .settings import ConfigError, _TOKEN, _nearest, boolean, integer, string
+from .settings import ConfigError, _TOKEN, _nearest, boolean, count, integer, number, string
 
-ROUTE_KEYS = ("host", "path_prefix", "methods", "pool", "split", "strip_prefix", "priority")
+ROUTE_KEYS = (
+    "host", "path_prefix", "methods", "pool", "split", "strip_prefix", "priority",
+    "mirror", "mirror_max_body",
+)
 SPLIT_KEYS = ("pool", "weight")
+MIRROR_KEYS = ("pool", "percent")
 _HOST = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.")
 
 EXACT, WILDCARD, ANY = 0, 1, 2
@@ -52,6 +56,10 @@ class RouteConfig:
     @ivar pool: the pool it sends to (None with C{split}).
     @ivar split: (pool, weight) pairs that share its requests by weight,
         or empty for C{pool} alone.
+    @ivar mirror: (pool, percent) pairs, each pool sent a copy of that
+        percent of its requests (L{rrbalancer.mirror}); empty for none.
+    @ivar mirrorMaxBody: the largest body a copy carries, or None for the
+        top-level C{mirror_max_body}.
     """
 
     number: int
@@ -62,6 +70,8 @@ class RouteConfig:
     stripPrefix: bool = False
     priority: int = 0
     split: Tuple[Tuple[str, int], ...] = ()
+    mirror: Tuple[Tuple[str, float], ...] = ()
+    mirrorMaxBody: Optional[int] = None
 
     @property
     def hostKind(self) -> int:
@@ -106,6 +116,7 @@ class RouteConfig:
             "split": [{"pool": p, "weight": w} for p, w in self.split] or None,
             "strip_prefix": self.stripPrefix,
             "priority": self.priority,
+            "mirror": [{"pool": p, "percent": c} for p, c in self.mirror] or None,
         }
 
     def describe(self) -> str:
@@ -116,6 +127,8 @@ class RouteConfig:
             to = "split " + ", ".join(f"{p} {w}" for p, w in self.split)
         else:
             to = f"pool {self.pool}"
+        if self.mirror:
+            to += "; mirror " + ", ".join(f"{p} {c:g}%" for p, c in self.mirror)
         return f"{self.name()} -> {to}"
 
     def name(self) -> str:
@@ -205,6 +218,31 @@ def _parseSplit(value: Any, where: str) -> Tuple[Tuple[str, int], ...]:
     return tuple(parts)
 
 
+def _parseMirror(value: Any, where: str) -> Tuple[Tuple[str, float], ...]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(
+            f"{where}: mirror: expected a list such as "
+            '[{pool = "shadow", percent = 100}]'
+        )
+    parts = []
+    for item in value:
+        if not isinstance(item, Mapping) or "pool" not in item:
+            raise ConfigError(f"{where}: mirror: each part needs a pool, got {item!r}")
+        unknown = sorted(set(item) - set(MIRROR_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"{where}: mirror: unknown key {unknown[0]!r}{_nearest(unknown[0], MIRROR_KEYS)}"
+            )
+        pool = string(item["pool"], f"{where}: mirror: pool").strip()
+        share = number(item.get("percent", 100), f"{where}: mirror: {pool}: percent")
+        if share > 100:
+            raise ConfigError(f"{where}: mirror: {pool}: percent {share:g} is more than 100")
+        if pool in (p for p, _ in parts):
+            raise ConfigError(f"{where}: mirror: pool {pool} is named twice")
+        parts.append((pool, share))
+    return tuple(parts)
+
+
 def parseRoute(spec: Any, number: int) -> RouteConfig:
     where = f"route {number}"
     if not isinstance(spec, Mapping):
@@ -233,6 +271,11 @@ def parseRoute(spec: Any, number: int) -> RouteConfig:
         stripPrefix=strip,
         priority=integer(spec.get("priority", 0), f"{where}: priority", minimum=-(2**31)),
         split=split or (),
+        mirror=_parseMirror(spec["mirror"], where) if "mirror" in spec else (),
+        mirrorMaxBody=(
+            count(spec["mirror_max_body"], f"{where}: mirror_max_body")
+            if "mirror_max_body" in spec else None
+        ),
     )
 
 
@@ -268,7 +311,7 @@ def checkRouting(config) -> None:
             "there is no default pool: every request would get 404"
         )
     for route in config.routes:
-        for pool in route.pools:
+        for pool in route.pools + tuple(p for p, _ in route.mirror):
             if pool not in names:
                 if pool == DEFAULT:
                     known = "the default pool is the top-level backends, and there are none"
@@ -310,10 +353,11 @@ class _Compiled:
     A route as the router tries it: each test a plain comparison.
     """
 
-    __slots__ = ("config", "host", "suffix", "segments", "methods", "strip", "pick")
+    __slots__ = ("config", "host", "suffix", "segments", "methods", "strip", "pick", "mirror")
 
-    def __init__(self, config: RouteConfig, random: Callable[[], float]) -> None:
+    def __init__(self, config: RouteConfig, random: Callable[[], float], mirrors=None) -> None:
         self.config = config
+        self.mirror = mirrors.forRoute(config) if mirrors is not None else None
         self.strip = config.stripPrefix
         self.host = config.host if config.hostKind == EXACT else None
         self.suffix = config.host[1:] if config.hostKind == WILDCARD else None
@@ -383,18 +427,21 @@ class Router(Resource):
         routes: Sequence[RouteConfig],
         pools: Mapping[str, Resource],
         random: Callable[[], float] = _random.random,
+        mirrors=None,
     ) -> None:
         """
         @param routes: in precedence order (L{byPrecedence}).
         @param pools: each pool's resource by name (C{default} among them
             when there is one).
         @param random: gives a float in [0, 1) to share a split's requests.
+        @param mirrors: the L{rrbalancer.mirror.Mirrors} that send the
+            copies of routes with C{mirror}, or None to send none.
         """
         Resource.__init__(self)
         self.routes = tuple(routes)
         self.pools = dict(pools)
         self.default = self.pools.get(DEFAULT)
-        self._compiled = [_Compiled(r, random) for r in self.routes]
+        self._compiled = [_Compiled(r, random, mirrors) for r in self.routes]
         # No route looks further into a path than this many segments.
         self._deepest = max((len(r.segments) for r in self.routes), default=0)
 
@@ -440,6 +487,10 @@ class Router(Resource):
             n = len(route.segments)
             request.prepath = request.prepath + segments[:n]
             request.postpath = segments[n:]
+        if route.mirror is not None:
+            # Sent by the pool's resource once the request passed the
+            # limits and is forwarded (L{rrbalancer.proxy}).
+            request.mirror = route.mirror
         return self._send(request, name, self.pools[name])
 
     def _send(self, request, name: str, resource: Optional[Resource]):

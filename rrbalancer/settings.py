@@ -841,7 +841,16 @@ SETTINGS: Tuple[Setting, ...] = (
        "list of {pool, weight}), strip_prefix and priority. Tried by priority, "
        "then exact host, wildcard host, none, then the longest prefix, then file "
        "order; unmatched requests go to the default pool, or get 404 without one. "
+       "mirror, a list of {pool, percent}, sends a copy of that percent of the "
+       "route's requests to each pool, whose answers are dropped. "
        "A change needs a restart.", flag=""),
+    _s("mirror_max_body", "mirrorMaxBody", count, 64 * 1024,
+       "A mirrored request whose body is larger than this many bytes is not "
+       "copied (it is counted as skipped); a route's mirror_max_body says "
+       "otherwise for its own.", metavar="BYTES"),
+    _s("mirror_max_inflight", "mirrorMaxInflight", count, 100,
+       "Mirror copies sent and not yet answered, at most; past it, copies are "
+       "skipped and counted, never queued; 0 is no bound.", metavar="N"),
     _s("access_log", "accessLog", logFile, None,
        "Write an NCSA combined access log here; - is standard output.",
        path=True, metavar="PATH"),

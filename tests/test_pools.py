@@ -170,6 +170,7 @@ class PoolsServiceTests(SynchronousTestCase):
         self.assertEqual(status["routes"][0], {
             "route": 2, "host": "*.example.com", "path_prefix": None, "methods": ["GET"],
             "pool": "default", "split": None, "strip_prefix": False, "priority": 0,
+            "mirror": None,
         })
 
     def test_noDefault(self):
