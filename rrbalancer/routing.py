@@ -20,7 +20,7 @@ which is how the balancer's resource knows it is mounted under a prefix
 import ipaddress
 import random as _random
 from dataclasses import dataclass
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import unquote_to_bytes
 
 from twisted.web.resource import Resource
@@ -39,6 +39,7 @@ MIRROR_KEYS = ("pool", "percent")
 _HOST = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.")
 
 EXACT, WILDCARD, ANY = 0, 1, 2
+_HOSTS_KEPT = 1024
 
 
 @dataclass(frozen=True)
@@ -353,7 +354,10 @@ class _Compiled:
     A route as the router tries it: each test a plain comparison.
     """
 
-    __slots__ = ("config", "host", "suffix", "segments", "methods", "strip", "pick", "mirror")
+    __slots__ = (
+        "config", "host", "suffix", "segments", "methods", "strip", "pick", "mirror",
+        "prefix", "prefixLength",
+    )
 
     def __init__(self, config: RouteConfig, random: Callable[[], float], mirrors=None) -> None:
         self.config = config
@@ -362,6 +366,14 @@ class _Compiled:
         self.host = config.host if config.hostKind == EXACT else None
         self.suffix = config.host[1:] if config.hostKind == WILDCARD else None
         self.segments = list(config.segments)
+        # The prefix as a path without percent-escapes spells it, for
+        # such paths (most): one comparison of bytes, no splitting.
+        # None for any path, and for a prefix a path cannot spell so (a
+        # segment holding an escaped "/").
+        self.prefix = self.prefixLength = None
+        if self.segments and not any(b"/" in s for s in self.segments):
+            self.prefix = b"/" + b"/".join(self.segments)
+            self.prefixLength = len(self.prefix)
         self.methods = (
             frozenset(m.encode("ascii") for m in config.methods) if config.methods else None
         )
@@ -382,6 +394,25 @@ class _Compiled:
             return False
         n = len(self.segments)
         return segments[:n] == self.segments
+
+    def matchesPath(self, host: str, path: bytes, method: bytes) -> bool:
+        """
+        L{matches}, for the path itself when it holds no percent-escape
+        (its segments are then its bytes between slashes).
+        """
+        if self.host is not None and host != self.host:
+            return False
+        if self.suffix is not None and not (
+            host.endswith(self.suffix) and len(host) > len(self.suffix)
+        ):
+            return False
+        if self.methods is not None and method not in self.methods:
+            return False
+        prefix = self.prefix
+        if prefix is None:
+            return not self.segments
+        n = self.prefixLength
+        return path.startswith(prefix) and (len(path) == n or path[n] == 47)  # "/"
 
 
 def _splitter(split, random: Callable[[], float]) -> Callable[[], str]:
@@ -408,6 +439,8 @@ def _segments(path: bytes, depth: int, most: Optional[int] = None) -> List[bytes
     if path[:1] != b"/":
         return []
     raw = path.split(b"/") if most is None else path.split(b"/", 1 + depth + most)
+    if b"%" not in path:
+        return raw[1 + depth :]
     return [unquote_to_bytes(s) if b"%" in s else s for s in raw[1 + depth :]]
 
 
@@ -444,6 +477,11 @@ class Router(Resource):
         self._compiled = [_Compiled(r, random, mirrors) for r in self.routes]
         # No route looks further into a path than this many segments.
         self._deepest = max((len(r.segments) for r in self.routes), default=0)
+        # Without a route that names a host, no request's is looked at.
+        self._byHost = any(r.host is not None for r in self.routes)
+        # Host headers as routes compare them; a handful of names in the
+        # common case, and never more than _HOSTS_KEPT.
+        self._hosts: Dict[bytes, str] = {}
 
     def route(self, host: str, segments: Sequence[bytes], method: bytes):
         """
@@ -459,13 +497,27 @@ class Router(Resource):
                 return compiled, compiled.pick()
         return None, None
 
+    def _host(self, value: bytes) -> str:
+        hosts = self._hosts
+        host = hosts.get(value)
+        if host is None:
+            host = requestHost(value)
+            if len(hosts) >= _HOSTS_KEPT:
+                # A flood of made-up names costs what it would without
+                # the cache, and no memory.
+                hosts.clear()
+            hosts[value] = host
+        return host
+
     def render(self, request):
         if not self._compiled:
             return self._send(request, DEFAULT, self.default)
         uri = request.uri
+        host = ""
         if _ORIGIN_FORM.match(uri):
-            hosts = request.requestHeaders.getRawHeaders(b"host")
-            host = requestHost(hosts[0] if hosts else None)
+            if self._byHost:
+                hosts = request.requestHeaders.getRawHeaders(b"host")
+                host = self._host(hosts[0] if hosts else b"")
             path = uri.partition(b"?")[0]
         else:
             authority = targetAuthority(request.method, uri)
@@ -473,13 +525,23 @@ class Router(Resource):
                 respondWithError(request, 400, b"Bad Request: invalid request target")
                 return NOT_DONE_YET
             if authority:
-                host = requestHost(authority)
-            else:
+                host = self._host(authority)
+            elif self._byHost:
                 hosts = request.requestHeaders.getRawHeaders(b"host")
-                host = requestHost(hosts[0] if hosts else None)
+                host = self._host(hosts[0] if hosts else b"")
             path = requestTarget(uri).partition(b"?")[0]
         depth = len(request.prepath)
-        route, name = self._match(host, _segments(path, depth, self._deepest), request.method)
+        method = request.method
+        if not depth and b"%" not in path:
+            # The common case: the path's segments are its own bytes.
+            for route in self._compiled:
+                if route.matchesPath(host, path, method):
+                    name = route.pick()
+                    break
+            else:
+                route = None
+        else:
+            route, name = self._match(host, _segments(path, depth, self._deepest), method)
         if route is None:
             return self._send(request, DEFAULT, self.default)
         if route.strip:

@@ -29,7 +29,7 @@ from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
 from rrbalancer.config import ConfigError, buildConfig, tomllib
-from rrbalancer.routing import Router, byPrecedence, parseRoutes, requestHost
+from rrbalancer.routing import Router, _segments, byPrecedence, parseRoutes, requestHost
 from rrbalancer.service import makeService
 
 from .support import Net, ScriptedBackend, exchange, ok, reply, serve
@@ -168,6 +168,40 @@ class MatchTests(SynchronousTestCase):
             self.assertTrue(self.matches(route, target), target)
         for target in (b"/", b"/v2x", b"/v", b"/x/v2", b"/V2", b"/v22/x"):
             self.assertFalse(self.matches(route, target), target)
+
+    def test_pathBytesAsSegments(self):
+        """
+        A path without percent-escapes is matched on its bytes: the same
+        answer, for every prefix and path, as matching its decoded
+        segments.
+        """
+        prefixes = ["/", "/v2", "/v2/admin", "/a%2Fb", "/a%20b", "/%41pi"]
+        targets = [
+            b"/", b"/v2", b"/v2/", b"/v2x", b"/v2/admin", b"/v2/adminx", b"/v2/admin/u",
+            b"//v2", b"/a/b", b"/a/b/c", b"/a%2Fb", b"/a%2fb/c", b"/a%20b/x",
+            b"/Api", b"/Api/x", b"/%41pi", b"/v%32", b"*",
+        ]
+        for prefix in prefixes:
+            r, _ = router([{"path_prefix": prefix, "pool": "x"}])
+            for target in targets:
+                req = request(target, method=b"OPTIONS")
+                path = target.partition(b"?")[0]
+                expected = r.route("", _segments(path, 0), b"OPTIONS")[1] or "default"
+                self.assertEqual(send(r, req), expected, (prefix, target))
+        r, _ = router([{"path_prefix": "/a%2Fb", "pool": "x"}])
+        self.assertEqual(send(r, request(b"/a%2Fb/c")), "x")
+        self.assertEqual(send(r, request(b"/a/b/c")), "default")
+
+    def test_hostsRemembered(self):
+        """
+        The router keeps the hosts it has worked out, a bounded number of
+        them.
+        """
+        r, _ = router([{"host": "a.example.com", "pool": "x"}])
+        for i in range(3000):
+            self.assertEqual(send(r, request(host=b"h%d.example.com" % i)), "default")
+            self.assertLessEqual(len(r._hosts), 1024)
+        self.assertEqual(send(r, request(host=b"A.example.com:80")), "x")
 
     def test_trailingSlashInConfig(self):
         self.assertTrue(self.matches({"path_prefix": "/v2/"}, b"/v2"))
