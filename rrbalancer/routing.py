@@ -471,17 +471,30 @@ class Router(Resource):
             copies of routes with C{mirror}, or None to send none.
         """
         Resource.__init__(self)
-        self.routes = tuple(routes)
-        self.pools = dict(pools)
-        self.default = self.pools.get(DEFAULT)
-        self._compiled = [_Compiled(r, random, mirrors) for r in self.routes]
-        # No route looks further into a path than this many segments.
-        self._deepest = max((len(r.segments) for r in self.routes), default=0)
-        # Without a route that names a host, no request's is looked at.
-        self._byHost = any(r.host is not None for r in self.routes)
+        self._random = random
+        self._mirrors = mirrors
         # Host headers as routes compare them; a handful of names in the
         # common case, and never more than _HOSTS_KEPT.
         self._hosts: Dict[bytes, str] = {}
+        self.update(routes, pools)
+
+    def update(self, routes: Sequence[RouteConfig], pools: Mapping[str, Resource]) -> None:
+        """
+        Route by these from now on (a reload): the request being rendered
+        now, if any, and every later one sees either the old routes and
+        pools or the new ones, never a mix.
+        """
+        compiled = [_Compiled(r, self._random, self._mirrors) for r in routes]
+        pools = dict(pools)
+        # Nothing below yields to the reactor: no request comes in between.
+        self.routes = tuple(routes)
+        self.pools = pools
+        self.default = pools.get(DEFAULT)
+        self._compiled = compiled
+        # No route looks further into a path than this many segments.
+        self._deepest = max((len(r.segments) for r in routes), default=0)
+        # Without a route that names a host, no request's is looked at.
+        self._byHost = any(r.host is not None for r in routes)
 
     def route(self, host: str, segments: Sequence[bytes], method: bytes):
         """
