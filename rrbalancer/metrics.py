@@ -332,15 +332,15 @@ class Metrics:
         yield head("rrbalancer_mirror_in_flight", "gauge",
                    "Mirror copies sent and not yet answered.", openMetrics)
         yield f"rrbalancer_mirror_in_flight {mirrors.inFlight}\n"
-        yield head("rrbalancer_mirror_copies", "counter",
-                   "Copies of requests sent to a mirror pool.", openMetrics)
-        for pool, counts in mirrors.counts.items():
-            yield f'rrbalancer_mirror_copies_total{{pool="{_label(pool)}"}} {counts.mirrored}\n'
-        yield head("rrbalancer_mirror_failed", "counter",
-                   "Mirror copies sent that got no whole answer (no connection, a "
-                   "timeout, a broken response).", openMetrics)
-        for pool, counts in mirrors.counts.items():
-            yield f'rrbalancer_mirror_failed_total{{pool="{_label(pool)}"}} {counts.failed}\n'
+        for name, help, value in (
+            ("rrbalancer_mirror_copies", "Copies of requests sent to a mirror pool.",
+             lambda counts: counts.mirrored),
+            ("rrbalancer_mirror_failed", "Mirror copies sent that got no whole answer (no "
+             "connection, a timeout, a broken response).", lambda counts: counts.failed),
+        ):
+            yield head(name, "counter", help, openMetrics)
+            for pool, counts in mirrors.counts.items():
+                yield f'{name}_total{{pool="{_label(pool)}"}} {value(counts)}\n'
         yield head("rrbalancer_mirror_skipped", "counter",
                    "Mirror copies not sent, by reason: in_flight (too many copies in "
                    "flight), body_too_large (over mirror_max_body), no_backend (none "

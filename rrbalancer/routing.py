@@ -196,52 +196,56 @@ def _parseMethods(value: Any, where: str) -> Tuple[str, ...]:
     return tuple(methods)
 
 
-def _parseSplit(value: Any, where: str) -> Tuple[Tuple[str, int], ...]:
+def _parseParts(
+    value: Any, where: str, name: str, example: str, keys: Sequence[str],
+    parse: Callable[[Mapping, str], Any],
+) -> Tuple[Tuple[str, Any], ...]:
+    """
+    A list of C{{pool = ..., ...}} tables (a split's, a mirror's): each
+    pool once, with what C{parse} makes of the rest of its table.
+    """
     if not isinstance(value, (list, tuple)) or not value:
-        raise ConfigError(
-            f"{where}: split: expected a list such as "
-            '[{pool = "default", weight = 95}, {pool = "canary", weight = 5}]'
-        )
+        raise ConfigError(f"{where}: {name}: expected a list such as {example}")
     parts = []
     for item in value:
         if not isinstance(item, Mapping) or "pool" not in item:
-            raise ConfigError(f"{where}: split: each part needs a pool and a weight, got {item!r}")
-        unknown = sorted(set(item) - set(SPLIT_KEYS))
+            raise ConfigError(
+                f"{where}: {name}: each part needs a pool and a {keys[1]}, got {item!r}"
+            )
+        unknown = sorted(set(item) - set(keys))
         if unknown:
-            raise ConfigError(f"{where}: split: unknown key {unknown[0]!r}")
-        pool = string(item["pool"], f"{where}: split: pool").strip()
-        weight = integer(item.get("weight", 1), f"{where}: split: {pool}: weight", minimum=0)
+            raise ConfigError(
+                f"{where}: {name}: unknown key {unknown[0]!r}{_nearest(unknown[0], keys)}"
+            )
+        pool = string(item["pool"], f"{where}: {name}: pool").strip()
         if pool in (p for p, _ in parts):
-            raise ConfigError(f"{where}: split: pool {pool} is named twice")
-        parts.append((pool, weight))
+            raise ConfigError(f"{where}: {name}: pool {pool} is named twice")
+        parts.append((pool, parse(item, f"{where}: {name}: {pool}")))
+    return tuple(parts)
+
+
+def _parseSplit(value: Any, where: str) -> Tuple[Tuple[str, int], ...]:
+    parts = _parseParts(
+        value, where, "split",
+        '[{pool = "default", weight = 95}, {pool = "canary", weight = 5}]', SPLIT_KEYS,
+        lambda item, name: integer(item.get("weight", 1), f"{name}: weight", minimum=0),
+    )
     if not any(w for _, w in parts):
         raise ConfigError(f"{where}: split: every weight is 0")
-    return tuple(parts)
+    return parts
+
+
+def _percent(item: Mapping, name: str) -> float:
+    share = number(item.get("percent", 100), f"{name}: percent")
+    if share > 100:
+        raise ConfigError(f"{name}: percent {share:g} is more than 100")
+    return share
 
 
 def _parseMirror(value: Any, where: str) -> Tuple[Tuple[str, float], ...]:
-    if not isinstance(value, (list, tuple)) or not value:
-        raise ConfigError(
-            f"{where}: mirror: expected a list such as "
-            '[{pool = "shadow", percent = 100}]'
-        )
-    parts = []
-    for item in value:
-        if not isinstance(item, Mapping) or "pool" not in item:
-            raise ConfigError(f"{where}: mirror: each part needs a pool, got {item!r}")
-        unknown = sorted(set(item) - set(MIRROR_KEYS))
-        if unknown:
-            raise ConfigError(
-                f"{where}: mirror: unknown key {unknown[0]!r}{_nearest(unknown[0], MIRROR_KEYS)}"
-            )
-        pool = string(item["pool"], f"{where}: mirror: pool").strip()
-        share = number(item.get("percent", 100), f"{where}: mirror: {pool}: percent")
-        if share > 100:
-            raise ConfigError(f"{where}: mirror: {pool}: percent {share:g} is more than 100")
-        if pool in (p for p, _ in parts):
-            raise ConfigError(f"{where}: mirror: pool {pool} is named twice")
-        parts.append((pool, share))
-    return tuple(parts)
+    return _parseParts(
+        value, where, "mirror", '[{pool = "shadow", percent = 100}]', MIRROR_KEYS, _percent
+    )
 
 
 def parseRoute(spec: Any, number: int) -> RouteConfig:
@@ -349,9 +353,18 @@ def requestHost(value: Optional[bytes]) -> str:
     return host.rstrip(b".").decode("latin-1")
 
 
+def _canonical(segments: Sequence[bytes]) -> bytes:
+    """
+    Decoded segments as one path that tells them apart: C{%} and C{/}
+    within a segment escaped again.  A path without escapes is its own.
+    """
+    return b"/" + b"/".join(s.replace(b"%", b"%25").replace(b"/", b"%2F") for s in segments)
+
+
 class _Compiled:
     """
-    A route as the router tries it: each test a plain comparison.
+    A route as the router tries it: each test a plain comparison, the
+    path's a comparison of bytes with a canonical path (L{_canonical}).
     """
 
     __slots__ = (
@@ -366,14 +379,9 @@ class _Compiled:
         self.host = config.host if config.hostKind == EXACT else None
         self.suffix = config.host[1:] if config.hostKind == WILDCARD else None
         self.segments = list(config.segments)
-        # The prefix as a path without percent-escapes spells it, for
-        # such paths (most): one comparison of bytes, no splitting.
-        # None for any path, and for a prefix a path cannot spell so (a
-        # segment holding an escaped "/").
-        self.prefix = self.prefixLength = None
-        if self.segments and not any(b"/" in s for s in self.segments):
-            self.prefix = b"/" + b"/".join(self.segments)
-            self.prefixLength = len(self.prefix)
+        # None: any path.
+        self.prefix = _canonical(self.segments) if self.segments else None
+        self.prefixLength = len(self.prefix) if self.segments else 0
         self.methods = (
             frozenset(m.encode("ascii") for m in config.methods) if config.methods else None
         )
@@ -383,22 +391,9 @@ class _Compiled:
             pool = config.pool
             self.pick = lambda: pool
 
-    def matches(self, host: str, segments: Sequence[bytes], method: bytes) -> bool:
-        if self.host is not None and host != self.host:
-            return False
-        if self.suffix is not None and not (
-            host.endswith(self.suffix) and len(host) > len(self.suffix)
-        ):
-            return False
-        if self.methods is not None and method not in self.methods:
-            return False
-        n = len(self.segments)
-        return segments[:n] == self.segments
-
-    def matchesPath(self, host: str, path: bytes, method: bytes) -> bool:
+    def matches(self, host: str, path: bytes, method: bytes) -> bool:
         """
-        L{matches}, for the path itself when it holds no percent-escape
-        (its segments are then its bytes between slashes).
+        @param path: the request's canonical path (L{_canonical}).
         """
         if self.host is not None and host != self.host:
             return False
@@ -410,7 +405,7 @@ class _Compiled:
             return False
         prefix = self.prefix
         if prefix is None:
-            return not self.segments
+            return True
         n = self.prefixLength
         return path.startswith(prefix) and (len(path) == n or path[n] == 47)  # "/"
 
@@ -430,15 +425,14 @@ def _splitter(split, random: Callable[[], float]) -> Callable[[], str]:
     return pick
 
 
-def _segments(path: bytes, depth: int, most: Optional[int] = None) -> List[bytes]:
+def _segments(path: bytes, depth: int) -> List[bytes]:
     """
     The decoded segments of C{path} below C{depth}, as twisted.web makes
-    C{request.postpath}; with C{most}, only the first C{most} are whole
-    (what follows them is left in one piece, never compared).
+    C{request.postpath}.
     """
     if path[:1] != b"/":
         return []
-    raw = path.split(b"/") if most is None else path.split(b"/", 1 + depth + most)
+    raw = path.split(b"/")
     if b"%" not in path:
         return raw[1 + depth :]
     return [unquote_to_bytes(s) if b"%" in s else s for s in raw[1 + depth :]]
@@ -491,8 +485,6 @@ class Router(Resource):
         self.pools = pools
         self.default = pools.get(DEFAULT)
         self._compiled = compiled
-        # No route looks further into a path than this many segments.
-        self._deepest = max((len(r.segments) for r in routes), default=0)
         # Without a route that names a host, no request's is looked at.
         self._byHost = any(r.host is not None for r in routes)
 
@@ -501,12 +493,12 @@ class Router(Resource):
         The first route that matches, and the pool it chose, or (None,
         None).
         """
-        compiled, pool = self._match(host, segments, method)
+        compiled, pool = self._match(host, _canonical(segments), method)
         return (compiled.config if compiled is not None else None), pool
 
-    def _match(self, host: str, segments: Sequence[bytes], method: bytes):
+    def _match(self, host: str, path: bytes, method: bytes):
         for compiled in self._compiled:
-            if compiled.matches(host, segments, method):
+            if compiled.matches(host, path, method):
                 return compiled, compiled.pick()
         return None, None
 
@@ -544,17 +536,10 @@ class Router(Resource):
                 host = self._host(hosts[0] if hosts else b"")
             path = requestTarget(uri).partition(b"?")[0]
         depth = len(request.prepath)
-        method = request.method
-        if not depth and b"%" not in path:
-            # The common case: the path's segments are its own bytes.
-            for route in self._compiled:
-                if route.matchesPath(host, path, method):
-                    name = route.pick()
-                    break
-            else:
-                route = None
-        else:
-            route, name = self._match(host, _segments(path, depth, self._deepest), method)
+        # The common case, a path without escapes at the root, is its own
+        # canonical path.
+        canonical = path if not depth and b"%" not in path else _canonical(_segments(path, depth))
+        route, name = self._match(host, canonical, request.method)
         if route is None:
             return self._send(request, DEFAULT, self.default)
         if route.strip:

@@ -3,19 +3,17 @@ Tests for L{rrbalancer.mirror}: a route's copies to a mirror pool, on real
 sockets, and the C{mirror} key of C{[[route]]}.
 """
 
-import os
-
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from rrbalancer.admin import AdminAPI
-from rrbalancer.config import ConfigError, buildConfig, tomllib
+from rrbalancer.config import ConfigError, buildConfig
 from rrbalancer.metrics import Metrics
 
 from .support import Net, ScriptedBackend, closeWithoutAnswer, exchange, ok, reply
 from .test_admin import poll
-from .test_routing import startRouted
+from .test_routing import readmeExample, startRouted
 
 
 def _settings(primary, shadow, route=None, **settings):
@@ -278,11 +276,6 @@ class ReadmeTests(SynchronousTestCase):
         """
         The README's mirror example is valid and says what it says.
         """
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
-            text = f.read()
-        part = text[text.index("### Mirrors"):]
-        example = part[part.index("```toml\n") + 8:part.index("```\n\n")]
-        config = buildConfig(dict(tomllib.loads(example), admin="none"))
+        _, config = readmeExample("### Mirrors")
         (route,) = config.routes
         self.assertEqual((route.mirror, route.mirrorMaxBody), ((("shadow", 10.0),), 1048576))

@@ -385,18 +385,26 @@ class ParseTests(SynchronousTestCase):
         self.assertIn("write [[route]]", self.error({"pool": "default"}))
 
 
+def readmeExample(heading: str):
+    """
+    The README from C{heading} on, and the config its first TOML example
+    makes.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    part = text[text.index(heading):]
+    example = part[part.index("```toml\n") + 8:part.index("```\n\n")]
+    return part, buildConfig(dict(tomllib.loads(example), admin="none"))
+
+
 class ReadmeTests(SynchronousTestCase):
     def test_workedExample(self):
         """
         The README's example config is valid, and its table of requests
         says where the router sends them.
         """
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
-            text = f.read()
-        part = text[text.index("### Pools and routes"):]
-        example = part[part.index("```toml\n") + 8:part.index("```\n\n")]
-        config = buildConfig(dict(tomllib.loads(example), admin="none"))
+        part, config = readmeExample("### Pools and routes")
         r = Router(byPrecedence(config.routes), {n: _Pool(n) for n in ("default", "api", "static")})
         for method, target, host, pool, prepath in [
             (b"GET", b"/v1/users", b"API.example.com:8000", "api", []),
