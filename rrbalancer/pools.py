@@ -271,7 +271,14 @@ class Pools(MultiService):
         for pool in new.pools:
             old = self._pools.get(pool.name)
             if old is None:
-                self._addPool(pool, running)
+                balancer = self._addPool(pool, running)
+                if balancer.healthChecker is not None:
+                    # As a backend a reload adds to a pool that stays:
+                    # no traffic before a check passes, and that at once.
+                    for backend in balancer.group:
+                        backend.awaitFirstCheck(reason)
+                        if self.running:
+                            balancer.checkNow(backend)
                 self._describe(pool.name)
                 added.append(f"pool {pool.name}")
                 continue

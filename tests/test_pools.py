@@ -250,8 +250,10 @@ class ReloadTests(SynchronousTestCase):
             {(b.url, b.weight, b.state) for b in api.group},
             {("http://127.0.0.1:9001", 3, "up"), ("http://127.0.0.1:9003", 1, "down")},
         )
+        # A new pool's backends wait for a check to pass, as a new one's do.
         self.assertEqual(
-            [b.url for b in pools.balancers["fresh"].group], ["http://127.0.0.1:9201"]
+            [(b.url, b.state) for b in pools.balancers["fresh"].group],
+            [("http://127.0.0.1:9201", "down")],
         )
         router = pools.router
         self.assertIs(service.site.resource, router)
