@@ -159,6 +159,41 @@ class MirrorTests(TestCase):
         yield poll(lambda: len(answered) == len(sent), what="the mirror's answers")
 
     @inlineCallbacks
+    def test_largeBody(self):
+        """
+        A body too large to go out with the head (and spooled to a file by
+        twisted.web) reaches the primary whole, as it does without a
+        mirror, and the mirror a whole copy.
+        """
+        primary = ScriptedBackend(self.net, reply(ok(b"primary")))
+        shadow = ScriptedBackend(self.net, reply(ok(b"shadow")))
+        service, port = yield self.start(_settings(primary, shadow, mirror_max_body=1 << 20))
+        body = bytes(range(256)) * 1000
+        response = yield exchange(self.net, port, _post(b"/api/upload", body))
+        self.assertEqual((response.code, response.body), (200, b"primary"))
+        yield shadow.waitFor(lambda: len(shadow.requests) == 1)
+        self.assertEqual(primary.requests[0].body, body)
+        self.assertEqual(shadow.requests[0].body, body)
+
+    @inlineCallbacks
+    def test_notForRefused(self):
+        """
+        A request a rate limit refuses is not copied: the copy leaves only
+        with a request forwarded.
+        """
+        primary = ScriptedBackend(self.net, reply(ok(b"primary")))
+        shadow = ScriptedBackend(self.net, reply(ok(b"shadow")))
+        service, port = yield self.start(_settings(primary, shadow, limit=["1/m,burst=1"]))
+        codes = []
+        for i in range(3):
+            response = yield exchange(self.net, port, _post(b"/api/x", b"%d" % i))
+            codes.append(response.code)
+        self.assertEqual(codes, [200, 429, 429])
+        yield shadow.waitFor(lambda: len(shadow.requests) == 1)
+        yield poll(lambda: service.pools.mirrors.inFlight == 0, what="the copy")
+        self.assertEqual(service.pools.mirrors.counts["shadow"].mirrored, 1)
+
+    @inlineCallbacks
     def test_failingMirrorChangesNothing(self):
         """
         A mirror that refuses connections, or closes them without an
