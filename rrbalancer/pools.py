@@ -254,49 +254,23 @@ class Pools(MultiService):
             backends, and the C{ignored} settings, as the reload reports
             them.
         """
-        from .reload import BALANCING, applyBackends
+        from .reload import BALANCING
         from .routing import byPrecedence
 
-        added: List[str] = []
-        removed: List[str] = []
-        changed: List[str] = []
-        ignored: List[str] = []
+        result: Dict[str, List[str]] = {"added": [], "removed": [], "changed": [], "ignored": []}
         # The top level as it runs from now on: its balancing settings
         # follow the file, the rest needs a restart.
         running = replace(self.config, **{n: getattr(new, n) for n in BALANCING})
         wanted = {pool.name for pool in new.pools}
         for name in [n for n in self._pools if n not in wanted]:
             self._removePool(name, reason)
-            removed.append(f"pool {name}")
+            result["removed"].append(f"pool {name}")
         for pool in new.pools:
-            old = self._pools.get(pool.name)
-            if old is None:
-                balancer = self._addPool(pool, running)
-                if balancer.healthChecker is not None:
-                    # As a backend a reload adds to a pool that stays:
-                    # no traffic before a check passes, and that at once.
-                    for backend in balancer.group:
-                        backend.awaitFirstCheck(reason)
-                        if self.running:
-                            balancer.checkNow(backend)
-                self._describe(pool.name)
-                added.append(f"pool {pool.name}")
-                continue
-            if pool.health != old.health:
-                ignored.append(f"pool {pool.name} health")
-                pool = replace(pool, health=old.health)
-            balancer = self.balancers[pool.name]
-            a, r, c = applyBackends(
-                balancer.group, pool.backends, reason, balancer.checkNow,
-                label=lambda url, name=pool.name: f"pool {name}: {url}",
-            )
-            added.extend(a)
-            removed.extend(r)
-            changed.extend(c)
-            if self._rebalance(balancer, pool.configFor(running)):
-                changed.append(f"balancing of pool {pool.name}")
-            balancer.config = replace(balancer.config, backends=pool.backends)
-            self._pools[pool.name] = pool
+            if pool.name in self._pools:
+                self._updatePool(pool, running, reason, result)
+            else:
+                self._startPool(pool, running, reason)
+                result["added"].append(f"pool {pool.name}")
         if DEFAULT in poolNames(new):
             self.balancers[DEFAULT] = self.default
         else:
@@ -306,7 +280,7 @@ class Pools(MultiService):
         self.balancers = {name: self.balancers[name] for name in order}
         routes = byPrecedence(new.routes)
         if routes != self.routes:
-            changed.append("routes")
+            result["changed"].append("routes")
         mirrors = self.mirrors
         mirrors.pickers = {name: b.group for name, b in self.balancers.items()}
         mirrors.maxInFlight = new.mirrorMaxInflight
@@ -320,11 +294,50 @@ class Pools(MultiService):
             mirrorMaxInflight=new.mirrorMaxInflight,
             mirrorMaxBody=new.mirrorMaxBody,
         )
-        if "routes" in changed or added or removed:
+        if "routes" in result["changed"] or result["added"] or result["removed"]:
             for route in routes:
                 self.log.info("{route}", route=route.describe())
             self._warnUnrouted()
-        return {"added": added, "removed": removed, "changed": changed, "ignored": ignored}
+        return result
+
+    def _startPool(self, pool: PoolConfig, running, reason: str) -> None:
+        """
+        Start a pool a reload adds.
+        """
+        balancer = self._addPool(pool, running)
+        if balancer.healthChecker is not None:
+            # As a backend a reload adds to a pool that stays: no traffic
+            # before a check passes, and that at once.
+            for backend in balancer.group:
+                backend.awaitFirstCheck(reason)
+                if self.running:
+                    balancer.checkNow(backend)
+        self._describe(pool.name)
+
+    def _updatePool(self, pool: PoolConfig, running, reason: str, result) -> None:
+        """
+        Bring a pool that stays to the file's: its backends and its
+        balancing; a change to its checks goes to C{result}'s C{ignored}.
+        """
+        from .reload import applyBackends
+
+        name = pool.name
+        old = self._pools[name]
+        if pool.health != old.health:
+            result["ignored"].append(f"pool {name} health")
+            pool = replace(pool, health=old.health)
+        balancer = self.balancers[name]
+        added, removed, changed = applyBackends(
+            balancer.group, pool.backends, reason, balancer.checkNow,
+            label=lambda url: f"pool {name}: {url}",
+        )
+        result["added"].extend(added)
+        result["removed"].extend(removed)
+        result["changed"].extend(changed)
+        if self._rebalance(balancer, pool.configFor(running)):
+            result["changed"].append(f"balancing of pool {name}")
+        balancer.config = replace(balancer.config, backends=pool.backends)
+        self._pools[name] = pool
 
     def _removePool(self, name: str, reason: str) -> None:
         """
