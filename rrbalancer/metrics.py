@@ -315,6 +315,9 @@ class Metrics:
                        "Keys a rate limit remembers now (bounded by its max_keys).", openMetrics)
             for limiter in limiters:
                 yield f'rrbalancer_rate_limit_keys{{limit="{limiter.name}"}} {len(limiter)}\n'
+        mirrors = self.pools.mirrors if self.pools is not None else None
+        if mirrors is not None and mirrors.counts:
+            yield from self._mirrors(mirrors, openMetrics)
 
         if self.discovery is not None:
             yield from self._discovery(openMetrics)
@@ -350,6 +353,30 @@ class Metrics:
             yield from self._durations(backends, names, openMetrics)
         if openMetrics:
             yield "# EOF\n"
+
+    def _mirrors(self, mirrors, openMetrics: bool) -> Iterator[str]:
+        head = self._head
+        yield head("rrbalancer_mirror_in_flight", "gauge",
+                   "Mirror copies sent and not yet answered.", openMetrics)
+        yield f"rrbalancer_mirror_in_flight {mirrors.inFlight}\n"
+        for name, help, value in (
+            ("rrbalancer_mirror_copies", "Copies of requests sent to a mirror pool.",
+             lambda counts: counts.mirrored),
+            ("rrbalancer_mirror_failed", "Mirror copies sent that got no whole answer (no "
+             "connection, a timeout, a broken response).", lambda counts: counts.failed),
+        ):
+            yield head(name, "counter", help, openMetrics)
+            for pool, counts in mirrors.counts.items():
+                yield f'{name}_total{{pool="{_label(pool)}"}} {value(counts)}\n'
+        yield head("rrbalancer_mirror_skipped", "counter",
+                   "Mirror copies not sent, by reason: in_flight (too many copies in "
+                   "flight), body_too_large (over mirror_max_body), no_backend (none "
+                   "of the pool's could take it), upgrade (a WebSocket handshake).",
+                   openMetrics)
+        for pool, counts in mirrors.counts.items():
+            for reason, count in counts.skipped.items():
+                yield (f'rrbalancer_mirror_skipped_total{{pool="{_label(pool)}",'
+                       f'reason="{reason}"}} {count}\n')
 
     def _discovery(self, openMetrics: bool) -> Iterator[str]:
         sources = [

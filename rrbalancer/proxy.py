@@ -711,7 +711,7 @@ def _render(resource, request, picker: IPicker, target: bytes, prefix=None):
 
             limits.gate(request, lambda: _start(resource, request, forwarding), refuse)
         else:
-            forwarding.next()
+            _forward(request, forwarding)
     except Exception:
         _failed(resource, request, forwarding)
     return NOT_DONE_YET
@@ -722,9 +722,20 @@ def _start(resource, request, forwarding: _Forwarding) -> None:
     Forward a request a limit held for a while.
     """
     try:
-        forwarding.next()
+        _forward(request, forwarding)
     except Exception:
         _failed(resource, request, forwarding)
+
+
+def _forward(request, forwarding: _Forwarding) -> None:
+    """
+    Forward a request: its route's mirror copies leave first, while its
+    spooled body is still where the primary will read it from.
+    """
+    mirror = getattr(request, "mirror", None)
+    if mirror is not None:
+        mirror(forwarding)
+    forwarding.next()
 
 
 def _failed(resource, request, forwarding: Optional[_Forwarding]) -> None:

@@ -4,7 +4,8 @@ file and applies its backends to the running group (the signal is wired in
 L{rrbalancer.service}).
 
 The backends change, and so do the balancing settings (the policy and its
-parameters, slow start, ejection, the panic threshold).  Backends the file
+parameters, slow start, ejection, the panic threshold), the pools and the
+routes (L{rrbalancer.pools.Pools.reload}).  Backends the file
 lists are added (taking traffic
 once their first health check passes), changed in place (weight, backup:
 their connections and requests in flight stay), or, when the file no longer
@@ -16,7 +17,7 @@ reported and not applied.  A file that does not validate changes nothing.
 """
 
 from dataclasses import fields
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from twisted.logger import Logger
 
@@ -31,6 +32,9 @@ BALANCING = (
     "ejectAfter", "ejectTime", "ejectOn5xx", "maxEjectedPercent",
 )
 
+# The settings L{rrbalancer.pools.Pools.reload} applies.
+POOLED = ("pools", "routes", "mirrorMaxBody", "mirrorMaxInflight")
+
 
 class Reloader:
     """
@@ -43,8 +47,9 @@ class Reloader:
     Backends the file lists are owned by L{CONFIG}; one that another
     owner (the API, a discovery source) lists too stays when the file drops
     it.
-    @param pools: the L{rrbalancer.pools.Pools}, whose pools follow the
-        balancing settings they take from the top level; or None.
+    @param pools: the L{rrbalancer.pools.Pools}, to which a reload brings
+        the file's pools, routes and mirrors (L{rrbalancer.pools.Pools.reload});
+        or None.
     """
 
     log = Logger()
@@ -117,34 +122,7 @@ class Reloader:
     def apply(self, new: Config, who: str = "reload") -> Dict[str, List]:
         group = self.group
         reason = f"reload ({who})"
-        added, removed, changed = [], [], []
-        wanted = set()
-        for backendConfig in new.backends:
-            wanted.add(backendConfig.server)
-            backend = group.byServer(backendConfig)
-            if backend is None:
-                backend = group.add(
-                    backendConfig, awaitCheck=True, reason=reason, owner=CONFIG
-                )
-                added.append(backend.url)
-                self.onAdded(backend)
-                continue
-            group.claim(backend, CONFIG)
-            if backend.removing:
-                group.keep(backend, reason)
-                changed.append(backend.url)
-            if (backend.weight, backend.backup) != (
-                backendConfig.weight,
-                backendConfig.backup,
-            ):
-                group.reconfigure(backend, backendConfig.weight, backendConfig.backup)
-                if backend.url not in changed:
-                    changed.append(backend.url)
-        for backend in group:
-            if backend.config.server not in wanted and group.release(
-                backend, CONFIG, f"{reason}: no longer in the file"
-            ):
-                removed.append(backend.url)
+        added, removed, changed = applyBackends(group, new.backends, reason, self.onAdded)
         if any(getattr(new, name) != getattr(self.config, name) for name in BALANCING):
             group.rebalance(
                 policyFor(new, group._clock),
@@ -153,13 +131,64 @@ class Reloader:
                 new.panicThreshold,
             )
             changed.append("balancing")
-        if self.pools is not None:
-            changed.extend(self.pools.rebalance(new))
         ignored = [
             f.name
             for f in fields(Config)
             if f.name not in RELOADABLE
             and getattr(new, f.name) != getattr(self.config, f.name)
         ]
+        if self.pools is None:
+            # Nothing here to apply them to.
+            ignored.extend(
+                name for name in POOLED if getattr(new, name) != getattr(self.config, name)
+            )
+        else:
+            result = self.pools.reload(new, reason)
+            added.extend(result["added"])
+            removed.extend(result["removed"])
+            changed.extend(result["changed"])
+            ignored.extend(result["ignored"])
         self.config = new
         return {"added": added, "removed": removed, "changed": changed, "ignored": ignored}
+
+
+def applyBackends(
+    group: BackendGroup,
+    backends,
+    reason: str,
+    onAdded: Callable[[Backend], None],
+    label: Callable[[str], str] = lambda url: url,
+) -> Tuple[List[str], List[str], List[str]]:
+    """
+    Make the backends of C{group} that the file owns (L{CONFIG}) those of
+    C{backends}: add the new ones (each checked before it takes traffic),
+    change weights and backups in place, and drain and remove the ones the
+    file no longer lists, unless another owner still does.
+
+    @param label: how a backend's URL is reported.
+    @return: the (added, removed, changed) backends, as C{label} names them.
+    """
+    added, removed, changed = [], [], []
+    wanted = set()
+    for backendConfig in backends:
+        wanted.add(backendConfig.server)
+        backend = group.byServer(backendConfig)
+        if backend is None:
+            backend = group.add(backendConfig, awaitCheck=True, reason=reason, owner=CONFIG)
+            added.append(label(backend.url))
+            onAdded(backend)
+            continue
+        group.claim(backend, CONFIG)
+        if backend.removing:
+            group.keep(backend, reason)
+            changed.append(label(backend.url))
+        if (backend.weight, backend.backup) != (backendConfig.weight, backendConfig.backup):
+            group.reconfigure(backend, backendConfig.weight, backendConfig.backup)
+            if label(backend.url) not in changed:
+                changed.append(label(backend.url))
+    for backend in group:
+        if backend.config.server not in wanted and group.release(
+            backend, CONFIG, f"{reason}: no longer in the file"
+        ):
+            removed.append(label(backend.url))
+    return added, removed, changed

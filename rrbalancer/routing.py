@@ -20,7 +20,7 @@ which is how the balancer's resource knows it is mounted under a prefix
 import ipaddress
 import random as _random
 from dataclasses import dataclass
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import unquote_to_bytes
 
 from twisted.web.resource import Resource
@@ -28,13 +28,18 @@ from twisted.web.server import NOT_DONE_YET
 
 from .pools import DEFAULT, poolNames
 from .proxy import _ORIGIN_FORM, requestTarget, respondWithError, targetAuthority
-from .settings import ConfigError, _TOKEN, _nearest, boolean, integer, string
+from .settings import ConfigError, _TOKEN, _nearest, boolean, count, integer, number, string
 
-ROUTE_KEYS = ("host", "path_prefix", "methods", "pool", "split", "strip_prefix", "priority")
+ROUTE_KEYS = (
+    "host", "path_prefix", "methods", "pool", "split", "strip_prefix", "priority",
+    "mirror", "mirror_max_body",
+)
 SPLIT_KEYS = ("pool", "weight")
+MIRROR_KEYS = ("pool", "percent")
 _HOST = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.")
 
 EXACT, WILDCARD, ANY = 0, 1, 2
+_HOSTS_KEPT = 1024
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,10 @@ class RouteConfig:
     @ivar pool: the pool it sends to (None with C{split}).
     @ivar split: (pool, weight) pairs that share its requests by weight,
         or empty for C{pool} alone.
+    @ivar mirror: (pool, percent) pairs, each pool sent a copy of that
+        percent of its requests (L{rrbalancer.mirror}); empty for none.
+    @ivar mirrorMaxBody: the largest body a copy carries, or None for the
+        top-level C{mirror_max_body}.
     """
 
     number: int
@@ -62,6 +71,8 @@ class RouteConfig:
     stripPrefix: bool = False
     priority: int = 0
     split: Tuple[Tuple[str, int], ...] = ()
+    mirror: Tuple[Tuple[str, float], ...] = ()
+    mirrorMaxBody: Optional[int] = None
 
     @property
     def hostKind(self) -> int:
@@ -106,6 +117,7 @@ class RouteConfig:
             "split": [{"pool": p, "weight": w} for p, w in self.split] or None,
             "strip_prefix": self.stripPrefix,
             "priority": self.priority,
+            "mirror": [{"pool": p, "percent": c} for p, c in self.mirror] or None,
         }
 
     def describe(self) -> str:
@@ -116,6 +128,8 @@ class RouteConfig:
             to = "split " + ", ".join(f"{p} {w}" for p, w in self.split)
         else:
             to = f"pool {self.pool}"
+        if self.mirror:
+            to += "; mirror " + ", ".join(f"{p} {c:g}%" for p, c in self.mirror)
         return f"{self.name()} -> {to}"
 
     def name(self) -> str:
@@ -182,27 +196,56 @@ def _parseMethods(value: Any, where: str) -> Tuple[str, ...]:
     return tuple(methods)
 
 
-def _parseSplit(value: Any, where: str) -> Tuple[Tuple[str, int], ...]:
+def _parseParts(
+    value: Any, where: str, name: str, example: str, keys: Sequence[str],
+    parse: Callable[[Mapping, str], Any],
+) -> Tuple[Tuple[str, Any], ...]:
+    """
+    A list of C{{pool = ..., ...}} tables (a split's, a mirror's): each
+    pool once, with what C{parse} makes of the rest of its table.
+    """
     if not isinstance(value, (list, tuple)) or not value:
-        raise ConfigError(
-            f"{where}: split: expected a list such as "
-            '[{pool = "default", weight = 95}, {pool = "canary", weight = 5}]'
-        )
+        raise ConfigError(f"{where}: {name}: expected a list such as {example}")
     parts = []
     for item in value:
         if not isinstance(item, Mapping) or "pool" not in item:
-            raise ConfigError(f"{where}: split: each part needs a pool and a weight, got {item!r}")
-        unknown = sorted(set(item) - set(SPLIT_KEYS))
+            raise ConfigError(
+                f"{where}: {name}: each part needs a pool and a {keys[1]}, got {item!r}"
+            )
+        unknown = sorted(set(item) - set(keys))
         if unknown:
-            raise ConfigError(f"{where}: split: unknown key {unknown[0]!r}")
-        pool = string(item["pool"], f"{where}: split: pool").strip()
-        weight = integer(item.get("weight", 1), f"{where}: split: {pool}: weight", minimum=0)
+            raise ConfigError(
+                f"{where}: {name}: unknown key {unknown[0]!r}{_nearest(unknown[0], keys)}"
+            )
+        pool = string(item["pool"], f"{where}: {name}: pool").strip()
         if pool in (p for p, _ in parts):
-            raise ConfigError(f"{where}: split: pool {pool} is named twice")
-        parts.append((pool, weight))
+            raise ConfigError(f"{where}: {name}: pool {pool} is named twice")
+        parts.append((pool, parse(item, f"{where}: {name}: {pool}")))
+    return tuple(parts)
+
+
+def _parseSplit(value: Any, where: str) -> Tuple[Tuple[str, int], ...]:
+    parts = _parseParts(
+        value, where, "split",
+        '[{pool = "default", weight = 95}, {pool = "canary", weight = 5}]', SPLIT_KEYS,
+        lambda item, name: integer(item.get("weight", 1), f"{name}: weight", minimum=0),
+    )
     if not any(w for _, w in parts):
         raise ConfigError(f"{where}: split: every weight is 0")
-    return tuple(parts)
+    return parts
+
+
+def _percent(item: Mapping, name: str) -> float:
+    share = number(item.get("percent", 100), f"{name}: percent")
+    if share > 100:
+        raise ConfigError(f"{name}: percent {share:g} is more than 100")
+    return share
+
+
+def _parseMirror(value: Any, where: str) -> Tuple[Tuple[str, float], ...]:
+    return _parseParts(
+        value, where, "mirror", '[{pool = "shadow", percent = 100}]', MIRROR_KEYS, _percent
+    )
 
 
 def parseRoute(spec: Any, number: int) -> RouteConfig:
@@ -233,6 +276,11 @@ def parseRoute(spec: Any, number: int) -> RouteConfig:
         stripPrefix=strip,
         priority=integer(spec.get("priority", 0), f"{where}: priority", minimum=-(2**31)),
         split=split or (),
+        mirror=_parseMirror(spec["mirror"], where) if "mirror" in spec else (),
+        mirrorMaxBody=(
+            count(spec["mirror_max_body"], f"{where}: mirror_max_body")
+            if "mirror_max_body" in spec else None
+        ),
     )
 
 
@@ -268,7 +316,7 @@ def checkRouting(config) -> None:
             "there is no default pool: every request would get 404"
         )
     for route in config.routes:
-        for pool in route.pools:
+        for pool in route.pools + tuple(p for p, _ in route.mirror):
             if pool not in names:
                 if pool == DEFAULT:
                     known = "the default pool is the top-level backends, and there are none"
@@ -305,19 +353,35 @@ def requestHost(value: Optional[bytes]) -> str:
     return host.rstrip(b".").decode("latin-1")
 
 
+def _canonical(segments: Sequence[bytes]) -> bytes:
+    """
+    Decoded segments as one path that tells them apart: C{%} and C{/}
+    within a segment escaped again.  A path without escapes is its own.
+    """
+    return b"/" + b"/".join(s.replace(b"%", b"%25").replace(b"/", b"%2F") for s in segments)
+
+
 class _Compiled:
     """
-    A route as the router tries it: each test a plain comparison.
+    A route as the router tries it: each test a plain comparison, the
+    path's a comparison of bytes with a canonical path (L{_canonical}).
     """
 
-    __slots__ = ("config", "host", "suffix", "segments", "methods", "strip", "pick")
+    __slots__ = (
+        "config", "host", "suffix", "segments", "methods", "strip", "pick", "mirror",
+        "prefix", "prefixLength",
+    )
 
-    def __init__(self, config: RouteConfig, random: Callable[[], float]) -> None:
+    def __init__(self, config: RouteConfig, random: Callable[[], float], mirrors=None) -> None:
         self.config = config
+        self.mirror = mirrors.forRoute(config) if mirrors is not None else None
         self.strip = config.stripPrefix
         self.host = config.host if config.hostKind == EXACT else None
         self.suffix = config.host[1:] if config.hostKind == WILDCARD else None
         self.segments = list(config.segments)
+        # None: any path.
+        self.prefix = _canonical(self.segments) if self.segments else None
+        self.prefixLength = len(self.prefix) if self.segments else 0
         self.methods = (
             frozenset(m.encode("ascii") for m in config.methods) if config.methods else None
         )
@@ -327,7 +391,10 @@ class _Compiled:
             pool = config.pool
             self.pick = lambda: pool
 
-    def matches(self, host: str, segments: Sequence[bytes], method: bytes) -> bool:
+    def matches(self, host: str, path: bytes, method: bytes) -> bool:
+        """
+        @param path: the request's canonical path (L{_canonical}).
+        """
         if self.host is not None and host != self.host:
             return False
         if self.suffix is not None and not (
@@ -336,8 +403,11 @@ class _Compiled:
             return False
         if self.methods is not None and method not in self.methods:
             return False
-        n = len(self.segments)
-        return segments[:n] == self.segments
+        prefix = self.prefix
+        if prefix is None:
+            return True
+        n = self.prefixLength
+        return path.startswith(prefix) and (len(path) == n or path[n] == 47)  # "/"
 
 
 def _splitter(split, random: Callable[[], float]) -> Callable[[], str]:
@@ -355,15 +425,16 @@ def _splitter(split, random: Callable[[], float]) -> Callable[[], str]:
     return pick
 
 
-def _segments(path: bytes, depth: int, most: Optional[int] = None) -> List[bytes]:
+def _segments(path: bytes, depth: int) -> List[bytes]:
     """
     The decoded segments of C{path} below C{depth}, as twisted.web makes
-    C{request.postpath}; with C{most}, only the first C{most} are whole
-    (what follows them is left in one piece, never compared).
+    C{request.postpath}.
     """
     if path[:1] != b"/":
         return []
-    raw = path.split(b"/") if most is None else path.split(b"/", 1 + depth + most)
+    raw = path.split(b"/")
+    if b"%" not in path:
+        return raw[1 + depth :]
     return [unquote_to_bytes(s) if b"%" in s else s for s in raw[1 + depth :]]
 
 
@@ -383,42 +454,75 @@ class Router(Resource):
         routes: Sequence[RouteConfig],
         pools: Mapping[str, Resource],
         random: Callable[[], float] = _random.random,
+        mirrors=None,
     ) -> None:
         """
         @param routes: in precedence order (L{byPrecedence}).
         @param pools: each pool's resource by name (C{default} among them
             when there is one).
         @param random: gives a float in [0, 1) to share a split's requests.
+        @param mirrors: the L{rrbalancer.mirror.Mirrors} that send the
+            copies of routes with C{mirror}, or None to send none.
         """
         Resource.__init__(self)
+        self._random = random
+        self._mirrors = mirrors
+        # Host headers as routes compare them; a handful of names in the
+        # common case, and never more than _HOSTS_KEPT.
+        self._hosts: Dict[bytes, str] = {}
+        self.update(routes, pools)
+
+    def update(self, routes: Sequence[RouteConfig], pools: Mapping[str, Resource]) -> None:
+        """
+        Route by these from now on (a reload): the request being rendered
+        now, if any, and every later one sees either the old routes and
+        pools or the new ones, never a mix.
+        """
+        compiled = [_Compiled(r, self._random, self._mirrors) for r in routes]
+        pools = dict(pools)
+        # Nothing below yields to the reactor: no request comes in between.
         self.routes = tuple(routes)
-        self.pools = dict(pools)
-        self.default = self.pools.get(DEFAULT)
-        self._compiled = [_Compiled(r, random) for r in self.routes]
-        # No route looks further into a path than this many segments.
-        self._deepest = max((len(r.segments) for r in self.routes), default=0)
+        self.pools = pools
+        self.default = pools.get(DEFAULT)
+        self._compiled = compiled
+        # Without a route that names a host, no request's is looked at.
+        self._byHost = any(r.host is not None for r in routes)
 
     def route(self, host: str, segments: Sequence[bytes], method: bytes):
         """
         The first route that matches, and the pool it chose, or (None,
         None).
         """
-        compiled, pool = self._match(host, segments, method)
+        compiled, pool = self._match(host, _canonical(segments), method)
         return (compiled.config if compiled is not None else None), pool
 
-    def _match(self, host: str, segments: Sequence[bytes], method: bytes):
+    def _match(self, host: str, path: bytes, method: bytes):
         for compiled in self._compiled:
-            if compiled.matches(host, segments, method):
+            if compiled.matches(host, path, method):
                 return compiled, compiled.pick()
         return None, None
+
+    def _host(self, value: bytes) -> str:
+        hosts = self._hosts
+        host = hosts.get(value)
+        if host is None:
+            host = requestHost(value)
+            if len(hosts) >= _HOSTS_KEPT:
+                # A flood of made-up names costs what it would without
+                # the cache, and no memory.
+                hosts.clear()
+            hosts[value] = host
+        return host
 
     def render(self, request):
         if not self._compiled:
             return self._send(request, DEFAULT, self.default)
         uri = request.uri
+        host = ""
         if _ORIGIN_FORM.match(uri):
-            hosts = request.requestHeaders.getRawHeaders(b"host")
-            host = requestHost(hosts[0] if hosts else None)
+            if self._byHost:
+                hosts = request.requestHeaders.getRawHeaders(b"host")
+                host = self._host(hosts[0] if hosts else b"")
             path = uri.partition(b"?")[0]
         else:
             authority = targetAuthority(request.method, uri)
@@ -426,13 +530,16 @@ class Router(Resource):
                 respondWithError(request, 400, b"Bad Request: invalid request target")
                 return NOT_DONE_YET
             if authority:
-                host = requestHost(authority)
-            else:
+                host = self._host(authority)
+            elif self._byHost:
                 hosts = request.requestHeaders.getRawHeaders(b"host")
-                host = requestHost(hosts[0] if hosts else None)
+                host = self._host(hosts[0] if hosts else b"")
             path = requestTarget(uri).partition(b"?")[0]
         depth = len(request.prepath)
-        route, name = self._match(host, _segments(path, depth, self._deepest), request.method)
+        # The common case, a path without escapes at the root, is its own
+        # canonical path.
+        canonical = path if not depth and b"%" not in path else _canonical(_segments(path, depth))
+        route, name = self._match(host, canonical, request.method)
         if route is None:
             return self._send(request, DEFAULT, self.default)
         if route.strip:
@@ -440,6 +547,10 @@ class Router(Resource):
             n = len(route.segments)
             request.prepath = request.prepath + segments[:n]
             request.postpath = segments[n:]
+        if route.mirror is not None:
+            # Sent by the pool's resource once the request passed the
+            # limits and is forwarded (L{rrbalancer.proxy}).
+            request.mirror = route.mirror
         return self._send(request, name, self.pools[name])
 
     def _send(self, request, name: str, resource: Optional[Resource]):

@@ -836,15 +836,26 @@ SETTINGS: Tuple[Setting, ...] = (
        "TOML only: [[pool]] tables, each a group of backends of its own with its "
        "own health checks and policy: name, [[pool.backend]] (as [[backend]]), "
        "balance (default: balance) and a [pool.health] table (default: [health]). "
-       "The top-level backends are the pool named default. A change needs a "
-       "restart.", flag=""),
+       "The top-level backends are the pool named default. A reload applies "
+       "changes, but for a pool's [pool.health], which needs a restart.",
+       flag="", reloadable=True),
     _s("route", "routes", parseRoutes, (),
        "TOML only: [[route]] tables sending requests to a pool: host (exact or "
        "*.example.com), path_prefix (whole segments), methods, pool (or split, a "
        "list of {pool, weight}), strip_prefix and priority. Tried by priority, "
        "then exact host, wildcard host, none, then the longest prefix, then file "
        "order; unmatched requests go to the default pool, or get 404 without one. "
-       "A change needs a restart.", flag=""),
+       "mirror, a list of {pool, percent}, sends a copy of that percent of the "
+       "route's requests to each pool, whose answers are dropped. "
+       "A reload applies changes.", flag="", reloadable=True),
+    _s("mirror_max_body", "mirrorMaxBody", count, 64 * 1024,
+       "A mirrored request whose body is larger than this many bytes is not "
+       "copied (it is counted as skipped); a route's mirror_max_body says "
+       "otherwise for its own.", metavar="BYTES", reloadable=True),
+    _s("mirror_max_inflight", "mirrorMaxInflight", count, 100,
+       "Mirror copies sent and not yet answered, at most; past it, copies are "
+       "skipped and counted, never queued; 0 is no bound.", metavar="N",
+       reloadable=True),
     _s("access_log", "accessLog", logFile, None,
        "Write an NCSA combined access log here; - is standard output.",
        path=True, metavar="PATH"),

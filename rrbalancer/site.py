@@ -39,6 +39,8 @@ class BalancerRequest(Request):
     backendStatus: Optional[int] = None
     attempts = 0
     requestID: Optional[str] = None
+    # The copies its route sends (rrbalancer.mirror), if it mirrors.
+    mirror = None
     _site = None
     _refused = False
     _received = 0

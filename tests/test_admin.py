@@ -1356,6 +1356,32 @@ class MemoryWorker:
         return [(b.id, b.url, b.weight, b.adminState) for b in self.group]
 
 
+class MergeStatusTests(SynchronousTestCase):
+    def test_mirrorsSummed(self):
+        """
+        The workers' mirror counts add up in the balancer's status.
+        """
+        from rrbalancer.admin._workers import mergeStatus
+
+        def status(inFlight, mirrored, skipped):
+            totals = dict.fromkeys(
+                ("requests", "failures", "active", "in_flight", "retries",
+                 "requests_per_second"), 0)
+            return {
+                "panic": {"active": False, "times": 0}, "ejection": {"ejected": 0},
+                "rate_limits": [], "queue": None, "totals": dict(totals, responses={}),
+                "mirrors": {"in_flight": inFlight, "max_in_flight": 10, "pools": {"shadow": {
+                    "mirrored": mirrored, "failed": 1,
+                    "skipped": {"in_flight": skipped, "body_too_large": 0}}}},
+            }
+
+        merged = mergeStatus([(1, status(2, 5, 1)), (2, status(3, 7, 0))], [])
+        self.assertEqual(merged["mirrors"], {
+            "in_flight": 5, "max_in_flight": 10, "pools": {"shadow": {
+                "mirrored": 12, "failed": 2, "skipped": {"in_flight": 1, "body_too_large": 0}}},
+        })
+
+
 class WorkersAPITests(SynchronousTestCase):
     """
     L{WorkersAPI}: the parent's admin API over workers reached in memory.

@@ -460,6 +460,49 @@ class BrowserTests(TestCase):
         self.assertEqual(errors, [])
 
     @inlineCallbacks
+    def test_pools(self):
+        """
+        With pools, a choice of pool: the table shows the chosen pool's
+        backends, and its buttons act on that pool.
+        """
+        from rrbalancer.pools import parsePools
+
+        settleConnections(self)
+        _, webURL = startBackend(self, "web")
+        _, apiURL = startBackend(self, "api")
+        _, api2URL = startBackend(self, "api2")
+        config = balancerConfig(
+            [webURL], pools=parsePools([{"name": "api", "backend": [apiURL, api2URL]}]),
+        )
+        service, _, admin = yield startWithAdmin(self, config)
+        browser, page = yield openBrowser(self, admin + "/")
+        urls = "[...document.querySelectorAll('#backend-rows .url')].map(e => e.textContent)"
+        yield page.waitFor(
+            "document.getElementById('pool-field') !== null"
+            " && !document.getElementById('pool-field').hidden"
+            f" && {urls}.length === 1",
+            "the pools, and the default pool's backend",
+        )
+        self.assertEqual((yield page.evaluate(urls)), [webURL])
+        options = yield page.evaluate(
+            "[...document.querySelectorAll('#pool-select option')].map(o => o.textContent)"
+        )
+        self.assertEqual(options, ["default (1/1 up)", "api (2/2 up)"])
+        yield page.evaluate(
+            "(() => { const s = document.getElementById('pool-select');"
+            " s.value = 'api'; s.dispatchEvent(new Event('change')); })()"
+        )
+        yield page.waitFor(f"{urls}.length === 2", "the api pool's backends")
+        self.assertEqual((yield page.evaluate(urls)), [apiURL, api2URL])
+        yield page.click('tr[data-backend-id="2"] button[data-action="drain"]')
+        api = service.pools.balancers["api"].group
+        yield poll(lambda: api.get("2").adminState == DRAINING, what="the drain")
+        yield page.waitFor(f"{page.state(2)} === 'draining'", "backend 2 of api draining")
+        self.assertEqual(service.group.get("1").adminState, UP)
+        errors = [e for e in browser.events if e["method"] == "Runtime.exceptionThrown"]
+        self.assertEqual(errors, [])
+
+    @inlineCallbacks
     def test_largeSet(self):
         """
         With 250 backends the page shows them a hundred at a time, the

@@ -23,7 +23,9 @@ from rrbalancer.pools import PoolConfig, parsePools
 from rrbalancer.reload import Reloader
 from rrbalancer.service import makeService
 
-from .support import Net, ScriptedBackend, exchange, memoryReactor, ok, reply
+from .support import (
+    Net, ScriptedBackend, connectClient, exchange, memoryReactor, ok, reply,
+)
 from .test_admin import InMemoryAdmin, poll
 from .test_routing import startRouted
 
@@ -171,6 +173,7 @@ class PoolsServiceTests(SynchronousTestCase):
         self.assertEqual(status["routes"][0], {
             "route": 2, "host": "*.example.com", "path_prefix": None, "methods": ["GET"],
             "pool": "default", "split": None, "strip_prefix": False, "priority": 0,
+            "mirror": None,
         })
 
     def test_noDefault(self):
@@ -180,10 +183,10 @@ class PoolsServiceTests(SynchronousTestCase):
 
 
 class ReloadTests(SynchronousTestCase):
-    def test_poolsAndRoutesNeedARestart(self):
+    def test_withoutPoolsReported(self):
         """
-        A reload that finds the pools or the routes changed applies the
-        rest and says, in the log and the answer, that those need a restart.
+        A reloader given no pools to apply the file's to reports a change
+        to them as needing a restart, and applies the rest.
         """
         old = config(pool=[API], route=[{"path_prefix": "/a", "pool": "api"}])
         new = config(
@@ -199,6 +202,95 @@ class ReloadTests(SynchronousTestCase):
         self.assertEqual(result["added"], ["http://127.0.0.1:8082"])
         self.assertEqual(sorted(result["ignored"]), ["pools", "routes"])
         self.assertIn("needs a restart, not applied: pools, routes", formatEvent(events[-1]))
+
+    def test_poolsAndRoutesApplied(self):
+        """
+        A reload adds the pools the file adds, removes those it drops,
+        brings the others' backends and policy to the file's, swaps the
+        routes, and reports a pool's changed checks as needing a restart.
+        """
+        other = {"name": "other", "backend": ["http://127.0.0.1:9101"]}
+        old = config(
+            pool=[API, other],
+            route=[{"path_prefix": "/a", "pool": "api"},
+                   {"path_prefix": "/o", "pool": "other"}],
+        )
+        fresh = {"name": "fresh", "backend": ["http://127.0.0.1:9201"]}
+        new = config(
+            pool=[
+                dict(API, balance="least-conn", health={"path": "/healthz"},
+                     backend=[{"url": "http://127.0.0.1:9001", "weight": 3},
+                              "http://127.0.0.1:9003"]),
+                fresh,
+            ],
+            route=[{"path_prefix": "/a", "pool": "api",
+                    "mirror": [{"pool": "fresh", "percent": 100}]},
+                   {"path_prefix": "/o", "pool": "fresh"}],
+            mirror_max_inflight=7,
+        )
+        service = makeService(old, memoryReactor())
+        pools = service.pools
+        api = pools.balancers["api"]
+        events = []
+        reloader = Reloader(old, service.group, load=lambda: new, pools=pools)
+        reloader.log = reloader.log.__class__(observer=events.append)
+        result = reloader.reload()
+        self.assertEqual(result["added"], ["pool api: http://127.0.0.1:9003", "pool fresh"])
+        self.assertEqual(result["removed"], ["pool other", "pool api: http://127.0.0.1:9002"])
+        self.assertEqual(
+            result["changed"],
+            ["pool api: http://127.0.0.1:9001", "balancing of pool api", "routes"],
+        )
+        self.assertEqual(result["ignored"], ["pool api health"])
+        self.assertIn("needs a restart, not applied: pool api health", formatEvent(events[-1]))
+        self.assertEqual(list(pools.balancers), ["default", "api", "fresh"])
+        self.assertIs(pools.balancers["api"], api)
+        self.assertEqual(api.group.policy.name, "least-conn")
+        self.assertEqual(api.config.health.path, "/")
+        self.assertEqual(
+            {(b.url, b.weight, b.state) for b in api.group},
+            {("http://127.0.0.1:9001", 3, "up"), ("http://127.0.0.1:9003", 1, "down")},
+        )
+        # A new pool's backends wait for a check to pass, as a new one's do.
+        self.assertEqual(
+            [(b.url, b.state) for b in pools.balancers["fresh"].group],
+            [("http://127.0.0.1:9201", "down")],
+        )
+        router = pools.router
+        self.assertIs(service.site.resource, router)
+        self.assertEqual([r.pool for r in router.routes], ["api", "fresh"])
+        self.assertEqual(set(router.pools), {"default", "api", "fresh"})
+        self.assertIs(router.pools["fresh"], pools.balancers["fresh"].resource())
+        self.assertEqual(pools.mirrors.maxInFlight, 7)
+        self.assertIs(pools.mirrors.pickers["fresh"], pools.balancers["fresh"].group)
+        self.assertEqual([p["name"] for p in pools.status()["pools"]],
+                         ["default", "api", "fresh"])
+        # Nothing left to do a second time; the checks still differ.
+        again = Reloader(new, service.group, load=lambda: new, pools=pools).reload()
+        self.assertEqual(
+            (again["added"], again["removed"], again["changed"], again["ignored"]),
+            ([], [], [], ["pool api health"]),
+        )
+
+    def test_defaultPoolComesAndGoes(self):
+        """
+        A file that drops the top-level backends leaves no default pool:
+        unrouted requests then get 404; one that brings them back brings
+        it back.
+        """
+        routes = [{"path_prefix": "/a", "pool": "api"}]
+        withDefault = config(pool=[API], route=routes)
+        without = config(backend=[], pool=[API], route=routes)
+        service = makeService(withDefault, memoryReactor())
+        reloader = Reloader(withDefault, service.group, load=lambda: without,
+                            pools=service.pools)
+        reloader.reload()
+        self.assertEqual(list(service.pools.balancers), ["api"])
+        self.assertIsNone(service.pools.router.default)
+        reloader._load = lambda: withDefault
+        reloader.reload()
+        self.assertEqual(list(service.pools.balancers), ["default", "api"])
+        self.assertIs(service.pools.router.default, service.balancer.resource())
 
     def test_inheritedBalancingFollows(self):
         """
@@ -226,6 +318,64 @@ class ReloadTests(SynchronousTestCase):
         self.assertEqual(api.config.balance, "least-conn")
         again = Reloader(new, service.group, load=lambda: new, pools=service.pools).reload()
         self.assertEqual(again["changed"], [])
+
+
+class ReloadOnSocketsTests(TestCase):
+    """
+    A reload of pools and routes under traffic, on real sockets.
+    """
+
+    def setUp(self):
+        self.net = Net(self)
+
+    @inlineCallbacks
+    def test_removedPoolDrains(self):
+        """
+        A reload that drops a pool while one of its requests is in flight,
+        and routes its path to a new pool: the request in flight is
+        answered whole, the next ones go to the new pool, and the old pool
+        stops once drained.
+        """
+        web = ScriptedBackend(self.net, reply(ok(b"web")))
+        held = []
+        old = ScriptedBackend(self.net, lambda connection, request: held.append(connection))
+        fresh = ScriptedBackend(self.net, reply(ok(b"fresh")))
+        service, port = yield startRouted(self.net, {
+            "backend": [web.url],
+            "pool": [{"name": "old", "backend": [old.url]}],
+            "route": [{"path_prefix": "/api", "pool": "old"}],
+        })
+        pools = service.pools
+        oldPool = pools.balancers["old"]
+        client = yield connectClient(self.net, port)
+        client.send(b"GET /api/slow HTTP/1.1\r\nHost: h\r\n\r\n")
+        yield old.waitFor(lambda: len(held) == 1)
+        new = buildConfig({
+            "backend": [web.url], "admin": "none", "health": {"enabled": False},
+            "pool": [{"name": "fresh", "backend": [fresh.url]}],
+            "route": [{"path_prefix": "/api", "pool": "fresh"}],
+        })
+        result = Reloader(
+            service.config, service.group, load=lambda: new, pools=pools
+        ).reload()
+        self.assertEqual(
+            (result["added"], result["removed"]), (["pool fresh"], ["pool old"])
+        )
+        for backend in pools.balancers["fresh"].group:
+            self.net.trackFactory(backend.pool)
+        self.assertTrue(oldPool.running)
+        for _ in range(3):
+            response = yield exchange(self.net, port, b"GET /api/x HTTP/1.1\r\nHost: h\r\n\r\n")
+            self.assertEqual((response.code, response.body), (200, b"fresh"))
+        response = yield exchange(self.net, port, b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertEqual((response.code, response.body), (200, b"web"))
+        self.assertEqual(len(old.requests), 1)
+        held[0].write(ok(b"old, whole"))
+        response = yield client.readResponse()
+        self.assertEqual((response.code, response.body), (200, b"old, whole"))
+        yield poll(lambda: not oldPool.running, timeout=5, what="the old pool to stop")
+        self.assertEqual(len(oldPool.group), 0)
+        self.assertNotIn(oldPool, list(pools))
 
 
 class PoolHealthTests(TestCase):

@@ -29,7 +29,7 @@ from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
 from rrbalancer.config import ConfigError, buildConfig, tomllib
-from rrbalancer.routing import Router, byPrecedence, parseRoutes, requestHost
+from rrbalancer.routing import Router, _segments, byPrecedence, parseRoutes, requestHost
 from rrbalancer.service import makeService
 
 from .support import Net, ScriptedBackend, exchange, ok, reply, serve
@@ -168,6 +168,42 @@ class MatchTests(SynchronousTestCase):
             self.assertTrue(self.matches(route, target), target)
         for target in (b"/", b"/v2x", b"/v", b"/x/v2", b"/V2", b"/v22/x"):
             self.assertFalse(self.matches(route, target), target)
+
+    def test_pathBytesAsSegments(self):
+        """
+        Paths are matched as bytes (made canonical when they hold
+        escapes): the same answer, for every prefix and path, as comparing
+        their decoded segments.
+        """
+        prefixes = ["/", "/v2", "/v2/admin", "/a%2Fb", "/a%20b", "/%41pi", "/a%25b", "/a%252Fb"]
+        targets = [
+            b"/", b"/v2", b"/v2/", b"/v2x", b"/v2/admin", b"/v2/adminx", b"/v2/admin/u",
+            b"//v2", b"/a/b", b"/a/b/c", b"/a%2Fb", b"/a%2fb/c", b"/a%20b/x",
+            b"/Api", b"/Api/x", b"/%41pi", b"/v%32", b"*", b"/a%25b", b"/a%b", b"/a%252Fb/c",
+            b"/a%25%2Fb", b"/a%2F%2Fb", b"/a%2F/b",
+        ]
+        for prefix in prefixes:
+            r, _ = router([{"path_prefix": prefix, "pool": "x"}])
+            segments = list(r.routes[0].segments)
+            for target in targets:
+                req = request(target, method=b"OPTIONS")
+                path = target.partition(b"?")[0]
+                same = _segments(path, 0)[:len(segments)] == segments
+                self.assertEqual(send(r, req), "x" if same else "default", (prefix, target))
+        r, _ = router([{"path_prefix": "/a%2Fb", "pool": "x"}])
+        self.assertEqual(send(r, request(b"/a%2Fb/c")), "x")
+        self.assertEqual(send(r, request(b"/a/b/c")), "default")
+
+    def test_hostsRemembered(self):
+        """
+        The router keeps the hosts it has worked out, a bounded number of
+        them.
+        """
+        r, _ = router([{"host": "a.example.com", "pool": "x"}])
+        for i in range(3000):
+            self.assertEqual(send(r, request(host=b"h%d.example.com" % i)), "default")
+            self.assertLessEqual(len(r._hosts), 1024)
+        self.assertEqual(send(r, request(host=b"A.example.com:80")), "x")
 
     def test_trailingSlashInConfig(self):
         self.assertTrue(self.matches({"path_prefix": "/v2/"}, b"/v2"))
@@ -351,18 +387,26 @@ class ParseTests(SynchronousTestCase):
         self.assertIn("write [[route]]", self.error({"pool": "default"}))
 
 
+def readmeExample(heading: str):
+    """
+    The README from C{heading} on, and the config its first TOML example
+    makes.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    part = text[text.index(heading):]
+    example = part[part.index("```toml\n") + 8:part.index("```\n\n")]
+    return part, buildConfig(dict(tomllib.loads(example), admin="none"))
+
+
 class ReadmeTests(SynchronousTestCase):
     def test_workedExample(self):
         """
         The README's example config is valid, and its table of requests
         says where the router sends them.
         """
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
-            text = f.read()
-        part = text[text.index("### Pools and routes"):]
-        example = part[part.index("```toml\n") + 8:part.index("```\n\n")]
-        config = buildConfig(dict(tomllib.loads(example), admin="none"))
+        part, config = readmeExample("### Pools and routes")
         r = Router(byPrecedence(config.routes), {n: _Pool(n) for n in ("default", "api", "static")})
         for method, target, host, pool, prepath in [
             (b"GET", b"/v1/users", b"API.example.com:8000", "api", []),

@@ -555,6 +555,7 @@ class AdminAPI:
             "rate_limits": limits,
             "pools": routing["pools"],
             "routes": routing["routes"],
+            "mirrors": routing.get("mirrors"),
             "queue": _queueJSON(self.group),
             "ejection": {
                 "after": self.group.ejection.after,

@@ -197,6 +197,21 @@ def mergeStatus(statuses: List[Tuple[int, Dict[str, Any]]], backends: List[Dict[
             if isinstance(value, (int, float)):
                 queue[key] = (max if key == "peak" else sum)(q[key] for q in queues)
         first["queue"] = queue
+    if first.get("mirrors"):
+        mirrors = [s["mirrors"] for s in each]
+        names = first["mirrors"]["pools"]
+        first["mirrors"] = dict(
+            first["mirrors"],
+            in_flight=sum(m["in_flight"] for m in mirrors),
+            pools={
+                name: {
+                    "mirrored": sum(m["pools"][name]["mirrored"] for m in mirrors),
+                    "failed": sum(m["pools"][name]["failed"] for m in mirrors),
+                    "skipped": _sumDicts(m["pools"][name]["skipped"] for m in mirrors),
+                }
+                for name in names
+            },
+        )
     totals = [s["totals"] for s in each]
     first["totals"] = {
         "backends": len(backends),

@@ -12,6 +12,7 @@
   const rows = new Map(); // backend id -> row elements
   let serverSkew = 0; // server clock minus ours, in seconds
   let offset = 0; // first row of the page shown
+  let pool = null; // the pool whose backends are shown; null: the default, without pools
   let timer = null;
   let messageTimer = null;
 
@@ -310,8 +311,44 @@
     if (text) query.set("q", text);
     const state = $("state-filter").value;
     if (state) query.set("state", state);
+    if (pool !== null) query.set("pool", pool);
     return "api/backends?" + query.toString();
   }
+
+  function inPool() {
+    return pool === null ? "" : "?pool=" + encodeURIComponent(pool);
+  }
+
+  // With pools, a choice of the pool whose backends the table shows.
+  function renderPools(pools) {
+    const names = pools.map((p) => p.name);
+    $("pool-field").hidden = names.length < 2;
+    if (names.length < 2) {
+      pool = null;
+      return;
+    }
+    const select = $("pool-select");
+    if ([...select.options].map((o) => o.value).join("\n") !== names.join("\n")) {
+      select.replaceChildren(...pools.map((p) => {
+        const option = el("option", "", `${p.name} (${p.up}/${p.backends} up)`);
+        option.value = p.name;
+        return option;
+      }));
+    } else {
+      pools.forEach((p, i) => setText(select.options[i], `${p.name} (${p.up}/${p.backends} up)`));
+    }
+    if (pool === null || !names.includes(pool)) choosePool(names[0]);
+    select.value = pool;
+  }
+
+  function choosePool(name) {
+    pool = name;
+    offset = 0;
+    for (const row of rows.values()) row.tr.remove();
+    rows.clear(); // ids are each pool's own
+  }
+
+  $("pool-select").addEventListener("change", () => { choosePool($("pool-select").value); refresh(); });
 
   function renderPager(list) {
     const c = list.counts;
@@ -392,6 +429,7 @@
     setText($("listeners"), addresses ? "Balancing on " + addresses : "");
     setText($("config-path"), status.config ? "Config: " + status.config : "");
     renderDiscovery(status.discovery || [], status.now);
+    renderPools(status.pools || []);
     document.title = `rrbalancer · ${t.available}/${t.backends} up`;
   }
 
@@ -402,28 +440,31 @@
   async function refresh() {
     clearTimeout(timer);
     const mine = ++generation;
+    const asked = pool;
     try {
       const [status, list] = await Promise.all([api("GET", "api/status"), api("GET", backendsQuery())]);
       if (mine !== generation) return;
       serverSkew = list.now - Date.now() / 1000;
       renderStatus(status);
-      renderBackends(list.backends);
-      renderPager(list);
+      if (pool === asked) { // else the status chose a pool: its backends come next
+        renderBackends(list.backends);
+        renderPager(list);
+      }
       setLive(true);
     } catch (e) {
       if (mine === generation) setLive(false, e.message);
     } finally {
-      if (mine === generation) timer = setTimeout(refresh, POLL_MS);
+      if (mine === generation) timer = setTimeout(refresh, pool === asked ? POLL_MS : 0);
     }
   }
 
   // -- actions --------------------------------------------------------------
 
   const ACTIONS = {
-    drain: (id) => api("PATCH", `api/backends/${encodeURIComponent(id)}`, { state: "draining" }),
-    disable: (id) => api("PATCH", `api/backends/${encodeURIComponent(id)}`, { state: "disabled" }),
-    enable: (id) => api("PATCH", `api/backends/${encodeURIComponent(id)}`, { state: "up" }),
-    remove: (id) => api("DELETE", `api/backends/${encodeURIComponent(id)}`),
+    drain: (id) => api("PATCH", `api/backends/${encodeURIComponent(id)}${inPool()}`, { state: "draining" }),
+    disable: (id) => api("PATCH", `api/backends/${encodeURIComponent(id)}${inPool()}`, { state: "disabled" }),
+    enable: (id) => api("PATCH", `api/backends/${encodeURIComponent(id)}${inPool()}`, { state: "up" }),
+    remove: (id) => api("DELETE", `api/backends/${encodeURIComponent(id)}${inPool()}`),
   };
   const DONE = { drain: "is draining", disable: "is disabled", enable: "is enabled", remove: "is being removed" };
 
@@ -463,7 +504,9 @@
     const submit = $("add-submit");
     submit.disabled = true;
     try {
-      const added = await api("POST", "api/backends", { url, weight, backup });
+      const body = { url, weight, backup };
+      if (pool !== null) body.pool = pool;
+      const added = await api("POST", "api/backends", body);
       showMessage(`Added ${added.url} (#${added.id}).`, false);
       $("add-url").value = "";
       $("add-weight").value = "1";
