@@ -8,6 +8,9 @@ Twisted) rather than the balancer, silently, at run time.  Everything else
 goes through Twisted's public API.
 """
 
+from errno import EWOULDBLOCK
+
+from twisted.internet import main
 from twisted.internet.tcp import Client as _TCP_CLIENT
 from twisted.internet.tcp import Server as _TCP_SERVER
 from twisted.web import http
@@ -34,6 +37,7 @@ __all__ = [
     "IOpenSSLTrustRoot",
     "h2WriteControlData",
     "handlingRequest",
+    "readIntoOneBuffer",
     "headSoFar",
     "stopRereadingResolvConf",
 
@@ -154,3 +158,49 @@ def writeNow(transport, data: bytes) -> None:
                 return
             data = data[sent:]
     transport.write(data)
+
+
+# What every connection given to readIntoOneBuffer reads into: one reactor
+# thread, and each read copied out before anything else runs.
+_readBuffer = bytearray(_TCP_CLIENT.bufferSize)
+_readView = memoryview(_readBuffer)
+
+
+def readIntoOneBuffer(transport) -> bool:
+    """
+    Have the TCP connection under C{transport} (itself, or the one a TLS
+    transport runs over) read into one buffer the process shares, and hand
+    its protocol a string of what arrived.
+
+    (It replaces the connection's C{doRead}, as Twisted's own does but for
+    the call to C{recv}, and calls its private C{_dataReceived}.)
+
+    Twisted reads with C{socket.recv(bufferSize)}, 64 KiB.  PyPy makes
+    that 64 KiB string in its nursery whatever arrives, then shrinks it:
+    a read of a 100-byte request spends 64 KiB of the nursery, so that a
+    balancer with a 1 MB nursery runs a minor collection every few
+    requests, each promoting whatever the requests in flight hold to the
+    old generation, where it dies and waits for a major collection.  Read
+    into a buffer made once, a read spends what arrived.
+
+    @return: whether it could (a TCP connection, possibly under TLS).
+    """
+    connection = transport
+    if type(connection) not in _TCP_TRANSPORTS:
+        connection = getattr(transport, "transport", None)
+        if type(connection) not in _TCP_TRANSPORTS:
+            return False
+    recvInto = connection.socket.recv_into
+    dataReceived = connection._dataReceived
+
+    def doRead():
+        try:
+            received = recvInto(_readBuffer)
+        except OSError as e:
+            if e.args[0] == EWOULDBLOCK:
+                return None
+            return main.CONNECTION_LOST
+        return dataReceived(_readView[:received].tobytes())
+
+    connection.doRead = doRead
+    return True

@@ -36,6 +36,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 from ._twisted import writeNow
+from .memory import readLightly
 
 # A response head larger than this is refused (NGINX's default buffers
 # allow 4-8 KiB; be generous, but bounded).
@@ -256,6 +257,7 @@ class BackendConnection(Protocol):
         transport = self.transport
         if ITCPTransport.providedBy(transport):
             transport.setTcpNoDelay(True)
+        readLightly(transport)
 
     def dataReceived(self, data: bytes) -> None:
         if self._receiver is None:

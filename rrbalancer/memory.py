@@ -27,12 +27,15 @@ do.
 """
 
 import gc
+import platform
 from typing import Callable, Optional, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+
+from . import _twisted
 
 # How often the heap is looked at (reading it costs tens of microseconds).
 CHECK_INTERVAL = 1.0
@@ -42,6 +45,21 @@ GROWTH = 2.0
 # A major collection is a few dozen steps with a nursery of a megabyte (a
 # step marks about twice the nursery); this many means something is wrong.
 MAX_STEPS = 100_000
+
+
+PYPY = platform.python_implementation() == "PyPy"
+
+
+def readLightly(transport, pypy: bool = PYPY) -> None:
+    """
+    On PyPy, have C{transport} read without spending 64 KiB of the nursery
+    a read (L{rrbalancer._twisted.readIntoOneBuffer} says why): a third
+    as many minor collections, and the old generation fills several times
+    more slowly.  CPython frees a read's buffer at once, and keeps
+    Twisted's own reads.
+    """
+    if pypy:
+        _twisted.readIntoOneBuffer(transport)
 
 
 def settleMemory() -> None:

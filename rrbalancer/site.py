@@ -18,6 +18,7 @@ from . import _twisted, http2
 from .accesslog import AccessLog
 from .headers import connectionTokens
 from .listeners import describeAddress
+from .memory import readLightly
 from .stats import RateMeter
 from .tunnel import TunnelCounts
 
@@ -368,6 +369,7 @@ class BalancerChannel(HTTPChannel):
 
     def connectionMade(self):
         HTTPChannel.connectionMade(self)
+        readLightly(self.transport)
         self.site._channelOpened(self)
 
     def _readingHead(self) -> bool:

@@ -5,15 +5,23 @@ mean.  When a Twisted release changes one, this fails, naming it, instead
 of the balancer misbehaving at run time.
 """
 
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.testing import AccumulatingProtocol, MemoryReactorClock, StringTransport
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http import HTTPChannel
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.resource import Resource
 from zope.interface.interface import InterfaceClass
 
 from rrbalancer import _twisted
+
+from .support import Net
+from .test_admin import poll
 
 
 class Held(Resource):
@@ -230,3 +238,52 @@ class HTTP2NamesTests(SynchronousTestCase):
         factory = object()
         endpoint = SSL4ServerEndpoint(MemoryReactorClock(), 0, factory)
         self.assertIs(_twisted.sslContextFactory(endpoint), factory)
+
+
+class ReadIntoOneBufferTests(TestCase):
+    """
+    L{_twisted.readIntoOneBuffer} on real TCP connections: what is sent
+    arrives whole, in order, on both ends, and an end closing is seen as
+    Twisted's own reads see it.
+    """
+
+    timeout = 10
+
+    @inlineCallbacks
+    def test_bothEnds(self):
+        net = Net(self)
+        server = AccumulatingProtocol()
+        server.closedDeferred = serverClosed = Deferred()
+        factory = Factory.forProtocol(lambda: server)
+        factory.protocolConnectionMade = None
+        port = net.listen(factory)
+        client = AccumulatingProtocol()
+        client.closedDeferred = clientClosed = Deferred()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+        yield poll(lambda: server.transport is not None)
+        for end in (client, server):
+            self.assertTrue(_twisted.readIntoOneBuffer(end.transport))
+        # More than one read's worth, so that the buffer is reused.
+        big = bytes(range(256)) * 1024
+        client.transport.write(big)
+        server.transport.write(b"hello")
+        yield poll(lambda: len(server.data) == len(big) and client.data == b"hello")
+        self.assertEqual(server.data, big)
+        client.transport.loseConnection()
+        yield serverClosed
+        yield clientClosed
+        self.assertTrue(server.closedReason.check(ConnectionDone))
+
+    def test_notTCP(self):
+        """
+        A transport that is not a TCP connection, nor over one, is left
+        as it is.
+        """
+        self.assertFalse(_twisted.readIntoOneBuffer(StringTransport()))
+
+    def test_privateNames(self):
+        from twisted.internet.tcp import Client, Server
+
+        for kind in (Client, Server):
+            self.assertTrue(callable(getattr(kind, "_dataReceived", None)), kind)
+            self.assertEqual(kind.bufferSize, len(_twisted._readBuffer))
