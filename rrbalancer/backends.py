@@ -604,6 +604,14 @@ class BackendGroup:
     def byURL(self, url: str) -> Optional[Backend]:
         return self.byServer(BackendConfig(url=url))
 
+    def byStickyID(self, stickyID: str) -> Optional[Backend]:
+        """
+        The backend a sticky-session cookie names, if it is still here.
+        """
+        return self._bySticky.get(stickyID)
+
+    # -- adding -----------------------------------------------------------
+
     def add(
         self,
         config: BackendConfig,
@@ -680,6 +688,34 @@ class BackendGroup:
         if callback in self._onAdd:
             self._onAdd.remove(callback)
 
+    # -- choosing: the candidates and the pick ----------------------------
+
+    def pick(self, exclude: Collection[Backend] = (), request=None) -> Optional[Backend]:
+        """
+        The next backend for a request, skipping those already tried.
+
+        Its cost does not grow with the number of backends: the candidates
+        are kept up to date as backends change (see L{_place}).
+        """
+        policy = self.policy
+        if self.panicking:
+            choice = policy.pick(self._enabledPrimaries, exclude, request)
+        else:
+            choice = policy.pick(self._primaries, exclude, request)
+        if choice is None:
+            # No primary is up, or every one already failed this request
+            # (NGINX moves on to the backups in both cases).
+            choice = policy.pick(self._backups, exclude, request)
+        if choice is not None and exclude:
+            self.retries += 1
+        return choice
+
+    def availableCount(self) -> int:
+        """
+        Backends that may take a new request, primaries and backups.
+        """
+        return len(self._primaries) + len(self._backups)
+
     def _place(self, backend: Backend) -> None:
         """
         Put C{backend} among the candidates it belongs to now (primaries,
@@ -722,37 +758,6 @@ class BackendGroup:
                 self._enabledPrimaries.remove(backend)
             self._judgePanic()
 
-    # -- slow start and ejection (see rrbalancer._slowstart and _ejection) --
-
-    @property
-    def slowStart(self) -> float:
-        return self._slowStart.seconds
-
-    @slowStart.setter
-    def slowStart(self, seconds: float) -> None:
-        self._slowStart.seconds = seconds
-
-    def rampFraction(self, backend: Backend) -> float:
-        """
-        The share of its weight C{backend} takes now: 1 unless it ramps up.
-        """
-        return self._slowStart.fraction(backend)
-
-    @property
-    def ejection(self) -> Ejection:
-        return self._ejector.settings
-
-    @ejection.setter
-    def ejection(self, settings: Ejection) -> None:
-        self._ejector.settings = settings
-
-    @property
-    def ejected(self) -> int:
-        """
-        How many backends failures on client requests set aside now.
-        """
-        return self._ejector.ejected
-
     # -- panic ------------------------------------------------------------
     #
     # Kept with the placement rather than in a module of its own: its state
@@ -784,14 +789,89 @@ class BackendGroup:
                 up=len(self._primaries), enabled=enabled,
             )
 
-    def reconfigure(self, backend: Backend, weight: int, backup: bool) -> None:
+    # -- slow start and ejection (rrbalancer._slowstart, _ejection) -------
+
+    @property
+    def slowStart(self) -> float:
+        return self._slowStart.seconds
+
+    @slowStart.setter
+    def slowStart(self, seconds: float) -> None:
+        self._slowStart.seconds = seconds
+
+    def rampFraction(self, backend: Backend) -> float:
         """
-        Change a backend's weight or backup role; it keeps its connections
-        and its requests in flight.
+        The share of its weight C{backend} takes now: 1 unless it ramps up.
         """
-        backend.weight = weight
-        backend.backup = backup
-        backend.config = BackendConfig(url=backend.url, weight=weight, backup=backup)
+        return self._slowStart.fraction(backend)
+
+    @property
+    def ejection(self) -> Ejection:
+        return self._ejector.settings
+
+    @ejection.setter
+    def ejection(self, settings: Ejection) -> None:
+        self._ejector.settings = settings
+
+    @property
+    def ejected(self) -> int:
+        """
+        How many backends failures on client requests set aside now.
+        """
+        return self._ejector.ejected
+
+    # -- the max_conns queue (see rrbalancer.queue) -----------------------
+
+    def _roomMade(self) -> None:
+        """
+        A full backend finished a request: the oldest waiting request's
+        turn, once the exchange that freed the room has ended.
+        """
+        queue = self.requestQueue
+        if queue is not None and len(queue):
+            self._clock.callLater(0, queue.serve)
+
+    def mustWait(self, served: bool) -> bool:
+        """
+        Should a request wait in the queue rather than be picked a backend
+        now?  Yes while others wait before it, so that the queue is served
+        in order.
+
+        @param served: its turn in the queue has come.
+        """
+        queue = self.requestQueue
+        return queue is not None and not served and len(queue) > 0
+
+    def mayWait(self) -> bool:
+        """
+        No backend could take a request: is it because they are full (so
+        that it may wait for room)?
+        """
+        return self.requestQueue is not None and self.full > 0
+
+    # -- owners and removal -----------------------------------------------
+
+    def claim(self, backend: Backend, owner: str) -> None:
+        """
+        C{owner} lists C{backend} too (it stays while any owner does).
+        """
+        if owner not in backend.owners:
+            backend.owners += (owner,)
+
+    def release(self, backend: Backend, owner: str, reason: str) -> bool:
+        """
+        C{owner} no longer lists C{backend}: once no owner does, it is
+        drained and removed (L{retire}).
+
+        @return: whether this release set off its removal.
+        """
+        if owner not in backend.owners:
+            return False
+        backend.owners = tuple(o for o in backend.owners if o != owner)
+        if backend.owners or backend.removing:
+            return False
+        self.retire(backend, reason)
+        return True
 
     def retire(self, backend: Backend, reason: str) -> Deferred:
         """
@@ -827,45 +907,6 @@ class BackendGroup:
 
         return backend.whenIdle().addCallback(forget)
 
-    def claim(self, backend: Backend, owner: str) -> None:
-        """
-        C{owner} lists C{backend} too (it stays while any owner does).
-        """
-        if owner not in backend.owners:
-            backend.owners += (owner,)
-
-    def release(self, backend: Backend, owner: str, reason: str) -> bool:
-        """
-        C{owner} no longer lists C{backend}: once no owner does, it is
-        drained and removed (L{retire}).
-
-        @return: whether this release set off its removal.
-        """
-        if owner not in backend.owners:
-            return False
-        backend.owners = tuple(o for o in backend.owners if o != owner)
-        if backend.owners or backend.removing:
-            return False
-        self.retire(backend, reason)
-        return True
-
-    def _closeTunnels(self, backend: Backend) -> None:
-        backend._closingTunnels = None
-        n = backend.closeTunnels()
-        if n:
-            self.log.info(
-                "backend {url} is being removed: closing its {n} tunnels still open"
-                " after {grace:g}s",
-                url=backend.url,
-                n=n,
-                grace=self.tunnelGrace,
-            )
-
-    def _stopClosingTunnels(self, backend: Backend) -> None:
-        call, backend._closingTunnels = backend._closingTunnels, None
-        if call is not None and call.active():
-            call.cancel()
-
     def keep(self, backend: Backend, reason: str) -> None:
         """
         Call off a pending removal: the backend takes traffic again.
@@ -897,52 +938,33 @@ class BackendGroup:
         if backend.pool is not None:
             backend.pool.retire()
 
-    def pick(self, exclude: Collection[Backend] = (), request=None) -> Optional[Backend]:
-        """
-        The next backend for a request, skipping those already tried.
+    def _closeTunnels(self, backend: Backend) -> None:
+        backend._closingTunnels = None
+        n = backend.closeTunnels()
+        if n:
+            self.log.info(
+                "backend {url} is being removed: closing its {n} tunnels still open"
+                " after {grace:g}s",
+                url=backend.url,
+                n=n,
+                grace=self.tunnelGrace,
+            )
 
-        Its cost does not grow with the number of backends: the candidates
-        are kept up to date as backends change (see L{_place}).
-        """
-        policy = self.policy
-        if self.panicking:
-            choice = policy.pick(self._enabledPrimaries, exclude, request)
-        else:
-            choice = policy.pick(self._primaries, exclude, request)
-        if choice is None:
-            # No primary is up, or every one already failed this request
-            # (NGINX moves on to the backups in both cases).
-            choice = policy.pick(self._backups, exclude, request)
-        if choice is not None and exclude:
-            self.retries += 1
-        return choice
+    def _stopClosingTunnels(self, backend: Backend) -> None:
+        call, backend._closingTunnels = backend._closingTunnels, None
+        if call is not None and call.active():
+            call.cancel()
 
-    def _roomMade(self) -> None:
-        """
-        A full backend finished a request: the oldest waiting request's
-        turn, once the exchange that freed the room has ended.
-        """
-        queue = self.requestQueue
-        if queue is not None and len(queue):
-            self._clock.callLater(0, queue.serve)
+    # -- settings, and stopping -------------------------------------------
 
-    def mustWait(self, served: bool) -> bool:
+    def reconfigure(self, backend: Backend, weight: int, backup: bool) -> None:
         """
-        Should a request wait in the queue rather than be picked a backend
-        now?  Yes while others wait before it, so that the queue is served
-        in order.
-
-        @param served: its turn in the queue has come.
+        Change a backend's weight or backup role; it keeps its connections
+        and its requests in flight.
         """
-        queue = self.requestQueue
-        return queue is not None and not served and len(queue) > 0
-
-    def mayWait(self) -> bool:
-        """
-        No backend could take a request: is it because they are full (so
-        that it may wait for room)?
-        """
-        return self.requestQueue is not None and self.full > 0
+        backend.weight = weight
+        backend.backup = backup
+        backend.config = BackendConfig(url=backend.url, weight=weight, backup=backup)
 
     def rebalance(self, policy, ejection: Ejection, slowStart: float, panicThreshold: int) -> None:
         """
@@ -961,12 +983,6 @@ class BackendGroup:
             else:
                 self._judgePanic()
 
-    def byStickyID(self, stickyID: str) -> Optional[Backend]:
-        """
-        The backend a sticky-session cookie names, if it is still here.
-        """
-        return self._bySticky.get(stickyID)
-
     def stop(self) -> None:
         """
         Cancel the timers the group runs (ramps, ejections), as the
@@ -978,12 +994,6 @@ class BackendGroup:
         self._ejector.stop(self._backends.values())
         for backend in self._backends.values():
             self._stopClosingTunnels(backend)
-
-    def availableCount(self) -> int:
-        """
-        Backends that may take a new request, primaries and backups.
-        """
-        return len(self._primaries) + len(self._backups)
 
 
 def _addedOrder(backend: Backend) -> int:
