@@ -26,10 +26,20 @@ Backends come from several places at once: the config file, the admin
 API, each discovery source.  Each backend knows which of them list it (its
 C{owners}), so that one place dropping a backend another still lists does
 not remove it (L{BackendGroup.release}).
+
+What lives where:
+ - here, the backends and the group: adding, finding and removing them,
+   their owners, the candidates a pick chooses from (kept up to date by
+   C{BackendGroup._place} as backends change, see L{rrbalancer.selection}),
+   the panic threshold, which picks from other candidates, and the hookup
+   to the C{max_conns} queue (L{rrbalancer.queue});
+ - L{rrbalancer._slowstart}: the ramp of a backend that comes up;
+ - L{rrbalancer._ejection}: outlier ejection, and its settings
+   (L{Ejection}, also importable from here);
+ - L{rrbalancer.policies}: how a pick chooses among the candidates.
 """
 
 import hashlib
-from dataclasses import dataclass
 from typing import Callable, Collection, Dict, Iterator, List, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, succeed
@@ -37,6 +47,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ._ejection import MAX_EJECTION, Ejection, Ejector
+from ._slowstart import SlowStart
 from .config import BackendConfig, HealthConfig
 from .interfaces import IPicker, IUpstream
 from .policies import RoundRobin
@@ -45,6 +57,23 @@ from .selection import Candidates
 from .stats import BackendStats
 from .tunnel import TunnelCounts
 
+__all__ = [
+    "ADMIN_STATES",
+    "API",
+    "CONFIG",
+    "DEMO",
+    "DISABLED",
+    "DOWN",
+    "DRAINING",
+    "EJECTED",
+    "MAX_EJECTION",
+    "STATES",
+    "UP",
+    "Backend",
+    "BackendGroup",
+    "Ejection",
+]
+
 UP = "up"
 DOWN = "down"
 DRAINING = "draining"
@@ -52,34 +81,6 @@ DISABLED = "disabled"
 EJECTED = "ejected"
 ADMIN_STATES = (UP, DRAINING, DISABLED)
 STATES = (UP, DOWN, EJECTED, DRAINING, DISABLED)
-
-# However often a backend was ejected, it is back after this long.
-MAX_EJECTION = 300.0
-
-
-@dataclass(frozen=True)
-class Ejection:
-    """
-    When failures seen on client requests set a backend aside (outlier
-    ejection: NGINX's C{max_fails}/C{fail_timeout}, Envoy's consecutive
-    gateway failures).
-
-    @ivar after: failures in a row that eject; 0 never ejects.
-    @ivar time: seconds of the first ejection; the n-th lasts n times as
-        long, up to L{MAX_EJECTION}.
-    @ivar on5xx: a 5xx answer counts as a failure.
-    @ivar maxPercent: at most this share of the group is ejected at once.
-    """
-
-    after: int = 5
-    time: float = 30.0
-    on5xx: bool = False
-    maxPercent: int = 50
-
-    @classmethod
-    def fromConfig(cls, config) -> "Ejection":
-        return cls(config.ejectAfter, config.ejectTime, config.ejectOn5xx,
-                   config.maxEjectedPercent)
 
 # Who may list a backend, besides each discovery source (named by its URL).
 CONFIG = "config"
@@ -173,15 +174,16 @@ class Backend:
         self.stickyID = hashlib.sha256(
             b"rrbalancer-backend:" + repr(config.server).encode("utf-8")
         ).hexdigest()[:16]
-        # Failures on client requests, apart from the active checks.
+        # Failures on client requests, apart from the active checks: kept
+        # here, judged by the group's Ejector (rrbalancer._ejection).
         self.consecutiveFailures = 0
         self.ejections = 0
         self.ejectedUntil: Optional[float] = None
         self._ejectionEnded: Optional[float] = None
         self._readmission = None
-        # Slow start: whether it is among the candidates now, and whether
-        # joining them ramps its weight up (not for the backends a balancer
-        # starts with).
+        # Whether it is among the candidates now, and whether joining them
+        # ramps its weight up (not for the backends a balancer starts
+        # with); the ramp is the group's SlowStart (rrbalancer._slowstart).
         self.rampStart: Optional[float] = None
         self._full = False
         self._placed = False
@@ -458,7 +460,9 @@ class Backend:
         if group is not None:
             group.policy.finished(self, seconds, not 100 <= code < 500)
             if code == 0 or (code >= 500 and group.ejection.on5xx):
-                group._requestFailed(self, f"answered {code}" if code else "response cut short")
+                group._ejector.requestFailed(
+                    self, f"answered {code}" if code else "response cut short"
+                )
             else:
                 self.consecutiveFailures = 0
         self.stats.recordResponse(code, seconds, bytesIn, bytesOut)
@@ -474,7 +478,7 @@ class Backend:
         group = self._group
         if group is not None:
             group.policy.finished(self, 0.0, True)
-            group._requestFailed(self, reason)
+            group._ejector.requestFailed(self, reason)
 
     def downtime(self) -> float:
         """
@@ -534,6 +538,7 @@ class BackendGroup:
     @ivar retries: requests that moved on to another backend after one
         failed them.
     @ivar panicking: the panic threshold is crossed now.
+    @ivar panics: times it was crossed.
     """
 
     log = Logger()
@@ -555,8 +560,6 @@ class BackendGroup:
         self.health = health
         self.tunnelGrace = tunnelGrace
         self.policy = policy if policy is not None else RoundRobin()
-        self.ejection = ejection
-        self.slowStart = slowStart
         self.panicThreshold = panicThreshold
         self.maxConns = maxConns
         self.requestQueue = RequestQueue(queueSize, queueTimeout, clock) if maxConns else None
@@ -575,9 +578,8 @@ class BackendGroup:
         self._onAdd: List[Callable[[Backend], None]] = []
         self._bySticky: Dict[str, Backend] = {}
         self.retries = 0
-        self.ejected = 0
-        self._ramping: Set[Backend] = set()
-        self._rampCall = None
+        self._slowStart = SlowStart(clock, slowStart, self._place)
+        self._ejector = Ejector(clock, ejection, self._place, self.__len__, self.log)
         # Every enabled primary, whatever its health: the candidates while
         # panicking (kept only when a threshold is set).
         self._enabledPrimaries: Candidates[Backend] = Candidates(_addedOrder)
@@ -601,6 +603,14 @@ class BackendGroup:
 
     def byURL(self, url: str) -> Optional[Backend]:
         return self.byServer(BackendConfig(url=url))
+
+    def byStickyID(self, stickyID: str) -> Optional[Backend]:
+        """
+        The backend a sticky-session cookie names, if it is still here.
+        """
+        return self._bySticky.get(stickyID)
+
+    # -- adding -----------------------------------------------------------
 
     def add(
         self,
@@ -678,6 +688,34 @@ class BackendGroup:
         if callback in self._onAdd:
             self._onAdd.remove(callback)
 
+    # -- choosing: the candidates and the pick ----------------------------
+
+    def pick(self, exclude: Collection[Backend] = (), request=None) -> Optional[Backend]:
+        """
+        The next backend for a request, skipping those already tried.
+
+        Its cost does not grow with the number of backends: the candidates
+        are kept up to date as backends change (see L{_place}).
+        """
+        policy = self.policy
+        if self.panicking:
+            choice = policy.pick(self._enabledPrimaries, exclude, request)
+        else:
+            choice = policy.pick(self._primaries, exclude, request)
+        if choice is None:
+            # No primary is up, or every one already failed this request
+            # (NGINX moves on to the backups in both cases).
+            choice = policy.pick(self._backups, exclude, request)
+        if choice is not None and exclude:
+            self.retries += 1
+        return choice
+
+    def availableCount(self) -> int:
+        """
+        Backends that may take a new request, primaries and backups.
+        """
+        return len(self._primaries) + len(self._backups)
+
     def _place(self, backend: Backend) -> None:
         """
         Put C{backend} among the candidates it belongs to now (primaries,
@@ -697,12 +735,10 @@ class BackendGroup:
             weight = backend._weight
             if not backend._placed:
                 backend._placed = True
-                if self.slowStart and backend._rampOnJoin:
-                    backend.rampStart = self._clock.seconds()
-                    self._ramping.add(backend)
-                    self._scheduleRamp()
+                if self._slowStart.seconds and backend._rampOnJoin:
+                    self._slowStart.begin(backend)
             if backend.rampStart is not None:
-                weight = self._ramped(backend, weight)
+                weight = self._slowStart.weight(backend, weight)
             here, there = (backups, primaries) if backend._backup else (primaries, backups)
             there.remove(backend)
             here.add(backend, weight)
@@ -711,8 +747,8 @@ class BackendGroup:
                 # Full, it stays where it is on its ramp; down, it starts
                 # again when it comes back.
                 backend._placed = False
-                backend.rampStart = None
-                self._ramping.discard(backend)
+                if backend.rampStart is not None:
+                    self._slowStart.end(backend)
             primaries.remove(backend)
             backups.remove(backend)
         if self.panicThreshold:
@@ -722,89 +758,12 @@ class BackendGroup:
                 self._enabledPrimaries.remove(backend)
             self._judgePanic()
 
-    # -- slow start -------------------------------------------------------
-
-    def _ramped(self, backend: Backend, weight: int) -> float:
-        """
-        C{backend}'s share of C{weight} now: a tenth when it joined, all of
-        it C{slowStart} seconds later (when it leaves the ramp).
-        """
-        elapsed = self._clock.seconds() - backend.rampStart
-        if elapsed >= self.slowStart:
-            backend.rampStart = None
-            self._ramping.discard(backend)
-            return weight
-        return weight * (0.1 + 0.9 * elapsed / self.slowStart)
-
-    def _scheduleRamp(self) -> None:
-        if self._rampCall is None and self._ramping:
-            # Ten steps at least, a second apart at most.
-            step = min(1.0, self.slowStart / 10)
-            self._rampCall = self._clock.callLater(step, self._rampStep)
-
-    def _rampStep(self) -> None:
-        self._rampCall = None
-        for backend in list(self._ramping):
-            self._place(backend)
-        self._scheduleRamp()
-
-    def rampFraction(self, backend: Backend) -> float:
-        """
-        The share of its weight C{backend} takes now: 1 unless it ramps up.
-        """
-        if backend.rampStart is None or not self.slowStart:
-            return 1.0
-        elapsed = self._clock.seconds() - backend.rampStart
-        return min(1.0, 0.1 + 0.9 * elapsed / self.slowStart)
-
-    # -- outlier ejection -------------------------------------------------
-
-    def _requestFailed(self, backend: Backend, reason: str) -> None:
-        """
-        A client request failed on C{backend}: eject it once that has
-        happened C{ejection.after} times in a row, as long as the group may
-        spare it.
-        """
-        ejection = self.ejection
-        backend.consecutiveFailures += 1
-        if (
-            not ejection.after
-            or backend.consecutiveFailures < ejection.after
-            or backend.ejectedUntil is not None
-            or backend._group is not self
-        ):
-            return
-        if (self.ejected + 1) * 100 > ejection.maxPercent * len(self._backends):
-            return
-        now = self._clock.seconds()
-        if backend._ejectionEnded is not None and now - backend._ejectionEnded > MAX_EJECTION:
-            # Well for long enough: its next ejection is short again.
-            backend.ejections = 0
-        backend.ejections += 1
-        seconds = min(ejection.time * backend.ejections, MAX_EJECTION)
-        failures, backend.consecutiveFailures = backend.consecutiveFailures, 0
-        backend.ejectedUntil = now + seconds
-        self.ejected += 1
-        backend._readmission = self._clock.callLater(seconds, self._readmit, backend)
-        backend._changed(f"ejected after {failures} failed requests in a row: {reason}")
-        self._place(backend)
-        self.log.warn(
-            "backend {url} ejected for {seconds:g} s after {n} failed requests in a row: {reason}",
-            url=backend.url, seconds=seconds, n=failures, reason=reason,
-        )
-
-    def _readmit(self, backend: Backend) -> None:
-        backend._readmission = None
-        if backend.ejectedUntil is None:
-            return
-        backend.ejectedUntil = None
-        backend._ejectionEnded = self._clock.seconds()
-        self.ejected -= 1
-        backend._changed("ejection over")
-        self._place(backend)
-        self.log.info("backend {url} is back from its ejection", url=backend.url)
-
     # -- panic ------------------------------------------------------------
+    #
+    # Kept with the placement rather than in a module of its own: its state
+    # is a third set of candidates that _place keeps beside the other two,
+    # its verdict comes from their sizes, and pick reads that verdict at
+    # every request (a plain attribute here, not one on another object).
 
     def _judgePanic(self) -> None:
         enabled = len(self._enabledPrimaries)
@@ -830,14 +789,89 @@ class BackendGroup:
                 up=len(self._primaries), enabled=enabled,
             )
 
-    def reconfigure(self, backend: Backend, weight: int, backup: bool) -> None:
+    # -- slow start and ejection (rrbalancer._slowstart, _ejection) -------
+
+    @property
+    def slowStart(self) -> float:
+        return self._slowStart.seconds
+
+    @slowStart.setter
+    def slowStart(self, seconds: float) -> None:
+        self._slowStart.seconds = seconds
+
+    def rampFraction(self, backend: Backend) -> float:
         """
-        Change a backend's weight or backup role; it keeps its connections
-        and its requests in flight.
+        The share of its weight C{backend} takes now: 1 unless it ramps up.
         """
-        backend.weight = weight
-        backend.backup = backup
-        backend.config = BackendConfig(url=backend.url, weight=weight, backup=backup)
+        return self._slowStart.fraction(backend)
+
+    @property
+    def ejection(self) -> Ejection:
+        return self._ejector.settings
+
+    @ejection.setter
+    def ejection(self, settings: Ejection) -> None:
+        self._ejector.settings = settings
+
+    @property
+    def ejected(self) -> int:
+        """
+        How many backends failures on client requests set aside now.
+        """
+        return self._ejector.ejected
+
+    # -- the max_conns queue (see rrbalancer.queue) -----------------------
+
+    def _roomMade(self) -> None:
+        """
+        A full backend finished a request: the oldest waiting request's
+        turn, once the exchange that freed the room has ended.
+        """
+        queue = self.requestQueue
+        if queue is not None and len(queue):
+            self._clock.callLater(0, queue.serve)
+
+    def mustWait(self, served: bool) -> bool:
+        """
+        Should a request wait in the queue rather than be picked a backend
+        now?  Yes while others wait before it, so that the queue is served
+        in order.
+
+        @param served: its turn in the queue has come.
+        """
+        queue = self.requestQueue
+        return queue is not None and not served and len(queue) > 0
+
+    def mayWait(self) -> bool:
+        """
+        No backend could take a request: is it because they are full (so
+        that it may wait for room)?
+        """
+        return self.requestQueue is not None and self.full > 0
+
+    # -- owners and removal -----------------------------------------------
+
+    def claim(self, backend: Backend, owner: str) -> None:
+        """
+        C{owner} lists C{backend} too (it stays while any owner does).
+        """
+        if owner not in backend.owners:
+            backend.owners += (owner,)
+
+    def release(self, backend: Backend, owner: str, reason: str) -> bool:
+        """
+        C{owner} no longer lists C{backend}: once no owner does, it is
+        drained and removed (L{retire}).
+
+        @return: whether this release set off its removal.
+        """
+        if owner not in backend.owners:
+            return False
+        backend.owners = tuple(o for o in backend.owners if o != owner)
+        if backend.owners or backend.removing:
+            return False
+        self.retire(backend, reason)
+        return True
 
     def retire(self, backend: Backend, reason: str) -> Deferred:
         """
@@ -873,27 +907,36 @@ class BackendGroup:
 
         return backend.whenIdle().addCallback(forget)
 
-    def claim(self, backend: Backend, owner: str) -> None:
+    def keep(self, backend: Backend, reason: str) -> None:
         """
-        C{owner} lists C{backend} too (it stays while any owner does).
+        Call off a pending removal: the backend takes traffic again.
         """
-        if owner not in backend.owners:
-            backend.owners += (owner,)
+        if backend.removing:
+            backend.removing = False
+            self._stopClosingTunnels(backend)
+            backend.setAdminState(UP, reason)
 
-    def release(self, backend: Backend, owner: str, reason: str) -> bool:
-        """
-        C{owner} no longer lists C{backend}: once no owner does, it is
-        drained and removed (L{retire}).
-
-        @return: whether this release set off its removal.
-        """
-        if owner not in backend.owners:
-            return False
-        backend.owners = tuple(o for o in backend.owners if o != owner)
-        if backend.owners or backend.removing:
-            return False
-        self.retire(backend, reason)
-        return True
+    def remove(self, backend: Backend) -> None:
+        del self._backends[backend.id]
+        if self._byServer.get(backend.config.server) is backend:
+            del self._byServer[backend.config.server]
+        if self._bySticky.get(backend.stickyID) is backend:
+            del self._bySticky[backend.stickyID]
+        self._ejector.forget(backend)
+        self._stopClosingTunnels(backend)
+        if backend._full:
+            backend._full = False
+            self.full -= 1
+        backend._group = None
+        self._primaries.remove(backend)
+        self._backups.remove(backend)
+        self._slowStart.end(backend)
+        if self.panicThreshold:
+            self._enabledPrimaries.remove(backend)
+            self._judgePanic()
+        self.policy.forget(backend)
+        if backend.pool is not None:
+            backend.pool.retire()
 
     def _closeTunnels(self, backend: Backend) -> None:
         backend._closingTunnels = None
@@ -912,88 +955,16 @@ class BackendGroup:
         if call is not None and call.active():
             call.cancel()
 
-    def keep(self, backend: Backend, reason: str) -> None:
-        """
-        Call off a pending removal: the backend takes traffic again.
-        """
-        if backend.removing:
-            backend.removing = False
-            self._stopClosingTunnels(backend)
-            backend.setAdminState(UP, reason)
+    # -- settings, and stopping -------------------------------------------
 
-    def remove(self, backend: Backend) -> None:
-        del self._backends[backend.id]
-        if self._byServer.get(backend.config.server) is backend:
-            del self._byServer[backend.config.server]
-        if self._bySticky.get(backend.stickyID) is backend:
-            del self._bySticky[backend.stickyID]
-        if backend._readmission is not None:
-            backend._readmission.cancel()
-            backend._readmission = None
-        self._stopClosingTunnels(backend)
-        if backend.ejectedUntil is not None:
-            backend.ejectedUntil = None
-            self.ejected -= 1
-        if backend._full:
-            backend._full = False
-            self.full -= 1
-        backend._group = None
-        self._primaries.remove(backend)
-        self._backups.remove(backend)
-        self._ramping.discard(backend)
-        if self.panicThreshold:
-            self._enabledPrimaries.remove(backend)
-            self._judgePanic()
-        self.policy.forget(backend)
-        if backend.pool is not None:
-            backend.pool.retire()
-
-    def pick(self, exclude: Collection[Backend] = (), request=None) -> Optional[Backend]:
+    def reconfigure(self, backend: Backend, weight: int, backup: bool) -> None:
         """
-        The next backend for a request, skipping those already tried.
-
-        Its cost does not grow with the number of backends: the candidates
-        are kept up to date as backends change (see L{_place}).
+        Change a backend's weight or backup role; it keeps its connections
+        and its requests in flight.
         """
-        policy = self.policy
-        if self.panicking:
-            choice = policy.pick(self._enabledPrimaries, exclude, request)
-        else:
-            choice = policy.pick(self._primaries, exclude, request)
-        if choice is None:
-            # No primary is up, or every one already failed this request
-            # (NGINX moves on to the backups in both cases).
-            choice = policy.pick(self._backups, exclude, request)
-        if choice is not None and exclude:
-            self.retries += 1
-        return choice
-
-    def _roomMade(self) -> None:
-        """
-        A full backend finished a request: the oldest waiting request's
-        turn, once the exchange that freed the room has ended.
-        """
-        queue = self.requestQueue
-        if queue is not None and len(queue):
-            self._clock.callLater(0, queue.serve)
-
-    def mustWait(self, served: bool) -> bool:
-        """
-        Should a request wait in the queue rather than be picked a backend
-        now?  Yes while others wait before it, so that the queue is served
-        in order.
-
-        @param served: its turn in the queue has come.
-        """
-        queue = self.requestQueue
-        return queue is not None and not served and len(queue) > 0
-
-    def mayWait(self) -> bool:
-        """
-        No backend could take a request: is it because they are full (so
-        that it may wait for room)?
-        """
-        return self.requestQueue is not None and self.full > 0
+        backend.weight = weight
+        backend.backup = backup
+        backend.config = BackendConfig(url=backend.url, weight=weight, backup=backup)
 
     def rebalance(self, policy, ejection: Ejection, slowStart: float, panicThreshold: int) -> None:
         """
@@ -1001,8 +972,8 @@ class BackendGroup:
         is dropped, ejections and ramps under way run their course.
         """
         self.policy = policy
-        self.ejection = ejection
-        self.slowStart = slowStart
+        self._ejector.settings = ejection
+        self._slowStart.seconds = slowStart
         if panicThreshold != self.panicThreshold:
             self.panicThreshold = panicThreshold
             self._enabledPrimaries = Candidates(_addedOrder)
@@ -1012,33 +983,17 @@ class BackendGroup:
             else:
                 self._judgePanic()
 
-    def byStickyID(self, stickyID: str) -> Optional[Backend]:
-        """
-        The backend a sticky-session cookie names, if it is still here.
-        """
-        return self._bySticky.get(stickyID)
-
     def stop(self) -> None:
         """
         Cancel the timers the group runs (ramps, ejections), as the
         balancer stops.
         """
-        if self._rampCall is not None:
-            self._rampCall.cancel()
-            self._rampCall = None
+        self._slowStart.stop()
         if self.requestQueue is not None:
             self.requestQueue.clear()
+        self._ejector.stop(self._backends.values())
         for backend in self._backends.values():
-            if backend._readmission is not None:
-                backend._readmission.cancel()
-                backend._readmission = None
             self._stopClosingTunnels(backend)
-
-    def availableCount(self) -> int:
-        """
-        Backends that may take a new request, primaries and backups.
-        """
-        return len(self._primaries) + len(self._backups)
 
 
 def _addedOrder(backend: Backend) -> int:
