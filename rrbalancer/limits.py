@@ -165,6 +165,9 @@ class RateLimiter:
         self.name = name
         self._clock = clock
         self._key = keyReader(limit.key, trusted)
+        # Read for every request: worked out once.
+        self._size = float(limit.size)
+        self._perSecond = limit.perSecond
         self._keys: "OrderedDict[bytes, _Key]" = OrderedDict()
         self.counts = dict.fromkeys(("passed", "rejected", "delayed", "dry_run", "unkeyed"), 0)
         self._lastLogged = -math.inf
@@ -175,18 +178,16 @@ class RateLimiter:
     def _state(self, key: bytes, now: float) -> _Key:
         keys = self._keys
         state = keys.get(key)
-        limit = self.limit
         if state is None:
-            state = keys[key] = _Key(float(limit.size), now)
-            if len(keys) > limit.maxKeys:
+            state = keys[key] = _Key(self._size, now)
+            if len(keys) > self.limit.maxKeys:
                 # The least recently seen goes (its requests in flight, if
                 # any, release its state, no longer the table's).
                 keys.popitem(last=False)
         else:
             keys.move_to_end(key)
-            state.tokens = min(
-                float(limit.size), state.tokens + (now - state.updated) * limit.perSecond
-            )
+            tokens = state.tokens + (now - state.updated) * self._perSecond
+            state.tokens = tokens if tokens < self._size else self._size
             state.updated = now
         return state
 
@@ -202,7 +203,7 @@ class RateLimiter:
             return self._refuse(key, 1, f"{state.inFlight} requests in flight")
         delay = 0.0
         if state.tokens < 1:
-            wait = (1 - state.tokens) / limit.perSecond
+            wait = (1 - state.tokens) / self._perSecond
             if limit.mode != DELAY or wait > limit.maxDelay:
                 return self._refuse(key, wait, "over the rate")
             delay = wait
@@ -265,6 +266,9 @@ class Limits:
     def __init__(self, limiters: Iterable[RateLimiter], clock: IReactorTime) -> None:
         self.limiters = tuple(limiters)
         self._clock = clock
+        self._withHeaders = tuple(
+            limiter for limiter in self.limiters if limiter.limit.headers
+        )
 
     def __bool__(self) -> bool:
         return bool(self.limiters)
@@ -274,10 +278,20 @@ class Limits:
         Call C{proceed} now or after a delay, or C{refuse(retryAfter,
         reason)}; the in-flight counts are released when the request ends.
         """
+        limiters = self.limiters
+        if len(limiters) == 1 and not self._withHeaders:
+            # One limit and no headers, the common case: a request it lets
+            # through at once and counts nowhere goes on with nothing more.
+            first = limiters[0].check(request)
+            if first is PASS:
+                proceed()
+                return
+            verdicts: Iterable[Verdict] = (first,)
+        else:
+            verdicts = (limiter.check(request) for limiter in limiters)
         releases = []
         delay = 0.0
-        for limiter in self.limiters:
-            verdict = limiter.check(request)
+        for verdict in verdicts:
             if verdict.release is not None:
                 releases.append(verdict.release)
             if verdict.refused:
@@ -314,6 +328,6 @@ class Limits:
         request.notifyFinish().addErrback(gone)
 
     def _addHeaders(self, request) -> None:
-        for limiter in self.limiters:
+        for limiter in self._withHeaders:
             for name, value in limiter.headers(request):
                 request.responseHeaders.addRawHeader(name, value)
