@@ -327,6 +327,36 @@ class BrowserTests(TestCase):
         total = yield page.evaluate("document.getElementById('t-requests').textContent")
         self.assertEqual(total, "6")
         self.assertTrue((yield page.evaluate("document.getElementById('discovery').hidden")))
+        # Without pools there is no pool to choose, and nothing of the choice shows.
+        shown = yield page.evaluate("getComputedStyle(document.getElementById('pool-field')).display")
+        self.assertEqual(shown, "none")
+
+        # The stats columns: totals, bytes and the last check of each backend.
+        yield page.waitFor(
+            "[...document.querySelectorAll('#backend-rows [data-col=check]')]"
+            ".every(td => td.textContent.startsWith('200 · '))",
+            "both backends' last checks",
+        )
+        stats = yield page.evaluate(
+            "[...document.querySelectorAll('#backend-rows tr')].map(tr => ["
+            " tr.querySelector('[data-col=requests]').textContent,"
+            " tr.querySelector('[data-col=requests]').title,"
+            " tr.querySelector('[data-col=bytes]').textContent])"
+        )
+        for requests, classes, moved in stats:
+            self.assertEqual((requests, classes), ("3", "Responses: 2xx: 3"))
+            self.assertRegex(moved, r"^0 B / \d+ B$")
+        # A row per listener: the client one with its traffic, then the admin one.
+        listeners = yield page.evaluate(
+            "[...document.querySelectorAll('#listener-rows tr')].map(tr =>"
+            " [...tr.querySelectorAll('td')].map(td => td.textContent))"
+        )
+        self.assertEqual(
+            [row[:2] for row in listeners],
+            [["client", balancer[len("http://"):]], ["admin", admin[len("http://"):]]],
+        )
+        self.assertEqual(listeners[0][4], "6")
+        self.assertEqual(listeners[1][2:], ["–"] * 4)
 
         # The drain button drains backend 1, and the page shows it.
         yield page.click('tr[data-backend-id="1"] button[data-action="drain"]')

@@ -146,7 +146,8 @@
     cells.sub = el("div", "sub");
     who.append(cells.url, cells.sub);
 
-    for (const name of ["weight", "active", "tunnels", "conns", "rps", "errors", "p50", "p99", "down"]) add(name, "num");
+    for (const name of ["weight", "active", "tunnels", "conns", "rps", "requests", "bytes",
+      "errors", "p50", "p99", "check", "down"]) add(name, "num");
 
     const spark = document.createElementNS(SVG, "svg");
     spark.setAttribute("class", "spark");
@@ -258,11 +259,13 @@
     setText(c.conns, k ? `${k.open}${k.limit ? " / " + k.limit : ""}${k.queue ? " +" + k.queue : ""}` : "–");
     c.conns.title = k ? `${k.open} open, ${k.idle} idle, limit ${k.limit || "none"}; ${k.queue} waiting (peak ${k.queue_peak}); peak in flight ${b.peak_active}` : "";
     setText(c.down, b.times_down ? `${b.times_down}× · ${fmtDuration(b.downtime)}` : "0");
-    const classes = Object.entries(b.responses || {}).map(([k2, v]) => `${k2}: ${v}`).join(", ");
-    c.rps.title = classes ? "Responses: " + classes : "";
-    c.sub.title = [b.last_error ? "Last error: " + b.last_error : "",
-      b.last_check_code !== null && b.last_check_code !== undefined
-        ? `Last check: HTTP ${b.last_check_code} in ${fmtMs(b.last_check_ms)}` : ""].filter(Boolean).join(" · ");
+    const classes = Object.entries(b.responses || {}).sort().map(([k2, v]) => `${k2}: ${v}`).join(", ");
+    setText(c.requests, String(b.requests));
+    c.requests.title = classes ? "Responses: " + classes : "";
+    setText(c.bytes, `${fmtBytes(b.bytes_in)} / ${fmtBytes(b.bytes_out)}`);
+    const checked = b.last_check_code !== null && b.last_check_code !== undefined;
+    setText(c.check, checked ? `${b.last_check_code} · ${fmtMs(b.last_check_ms)}` : "–");
+    c.check.title = b.last_check ? "Checked at " + new Date(b.last_check * 1000).toLocaleTimeString() : "";
     drawSpark(c, b.history || []);
 
     setText(c.when, fmtDuration(serverNow() - b.last_change) + " ago");
@@ -399,6 +402,30 @@
     }));
   }
 
+  // A row per listener, as HAProxy's frontends; the admin listener's own
+  // traffic is not counted, so its figures are left blank.
+  function renderListeners(listeners, admin) {
+    const row = (role, l) => {
+      const tr = el("tr");
+      tr.dataset.role = role;
+      const counted = role === "client";
+      const cells = [
+        el("td", "", role),
+        el("td", "url", l.address || l.description),
+        el("td", "num", counted ? String(l.connections) : "–"),
+        el("td", "num", counted ? String(l.connections_total) : "–"),
+        el("td", "num", counted ? String(l.requests_total) : "–"),
+        el("td", "num", counted ? fmtRate(l.requests_per_second) : "–"),
+      ];
+      ["role", "address", "connections", "accepted", "requests", "rps"].forEach((name, i) => { cells[i].dataset.col = name; });
+      tr.append(...cells);
+      return tr;
+    };
+    const rowsNow = listeners.map((l) => row("client", l));
+    if (admin) rowsNow.push(row("admin", admin));
+    $("listener-rows").replaceChildren(...rowsNow);
+  }
+
   function renderStatus(status) {
     setText($("version"), "v" + status.version);
     const t = status.totals;
@@ -421,12 +448,7 @@
     const workers = status.workers;
     if (workers) note += ` · ${workers.filter((w) => w.answering).length} of ${workers.length} workers answering`;
     setText($("health-note"), note);
-    const addresses = status.listeners.map((l) => {
-      const where = l.address || l.description;
-      return l.requests_per_second === undefined ? where
-        : `${where} (${fmtRate(l.requests_per_second)} req/s, ${l.connections} connections)`;
-    }).join(", ");
-    setText($("listeners"), addresses ? "Balancing on " + addresses : "");
+    renderListeners(status.listeners, status.admin);
     setText($("config-path"), status.config ? "Config: " + status.config : "");
     renderDiscovery(status.discovery || [], status.now);
     renderPools(status.pools || []);
