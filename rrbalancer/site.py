@@ -220,6 +220,10 @@ class BalancerRequest(Request):
                 callback()
 
     def finish(self):
+        # From here a lost connection is no news to the proxying; and
+        # without the watcher the request and its forwarding hold no
+        # cycle, so both are freed at once instead of by the collector.
+        self._lostWatcher = None
         Request.finish(self)
         self._uncount()
 
