@@ -28,6 +28,7 @@ do.
 
 import gc
 import platform
+import time
 from typing import Callable, Optional, Tuple
 
 from twisted.application.service import Service
@@ -42,6 +43,12 @@ CHECK_INTERVAL = 1.0
 # A collection once the old generation is this many times what the last
 # collection left (or what the balancer held at start, if more).
 GROWTH = 2.0
+# On CPython, a full collection longer than this means the long-lived
+# objects made since memory was last settled are worth settling again;
+# with a few backends one takes well under a millisecond.
+SLOW_COLLECTION = 0.005
+# Settling is a full collection itself: at least this far apart.
+SETTLE_SPACING = 10.0
 # A major collection is a few dozen steps with a nursery of a megabyte (a
 # step marks about twice the nursery); this many means something is wrong.
 MAX_STEPS = 100_000
@@ -76,6 +83,92 @@ def settleMemory() -> None:
         gc.unfreeze()
         gc.collect()
         gc.freeze()
+
+
+class CollectorWatch(Service):
+    """
+    Settles memory again (L{settleMemory}) when a full collection of
+    CPython's cycle collector has become slow.
+
+    Settling once at start freezes what the balancer built, but not what
+    it makes afterwards and keeps: its connections to the backends, opened
+    when the checks and the traffic first reach each one.  With a thousand
+    backends that is tens of thousands of objects, and every full
+    collection walks them all: a pause of 10 to 20 ms, several a second
+    under load, which is the p99 of every request it falls on.  Settled
+    again, those objects are out of the way, and a full collection costs
+    what the requests in flight leave, a fraction of a millisecond.
+    A settle is one full collection itself, so they are at least
+    C{spacing} seconds apart.
+
+    @ivar settles: how many times the watch settled memory.
+    """
+
+    settles = 0
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        callbacks: list,
+        settle: Callable[[], None] = lambda: settleMemory(),
+        timer: Callable[[], float] = time.perf_counter,
+        slow: float = SLOW_COLLECTION,
+        spacing: float = SETTLE_SPACING,
+    ) -> None:
+        self._clock = clock
+        self._callbacks = callbacks
+        self._settle = settle
+        self._timer = timer
+        self.slow = slow
+        self.spacing = spacing
+        self._began = 0.0
+        self._last: Optional[float] = None
+        self._pending: Optional[IDelayedCall] = None
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self._last = self._clock.seconds()
+        self._callbacks.append(self._observe)
+
+    def stopService(self):
+        if self._observe in self._callbacks:
+            self._callbacks.remove(self._observe)
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
+        self._pending = None
+        return Service.stopService(self)
+
+    def _observe(self, phase: str, info: dict) -> None:
+        # Called by the collector itself, in the middle of whatever code
+        # allocated: only notes the time, and leaves the settling to the
+        # event loop.
+        if phase == "start":
+            self._began = self._timer()
+            return
+        if info.get("generation") != 2 or self._pending is not None:
+            return
+        if self._timer() - self._began < self.slow:
+            return
+        now = self._clock.seconds()
+        if self._last is not None and now - self._last < self.spacing:
+            return
+        self._pending = self._clock.callLater(0, self._settleNow)
+
+    def _settleNow(self) -> None:
+        self._pending = None
+        self._last = self._clock.seconds()
+        self.settles += 1
+        self._settle()
+
+
+def collectorWatch(clock: IReactorTime, gcModule=gc) -> Optional[CollectorWatch]:
+    """
+    A L{CollectorWatch} on CPython's collector, or None where there is no
+    such collector to watch (PyPy).
+    """
+    if not hasattr(gcModule, "freeze"):
+        return None
+    return CollectorWatch(clock, gcModule.callbacks)
 
 
 def pypyHeap(gcModule=gc) -> Optional[Tuple[Callable[[], int], Callable[[], bool]]]:

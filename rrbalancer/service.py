@@ -20,7 +20,7 @@ from .balancer import Balancer
 from .config import Config, ConfigError
 from .demo import DemoBackends
 from .listeners import Listener
-from .memory import heapGuard, settleMemory
+from .memory import collectorWatch, heapGuard, settleMemory
 from .metrics import Metrics
 from .pools import Pools
 from .reload import Reloader
@@ -79,6 +79,8 @@ class BalancerService(MultiService):
     @ivar tls: the certificates of C{tls:} ports (C{--tls-cert}), or None.
     @ivar heapGuard: the L{HeapGuard} that keeps PyPy's heap bounded, or
         None (on CPython).
+    @ivar collectorWatch: the L{CollectorWatch} that keeps CPython's full
+        collections short, or None (on PyPy).
     """
 
     log = Logger()
@@ -160,6 +162,9 @@ class BalancerService(MultiService):
         self.heapGuard = heapGuard(reactor)
         if self.heapGuard is not None:
             self.heapGuard.setServiceParent(self)
+        self.collectorWatch = collectorWatch(reactor)
+        if self.collectorWatch is not None:
+            self.collectorWatch.setServiceParent(self)
 
     def _addAdmin(self, config: Config, reactor) -> None:
         token = readAdminToken(config.adminTokenFile) if config.adminTokenFile else None

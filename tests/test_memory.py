@@ -1,7 +1,8 @@
 """
 Tests for L{rrbalancer.memory}: L{HeapGuard} on a L{Clock} over a fake
 collector whose heap the tests set, and the binding to PyPy's collector
-(on a fake C{gc} module, and on the real one under PyPy).
+(on a fake C{gc} module, and on the real one under PyPy); L{CollectorWatch}
+fed the collections CPython's collector reports.
 """
 
 import gc
@@ -12,7 +13,7 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from rrbalancer.memory import GROWTH, HeapGuard, heapGuard, pypyHeap
+from rrbalancer.memory import GROWTH, CollectorWatch, HeapGuard, collectorWatch, heapGuard, pypyHeap
 
 MB = 1024 * 1024
 
@@ -303,3 +304,115 @@ class PyPyBindingTests(SynchronousTestCase):
 
 
 MAX_TEST_STEPS = 100_000
+
+
+class CollectorWatchTests(SynchronousTestCase):
+    """
+    L{CollectorWatch} on a L{Clock}, fed collections as CPython's
+    collector reports them, with a timer the tests move.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.callbacks = []
+        self.now = 0.0
+        self.settled = []
+        self.watch = CollectorWatch(
+            self.clock,
+            self.callbacks,
+            settle=lambda: self.settled.append(self.clock.seconds()),
+            timer=lambda: self.now,
+            slow=0.005,
+            spacing=60,
+        )
+        self.watch.startService()
+        self.addCleanup(self.watch.stopService)
+
+    def collect(self, generation: int, took: float) -> None:
+        for callback in list(self.callbacks):
+            callback("start", {"generation": generation})
+        self.now += took
+        for callback in list(self.callbacks):
+            callback("stop", {"generation": generation, "collected": 0, "uncollectable": 0})
+
+    def test_quickCollections(self):
+        """
+        Full collections that stay short settle nothing.
+        """
+        self.clock.advance(120)
+        for _ in range(10):
+            self.collect(2, 0.001)
+        self.clock.advance(0)
+        self.assertEqual(self.settled, [])
+
+    def test_youngCollections(self):
+        """
+        Only full collections count: a slow young one settles nothing.
+        """
+        self.clock.advance(120)
+        self.collect(1, 0.02)
+        self.clock.advance(0)
+        self.assertEqual(self.settled, [])
+
+    def test_slowFullCollection(self):
+        """
+        A slow full collection settles memory once, from the event loop
+        rather than inside the collector's callback.
+        """
+        self.clock.advance(120)
+        self.collect(2, 0.02)
+        self.assertEqual(self.settled, [])
+        self.collect(2, 0.02)
+        self.clock.advance(0)
+        self.assertEqual(self.settled, [1120])
+        self.assertEqual(self.watch.settles, 1)
+
+    def test_spacing(self):
+        """
+        Settles are at least C{spacing} seconds apart, counted from the
+        start too: settling is a full collection itself.
+        """
+        self.collect(2, 0.02)
+        self.clock.advance(0)
+        self.assertEqual(self.settled, [])
+        self.clock.advance(60)
+        self.collect(2, 0.02)
+        self.clock.advance(0)
+        self.clock.advance(30)
+        self.collect(2, 0.02)
+        self.clock.advance(0)
+        self.clock.advance(30)
+        self.collect(2, 0.02)
+        self.clock.advance(0)
+        self.assertEqual(self.settled, [1060, 1120])
+
+    def test_stop(self):
+        """
+        Stopped, the watch leaves the collector's callbacks and settles
+        nothing it had planned.
+        """
+        self.clock.advance(120)
+        self.collect(2, 0.02)
+        self.watch.stopService()
+        self.clock.advance(0)
+        self.assertEqual(self.callbacks, [])
+        self.assertEqual(self.settled, [])
+
+    def test_thisInterpreter(self):
+        """
+        On CPython the watch is on the real collector's callbacks; PyPy has
+        no generation to settle, and no watch.
+        """
+        watch = collectorWatch(self.clock)
+        if platform.python_implementation() == "PyPy":
+            self.assertIsNone(watch)
+            return
+        watch.startService()
+        try:
+            self.assertIn(watch._observe, gc.callbacks)
+            gc.collect()
+        finally:
+            watch.stopService()
+        self.assertNotIn(watch._observe, gc.callbacks)
+        self.assertIsNone(collectorWatch(self.clock, SimpleNamespace(callbacks=[])))
