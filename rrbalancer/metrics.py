@@ -217,41 +217,42 @@ class Metrics:
         head = self._head
         pools = [("" if name is None else f'pool="{_label(name)}"', group) for name, group in groups]
 
-        def family(name: str, kind: str, help: str, value) -> Iterator[str]:
+        def family(name: str, kind: str, help: str, value, among) -> Iterator[str]:
             yield head(name, kind, help, openMetrics)
             sample = name + "_total" if kind == "counter" else name
-            for pool, group in pools:
+            for pool, group in among:
                 labels = f"{{{pool}}}" if pool else ""
                 yield f"{sample}{labels} {_number(value(group))}\n"
 
         yield from family("rrbalancer_retries", "counter",
                           "Requests that moved on to another backend after one failed them.",
-                          lambda group: group.retries)
+                          lambda group: group.retries, pools)
         yield from family("rrbalancer_panic", "gauge",
                           "1 while under the panic threshold (every enabled primary is picked "
                           "whatever its health), else 0.",
-                          lambda group: 1 if group.panicking else 0)
+                          lambda group: 1 if group.panicking else 0, pools)
         yield from family("rrbalancer_panics", "counter",
-                          "Times the panic threshold was crossed.", lambda group: group.panics)
-        pools = [(pool, group) for pool, group in pools if group.requestQueue is not None]
-        if not pools:
+                          "Times the panic threshold was crossed.", lambda group: group.panics,
+                          pools)
+        queued = [(pool, group) for pool, group in pools if group.requestQueue is not None]
+        if not queued:
             return
         yield from family("rrbalancer_queue_length", "gauge",
                           "Requests waiting for a backend with room (--max-conns).",
-                          lambda group: len(group.requestQueue))
+                          lambda group: len(group.requestQueue), queued)
         yield from family("rrbalancer_queue_peak", "gauge",
                           "The most requests that have waited at once.",
-                          lambda group: group.requestQueue.peak)
+                          lambda group: group.requestQueue.peak, queued)
         yield head("rrbalancer_queue_requests", "counter",
                    "Requests that left the queue, by how: served, rejected (the queue "
                    "was full), timeouts, abandoned (the client left).", openMetrics)
-        for pool, group in pools:
+        for pool, group in queued:
             for outcome, count in group.requestQueue.counts.items():
                 labels = f'{pool},outcome="{outcome}"' if pool else f'outcome="{outcome}"'
                 yield f"rrbalancer_queue_requests_total{{{labels}}} {count}\n"
         yield head("rrbalancer_queue_wait_seconds", "histogram",
                    "How long served requests waited in the queue.", openMetrics)
-        for pool, group in pools:
+        for pool, group in queued:
             queue, cumulative = group.requestQueue, 0
             for bound, count in zip(WAIT_BUCKETS + (math.inf,), queue.waits):
                 cumulative += count

@@ -268,3 +268,38 @@ class MetricsTests(SynchronousTestCase):
                    if s.name.endswith("_bucket")}
         self.assertEqual((buckets["0.1"], buckets["0.5"], buckets["+Inf"]), (0, 1, 1))
         self.assertIn("rrbalancer_queue_length", {f.name for f in om(metrics.render(True).decode())})
+
+    def test_poolsWithAndWithout(self):
+        """
+        With pools, the queue's series are those of the pools that have a
+        queue, each labelled with its pool; the others have none.
+        """
+        from types import SimpleNamespace
+
+        from prometheus_client.parser import text_string_to_metric_families as text
+
+        from rrbalancer.metrics import Metrics
+
+        clock = Clock()
+        queued = BackendGroup(HealthConfig(enabled=False), clock, maxConns=1)
+        queued.add(BackendConfig("http://a")).active = 1
+        queued.requestQueue.wait()
+        plain = BackendGroup(HealthConfig(enabled=False), clock)
+        plain.add(BackendConfig("http://b"))
+        pools = SimpleNamespace(
+            config=SimpleNamespace(pools=("api", "web")),
+            balancers={"api": SimpleNamespace(group=queued), "web": SimpleNamespace(group=plain)},
+            mirrors=None,
+        )
+        families = {f.name: f for f in text(Metrics(queued, pools=pools).render().decode())}
+        self.assertEqual(
+            [(s.labels, s.value) for s in families["rrbalancer_queue_length"].samples],
+            [({"pool": "api"}, 1)],
+        )
+        self.assertEqual(
+            {s.labels["pool"] for s in families["rrbalancer_queue_wait_seconds"].samples},
+            {"api"},
+        )
+        self.assertEqual(
+            {s.labels["pool"] for s in families["rrbalancer_retries"].samples}, {"api", "web"}
+        )
