@@ -44,7 +44,7 @@ from zope.interface import alsoProvides, implementer
 from twisted.python.failure import Failure
 from twisted.web.proxy import ReverseProxyResource
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Site
 
 from rrbalancer.config import BackendConfig, Config, HealthConfig
 from rrbalancer.service import makeService
@@ -714,6 +714,22 @@ class LiteralBalancer:
 
         self.site = Site(RoundRobin())
         self.port = net.listen(self.site)
+
+
+class Held(Resource):
+    """
+    Keeps every request open for the test to answer or finish.
+    """
+
+    isLeaf = True
+
+    def __init__(self):
+        Resource.__init__(self)
+        self.requests = []
+
+    def render(self, request):
+        self.requests.append(request)
+        return NOT_DONE_YET
 
 
 @inlineCallbacks

@@ -29,15 +29,13 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from rrbalancer import http2, proxy
 from rrbalancer.site import BalancerSite
 from rrbalancer.tls import CertificateStore
 
-from .support import Net, ScriptedBackend, ok, startBalancer, withTimeout
+from .support import Held, Net, ScriptedBackend, ok, startBalancer, withTimeout
 from .test_tls import CA, writePair
 
 CURL = shutil.which("curl")
@@ -75,21 +73,6 @@ def _frames(data):
         data = data[9 + length :]
     return frames
 
-
-class Held(Resource):
-    """
-    Holds every request for the test to answer.
-    """
-
-    isLeaf = True
-
-    def __init__(self):
-        Resource.__init__(self)
-        self.requests = []
-
-    def render(self, request):
-        self.requests.append(request)
-        return NOT_DONE_YET
 
 
 @implementer(IPushProducer)

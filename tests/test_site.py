@@ -5,27 +5,11 @@ counting.
 
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
 
 from rrbalancer.site import BalancerSite
 from rrbalancer.tunnel import Tunnel
 
-
-class Held(Resource):
-    """
-    Keeps every request open until the test finishes it.
-    """
-
-    isLeaf = True
-
-    def __init__(self):
-        Resource.__init__(self)
-        self.requests = []
-
-    def render(self, request):
-        self.requests.append(request)
-        return NOT_DONE_YET
+from .support import Held
 
 
 class ChannelTests(SynchronousTestCase):

@@ -14,26 +14,14 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import AccumulatingProtocol, MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http import HTTPChannel
-from twisted.web.server import NOT_DONE_YET, Request, Site
-from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
 from zope.interface.interface import InterfaceClass
 
 from rrbalancer import _twisted
 
-from .support import Net
+from .support import Held, Net
 from .test_admin import poll
 
-
-class Held(Resource):
-    isLeaf = True
-
-    def __init__(self):
-        Resource.__init__(self)
-        self.requests = []
-
-    def render(self, request):
-        self.requests.append(request)
-        return NOT_DONE_YET
 
 
 class PrivateNamesTests(SynchronousTestCase):
