@@ -110,7 +110,7 @@ class CollectorWatch(Service):
         self,
         clock: IReactorTime,
         callbacks: list,
-        settle: Callable[[], None] = lambda: settleMemory(),
+        settle: Callable[[], None] = settleMemory,
         timer: Callable[[], float] = time.perf_counter,
         slow: float = SLOW_COLLECTION,
         spacing: float = SETTLE_SPACING,
