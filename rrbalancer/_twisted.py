@@ -38,6 +38,7 @@ __all__ = [
     "h2WriteControlData",
     "handlingRequest",
     "readIntoOneBuffer",
+    "headBegun",
     "headSoFar",
     "stopRereadingResolvConf",
 
@@ -63,6 +64,14 @@ def headSoFar(channel: http.HTTPChannel):
     C{channel} is reading, as it counts them against its own limits.
     """
     return channel._receivedHeaderSize, channel._receivedHeaderCount
+
+
+def headBegun(channel: http.HTTPChannel) -> bool:
+    """
+    Has C{channel} read part of a request head: a whole line of it, or
+    part of one?
+    """
+    return channel._receivedHeaderSize > 0 or channel._buffer != b""
 
 
 def takeBuffered(channel: http.HTTPChannel) -> bytes:

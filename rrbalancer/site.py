@@ -341,6 +341,7 @@ class BalancerChannel(HTTPChannel):
     _headTimer = None
     _bodyTimer = None
     _idleTimeOut = None
+    _suspendingIdle = False
     _refusedHead = False
     _closing = False
     _requestLine = None
@@ -453,9 +454,19 @@ class BalancerChannel(HTTPChannel):
             if http2.negotiated(self.transport) == http2.H2:
                 self._startHTTP2().dataReceived(data)
                 return
-        if self._headTimer is None and self._readingHead():
-            self._headTimer = self.callLater(self.headerTimeout, self._headTimedOut)
         HTTPChannel.dataReceived(self, data)
+        # The head timer is started only for a head that did not come whole
+        # in one read: most do, and a timer started and cancelled for each
+        # request is work, and with many backends' timers in the reactor's
+        # heap, cancelled ones linger there long enough to be old garbage
+        # for the cycle collector.
+        if (
+            self._headTimer is None
+            and not self._closing
+            and self._readingHead()
+            and _twisted.headBegun(self)
+        ):
+            self._headTimer = self.callLater(self.headerTimeout, self._headTimedOut)
 
     def lineReceived(self, line):
         if self._refusedHead:
@@ -527,7 +538,34 @@ class BalancerChannel(HTTPChannel):
         self._stopBodyTimer()
         if self._refusedHead:
             return
-        HTTPChannel.allContentReceived(self)
+        self._suspendingIdle = True
+        try:
+            HTTPChannel.allContentReceived(self)
+        finally:
+            self._suspendingIdle = False
+
+    def setTimeout(self, period):
+        """
+        Twisted turns the idle timeout off for each request it hands on,
+        and on again when the response is done: a timer cancelled and a new
+        one made for every request, and with many backends' timers in the
+        reactor's heap, the cancelled ones linger there long enough to be
+        old garbage for the cycle collector.  Here that pause leaves the
+        timer running, unheeded if it fires meanwhile (see
+        L{timeoutConnection}), and the response's end moves it on.  Every
+        other change of the idle timeout is Twisted's own.
+        """
+        if period is None and self._suspendingIdle:
+            self._suspendingIdle = False
+            previous, self.timeOut = self.timeOut, None
+            return previous
+        return HTTPChannel.setTimeout(self, period)
+
+    def timeoutConnection(self):
+        if self.timeOut is None:
+            # The idle timer, left running while a request is in hand.
+            return
+        HTTPChannel.timeoutConnection(self)
 
     def checkPersistence(self, request, version):
         """

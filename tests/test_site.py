@@ -54,6 +54,94 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual(transport.value(), b"")
         self.assertFalse(transport.disconnecting)
 
+    def test_wholeHeadNoTimer(self):
+        """
+        A head that comes whole in one read starts no head timer at all,
+        and an idle kept-alive connection has none either: only a head
+        still partial after a read has one (one timer a request otherwise,
+        and with many backends the reactor keeps cancelled timers a while).
+        """
+        channel, transport = self.connect()
+        started = []
+        callLater = channel.callLater
+
+        def countingCallLater(delay, f, *a, **kw):
+            started.append(delay)
+            return callLater(delay, f, *a, **kw)
+
+        channel.callLater = countingCallLater
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        request = self.resource.requests[0]
+        request.write(b"ok")
+        request.finish()
+        channel.dataReceived(b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertNotIn(10, started)
+        channel.dataReceived(b"GE")
+        self.assertNotIn(10, started)
+        self.resource.requests[1].finish()
+        channel.dataReceived(b"GE")
+        self.assertEqual(started.count(10), 1)
+
+    def test_idleTimerKept(self):
+        """
+        The idle timer is made once for a kept-alive connection, not once
+        a request: handing a request on leaves it running, and its
+        response's end moves it on.
+        """
+        channel, transport = self.connect()
+        started = []
+        callLater = channel.callLater
+
+        def countingCallLater(delay, f, *a, **kw):
+            started.append(delay)
+            return callLater(delay, f, *a, **kw)
+
+        channel.callLater = countingCallLater
+        for n in range(3):
+            channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.resource.requests[n].finish()
+            self.reactor.advance(30)
+        self.assertEqual(started, [])
+        self.assertFalse(transport.disconnecting)
+        self.reactor.advance(30)
+        self.assertTrue(transport.disconnecting)
+
+    def test_longRequestNotIdle(self):
+        """
+        A request in hand for longer than the idle timeout is not cut off
+        by the idle timer left running; the connection is idle again, for
+        the whole timeout, once its response is done.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.reactor.advance(100)
+        self.assertFalse(transport.disconnecting)
+        self.resource.requests[0].finish()
+        self.reactor.advance(59)
+        self.assertFalse(transport.disconnecting)
+        self.reactor.advance(1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_idleTimerGoneWithConnection(self):
+        """
+        A connection lost while a request is in hand leaves no timer behind
+        (it would hold the channel until it fired).
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        channel.connectionLost(None)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_partialLineStartsTimer(self):
+        """
+        Part of a request line, with no whole line yet, is a head begun:
+        it is cut off at the header timeout.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET / HT")
+        self.reactor.advance(10)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 408 "))
+
     def test_timerRestartsPerRequest(self):
         """
         On a kept-alive connection, each request gets the full time for its

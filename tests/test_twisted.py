@@ -56,6 +56,20 @@ class PrivateNamesTests(SynchronousTestCase):
         # A header line counts once the next one shows it is not folded.
         self.assertEqual(count, 1)
 
+    def test_headBegun(self):
+        """
+        Part of a line, or a whole line, of a head is a head begun; a head
+        read whole and handed on is not.
+        """
+        channel = self.channel()
+        self.assertFalse(_twisted.headBegun(channel))
+        channel.dataReceived(b"GE")
+        self.assertTrue(_twisted.headBegun(channel))
+        channel.dataReceived(b"T / HTTP/1.1\r\n")
+        self.assertTrue(_twisted.headBegun(channel))
+        channel.dataReceived(b"Host: x\r\n\r\n")
+        self.assertFalse(_twisted.headBegun(channel))
+
     def test_takeBuffered(self):
         """
         Bytes read while a request is handled are held for the next one;
