@@ -240,6 +240,7 @@ class BackendConnection(Protocol):
     _responseStarted = False
     _paused = False
     _timeoutCall = None
+    _timeout: Optional[float] = None
     _upgrade = None
     _tunnel = None
 
@@ -270,7 +271,7 @@ class BackendConnection(Protocol):
             self.transport.abortConnection()
             return
         self._responseStarted = True
-        if self._timeoutCall is not None:
+        if self._timeoutCall is not None and self._timeout is not None:
             self._timeoutCall.reset(self._timeout)
         if self._decoder is None:
             self._buffer += data
@@ -328,8 +329,9 @@ class BackendConnection(Protocol):
                 self._restartTimeout()
 
     def _restartTimeout(self) -> None:
-        if self._timeoutCall is not None and self._timeoutCall.active():
-            self._timeoutCall.reset(self._timeout)
+        call = self._timeoutCall
+        if call is not None and self._timeout is not None and call.active():
+            call.reset(self._timeout)
 
     def stopProducing(self) -> None:
         self.abort()
@@ -376,7 +378,11 @@ class BackendConnection(Protocol):
         self._timeout = timeout
         call = self._timeoutCall
         if timeout is None:
-            self._cancelTimeout()
+            # The last exchange's timer, if any, is left running too, and
+            # fires unheeded (see _timedOut): cancelled for each health
+            # check between two requests, it would be a cancelled timer a
+            # check in the reactor's heap, which keeps them a while.
+            pass
         elif call is not None and call.active():
             # The last exchange's timer, left running: moving a timer later
             # costs less than a new one (see _finish).  Moving one sooner
@@ -430,8 +436,9 @@ class BackendConnection(Protocol):
     def _timedOut(self) -> None:
         self._timeoutCall = None
         receiver = self._receiver
-        if receiver is None:
-            # A timer left running after an exchange, with no other since.
+        if receiver is None or self._timeout is None:
+            # A timer left running after an exchange, with no timed one
+            # since.
             return
         stalled = self._paused
         self.abort()

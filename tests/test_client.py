@@ -477,25 +477,49 @@ class TimeoutTests(_Base):
 
     def test_noTimer(self):
         """
-        Without a timeout, an exchange has no timer (one left running by an
-        earlier exchange is cancelled): the caller keeps its own deadline
-        and aborts.
+        Without a timeout, an exchange starts no timer: the caller keeps its
+        own deadline and aborts.  One left running by an earlier exchange
+        is neither cancelled (a cancelled timer for each health check would
+        linger in the reactor's heap) nor heeded when it fires, and the
+        next timed exchange takes it up again.
         """
         connection, receiver = self.exchange(
             b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", timeout=30
         )
         left = connection._timeoutCall
-        again, receiver = self.exchange(connection=self.connection(), timeout=None)
-        self.assertTrue(left.cancelled)
+        again, check = self.exchange(connection=self.connection(), timeout=None)
+        self.assertTrue(left.active())
         self.assertEqual(
-            [c for c in self.clock.getDelayedCalls() if c.func == again._timedOut], []
+            [c for c in self.clock.getDelayedCalls() if c.func == again._timedOut], [left]
         )
         again.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
         self.clock.advance(100)
-        self.assertEqual(receiver.events, ["head", "body"])
+        self.assertFalse(left.active())
+        self.assertEqual(check.events, ["head", "body"])
+        self.assertFalse(again.transport.disconnecting)
         again.abort()
         self.assertTrue(again.transport.disconnecting)
-        self.assertEqual(receiver.events, ["head", "body"])
+        self.assertEqual(check.events, ["head", "body"])
+
+    def test_untimedThenTimed(self):
+        """
+        A timed exchange after an untimed one on a kept connection, the
+        timer left running meanwhile, still times out when it should.
+        """
+        connection, receiver = self.exchange(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", timeout=30
+        )
+        self.exchange(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+            connection=self.connection(), timeout=None,
+        )
+        self.clock.advance(10)
+        again, receiver = self.exchange(connection=self.connection(), timeout=5)
+        self.assertIs(again, connection)
+        self.clock.advance(4.9)
+        self.assertEqual(receiver.events, [])
+        self.clock.advance(0.1)
+        self.assertIsInstance(receiver.error, ResponseTimeout)
 
     def test_cancelledWhenClosed(self):
         connection, receiver = self.exchange(
