@@ -317,14 +317,18 @@ class CollectorWatchTests(SynchronousTestCase):
         self.clock.advance(1000)
         self.callbacks = []
         self.now = 0.0
+        # Full settles, and settles of what is new.
+        self.full = []
         self.settled = []
         self.watch = CollectorWatch(
             self.clock,
             self.callbacks,
-            settle=lambda: self.settled.append(self.clock.seconds()),
+            settle=lambda: self.full.append(self.clock.seconds()),
+            freeze=lambda: self.settled.append(self.clock.seconds()),
             timer=lambda: self.now,
             slow=0.005,
             spacing=60,
+            fullSpacing=600,
         )
         self.watch.startService()
         self.addCleanup(self.watch.stopService)
@@ -416,3 +420,18 @@ class CollectorWatchTests(SynchronousTestCase):
             watch.stopService()
         self.assertNotIn(watch._observe, gc.callbacks)
         self.assertIsNone(collectorWatch(self.clock, SimpleNamespace(callbacks=[])))
+
+    def test_fullSettleSpacing(self):
+        """
+        Settles freeze only what is new, but one at least C{fullSpacing}
+        seconds after the last full one (the service's own at start
+        counting) thaws and collects everything.
+        """
+        for _ in range(12):
+            self.clock.advance(60)
+            self.collect(2, 0.02)
+            self.clock.advance(0)
+        self.assertEqual(self.full, [1600])
+        self.assertEqual(len(self.settled), 11)
+        self.assertEqual(self.watch.settles, 12)
+        self.assertNotIn(1600, self.settled)
