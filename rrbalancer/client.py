@@ -538,7 +538,9 @@ class BackendConnection(Protocol):
             # no more.
             self._keepAlive = False
         contentLength = None
-        if lengths and not transferCodings:
+        if len(lengths) == 1 and not transferCodings and lengths[0].isdigit():
+            contentLength = int(lengths[0])
+        elif lengths and not transferCodings:
             values = {v.strip() for value in lengths for v in value.split(b",")}
             if len(values) != 1 or not next(iter(values)).isdigit():
                 self._fail(ProtocolError("invalid Content-Length"))
