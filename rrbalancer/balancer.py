@@ -27,7 +27,7 @@ from .policies import policyFor
 from .interfaces import IHealthChecker
 from .limits import Limits, RateLimiter
 from .proxy import BackendProxyResource, BalancerResource
-from .settings import BackendConfig
+from .values import BackendConfig
 from .sticky import StickyCookie
 from .upstream import connectionPool, trustRoot
 

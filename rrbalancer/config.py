@@ -23,19 +23,16 @@ from .settings import (
     ADMIN_DEFAULT,
     SETTINGS,
     TABLES,
-    BackendConfig,
-    ConfigError,
     Setting,
     parseAdmin,
-    parseBackendSpec,
-    parseBackendURL,
     parsePort,
     parseWorkers,
     readAdminToken,
     settingsIn,
-    string,
     unknownKey,
 )
+from .routeconfig import checkRouting
+from .values import BackendConfig, ConfigError, parseBackendSpec, parseBackendURL, string
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -164,8 +161,6 @@ def _checkTogether(config: Config) -> Config:
             f"({config.dnsMaxTTL:g})"
         )
     if config.routes or config.pools:
-        from .routing import checkRouting
-
         checkRouting(config)
     if (
         config.admin is not None

@@ -10,142 +10,21 @@ backends, policy and checks laid over it: one more pool is one more of the
 object every single-pool balancer already is, not new machinery.
 """
 
-from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from dataclasses import replace
+from typing import Any, Dict, List
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import DeferredList
 from twisted.logger import Logger
 
-from .backends import UP
-from .settings import (
-    BackendConfig,
-    ConfigError,
-    _nearest,
-    parseBackends,
-    parsePolicy,
-    settingsIn,
-    string,
-)
-
-DEFAULT = "default"
-POOL_KEYS = ("name", "backend", "balance", "health")
-_NAME = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
-
-
-@dataclass(frozen=True)
-class PoolConfig:
-    """
-    One C{[[pool]]} table as the operator wrote it.
-
-    @ivar balance: its policy, or None for the top-level C{balance}.
-    @ivar health: the C{[pool.health]} keys it gives, as (attribute, value)
-        pairs; the others are the top-level C{[health]}'s, so that a pool
-        states only how its checks differ.
-    """
-
-    name: str
-    backends: Tuple[BackendConfig, ...]
-    balance: Optional[str] = None
-    health: Tuple[Tuple[str, Any], ...] = ()
-
-    def configFor(self, config):
-        """
-        The L{Config} of this pool's L{Balancer}: the running one, with the
-        pool's backends, policy and checks.  Client rate limits are the
-        balancer's, not each pool's, so they are left out here and shared.
-        A sticky cookie has the pool's name in its own: with one name for
-        all, a client's visit to another pool would unstick it from its
-        backend in this one.
-        """
-        sticky = config.stickyCookie
-        return replace(
-            config,
-            backends=self.backends,
-            balance=self.balance or config.balance,
-            health=replace(config.health, **dict(self.health)),
-            stickyCookie=f"{sticky}-{self.name}" if sticky is not None else None,
-            limits=(),
-            pools=(),
-            routes=(),
-        )
-
-
-def _poolName(value: Any, where: str) -> str:
-    name = string(value, f"{where}: name").strip()
-    if not name or not _NAME.issuperset(name):
-        raise ConfigError(f"{where}: name {name!r} is not a pool name (letters, digits, -_.)")
-    return name
-
-
-def parsePool(spec: Any, number: int) -> PoolConfig:
-    where = f"pool {number}"
-    if not isinstance(spec, Mapping):
-        raise ConfigError(f"{where}: expected a [[pool]] table, got {spec!r}")
-    unknown = sorted(set(spec) - set(POOL_KEYS))
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown key {unknown[0]!r}{_nearest(unknown[0], POOL_KEYS)}"
-        )
-    if "name" not in spec:
-        raise ConfigError(f"{where}: every pool needs a name")
-    name = _poolName(spec["name"], where)
-    where = f"pool {name}"
-    if name == DEFAULT:
-        raise ConfigError(
-            f"{where}: the top-level [[backend]] list is the pool named {DEFAULT}; "
-            "give this pool another name"
-        )
-    if not spec.get("backend"):
-        raise ConfigError(f"{where}: no backends; give it at least one [[pool.backend]]")
-    try:
-        backends = parseBackends(spec["backend"], "pool.backend")
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-    balance = None
-    if "balance" in spec:
-        balance = parsePolicy(spec["balance"], f"{where}: balance")
-    health = spec.get("health", {})
-    if not isinstance(health, Mapping):
-        raise ConfigError(f"{where}: health: expected a [pool.health] table")
-    declared = {s.name: s for s in settingsIn("health")}
-    overrides = []
-    for key, value in health.items():
-        setting = declared.get(key)
-        if setting is None:
-            raise ConfigError(
-                f"{where}: health: unknown setting {key!r}{_nearest(key, declared)}"
-            )
-        overrides.append((setting.attr, setting.parse(value, f"{where}: health.{key}")))
-    return PoolConfig(name, backends, balance, tuple(overrides))
-
-
-def parsePools(value: Any, name: str = "pool") -> Tuple[PoolConfig, ...]:
-    if isinstance(value, Mapping):
-        raise ConfigError(f"{name}: a single [{name}] table; write [[{name}]] (one per pool)")
-    pools = tuple(parsePool(spec, n) for n, spec in enumerate(_asList(value), 1))
-    seen = set()
-    for pool in pools:
-        if pool.name in seen:
-            raise ConfigError(f"pool {pool.name}: two pools have that name")
-        seen.add(pool.name)
-    return pools
-
-
-def _asList(value: Any) -> list:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def poolNames(config) -> Tuple[str, ...]:
-    """
-    The pools a config has: C{default} when it has top-level backends (or
-    the demo's, or discovery sources that feed it), then its C{[[pool]]}s
-    in file order.
-    """
-    names = tuple(p.name for p in config.pools)
-    if config.backends or config.demo or config.discover:
-        return (DEFAULT,) + names
-    return names
+from .backends import UP, Ejection
+from .balancer import Balancer
+from .mirror import Mirrors
+from .policies import policyFor
+from .poolconfig import DEFAULT, PoolConfig, poolNames
+from .reload import BALANCING, applyBackends
+from .routeconfig import byPrecedence
+from .routing import Router
 
 
 class Pools(MultiService):
@@ -166,9 +45,6 @@ class Pools(MultiService):
     log = Logger()
 
     def __init__(self, config, reactor, default) -> None:
-        from .mirror import Mirrors
-        from .routing import Router, byPrecedence
-
         MultiService.__init__(self)
         self.config = config
         self.reactor = reactor
@@ -193,8 +69,6 @@ class Pools(MultiService):
         )
 
     def _addPool(self, pool: PoolConfig, config):
-        from .balancer import Balancer
-
         balancer = Balancer(reactor=self.reactor, config=pool.configFor(config))
         # One set of client limits for the whole balancer, whichever
         # pool a request goes to.
@@ -254,9 +128,6 @@ class Pools(MultiService):
             backends, and the C{ignored} settings, as the reload reports
             them.
         """
-        from .reload import BALANCING
-        from .routing import byPrecedence
-
         result: Dict[str, List[str]] = {"added": [], "removed": [], "changed": [], "ignored": []}
         # The top level as it runs from now on: its balancing settings
         # follow the file, the rest needs a restart.
@@ -319,8 +190,6 @@ class Pools(MultiService):
         Bring a pool that stays to the file's: its backends and its
         balancing; a change to its checks goes to C{result}'s C{ignored}.
         """
-        from .reload import applyBackends
-
         name = pool.name
         old = self._pools[name]
         if pool.health != old.health:
@@ -371,10 +240,6 @@ class Pools(MultiService):
         Give a pool's group the balancing settings of C{config}, if they
         changed.
         """
-        from .backends import Ejection
-        from .policies import policyFor
-        from .reload import BALANCING
-
         if all(getattr(config, n) == getattr(balancer.config, n) for n in BALANCING):
             return False
         balancer.group.rebalance(

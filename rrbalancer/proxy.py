@@ -50,7 +50,7 @@ from .config import Config, HealthConfig
 from .headers import LocationRewriter, requestHead, responseHeaders, upgradeOffer
 from .interfaces import IPicker, IResponseReceiver, IUpstream
 from .queue import QueueFull
-from .settings import BackendConfig
+from .values import BackendConfig
 from .tunnel import Tunnel
 from .upstream import connectionPool, trustRoot
 

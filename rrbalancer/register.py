@@ -34,7 +34,7 @@ from twisted.logger import (
 
 from .discovery._etcd import formatValue
 from .discovery._etcdclient import EtcdClient, TreqClient
-from .settings import BackendConfig, ConfigError, parseBackendURL
+from .values import BackendConfig, ConfigError, parseBackendURL
 
 __all__ = ["Registrar", "main", "parseArguments"]
 

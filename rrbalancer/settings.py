@@ -14,158 +14,33 @@ either return the plain value or raise L{ConfigError} with one line for
 the operator.
 """
 
-import difflib
 import ipaddress
-import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
-from urllib.parse import urlsplit
+from typing import Any, Callable, Iterable, Mapping, Optional, Tuple
 
-
-class ConfigError(ValueError):
-    """
-    A setting is missing, malformed or out of range; the message is meant
-    for the operator, as one line.
-
-    @ivar key: for an unknown setting, its name (to find its line).
-    """
-
-    key = None
-
-
-@dataclass(frozen=True)
-class BackendConfig:
-    """
-    One backend as the operator described it.
-    """
-
-    url: str
-    weight: int = 1
-    backup: bool = False
-
-    @property
-    def scheme(self) -> str:
-        return urlsplit(self.url).scheme
-
-    @property
-    def host(self) -> str:
-        return urlsplit(self.url).hostname or ""
-
-    @property
-    def port(self) -> int:
-        parts = urlsplit(self.url)
-        return parts.port or (443 if parts.scheme == "https" else 80)
-
-    @property
-    def server(self) -> Tuple[str, str, int]:
-        """
-        What is dialled: C{http://a} and C{http://a:80} are one server.
-        """
-        return (self.scheme, self.host, self.port)
-
-
-# -- value parsers --------------------------------------------------------------
-
-
-def number(value: Any, name: str, *, minimum: float = 0.0, positive=False) -> float:
-    if isinstance(value, bool):
-        raise ConfigError(f"{name}: expected a number, got {value!r}")
-    try:
-        result = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}: expected a number, got {value!r}") from None
-    if not math.isfinite(result):
-        raise ConfigError(f"{name}: expected a finite number, got {value!r}")
-    if positive and result <= 0:
-        raise ConfigError(f"{name}: must be greater than 0, got {value!r}")
-    if result < minimum:
-        raise ConfigError(f"{name}: must be at least {minimum:g}, got {value!r}")
-    return result
-
-
-def integer(value: Any, name: str, *, minimum: int) -> int:
-    if isinstance(value, bool):
-        raise ConfigError(f"{name}: expected a whole number, got {value!r}")
-    if isinstance(value, int):
-        result = value
-    else:
-        try:
-            result = int(str(value).strip())
-        except ValueError:
-            raise ConfigError(f"{name}: expected a whole number, got {value!r}") from None
-    if result < minimum:
-        raise ConfigError(f"{name}: must be at least {minimum}, got {value!r}")
-    return result
-
-
-def boolean(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name}: expected true or false, got {value!r}")
-
-
-def string(value: Any, name: str) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(f"{name}: expected a string, got {value!r}")
-    if any(c in value for c in "\r\n\x00"):
-        raise ConfigError(f"{name}: must not contain CR, LF or NUL")
-    return value
-
-
-def seconds(value: Any, name: str) -> float:
-    return number(value, name, positive=True)
-
-
-def secondsOrZero(value: Any, name: str) -> float:
-    return number(value, name)
-
-
-def fraction(value: Any, name: str) -> float:
-    result = number(value, name)
-    if result >= 1:
-        raise ConfigError(f"{name}: must be less than 1, got {value!r}")
-    return result
-
-
-def count(value: Any, name: str) -> int:
-    """
-    A whole number, 0 allowed (for limits, 0 means none).
-    """
-    return integer(value, name, minimum=0)
-
-
-def atLeastOne(value: Any, name: str) -> int:
-    return integer(value, name, minimum=1)
-
-
-def percent(value: Any, name: str) -> int:
-    number = integer(value, name, minimum=0)
-    if number > 100:
-        raise ConfigError(f"{name}: {number} is more than 100 percent")
-    return number
-
-
-def oneOf(*choices: str) -> Callable[[str, Any], str]:
-    def parse(value: Any, name: str) -> str:
-        text = string(value, name)
-        if text not in choices:
-            expected = " or ".join(repr(c) for c in choices)
-            raise ConfigError(f"{name}: expected {expected}, got {text!r}")
-        return text
-
-    return parse
-
-
-def asList(value: Any) -> list:
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    return [value]
+from . import poolconfig
+from .discovery._config import parseSources
+from .routeconfig import parseRoutes
+from .values import (
+    _TOKEN,
+    ConfigError,
+    _nearest,
+    asList,
+    atLeastOne,
+    boolean,
+    count,
+    fraction,
+    integer,
+    number,
+    oneOf,
+    parseBackends,
+    percent,
+    seconds,
+    secondsOrZero,
+    string,
+    tcpPortNumber,
+)
 
 
 def parseWorkers(value: Any, name: str = "workers") -> int:
@@ -175,17 +50,6 @@ def parseWorkers(value: Any, name: str = "workers") -> int:
     if isinstance(value, str) and value.strip().lower() == "auto":
         return os.cpu_count() or 1
     return integer(value, name, minimum=1)
-
-
-def tcpPortNumber(name: str, text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        # str.isdigit() says yes to digits int() refuses, such as "²".
-        raise ConfigError(f"{name}: {text} is not a TCP port number (1-65535)") from None
-    if not 0 < port < 65536:
-        raise ConfigError(f"{name}: {text} is not a TCP port number (1-65535)")
-    return port
 
 
 def parsePort(value: Any, name: str = "port") -> str:
@@ -217,114 +81,6 @@ def parsePorts(value: Any, name: str = "port") -> Tuple[str, ...]:
             raise ConfigError(f"{name}: {port} is listed twice")
         seen.add(port)
     return ports
-
-
-def parseBackendURL(value: Any, name: str = "backend") -> str:
-    """
-    Check a backend URL: http or https, a host, an optional port, and nothing
-    a proxy could not forward to (no credentials, query or fragment).
-    """
-    text = string(value, name).strip()
-    try:
-        parts = urlsplit(text)
-        port = parts.port
-    except ValueError as e:
-        raise ConfigError(f"{name}: bad URL {text!r}: {e}") from None
-    if parts.scheme not in ("http", "https"):
-        raise ConfigError(f"{name}: {text!r} must start with http:// or https://")
-    if not parts.hostname:
-        raise ConfigError(f"{name}: {text!r} has no host")
-    if parts.username is not None or parts.password is not None:
-        raise ConfigError(f"{name}: {text!r} must not carry credentials")
-    if not parts.netloc.isascii():
-        # The host goes into request heads and endpoints as ASCII.
-        raise ConfigError(
-            f"{name}: {text!r}: write the host in ASCII (a name in its xn-- form)"
-        )
-    if parts.query or parts.fragment or parts.path not in ("", "/"):
-        raise ConfigError(
-            f"{name}: {text!r} must name a server only (no path, query or fragment)"
-        )
-    if port == 0:
-        raise ConfigError(f"{name}: {text!r} has port 0")
-    if parts.scheme == "https" and not _isAddress(parts.hostname):
-        # The name the certificate is verified against goes through IDNA
-        # (Twisted uses the idna package, which Twisted[tls] installs); one
-        # it cannot encode would fail every start with a traceback.
-        import idna
-
-        try:
-            idna.encode(parts.hostname)
-        except UnicodeError as e:
-            raise ConfigError(f"{name}: {text!r}: not a host name TLS can verify ({e})") from None
-    return f"{parts.scheme}://{parts.netloc.lower()}"
-
-
-def _isAddress(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-BACKEND_KEYS = ("url", "weight", "backup")
-
-
-def splitWeightAndBackup(text: str, where: str) -> Tuple[str, Dict[str, Any]]:
-    """
-    C{HEAD[,weight=N][,backup]} as the command line gives a backend (or a
-    discovery source): its head, and its options as a TOML table would.
-    """
-    head, *rest = [part.strip() for part in text.split(",")]
-    options: Dict[str, Any] = {}
-    for part in rest:
-        key, sep, val = (p.strip() for p in part.partition("="))
-        if key == "backup" and not sep:
-            options["backup"] = True
-        elif key == "weight" and sep:
-            options["weight"] = val
-        else:
-            raise ConfigError(
-                f"{where}: unknown option {part!r} in {text!r} (expected weight=N or backup)"
-            )
-    return head, options
-
-
-def parseBackendSpec(spec: Any) -> BackendConfig:
-    """
-    Parse the command line's C{URL[,weight=N][,backup]}, or a TOML table
-    with the keys C{url}, C{weight} and C{backup}.
-    """
-    if isinstance(spec, Mapping):
-        unknown = sorted(set(spec) - set(BACKEND_KEYS))
-        if unknown:
-            raise ConfigError(f"backend: unknown key {unknown[0]!r}{_nearest(unknown[0], BACKEND_KEYS)}")
-        if "url" not in spec:
-            raise ConfigError("backend: every backend needs a url")
-        options = dict(spec)
-        url = options.pop("url")
-    else:
-        url, options = splitWeightAndBackup(string(spec, "backend"), "backend")
-    url = parseBackendURL(url)
-    weight = integer(options.get("weight", 1), f"backend {url}: weight", minimum=1)
-    backup = boolean(options.get("backup", False), f"backend {url}: backup")
-    return BackendConfig(url=url, weight=weight, backup=backup)
-
-
-def parseBackends(value: Any, name: str = "backend") -> Tuple[BackendConfig, ...]:
-    if isinstance(value, Mapping):
-        raise ConfigError(
-            f"{name}: a single [{name}] table; write [[{name}]] (one per backend)"
-        )
-    backends = tuple(parseBackendSpec(b) for b in asList(value))
-    seen: Dict[Tuple[str, str, int], str] = {}
-    for b in backends:
-        if b.server in seen:
-            also = "" if seen[b.server] == b.url else f" (also as {seen[b.server]})"
-            raise ConfigError(f"{name}: {b.url} is listed twice{also}")
-        seen[b.server] = b.url
-    return backends
 
 
 LIMIT_KEYS = (
@@ -434,28 +190,13 @@ def parseDNSServers(value: Any, name: str = "dns_server") -> Tuple[Tuple[str, in
     return tuple(servers)
 
 
-def parseDiscover(value: Any, name: str = "discover") -> tuple:
-    from .discovery import parseSources
-
-    return parseSources(value, name)
-
-
 def parsePools(value: Any, name: str = "pool") -> tuple:
     """
-    C{[[pool]]} tables (L{rrbalancer.pools}).
+    C{[[pool]]} tables (L{rrbalancer.poolconfig}), whose C{[pool.health]}
+    keys are this schema's C{[health]} settings.
     """
-    from .pools import parsePools
-
-    return parsePools(value, name)
-
-
-def parseRoutes(value: Any, name: str = "route") -> tuple:
-    """
-    C{[[route]]} tables (L{rrbalancer.routing}).
-    """
-    from .routing import parseRoutes
-
-    return parseRoutes(value, name)
+    health = {s.name: s for s in settingsIn("health")}
+    return poolconfig.parsePools(value, name, health, parsePolicy)
 
 
 def parseVia(value: Any, name: str) -> Optional[str]:
@@ -527,7 +268,6 @@ def parseHealthPath(value: Any, name: str) -> str:
     return path
 
 
-_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 def parseHeaderName(value: Any, name: str) -> Optional[str]:
@@ -698,7 +438,7 @@ SETTINGS: Tuple[Setting, ...] = (
        "weighted round robin (5,1,1 → a a b a c a a); backups get traffic only "
        "while no primary is up. A reload applies changes to the backends.",
        short="b", repeatable=True, reloadable=True, metavar="URL[,weight=N][,backup]"),
-    _s("discover", "discover", parseDiscover, (),
+    _s("discover", "discover", parseSources, (),
        "Backends found by discovery, repeatable: dns+a://NAME:PORT (every A and "
        "AAAA address of NAME, on PORT; ,weight=N and ,backup apply to each) or "
        "dns+srv://_http._tcp.NAME (SRV records: the lowest priority present are "
@@ -929,11 +669,6 @@ TABLES = ("health",)
 
 def settingsIn(table: Optional[str]) -> Tuple[Setting, ...]:
     return tuple(s for s in SETTINGS if s.table == table)
-
-
-def _nearest(word: str, possible: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(possible), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def unknownKey(where: str, key: str, possible: Iterable[str]) -> ConfigError:

@@ -20,7 +20,7 @@ from zope.interface import implementer
 
 from ._twisted import IOpenSSLTrustRoot
 from .client import ConnectionPool, connectorFor
-from .settings import BackendConfig
+from .values import BackendConfig
 
 
 @implementer(IOpenSSLTrustRoot)

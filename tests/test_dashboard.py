@@ -495,7 +495,7 @@ class BrowserTests(TestCase):
         With pools, a choice of pool: the table shows the chosen pool's
         backends, and its buttons act on that pool.
         """
-        from rrbalancer.pools import parsePools
+        from rrbalancer.settings import parsePools
 
         settleConnections(self)
         _, webURL = startBackend(self, "web")

@@ -38,7 +38,7 @@ from rrbalancer.discovery._etcdclient import (
     TreqClient,
     prefixEnd,
 )
-from rrbalancer.settings import BackendConfig
+from rrbalancer.values import BackendConfig
 
 from .support import restartablePort
 from .test_admin import (

@@ -19,7 +19,8 @@ from treq.testing import StubTreq
 from rrbalancer.admin import AdminAPI, AdminResource
 from rrbalancer.config import BackendConfig, ConfigError, buildConfig
 from rrbalancer.metrics import MetricsResource
-from rrbalancer.pools import PoolConfig, parsePools
+from rrbalancer.poolconfig import PoolConfig
+from rrbalancer.settings import parsePools
 from rrbalancer.reload import Reloader
 from rrbalancer.service import makeService
 

@@ -29,7 +29,8 @@ from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
 from rrbalancer.config import ConfigError, buildConfig, tomllib
-from rrbalancer.routing import Router, _segments, byPrecedence, parseRoutes, requestHost
+from rrbalancer.routeconfig import byPrecedence, parseRoutes
+from rrbalancer.routing import Router, _segments, requestHost
 from rrbalancer.service import makeService
 
 from .support import Net, ScriptedBackend, exchange, ok, reply, serve

@@ -36,7 +36,7 @@ from twisted.names import client, dns, error
 from zope.interface import implementer
 
 from .._twisted import stopRereadingResolvConf
-from ..settings import BackendConfig
+from ..values import BackendConfig
 from . import Handover, IDiscoverySource, SourceConfig, SourceStatus
 
 # Seconds before each try of a query is given up (and sent again): the

@@ -38,7 +38,7 @@ from twisted.web.client import ResponseFailed
 from zope.interface import implementer
 
 from ..backends import ADMIN_STATES
-from ..settings import BackendConfig, ConfigError, boolean, integer, parseBackendURL
+from ..values import BackendConfig, ConfigError, boolean, integer, parseBackendURL
 from . import Handover, IDiscoverySource, SourceConfig, SourceStatus
 from ._etcdclient import Compacted, EtcdClient, decode, revisionOf
 

@@ -11,7 +11,7 @@ from twisted.internet.defer import DeferredList, maybeDeferred
 from twisted.logger import Logger
 
 from ..backends import DISABLED, UP, Backend, BackendGroup
-from ..settings import BackendConfig
+from ..values import BackendConfig
 from . import IDiscoverySource
 
 
