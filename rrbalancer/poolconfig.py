@@ -10,7 +10,15 @@ module needs nothing of it.
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Optional, Tuple
 
-from .values import BackendConfig, ConfigError, _nearest, asList, parseBackends, string
+from .values import (
+    BackendConfig,
+    ConfigError,
+    _nearest,
+    asList,
+    parseBackends,
+    refuseUnknownKeys,
+    string,
+)
 
 DEFAULT = "default"
 POOL_KEYS = ("name", "backend", "balance", "health")
@@ -76,11 +84,7 @@ def parsePool(
     where = f"pool {number}"
     if not isinstance(spec, Mapping):
         raise ConfigError(f"{where}: expected a [[pool]] table, got {spec!r}")
-    unknown = sorted(set(spec) - set(POOL_KEYS))
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown key {unknown[0]!r}{_nearest(unknown[0], POOL_KEYS)}"
-        )
+    refuseUnknownKeys(spec, POOL_KEYS, where)
     if "name" not in spec:
         raise ConfigError(f"{where}: every pool needs a name")
     name = _poolName(spec["name"], where)

@@ -10,7 +10,17 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 from urllib.parse import unquote_to_bytes
 
 from .poolconfig import DEFAULT, poolNames
-from .values import ConfigError, _TOKEN, _nearest, boolean, count, integer, number, string
+from .values import (
+    _TOKEN,
+    ConfigError,
+    _nearest,
+    boolean,
+    count,
+    integer,
+    number,
+    refuseUnknownKeys,
+    string,
+)
 
 ROUTE_KEYS = (
     "host", "path_prefix", "methods", "pool", "split", "strip_prefix", "priority",
@@ -193,11 +203,7 @@ def _parseParts(
             raise ConfigError(
                 f"{where}: {name}: each part needs a pool and a {keys[1]}, got {item!r}"
             )
-        unknown = sorted(set(item) - set(keys))
-        if unknown:
-            raise ConfigError(
-                f"{where}: {name}: unknown key {unknown[0]!r}{_nearest(unknown[0], keys)}"
-            )
+        refuseUnknownKeys(item, keys, f"{where}: {name}")
         pool = string(item["pool"], f"{where}: {name}: pool").strip()
         if pool in (p for p, _ in parts):
             raise ConfigError(f"{where}: {name}: pool {pool} is named twice")
@@ -233,9 +239,7 @@ def parseRoute(spec: Any, number: int) -> RouteConfig:
     where = f"route {number}"
     if not isinstance(spec, Mapping):
         raise ConfigError(f"{where}: expected a [[route]] table, got {spec!r}")
-    unknown = sorted(set(spec) - set(ROUTE_KEYS))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}{_nearest(unknown[0], ROUTE_KEYS)}")
+    refuseUnknownKeys(spec, ROUTE_KEYS, where)
     if ("pool" in spec) == ("split" in spec):
         raise ConfigError(f"{where}: give it a pool (or a split over pools)")
     pool = split = None

@@ -36,6 +36,7 @@ from .values import (
     oneOf,
     parseBackends,
     percent,
+    refuseUnknownKeys,
     seconds,
     secondsOrZero,
     string,
@@ -111,9 +112,7 @@ def parseLimit(spec: Any, name: str = "limit"):
     from .limits import DELAY, REJECT, RateLimit
 
     if isinstance(spec, Mapping):
-        unknown = sorted(set(spec) - set(LIMIT_KEYS))
-        if unknown:
-            raise ConfigError(f"{name}: unknown key {unknown[0]!r}{_nearest(unknown[0], LIMIT_KEYS)}")
+        refuseUnknownKeys(spec, LIMIT_KEYS, name)
         if "rate" not in spec:
             raise ConfigError(f"{name}: every limit needs a rate")
         options = dict(spec)

@@ -248,9 +248,7 @@ def parseBackendSpec(spec: Any) -> BackendConfig:
     with the keys C{url}, C{weight} and C{backup}.
     """
     if isinstance(spec, Mapping):
-        unknown = sorted(set(spec) - set(BACKEND_KEYS))
-        if unknown:
-            raise ConfigError(f"backend: unknown key {unknown[0]!r}{_nearest(unknown[0], BACKEND_KEYS)}")
+        refuseUnknownKeys(spec, BACKEND_KEYS, "backend")
         if "url" not in spec:
             raise ConfigError("backend: every backend needs a url")
         options = dict(spec)
@@ -284,3 +282,13 @@ _TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHI
 def _nearest(word: str, possible: Iterable[str]) -> str:
     close = difflib.get_close_matches(word, list(possible), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def refuseUnknownKeys(table: Iterable[str], keys: Iterable[str], where: str) -> None:
+    """
+    Refuse a table with a key it may not hold, naming the first (in
+    alphabetical order) and the nearest key it may.
+    """
+    unknown = sorted(set(table) - set(keys))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}{_nearest(unknown[0], keys)}")

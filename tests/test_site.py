@@ -12,6 +12,22 @@ from rrbalancer.tunnel import Tunnel
 from .support import Held
 
 
+def timersStarted(channel) -> list:
+    """
+    The delays of the timers C{channel} starts from now on, as it starts
+    them.
+    """
+    started = []
+    callLater = channel.callLater
+
+    def countingCallLater(delay, f, *a, **kw):
+        started.append(delay)
+        return callLater(delay, f, *a, **kw)
+
+    channel.callLater = countingCallLater
+    return started
+
+
 class ChannelTests(SynchronousTestCase):
     def setUp(self):
         self.reactor = MemoryReactorClock()
@@ -62,14 +78,7 @@ class ChannelTests(SynchronousTestCase):
         and with many backends the reactor keeps cancelled timers a while).
         """
         channel, transport = self.connect()
-        started = []
-        callLater = channel.callLater
-
-        def countingCallLater(delay, f, *a, **kw):
-            started.append(delay)
-            return callLater(delay, f, *a, **kw)
-
-        channel.callLater = countingCallLater
+        started = timersStarted(channel)
         channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         request = self.resource.requests[0]
         request.write(b"ok")
@@ -89,14 +98,7 @@ class ChannelTests(SynchronousTestCase):
         response's end moves it on.
         """
         channel, transport = self.connect()
-        started = []
-        callLater = channel.callLater
-
-        def countingCallLater(delay, f, *a, **kw):
-            started.append(delay)
-            return callLater(delay, f, *a, **kw)
-
-        channel.callLater = countingCallLater
+        started = timersStarted(channel)
         for n in range(3):
             channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             self.resource.requests[n].finish()

@@ -4,17 +4,17 @@ at startup and for C{--check}, so that a mistake is one line: what a
 source is before L{rrbalancer.discovery} builds and runs it.
 """
 
-import ipaddress
 from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
 
 from ..values import (
     ConfigError,
-    _nearest,
+    _isAddress,
     asList,
     boolean,
     integer,
+    refuseUnknownKeys,
     splitWeightAndBackup,
     string,
     tcpPortNumber,
@@ -84,25 +84,13 @@ def checkDNSName(text: str, where: str) -> str:
     return name
 
 
-def _isAddress(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 def parseSource(spec: Any, where: str = "discover") -> SourceConfig:
     """
     Parse the command line's C{URL[,weight=N][,backup]}, or a TOML table
     with the keys C{url}, C{weight} and C{backup}.
     """
     if isinstance(spec, Mapping):
-        unknown = sorted(set(spec) - set(SOURCE_KEYS))
-        if unknown:
-            raise ConfigError(
-                f"{where}: unknown key {unknown[0]!r}{_nearest(unknown[0], SOURCE_KEYS)}"
-            )
+        refuseUnknownKeys(spec, SOURCE_KEYS, where)
         if "url" not in spec:
             raise ConfigError(f"{where}: every source needs a url")
         options = dict(spec)
