@@ -328,6 +328,19 @@ class BackendConnection(Protocol):
                 self.transport.resumeProducing()
                 self._restartTimeout()
 
+    def _startTimer(self, timeout: float) -> None:
+        call = self._timeoutCall
+        if call is not None and call.active():
+            # The last exchange's timer, left running: moving a timer later
+            # costs less than a new one (see _finish).  Moving one sooner
+            # does not: the reactor then searches its whole heap of timers
+            # for it, one per kept connection, so it is replaced instead.
+            if call.getTime() <= self._clock.seconds() + timeout:
+                call.reset(timeout)
+                return
+            call.cancel()
+        self._timeoutCall = self._clock.callLater(timeout, self._timedOut)
+
     def _restartTimeout(self) -> None:
         call = self._timeoutCall
         if call is not None and self._timeout is not None and call.active():
@@ -376,25 +389,12 @@ class BackendConnection(Protocol):
         self._upgrade = upgrade
         self._responseStarted = False
         self._timeout = timeout
-        call = self._timeoutCall
-        if timeout is None:
-            # The last exchange's timer, if any, is left running too, and
-            # fires unheeded (see _timedOut): cancelled for each health
-            # check between two requests, it would be a cancelled timer a
-            # check in the reactor's heap, which keeps them a while.
-            pass
-        elif call is not None and call.active():
-            # The last exchange's timer, left running: moving a timer later
-            # costs less than a new one (see _finish).  Moving one sooner
-            # does not: the reactor then searches its whole heap of timers
-            # for it, one per kept connection, so it is replaced instead.
-            if call.getTime() <= self._clock.seconds() + timeout:
-                call.reset(timeout)
-            else:
-                call.cancel()
-                self._timeoutCall = self._clock.callLater(timeout, self._timedOut)
-        else:
-            self._timeoutCall = self._clock.callLater(timeout, self._timedOut)
+        # Without a timeout, the last exchange's timer, if any, is left
+        # running and fires unheeded (see _timedOut): cancelled for each
+        # health check between two requests, it would be a cancelled timer
+        # a check in the reactor's heap, which keeps them a while.
+        if timeout is not None:
+            self._startTimer(timeout)
         self._bodySent = body is None or bodyLength == 0
         if self._bodySent:
             writeNow(self.transport, head)

@@ -25,19 +25,10 @@ from .support import (
     Net, ScriptedBackend, connectClient, exchange, memoryReactor, ok, reply,
 )
 from .test_admin import InMemoryAdmin, poll
+from .test_poolconfig import API, ONE, config
 from .test_routing import startRouted
 
-ONE = ["http://127.0.0.1:8081"]
-API = {"name": "api", "backend": [{"url": "http://127.0.0.1:9001", "weight": 2},
-                                  "http://127.0.0.1:9002,backup"]}
-
 API_POOL = parsePools([API])[0]
-
-
-def config(**settings):
-    settings.setdefault("backend", ONE)
-    settings.setdefault("admin", "none")
-    return buildConfig(settings)
 
 
 class PoolsServiceTests(SynchronousTestCase):
