@@ -234,6 +234,9 @@ class BackendConnection(Protocol):
     """
 
     reused = False
+    # The whole response is in the bytes at hand as its head is handed on:
+    # its body and its end follow before responseHead's caller returns.
+    responseInHand = False
     _receiver = None
     _decoder = None
     _producer = None
@@ -550,6 +553,7 @@ class BackendConnection(Protocol):
         receiver = self._receiver
         if self._isHead or code in _NO_BODY_STATUS:
             self._decoder = self._noBody
+            self.responseInHand = True
             receiver.responseHead(code, reason, headers, contentLength)
             if self._receiver is receiver:
                 self._finish(extra=rest)
@@ -568,6 +572,7 @@ class BackendConnection(Protocol):
         else:
             self._decoder = self._readToClose
             self._keepAlive = False
+        self.responseInHand = contentLength is not None and len(rest) >= contentLength
         receiver.responseHead(code, reason, headers, contentLength)
         if self._receiver is not receiver:
             return

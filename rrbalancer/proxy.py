@@ -514,8 +514,14 @@ class _Attempt:
         request.responseHeaders = out
         # The backend's Content-Type or none: not the site's default.
         request.defaultContentType = None
-        request.registerProducer(self.connection, True)
-        _startPausedIfFull(request, self.connection)
+        connection = self.connection
+        request.registerProducer(connection, True)
+        _startPausedIfFull(request, connection)
+        if connection.responseInHand:
+            # Its body (if any) follows before this returns: one send.
+            hold = getattr(request.channel, "holdWrites", None)
+            if hold is not None:
+                hold()
         request.write(b"")
 
     def _endToEnd(self, headers):

@@ -11,10 +11,12 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import ILoggingContext, IProtocolFactory
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
+from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
 from zope.interface import implementer_only
 
 from . import _twisted, http2
+from ._twisted import writeNow
 from .accesslog import AccessLog
 from .headers import connectionTokens
 from .listeners import describeAddress
@@ -353,6 +355,9 @@ class BalancerChannel(HTTPChannel):
 
     _peer = None
     _secure = None
+    # The bytes of a response held back to leave in one send (see
+    # holdWrites); None when writes go to the transport as they come.
+    _held = None
 
     # Every request asks these of its connection, some several times, and
     # the answers (a getsockname call, an adapter lookup) do not change.
@@ -613,7 +618,63 @@ class BalancerChannel(HTTPChannel):
         if idle is not None and not self._closing:
             self.setTimeout(idle)
 
+    # -- Writes held for one send --------------------------------------------
+
+    def holdWrites(self) -> None:
+        """
+        Keep what is written for the client until L{sendHeld}, or until the
+        request is done, and then send it at once.
+
+        A transport's C{write} only buffers, and asks the reactor to say
+        when the socket can be written to: each response would cost an
+        event and two epoll changes on top of its send, and leave a turn of
+        the loop later.  A response whose head and body the backend sent in
+        one read is written here whole, in one send, as soon as it is.
+        """
+        if self._held is None:
+            self._held = []
+
+    def sendHeld(self) -> None:
+        """
+        Send what L{holdWrites} kept, and write as usual from now on.
+        """
+        held = self._held
+        if held is not None:
+            self._held = None
+            if held and self.transport is not None:
+                writeNow(self.transport, b"".join(held))
+
+    def writeHeaders(self, version, code, reason, headers):
+        held = self._held
+        if held is None or not isinstance(headers, Headers):
+            self.sendHeld()
+            HTTPChannel.writeHeaders(self, version, code, reason, headers)
+            return
+        held += (version, b" ", code, b" ", reason, b"\r\n")
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                held += (name, b": ", value, b"\r\n")
+        held.append(b"\r\n")
+
+    def write(self, data):
+        if self._held is not None:
+            self._held.append(data)
+        else:
+            self.transport.write(data)
+
+    def writeSequence(self, iovec):
+        if self._held is not None:
+            self._held.extend(iovec)
+        else:
+            self.transport.writeSequence(iovec)
+
+    def requestDone(self, request):
+        # Before the next pipelined request, or the close, writes anything.
+        self.sendHeld()
+        HTTPChannel.requestDone(self, request)
+
     def loseConnection(self):
+        self.sendHeld()
         if self._h2 is not None:
             # GOAWAY, then close once the streams answered are sent.
             self._h2.goAway()

@@ -117,6 +117,32 @@ class ResponseTests(_Base):
         self.assertEqual(self.pool.idleCount, 1)
         self.assertFalse(connection.transport.disconnecting)
 
+    def test_responseInHand(self):
+        """
+        As its head is handed on, a connection says whether the whole
+        response is in the bytes at hand (so that its end follows at once).
+        """
+        for method, response, expected in [
+            (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", True),
+            (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", True),
+            (b"GET", b"HTTP/1.1 204 No Content\r\n\r\n", True),
+            (b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", True),
+            (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel", False),
+            (b"GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", False),
+            (b"GET", b"HTTP/1.0 200 OK\r\n\r\nuntil close", False),
+        ]:
+            connection, receiver = self.exchange(method=method)
+            seen = []
+            responseHead = receiver.responseHead
+
+            def head(*args, connection=connection, seen=seen, responseHead=responseHead):
+                seen.append(connection.responseInHand)
+                responseHead(*args)
+
+            receiver.responseHead = head
+            connection.dataReceived(response)
+            self.assertEqual(seen, [expected], response)
+
     def test_byteByByte(self):
         """
         Heads, chunk sizes and bodies split anywhere are read the same.

@@ -1091,6 +1091,57 @@ SWITCH = (
 )
 
 
+class ClientWriteTests(_InMemory):
+    """
+    How a response is written to the client: in one write when the backend
+    sent it in one read, as it comes otherwise.
+    """
+
+    def writes(self, transport):
+        calls = []
+        write, writeSequence = transport.write, transport.writeSequence
+
+        def counted(data):
+            calls.append(data)
+            write(data)
+
+        def countedSequence(seq):
+            calls.append(b"".join(seq))
+            writeSequence(seq)
+
+        transport.write, transport.writeSequence = counted, countedSequence
+        return calls
+
+    def test_inOneRead(self):
+        balancer = MemoryBalancer()
+        for method, response in [
+            (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"),
+            (b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"),
+            (b"GET", b"HTTP/1.1 204 No Content\r\n\r\n"),
+        ]:
+            channel, transport = balancer.client()
+            calls = self.writes(transport)
+            channel.dataReceived(method + b" / HTTP/1.1\r\nHost: x\r\n\r\n")
+            protocol, _ = balancer.backendConnection()
+            protocol.dataReceived(response)
+            self.assertEqual(len(calls), 1, (method, calls))
+            self.assertEqual(calls[0], transport.value())
+            parsed = self.response(transport, method)
+            self.assertEqual(parsed.code, int(response[9:12]))
+
+    def test_splitStreams(self):
+        """
+        A body still to come: the head goes out as soon as it is read.
+        """
+        balancer = MemoryBalancer()
+        channel, transport = self.request(balancer)
+        protocol, _ = balancer.backendConnection()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+        self.assertTrue(transport.value().endswith(b"\r\n\r\nhello"))
+        protocol.dataReceived(b"world")
+        self.assertEqual(self.response(transport).body, b"helloworld")
+
+
 class UpgradeMemoryTests(_InMemory):
     """
     An upgrade through the balancer's pieces: the 101, the tunnel it opens

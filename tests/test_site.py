@@ -351,3 +351,118 @@ class ChannelTests(SynchronousTestCase):
         third.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertEqual(transport.value(), b"")
         self.assertEqual(len(self.resource.requests), 2)
+
+
+class _CountingTransport(StringTransport):
+    """
+    A transport that keeps each call that wrote to it.
+    """
+
+    def __init__(self) -> None:
+        StringTransport.__init__(self)
+        self.calls = []
+
+    def write(self, data):
+        self.calls.append(data)
+        StringTransport.write(self, data)
+
+    def writeSequence(self, seq):
+        self.calls.append(b"".join(seq))
+        StringTransport.write(self, b"".join(seq))
+
+
+class HeldWritesTests(SynchronousTestCase):
+    """
+    L{BalancerChannel.holdWrites}: a response written while writes are held
+    leaves in one write, when the request is done, as it would have left
+    in several.
+    """
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.resource = Held()
+        self.site = BalancerSite(self.resource, self.reactor, timeout=60)
+        self.site.startFactory()
+        self.addCleanup(self.site.stopFactory)
+
+    def request(self, data=b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"):
+        channel = self.site.buildProtocol(None)
+        transport = _CountingTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(data)
+        return channel, transport, self.resource.requests[-1]
+
+    def answer(self, request, body=b"hello"):
+        request.setResponseCode(200)
+        request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        request.write(body)
+        request.finish()
+
+    def test_oneWriteWhenDone(self):
+        unheld, unheldTransport, request = self.request()
+        self.answer(request)
+        channel, transport, request = self.request()
+        channel.holdWrites()
+        request.setResponseCode(200)
+        request.responseHeaders.setRawHeaders(b"content-length", [b"5"])
+        request.write(b"hello")
+        self.assertEqual(transport.calls, [])
+        request.finish()
+        self.assertEqual(transport.calls, [unheldTransport.value()])
+        self.assertGreater(len(unheldTransport.calls), 1)
+
+    def test_chunkedEndHeldToo(self):
+        """
+        The last chunk, which Twisted writes as the request finishes, is
+        part of the one write.
+        """
+        channel, transport, request = self.request()
+        channel.holdWrites()
+        request.write(b"abc")
+        request.finish()
+        self.assertEqual(len(transport.calls), 1)
+        self.assertTrue(transport.value().endswith(b"\r\n3\r\nabc\r\n0\r\n\r\n"))
+
+    def test_sendHeld(self):
+        """
+        sendHeld sends what was held, and later writes go straight on.
+        """
+        channel, transport, request = self.request()
+        channel.holdWrites()
+        request.setResponseCode(200)
+        request.responseHeaders.setRawHeaders(b"content-length", [b"10"])
+        request.write(b"hello")
+        channel.sendHeld()
+        self.assertEqual(len(transport.calls), 1)
+        self.assertTrue(transport.value().endswith(b"\r\n\r\nhello"))
+        request.write(b"world")
+        self.assertEqual(transport.calls[1:], [b"world"])
+        channel.sendHeld()
+        self.assertEqual(len(transport.calls), 2)
+
+    def test_sentBeforeClose(self):
+        """
+        A connection that closes after its response sends it first.
+        """
+        channel, transport, request = self.request(
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        channel.holdWrites()
+        self.answer(request)
+        self.assertTrue(transport.disconnecting)
+        self.assertTrue(transport.value().endswith(b"\r\n\r\nhello"))
+        self.assertEqual(len(transport.calls), 1)
+
+    def test_pipelinedInOrder(self):
+        """
+        The next pipelined request is read only after the held response is
+        sent: its answer (here a 400) comes after it.
+        """
+        channel, transport, request = self.request(
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\nNOT HTTP AT ALL\r\n\r\n"
+        )
+        channel.holdWrites()
+        self.answer(request)
+        first, rest = transport.value().split(b"hello", 1)
+        self.assertTrue(first.startswith(b"HTTP/1.1 200 "))
+        self.assertTrue(rest.startswith(b"HTTP/1.1 400 "))
