@@ -8,6 +8,9 @@ Twisted) rather than the balancer, silently, at run time.  Everything else
 goes through Twisted's public API.
 """
 
+import socket
+import struct
+import sys
 from errno import EWOULDBLOCK
 
 from twisted.internet import main
@@ -38,6 +41,7 @@ __all__ = [
     "h2WriteControlData",
     "handlingRequest",
     "readIntoOneBuffer",
+    "readStamped",
     "headBegun",
     "headSoFar",
     "stopRereadingResolvConf",
@@ -194,11 +198,9 @@ def readIntoOneBuffer(transport) -> bool:
 
     @return: whether it could (a TCP connection, possibly under TLS).
     """
-    connection = transport
-    if type(connection) not in _TCP_TRANSPORTS:
-        connection = getattr(transport, "transport", None)
-        if type(connection) not in _TCP_TRANSPORTS:
-            return False
+    connection = _tcpUnder(transport)
+    if connection is None:
+        return False
     recvInto = connection.socket.recv_into
     dataReceived = connection._dataReceived
 
@@ -209,6 +211,76 @@ def readIntoOneBuffer(transport) -> bool:
             if e.args[0] == EWOULDBLOCK:
                 return None
             return main.CONNECTION_LOST
+        return dataReceived(_readView[:received].tobytes())
+
+    connection.doRead = doRead
+    return True
+
+
+def _tcpUnder(transport):
+    """
+    The TCP connection C{transport} is, or the one a TLS transport runs
+    over; or None.
+    """
+    if type(transport) in _TCP_TRANSPORTS:
+        return transport
+    connection = getattr(transport, "transport", None)
+    if type(connection) in _TCP_TRANSPORTS:
+        return connection
+    return None
+
+
+# Linux's SO_TIMESTAMPNS (the socket module does not name it), the type of
+# the control message it brings, a struct timespec.
+_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+_TIMESPEC = struct.Struct("@qq")
+_STAMP_SPACE = socket.CMSG_SPACE(_TIMESPEC.size) if hasattr(socket, "CMSG_SPACE") else 0
+
+
+def readStamped(transport, arrived) -> bool:
+    """
+    As L{readIntoOneBuffer}, and call C{arrived(seconds)} before each read
+    is handed on, with the time (as C{time.time()} counts) at which the
+    kernel received the last of its bytes.
+
+    (It sets Linux's C{SO_TIMESTAMPNS} on the socket, and reads with
+    C{recvmsg_into}.)
+
+    A busy balancer reads what a backend sent a turn of the loop or more
+    after it came: timed when read, every backend looks as slow as the
+    balancer is busy, and a backend ten times slower than the others only
+    a few times.  Timed by the kernel, an answer's latency is the
+    backend's own.
+
+    @return: whether it could (Linux, a TCP connection, possibly under
+        TLS); if not, the connection reads as it did.
+    """
+    connection = _tcpUnder(transport)
+    if connection is None or not sys.platform.startswith("linux") or not _STAMP_SPACE:
+        return False
+    sock = connection.socket
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+    except OSError:
+        return False
+    recvmsgInto = sock.recvmsg_into
+    dataReceived = connection._dataReceived
+    into = [_readBuffer]
+    unpack = _TIMESPEC.unpack
+    kind = _SO_TIMESTAMPNS
+    size = _TIMESPEC.size
+
+    def doRead():
+        try:
+            received, ancillary, _, _ = recvmsgInto(into, _STAMP_SPACE)
+        except OSError as e:
+            if e.args[0] == EWOULDBLOCK:
+                return None
+            return main.CONNECTION_LOST
+        for _, got, data in ancillary:
+            if got == kind and len(data) == size:
+                seconds, nanoseconds = unpack(data)
+                arrived(seconds + nanoseconds * 1e-9)
         return dataReceived(_readView[:received].tobytes())
 
     connection.doRead = doRead

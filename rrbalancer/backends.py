@@ -444,7 +444,8 @@ class Backend:
                 self._setHealthy(False, reason)
 
     def recordResponse(
-        self, code: int, seconds: float, bytesIn: int, bytesOut: int
+        self, code: int, seconds: float, bytesIn: int, bytesOut: int,
+        latency: Optional[float] = None,
     ) -> None:
         """
         A response from this backend reached the client whole.
@@ -455,10 +456,15 @@ class Backend:
             the response's end.
         @param bytesIn: request body bytes sent to the backend.
         @param bytesOut: response body bytes sent to the client.
+        @param latency: from the same start to the response's first bytes
+            reaching the balancer, for the balancing policy; C{seconds}
+            when not given.
         """
         group = self._group
         if group is not None:
-            group.policy.finished(self, seconds, not 100 <= code < 500)
+            group.policy.finished(
+                self, seconds if latency is None else latency, not 100 <= code < 500
+            )
             if code == 0 or (code >= 500 and group.ejection.on5xx):
                 group._ejector.requestFailed(
                     self, f"answered {code}" if code else "response cut short"
@@ -641,6 +647,7 @@ class BackendGroup:
             self._nextID = max(self._nextID, int(backendID) + 1)
         upstream = self._upstream(config) if self._upstream is not None else None
         backend = Backend(backendID, config, self.health, self._clock, upstream)
+        self._timeArrivals(backend)
         if owner is not None:
             backend.owners = (owner,)
         if awaitCheck and self.health.enabled:
@@ -661,6 +668,15 @@ class BackendGroup:
         for callback in list(self._onAdd):
             callback(backend)
         return backend
+
+    def _timeArrivals(self, backend: Backend) -> None:
+        """
+        Have C{backend}'s new connections stamp arrivals when the policy
+        times answers (see L{rrbalancer.policies.IBalancingPolicy}).
+        """
+        pool = backend.pool
+        if pool is not None:
+            pool.stampArrivals = bool(getattr(self.policy, "timesLatency", False))
 
     @property
     def nextID(self) -> int:
@@ -972,6 +988,8 @@ class BackendGroup:
         is dropped, ejections and ramps under way run their course.
         """
         self.policy = policy
+        for backend in self._backends.values():
+            self._timeArrivals(backend)
         self._ejector.settings = ejection
         self._slowStart.seconds = slowStart
         if panicThreshold != self.panicThreshold:

@@ -35,7 +35,7 @@ from twisted.internet.interfaces import IReactorTime, ISSLTransport, ITCPTranspo
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
-from ._twisted import writeNow
+from ._twisted import readStamped, writeNow
 from .memory import readLightly
 
 # A response head larger than this is refused (NGINX's default buffers
@@ -49,6 +49,9 @@ _TOKEN_CHARS = frozenset(
     b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 )
 _NO_BODY_STATUS = (204, 304)
+# How far (seconds) before the clock's now a kernel's stamp of arrival may
+# be, and be taken for the same clock's (a test's fake clock is not).
+_STAMP_TRUSTED = 60.0
 
 
 class BackendError(Exception):
@@ -237,6 +240,10 @@ class BackendConnection(Protocol):
     # The whole response is in the bytes at hand as its head is handed on:
     # its body and its end follow before responseHead's caller returns.
     responseInHand = False
+    # When the response's first bytes reached this host (as the reactor's
+    # clock counts): see _arrival.
+    responseArrived = 0.0
+    _stamp = None
     _receiver = None
     _decoder = None
     _producer = None
@@ -261,9 +268,19 @@ class BackendConnection(Protocol):
         transport = self.transport
         if ITCPTransport.providedBy(transport):
             transport.setTcpNoDelay(True)
-        readLightly(transport)
+        if not (self.pool.stampArrivals and readStamped(transport, self._arrival)):
+            readLightly(transport)
+
+    def _arrival(self, seconds: float) -> None:
+        """
+        The bytes about to be read reached this host at C{seconds}, by the
+        kernel's stamp (see L{ConnectionPool.stampArrivals}).
+        """
+        self._stamp = seconds
 
     def dataReceived(self, data: bytes) -> None:
+        stamp = self._stamp
+        self._stamp = None
         if self._receiver is None:
             if self._tunnel is not None:
                 self._tunnel.dataReceived(data)
@@ -273,7 +290,13 @@ class BackendConnection(Protocol):
             self._open = False
             self.transport.abortConnection()
             return
-        self._responseStarted = True
+        if not self._responseStarted:
+            self._responseStarted = True
+            now = self._clock.seconds()
+            # A stamp is trusted only on the clock's own scale.
+            self.responseArrived = (
+                stamp if stamp is not None and now - _STAMP_TRUSTED <= stamp <= now else now
+            )
         if self._timeoutCall is not None and self._timeout is not None:
             self._timeoutCall.reset(self._timeout)
         if self._decoder is None:
@@ -761,7 +784,16 @@ class ConnectionPool:
 
     @param connect: opens a new connection; fires with a connected
         L{BackendConnection} made by L{buildProtocol}.
+
+    @ivar stampArrivals: whether connections opened from now on read with
+        the kernel's stamp of each read's arrival (Linux's
+        C{SO_TIMESTAMPNS}, see L{rrbalancer._twisted.readStamped}), for a
+        balancing policy that times answers: a busy balancer reads an
+        answer a turn of its loop or more after it came, and timed when
+        read, every backend would look as slow as the balancer is busy.
     """
+
+    stampArrivals = False
 
     def __init__(
         self,

@@ -30,6 +30,11 @@ from .selection import Candidates
 class IBalancingPolicy(Interface):
     """
     A way to choose a backend.
+
+    A policy whose choices follow the backends' latency says so with a
+    true C{timesLatency} attribute (optional): the balancer then times
+    each answer by the kernel's stamp of its arrival, which costs a few
+    per cent of a request, rather than by when it was read.
     """
 
     def pick(candidates, exclude, request):
@@ -44,8 +49,12 @@ class IBalancingPolicy(Interface):
 
     def finished(backend, seconds, failed):
         """
-        A request on C{backend} ended after C{seconds}; C{failed} when it
-        got no good answer (no connection, a broken exchange, a 5xx).
+        A request on C{backend} ended; C{failed} when it got no good
+        answer (no connection, a broken exchange, a 5xx).  C{seconds} is
+        the backend's latency: from the request's start to its answer's
+        first bytes reaching the balancer (on Linux, as the kernel stamped
+        their arrival, so that a busy balancer's own delay in reading them
+        is not counted against the backend).
         """
 
     def forget(backend):
@@ -205,6 +214,7 @@ class PowerOfTwoChoices:
     """
 
     name = "p2c"
+    timesLatency = True
     # A backend not heard from yet costs as little as a fast one.
     INITIAL = 0.001
     # The least share of the average each answer has.

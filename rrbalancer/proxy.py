@@ -369,6 +369,9 @@ class _Attempt:
     code = 0
     bytesIn = 0
     bytesOut = 0
+    # From the request's start to its answer's first bytes reaching the
+    # balancer: the backend's latency, as the balancing policy hears it.
+    latency = None
 
     def __init__(
         self, upstream: "BackendProxyResource", backend: Backend, forwarding: _Forwarding
@@ -425,6 +428,7 @@ class _Attempt:
                 self.clock.seconds() - self.startedAt,
                 self.bytesIn,
                 self.bytesOut,
+                self.latency,
             )
 
     def _connected(self, connection) -> None:
@@ -492,6 +496,7 @@ class _Attempt:
     def responseHead(self, code, reason, headers, contentLength) -> None:
         self.started = True
         self.code = code
+        self.latency = max(0.0, self.connection.responseArrived - self.startedAt)
         request = self.request
         request.backendURL = self.backend.url
         request.backendStatus = code
@@ -554,6 +559,7 @@ class _Attempt:
         connection, self.connection = self.connection, None
         self.started = True
         self.code = 101
+        self.latency = max(0.0, connection.responseArrived - self.startedAt)
         try:
             self._joinTunnel(connection, reason, headers, rest)
         except Exception:

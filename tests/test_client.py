@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import directlyProvides
 
+from rrbalancer import client
 from rrbalancer._twisted import _TCP_CLIENT
 from rrbalancer.client import (
     BODY_CHUNK_SIZE,
@@ -430,6 +431,73 @@ class BrokenExchangeTests(_Base):
         self.assertTrue(connection.transport.disconnected)
         self.assertIsNot(self.connection(), connection)
         self.assertEqual(len(self.opened), 2)
+
+
+class ArrivalTests(_Base):
+    """
+    When a response's first bytes arrived: the kernel's stamp, when the
+    connection was given one on the clock's scale; the clock otherwise.
+    """
+
+    def setUp(self):
+        _Base.setUp(self)
+        self.clock.advance(1000)
+
+    def test_clockWithoutStamp(self):
+        connection, receiver = self.exchange()
+        self.clock.advance(0.25)
+        connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-")
+        self.clock.advance(1)
+        connection.dataReceived(b"Length: 0\r\n\r\n")
+        self.assertEqual(connection.responseArrived, 1000.25)
+
+    def test_stamp(self):
+        """
+        The first read's stamp, not a later one's.
+        """
+        connection, receiver = self.exchange()
+        self.clock.advance(0.25)
+        connection._arrival(1000.125)
+        connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-")
+        connection._arrival(1000.2)
+        connection.dataReceived(b"Length: 0\r\n\r\n")
+        self.assertEqual(connection.responseArrived, 1000.125)
+        # The next exchange starts afresh, with a stamp of its own.
+        connection, receiver = self.exchange(connection=connection)
+        self.clock.advance(1)
+        connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(connection.responseArrived, 1001.25)
+
+    def test_stampOffTheClock(self):
+        """
+        A stamp in the clock's future, or long before its now, is not on
+        its scale (a test's clock, a clock set back): the clock is taken.
+        """
+        for stamp in (1000.5, 900.0):
+            connection, receiver = self.exchange()
+            connection._arrival(stamp)
+            connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            self.assertEqual(connection.responseArrived, 1000.0)
+
+    def test_stampsOnlyWhenAsked(self):
+        """
+        A connection reads with the kernel's stamps only when its pool
+        asks it to, when it is made.
+        """
+        stamped = []
+        original = client.readStamped
+
+        def readStamped(transport, arrived):
+            stamped.append(arrived)
+            return original(transport, arrived)
+
+        self.patch(client, "readStamped", readStamped)
+        self.connection()
+        self.assertEqual(stamped, [])
+        self.pool.stampArrivals = True
+        self.pool.connect()
+        [arrived] = stamped
+        self.assertEqual(arrived, self.opened[-1][0]._arrival)
 
 
 class TimeoutTests(_Base):

@@ -1142,6 +1142,45 @@ class ClientWriteTests(_InMemory):
         self.assertEqual(self.response(transport).body, b"helloworld")
 
 
+class LatencyTests(_InMemory):
+    """
+    What a balancing policy hears of an answer's latency: from the
+    request's start to the first bytes of its answer, not to its end.
+    """
+
+    def test_toFirstBytes(self):
+        balancer = MemoryBalancer(balance="p2c")
+        [backend] = balancer.backends
+        self.assertTrue(backend.pool.stampArrivals)
+        channel, transport = self.request(balancer)
+        protocol, _ = balancer.backendConnection()
+        balancer.clock.advance(0.5)
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+        balancer.clock.advance(2)
+        protocol.dataReceived(b"world")
+        self.assertEqual(self.response(transport).body, b"helloworld")
+        figures = balancer.group.policy.figures(backend)
+        self.assertEqual(figures["ewma_ms"], 500.0)
+        # The backend's own figures are the whole exchange's.
+        self.assertEqual(backend.stats.latency()["p50"], 2500.0)
+
+    def test_onlyForAPolicyThatTimes(self):
+        """
+        Round robin does not look at latency: no stamps; a reload to p2c
+        has the backends' new connections stamped.
+        """
+        from rrbalancer.backends import Ejection
+        from rrbalancer.policies import PowerOfTwoChoices
+
+        balancer = MemoryBalancer()
+        [backend] = balancer.backends
+        self.assertFalse(backend.pool.stampArrivals)
+        balancer.group.rebalance(
+            PowerOfTwoChoices(balancer.clock), Ejection(), slowStart=0, panicThreshold=0
+        )
+        self.assertTrue(backend.pool.stampArrivals)
+
+
 class UpgradeMemoryTests(_InMemory):
     """
     An upgrade through the balancer's pieces: the 101, the tunnel it opens

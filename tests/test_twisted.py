@@ -5,14 +5,17 @@ mean.  When a Twisted release changes one, this fails, naming it, instead
 of the balancer misbehaving at run time.
 """
 
+import sys
+import time
+
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import AccumulatingProtocol, MemoryReactorClock, StringTransport
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 from zope.interface.interface import InterfaceClass
@@ -289,3 +292,59 @@ class ReadIntoOneBufferTests(TestCase):
         for kind in (Client, Server):
             self.assertTrue(callable(getattr(kind, "_dataReceived", None)), kind)
             self.assertEqual(kind.bufferSize, len(_twisted._readBuffer))
+
+
+class ReadStampedTests(TestCase):
+    """
+    L{_twisted.readStamped} on real TCP connections: each read is handed
+    on whole, after the kernel's stamp of when its bytes arrived, which is
+    not when the balancer got round to reading them.
+    """
+
+    timeout = 10
+
+    @inlineCallbacks
+    def test_arrivalNotRead(self):
+        if not sys.platform.startswith("linux"):
+            raise SkipTest("SO_TIMESTAMPNS is Linux's")
+        net = Net(self)
+        server = AccumulatingProtocol()
+        factory = Factory.forProtocol(lambda: server)
+        factory.protocolConnectionMade = None
+        port = net.listen(factory)
+        client = AccumulatingProtocol()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+        yield poll(lambda: server.transport is not None)
+        stamps = []
+        read = []
+        dataReceived = server.dataReceived
+
+        def received(data):
+            read.append(time.time())
+            dataReceived(data)
+
+        server.dataReceived = received
+        self.assertTrue(_twisted.readStamped(server.transport, stamps.append))
+        server.transport.stopReading()
+        before = time.time()
+        client.transport.socket.send(b"hello")
+        sent = time.time()
+        # The bytes wait in the kernel a tenth of a second before they are
+        # read: their stamp is the arrival.
+        yield deferLater(reactor, 0.1, lambda: None)
+        server.transport.startReading()
+        yield poll(lambda: server.data == b"hello")
+        [stamp] = stamps
+        self.assertTrue(before - 0.001 <= stamp <= sent + 0.05, (before, stamp, sent))
+        self.assertGreaterEqual(read[0] - stamp, 0.05)
+        # Later reads are stamped too, and a close is a close.
+        server.closedDeferred = closed = Deferred()
+        client.transport.write(b" again")
+        yield poll(lambda: server.data == b"hello again")
+        self.assertEqual(len(stamps), 2)
+        client.transport.loseConnection()
+        yield closed
+        self.assertTrue(server.closedReason.check(ConnectionDone))
+
+    def test_notTCP(self):
+        self.assertFalse(_twisted.readStamped(StringTransport(), lambda when: None))
