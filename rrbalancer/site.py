@@ -2,7 +2,8 @@
 The client-facing HTTP server: a L{Site} whose requests enforce the body
 size limit, count themselves in flight (for a graceful stop), and are
 logged in NCSA combined format only when an access log is asked for; and
-whose connections bound the time and size of a request head.
+whose connections bound the time and size of a request head, and write a
+response the backend sent in one read in one send.
 """
 
 from typing import Dict, List, Optional
