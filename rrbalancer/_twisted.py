@@ -252,6 +252,10 @@ def readStamped(transport, arrived) -> bool:
     a few times.  Timed by the kernel, an answer's latency is the
     backend's own.
 
+    Linux starts stamping a moment after the first socket asks for it
+    (and stops when the last one goes): a read before that comes without
+    a stamp, and C{arrived} is not called for it.
+
     @return: whether it could (Linux, a TCP connection, possibly under
         TLS); if not, the connection reads as it did.
     """
