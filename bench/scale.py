@@ -83,9 +83,18 @@ class Processes:
 
 
 def cpuSeconds(pid: int) -> float:
+    return sum(cpuSplit(pid))
+
+
+def cpuSplit(pid: int):
+    """
+    The CPU seconds C{pid} has spent so far: in its own code, and in the
+    kernel's (system calls, the network stack).
+    """
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def rssMiB(pid: int) -> float:
@@ -211,18 +220,21 @@ def measure(procs, target, n, addrs, args, out):
         time.sleep(args.idle)
         idle = (cpuSeconds(p.pid) - before) / args.idle * 100
         idleRSS = rssMiB(p.pid)
-        before = cpuSeconds(p.pid)
+        user, system = cpuSplit(p.pid)
         started = time.monotonic()
         result = runWrk(port, args.duration, args.connections)
-        busy = (cpuSeconds(p.pid) - before) / (time.monotonic() - started) * 100
-        result.update(idle=idle, idleRSS=idleRSS, rss=rssMiB(p.pid), busy=busy)
+        elapsed = time.monotonic() - started
+        userAfter, systemAfter = cpuSplit(p.pid)
+        busy = (userAfter - user + systemAfter - system) / elapsed * 100
+        kernel = (systemAfter - system) / elapsed * 100
+        result.update(idle=idle, idleRSS=idleRSS, rss=rssMiB(p.pid), busy=busy, kernel=kernel)
         return result
     finally:
         procs.stop(p)
 
 
-def cpuPerRequest(result) -> float:
-    return result["busy"] / 100 / result["rps"] * 1e6 if result["rps"] else 0.0
+def cpuPerRequest(result, key: str = "busy") -> float:
+    return result[key] / 100 / result["rps"] * 1e6 if result["rps"] else 0.0
 
 
 def median(results):
@@ -233,7 +245,7 @@ def median(results):
         if "error" in r:
             return r
     merged = dict(results[0])
-    for key in ("rps", "p99", "idle", "idleRSS", "rss", "busy"):
+    for key in ("rps", "p99", "idle", "idleRSS", "rss", "busy", "kernel"):
         values = sorted(r[key] for r in results if r[key] is not None)
         merged[key] = values[len(values) // 2] if values else None
     merged["non2xx"] = sum(r["non2xx"] for r in results)
@@ -281,8 +293,8 @@ def main():
     signal.signal(signal.SIGTERM, interrupted)
     first = {}
     print(f"logs and configs in {out}", file=sys.stderr)
-    header = "%-11s %6s %10s %9s %9s %8s %9s %9s %8s %9s %s" % (
-        "target", "N", "req/s", "p99-ms", "load-cpu", "cpu-us", "idle-cpu", "idle-rss",
+    header = "%-11s %6s %10s %9s %9s %8s %8s %9s %9s %8s %9s %s" % (
+        "target", "N", "req/s", "p99-ms", "load-cpu", "cpu-us", "sys-us", "idle-cpu", "idle-rss",
         "rss-MiB", "vs-N" + str(counts[0]), "notes",
     )
     print(header)
@@ -310,10 +322,11 @@ def main():
                 if r["errors"]:
                     notes.append(f"socket errors: {r['errors']}")
                 print(
-                    "%-11s %6d %10.0f %9.2f %8.0f%% %8.0f %8.1f%% %9.1f %8.1f %9s %s"
+                    "%-11s %6d %10.0f %9.2f %8.0f%% %8.0f %8.0f %8.1f%% %9.1f %8.1f %9s %s"
                     % (
                         target, n, r["rps"], r["p99"] or 0, r["busy"], cpuPerRequest(r),
-                        r["idle"], r["idleRSS"], r["rss"], ratio, "; ".join(notes),
+                        cpuPerRequest(r, "kernel"), r["idle"], r["idleRSS"], r["rss"], ratio,
+                        "; ".join(notes),
                     ),
                     flush=True,
                 )
@@ -325,7 +338,7 @@ def main():
     print(
         "(load-cpu: the balancer's CPU under wrk, 100% being its whole core; cpu-us: its"
         " CPU microseconds per request, health checks included, which a busy machine"
-        " moves less than req/s; idle-rss:"
+        " moves less than req/s; sys-us: the part of it in the kernel; idle-rss:"
         " RSS in MiB before the load, rss-MiB after it; vs-N: throughput ratio / p99"
         " ratio against the first N)"
     )
