@@ -181,8 +181,11 @@ def _framing(headers: Headers) -> Tuple[List[bytes], List[bytes], List[bytes]]:
         if key == b"content-length":
             lengths.append(value)
         elif key == b"connection" or key == b"transfer-encoding":
-            tokens = [t.strip().lower() for t in value.split(b",")]
-            (connection if key == b"connection" else codings).extend(t for t in tokens if t)
+            tokens = connection if key == b"connection" else codings
+            for token in value.split(b","):
+                token = token.strip().lower()
+                if token:
+                    tokens.append(token)
     return connection, codings, lengths
 
 
@@ -268,8 +271,11 @@ class BackendConnection(Protocol):
         transport = self.transport
         if ITCPTransport.providedBy(transport):
             transport.setTcpNoDelay(True)
-        if not (self.pool.stampArrivals and readStamped(transport, self._arrival)):
-            readLightly(transport)
+        # The endpoint's wrapper around this protocol only passes bytes on:
+        # reads skip it.
+        receive = self.dataReceived
+        if not (self.pool.stampArrivals and readStamped(transport, self._arrival, receive)):
+            readLightly(transport, receive)
 
     def _arrival(self, seconds: float) -> None:
         """
@@ -618,7 +624,9 @@ class BackendConnection(Protocol):
             self._deliver(data)
             return
         self._remaining = 0
-        self._deliver(data[:remaining])
+        receiver = self._receiver
+        if remaining and receiver is not None:
+            receiver.responseBody(data[:remaining])
         if self._receiver is not None:
             self._finish(extra=data[remaining:])
 
@@ -642,12 +650,14 @@ class BackendConnection(Protocol):
         receiver = self._receiver
         self._receiver = None
         self._decoder = None
-        self._stopBody()
+        if self._producer is not None:
+            self._stopBody()
         reusable = self._keepAlive and self._bodySent and not extra and self._open
         if reusable:
             # The timer is left running for the next exchange on this
             # connection, which moves it; if none comes, it fires unheeded.
-            self.resumeProducing()
+            if self._paused:
+                self.resumeProducing()
             self.pool.release(self)
         else:
             self._cancelTimeout()
@@ -850,7 +860,7 @@ class ConnectionPool:
         idle = self._idle
         while idle:
             connection = idle.pop()
-            if connection.isOpen:
+            if connection._open:
                 connection.reused = True
                 return connection
         return None
@@ -950,7 +960,7 @@ class ConnectionPool:
             self.connect().chainDeferred(self._nextWaiter())
 
     def release(self, connection: BackendConnection) -> None:
-        waiter = self._nextWaiter()
+        waiter = self._nextWaiter() if self._waiting else None
         if waiter is not None:
             connection.reused = True
             waiter.callback(connection)

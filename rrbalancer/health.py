@@ -31,7 +31,7 @@ import math
 import random as _random
 from collections import deque
 from itertools import count
-from typing import Callable, Deque, List, Optional, Set
+from typing import Callable, Deque, Dict, List, Optional, Set
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ConnectingCancelledError
@@ -142,9 +142,7 @@ class _Check:
 
     def _send(self, connection: BackendConnection) -> None:
         self.connection = connection
-        connection.request(
-            checkRequest(self.backend, self.checker._config.path), None, 0, False, self, None
-        )
+        connection.request(self.checker._head(self.backend), None, 0, False, self, None)
 
     def expire(self) -> None:
         """
@@ -320,6 +318,9 @@ class HealthChecker:
         # own.
         self._inFlight: Deque[_Check] = deque()
         self._call = None
+        # Each backend's check request, made once: at ten thousand
+        # backends, making it anew was a check's every fortieth microsecond.
+        self._heads: Dict[Backend, bytes] = {}
 
     # Lateness is logged at most this often (seconds): when it strikes, it
     # strikes thousands of checks at once.
@@ -374,6 +375,7 @@ class HealthChecker:
         if self._ownMonitor:
             self.lagMonitor.stop()
         self._schedule = []
+        self._heads = {}
         # The checks under way are given up: their results would come from
         # a checker that no longer runs.
         inFlight, self._inFlight = self._inFlight, deque()
@@ -383,6 +385,18 @@ class HealthChecker:
 
     def _push(self, when: float, backend: Backend) -> None:
         heapq.heappush(self._schedule, (when, next(self._sequence), backend))
+
+    def _head(self, backend: Backend) -> bytes:
+        """
+        C{backend}'s check request; kept while it is on the schedule, which
+        forgets it when it finds the backend removed.
+        """
+        head = self._heads.get(backend)
+        if head is None:
+            head = checkRequest(backend, self._config.path)
+            if self.running and self.scheduled and backend._group is self._group:
+                self._heads[backend] = head
+        return head
 
     def _added(self, backend: Backend) -> None:
         """
@@ -450,17 +464,24 @@ class HealthChecker:
         schedule = self._schedule
         group = self._group
         pending = self._pending
+        push = heapq.heappush
+        pop = heapq.heappop
+        sequence = self._sequence
         for _ in range(len(schedule)):
             if not schedule or schedule[0][0] > horizon:
                 break
-            due, _, backend = heapq.heappop(schedule)
+            due, _, backend = pop(schedule)
             if backend._group is not group:
+                self._heads.pop(backend, None)
                 continue  # removed: forget it
             if due + interval <= now:
                 # The loop was more than an interval late: skip the missed
                 # checks, keeping this backend's phase.
                 due += interval * math.floor((now - due) / interval)
-            self._push(due + interval * (1.0 + jitter * (2.0 * random() - 1.0)), backend)
+            push(
+                schedule,
+                (due + interval * (1.0 + jitter * (2.0 * random() - 1.0)), next(sequence), backend),
+            )
             if backend.adminState == DISABLED or backend in pending:
                 continue
             try:

@@ -60,16 +60,23 @@ MAX_STEPS = 100_000
 PYPY = platform.python_implementation() == "PyPy"
 
 
-def readLightly(transport, pypy: bool = PYPY) -> None:
+def readLightly(transport, receive=None, pypy: bool = PYPY) -> None:
     """
     On PyPy, have C{transport} read without spending 64 KiB of the nursery
     a read (L{rrbalancer._twisted.readIntoOneBuffer} says why): a third
     as many minor collections, and the old generation fills several times
     more slowly.  CPython frees a read's buffer at once, and keeps
     Twisted's own reads.
+
+    @param receive: the protocol's own C{dataReceived}, for a caller that
+        knows that whatever wraps its protocol only passes the bytes on:
+        a plain TCP connection's reads then go to it directly, on either
+        interpreter (L{rrbalancer._twisted.readDirect}).
     """
     if pypy:
-        _twisted.readIntoOneBuffer(transport)
+        _twisted.readIntoOneBuffer(transport, receive)
+    elif receive is not None:
+        _twisted.readDirect(transport, receive)
 
 
 def settleMemory() -> None:

@@ -4,6 +4,8 @@ byte over a L{StringTransport}, with a L{Clock} for its timeout, and the
 L{ConnectionPool} that keeps such connections.
 """
 
+import errno
+import socket
 import random
 from io import BytesIO
 
@@ -487,9 +489,9 @@ class ArrivalTests(_Base):
         stamped = []
         original = client.readStamped
 
-        def readStamped(transport, arrived):
+        def readStamped(transport, arrived, receive=None):
             stamped.append(arrived)
-            return original(transport, arrived)
+            return original(transport, arrived, receive)
 
         self.patch(client, "readStamped", readStamped)
         self.connection()
@@ -1110,13 +1112,14 @@ class WriteNowTests(unittest.TestCase):
         from twisted.internet import tcp
 
         self.assertIs(_TCP_CLIENT, tcp.Client)
-        self.assertTrue(callable(getattr(tcp.Client, "writeSomeData", None)))
+        self.assertTrue(callable(getattr(tcp.Client, "write", None)))
 
     @inlineCallbacks
     def test_sentAtOnce(self):
         transport, server = yield self.connected(5)
         self.assertEqual((transport.dataBuffer, transport._tempDataBuffer), (b"", []))
         self.assertFalse(transport.TLS)
+        self.assertIsInstance(transport.socket, socket.socket)
         writeNow(transport, b"hello")
         self.assertEqual(transport._tempDataBuffer, [], "buffered, not sent")
         self.assertEqual((yield server.got), b"hello")
@@ -1129,10 +1132,64 @@ class WriteNowTests(unittest.TestCase):
         self.assertEqual(transport._tempDataBuffer, [b"first", b"after"])
         self.assertEqual((yield server.got), b"firstafter")
 
+    @inlineCallbacks
+    def test_partOfItSent(self):
+        """
+        What the socket did not take waits in the transport's buffer, to be
+        sent when it can.
+        """
+        transport, server = yield self.connected(5)
+        sock = transport.socket
+        transport.socket = _TakesTwo(sock)
+        try:
+            writeNow(transport, b"hello")
+        finally:
+            transport.socket = sock
+        self.assertEqual(transport._tempDataBuffer, [b"llo"])
+        self.assertEqual((yield server.got), b"hello")
+
+    @inlineCallbacks
+    def test_sendFails(self):
+        """
+        A send that fails (a full buffer, a broken connection) leaves the
+        data to the transport's write, which sends it when it can or
+        reports the connection's loss as it always does.
+        """
+        transport, server = yield self.connected(5)
+        sock = transport.socket
+        transport.socket = _Refuses()
+        try:
+            writeNow(transport, b"hello")
+        finally:
+            transport.socket = sock
+        self.assertEqual(transport._tempDataBuffer, [b"hello"])
+        self.assertEqual((yield server.got), b"hello")
+
     def test_otherTransports(self):
         transport = StringTransport()
         writeNow(transport, b"data")
         self.assertEqual(transport.value(), b"data")
+
+
+class _TakesTwo:
+    """
+    A socket that takes two bytes a send.
+    """
+
+    def __init__(self, sock):
+        self._sock = sock
+
+    def send(self, data):
+        return self._sock.send(data[:2])
+
+
+class _Refuses:
+    """
+    A socket whose buffer is full.
+    """
+
+    def send(self, data):
+        raise BlockingIOError(errno.EAGAIN, "full")
 
 
 def _referenceParseHead(head):

@@ -22,6 +22,7 @@ from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from rrbalancer import health
 from rrbalancer.backends import DISABLED, DOWN, DRAINING, UP, BackendGroup
 from rrbalancer.client import ConnectionPool, connectorFor
 from rrbalancer.config import BackendConfig, HealthConfig
@@ -642,6 +643,31 @@ class ScheduleTests(SynchronousTestCase):
         step(clock, 4.0, server)
         self.assertEqual([u for u, _ in server.requests].count(added.url), 3)
         self.assertEqual(len(checker._schedule), 1)
+        # Nor is its check request kept (it was, while it was checked).
+        self.assertEqual(list(checker._heads), [first])
+
+    def test_requestMadeOnce(self):
+        """
+        Each backend's check request is made once, not for every check; a
+        check asked for outside the schedule keeps nothing.
+        """
+        checker, group, [backend], clock, server = makeChecker()
+        made = []
+        original = health.checkRequest
+
+        def checkRequest(backend, path):
+            made.append(backend)
+            return original(backend, path)
+
+        self.patch(health, "checkRequest", checkRequest)
+        checker.check(backend)
+        self.assertEqual((made, checker._heads), ([backend], {}))
+        checker.start()
+        self.addCleanup(checker.stop)
+        step(clock, 5.0, server)
+        self.assertEqual(len(server.requests), 3)
+        self.assertEqual(made, [backend, backend])
+        self.assertEqual({head for _, head in server.requests}, {original(backend, "/")})
 
     def test_lateLoopSkipsMissedChecks(self):
         """

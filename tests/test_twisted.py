@@ -115,14 +115,16 @@ class PrivateNamesTests(SynchronousTestCase):
     def test_tcpClientBuffers(self):
         """
         writeNow reads a TCP transport's buffers (a client's, and an
-        accepted connection's) and writes to its socket directly.
+        accepted connection's) and writes to its socket directly (the
+        C{socket} each instance has is checked on a real connection, in
+        C{tests.test_client.WriteNowTests}).
         """
         from twisted.internet.abstract import FileDescriptor
         from twisted.internet.tcp import Client, Server
 
         self.assertIs(_twisted._TCP_CLIENT, Client)
         self.assertEqual(_twisted._TCP_TRANSPORTS, (Client, Server))
-        for name in ("writeSomeData", "TLS", "connected", "disconnecting"):
+        for name in ("TLS", "connected", "disconnecting"):
             for kind in (Client, Server):
                 self.assertTrue(hasattr(kind, name), name)
         descriptor = FileDescriptor(reactor=MemoryReactorClock())
@@ -292,6 +294,50 @@ class ReadIntoOneBufferTests(TestCase):
         for kind in (Client, Server):
             self.assertTrue(callable(getattr(kind, "_dataReceived", None)), kind)
             self.assertEqual(kind.bufferSize, len(_twisted._readBuffer))
+
+
+class ReadDirectTests(TestCase):
+    """
+    L{_twisted.readDirect} (and L{_twisted.readIntoOneBuffer} given a
+    receiver) on real TCP connections made through an endpoint: what is
+    read reaches the protocol without the endpoint's wrapper, and the
+    end is seen as Twisted's own reads see it.
+    """
+
+    timeout = 10
+
+    @inlineCallbacks
+    def connected(self, read):
+        net = Net(self)
+        server = AccumulatingProtocol()
+        factory = Factory.forProtocol(lambda: server)
+        factory.protocolConnectionMade = None
+        port = net.listen(factory)
+        client = AccumulatingProtocol()
+        client.closedDeferred = clientClosed = Deferred()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+        yield poll(lambda: server.transport is not None)
+        wrapper = client.transport.protocol
+        self.assertIsNot(wrapper, client)
+        wrapped = []
+        wrapper.dataReceived = wrapped.append
+        self.assertTrue(read(client.transport, client.dataReceived))
+        big = bytes(range(256)) * 1024
+        server.transport.write(big)
+        yield poll(lambda: len(client.data) == len(big))
+        self.assertEqual((client.data, wrapped), (big, []))
+        server.transport.loseConnection()
+        yield clientClosed
+        self.assertTrue(client.closedReason.check(ConnectionDone))
+
+    def test_direct(self):
+        return self.connected(_twisted.readDirect)
+
+    def test_oneBuffer(self):
+        return self.connected(_twisted.readIntoOneBuffer)
+
+    def test_notTCP(self):
+        self.assertFalse(_twisted.readDirect(StringTransport(), lambda data: None))
 
 
 class ReadStampedTests(TestCase):
