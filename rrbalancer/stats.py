@@ -140,6 +140,14 @@ class BackendStats:
         if not samples:
             samples = self._samples = deque()
         samples.append((now, seconds))
+        # Older than the window, a sample is of no use: dropped here, not
+        # only when the percentiles are read, which for most of ten
+        # thousand backends is never (each kept every sample up to
+        # MAX_SAMPLES, for hours, the balancer growing by megabytes a
+        # minute under load).
+        horizon = now - WINDOW
+        while samples[0][0] < horizon:
+            samples.popleft()
         if len(samples) > MAX_SAMPLES:
             samples.popleft()
 

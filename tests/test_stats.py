@@ -57,6 +57,17 @@ class StatsTests(SynchronousTestCase):
             self.stats.recordResponse(200, 0.001, 0, 0)
         self.assertEqual(len(self.stats._samples), MAX_SAMPLES)
 
+    def test_samplesKeptForTheWindowOnly(self):
+        """
+        Samples older than the window are dropped as new ones come, whether
+        or not the percentiles are ever read: a backend taking a request
+        every few seconds holds a minute of them, not hours'.
+        """
+        for _ in range(600):
+            self.stats.recordResponse(200, 0.001, 0, 0)
+            self.clock.advance(2.5)
+        self.assertEqual(len(self.stats._samples), 25)
+
     def test_requestsPerSecond(self):
         self.clock.advance(100)
         for _ in range(50):
