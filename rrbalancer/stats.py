@@ -9,6 +9,7 @@ decides where requests go, these figures only describe what happened.
 import math
 from bisect import bisect_left
 from collections import deque
+from itertools import chain
 from typing import Dict, List, Optional, Sequence
 
 from twisted.internet.interfaces import IReactorTime
@@ -60,9 +61,10 @@ class BackendStats:
     What a backend's responses looked like: counters since start (for
     Prometheus) and recent figures (for the admin API and the dashboard).
 
-    Recent counts are kept in one-second slots for the last
-    C{HISTORY_STEP * HISTORY_POINTS} seconds; latencies as samples for the
-    last C{WINDOW} seconds.
+    Recent counts are kept in one-second slots for the last C{WINDOW}
+    seconds (the rate and the error rate are read from them), and before
+    that in steps of C{HISTORY_STEP} seconds, as long as the history goes
+    back; latencies as samples for the last C{WINDOW} seconds.
 
     A balancer may have thousands of backends that take few requests (or
     only backups that take none): what a backend without recent requests
@@ -79,6 +81,7 @@ class BackendStats:
         "bytesIn",
         "bytesOut",
         "_slots",
+        "_steps",
         "_samples",
     )
 
@@ -93,8 +96,10 @@ class BackendStats:
         self.bytesIn = 0
         self.bytesOut = 0
         # Recent: (second, requests, errors, latency sum, latency count)
-        # slots, and (when, seconds) samples; empty tuples until the first.
+        # slots, the same by step before them, and (when, seconds) samples;
+        # empty tuples until the first.
         self._slots: Sequence[tuple] = ()
+        self._steps: Sequence[tuple] = ()
         self._samples: Sequence[tuple] = ()
 
     def _count(self, now: float, errors: int, seconds: float, answered: int) -> None:
@@ -107,6 +112,11 @@ class BackendStats:
         backends each request opens a slot of its own, kept five minutes:
         lists, they were hundreds of thousands of objects that every full
         collection walked, a pause of a tenth of a second and more.
+
+        Past the window a slot is folded into its step of the history: a
+        backend taking a request every few seconds keeps a minute of
+        slots and five of steps, not five minutes of slots (at ten
+        thousand backends, a million tuples).
         """
         second = math.floor(now)
         slots = self._slots
@@ -117,9 +127,27 @@ class BackendStats:
             slots[-1] = (second, requests + 1, errs + errors, total + seconds, count + answered)
             return
         slots.append((second, 1, errors, seconds, answered))
-        horizon = second - HISTORY_STEP * (HISTORY_POINTS + 1)
+        horizon = second - WINDOW
         while slots[0][0] < horizon:
-            slots.popleft()
+            self._fold(slots.popleft())
+
+    def _fold(self, slot: tuple) -> None:
+        """
+        Add a slot that has left the window to its step of the history.
+        """
+        second, requests, errors, total, count = slot
+        step = math.floor(second / HISTORY_STEP) * HISTORY_STEP
+        steps = self._steps
+        if not steps:
+            steps = self._steps = deque()
+        elif steps[-1][0] == step:
+            _, r, e, t, c = steps[-1]
+            steps[-1] = (step, r + requests, e + errors, t + total, c + count)
+            return
+        steps.append((step, requests, errors, total, count))
+        horizon = step - HISTORY_STEP * (HISTORY_POINTS + 1)
+        while steps[0][0] < horizon:
+            steps.popleft()
 
     def recordResponse(self, code: int, seconds: float, bytesIn: int, bytesOut: int) -> None:
         kind = statusClass(code)
@@ -202,7 +230,7 @@ class BackendStats:
         current = math.floor(now / HISTORY_STEP) * HISTORY_STEP
         first = current - HISTORY_STEP * HISTORY_POINTS
         steps = [[0, 0, 0.0, 0] for _ in range(HISTORY_POINTS)]
-        for second, requests, errors, latency, count in self._slots:
+        for second, requests, errors, latency, count in chain(self._steps, self._slots):
             index = int((second - first) // HISTORY_STEP)
             if 0 <= index < HISTORY_POINTS:
                 step = steps[index]

@@ -139,6 +139,26 @@ class StatsTests(SynchronousTestCase):
             self.clock.advance(1)
         self.assertLessEqual(len(self.stats._slots), HISTORY_STEP * (HISTORY_POINTS + 1) + 1)
 
+    def test_slotsFoldedIntoSteps(self):
+        """
+        Past the window, slots are folded into the history's steps: a
+        backend taking a request every 2.5 s keeps a minute of slots and
+        the history's steps, and its history is what it was.
+        """
+        self.clock.advance(HISTORY_STEP * HISTORY_POINTS)
+        for _ in range(int(HISTORY_STEP * HISTORY_POINTS * 2 / 2.5)):
+            self.stats.recordResponse(200, 0.002, 0, 0)
+            self.clock.advance(2.5)
+        self.assertLessEqual(len(self.stats._slots), 25)
+        self.assertLessEqual(len(self.stats._steps), HISTORY_POINTS + 2)
+        history = self.stats.history()
+        self.assertEqual(len(history), HISTORY_POINTS)
+        self.assertEqual({p["rps"] for p in history}, {4 / HISTORY_STEP})
+        self.assertEqual({p["latency_ms"] for p in history}, {2.0})
+        gc.collect()
+        if platform.python_implementation() == "CPython":
+            self.assertEqual([s for s in self.stats._steps if gc.is_tracked(s)], [])
+
     def test_slotsOutOfTheCollectorsWay(self):
         """
         What a backend keeps of its recent seconds is no work for CPython's
