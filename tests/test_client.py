@@ -1138,14 +1138,23 @@ class WriteNowTests(unittest.TestCase):
         What the socket did not take waits in the transport's buffer, to be
         sent when it can.
         """
+        yield self.writeThrough(_TakesTwo, [b"llo"])
+
+    @inlineCallbacks
+    def writeThrough(self, double, buffered):
+        """
+        writeNow C{b"hello"} with the connection's socket replaced by
+        C{double(socket)} for the send: C{buffered} is left to the
+        transport, and the other end gets it all.
+        """
         transport, server = yield self.connected(5)
         sock = transport.socket
-        transport.socket = _TakesTwo(sock)
+        transport.socket = double(sock)
         try:
             writeNow(transport, b"hello")
         finally:
             transport.socket = sock
-        self.assertEqual(transport._tempDataBuffer, [b"llo"])
+        self.assertEqual(transport._tempDataBuffer, buffered)
         self.assertEqual((yield server.got), b"hello")
 
     @inlineCallbacks
@@ -1155,15 +1164,7 @@ class WriteNowTests(unittest.TestCase):
         data to the transport's write, which sends it when it can or
         reports the connection's loss as it always does.
         """
-        transport, server = yield self.connected(5)
-        sock = transport.socket
-        transport.socket = _Refuses()
-        try:
-            writeNow(transport, b"hello")
-        finally:
-            transport.socket = sock
-        self.assertEqual(transport._tempDataBuffer, [b"hello"])
-        self.assertEqual((yield server.got), b"hello")
+        yield self.writeThrough(_Refuses, [b"hello"])
 
     def test_otherTransports(self):
         transport = StringTransport()
@@ -1187,6 +1188,9 @@ class _Refuses:
     """
     A socket whose buffer is full.
     """
+
+    def __init__(self, sock):
+        pass
 
     def send(self, data):
         raise BlockingIOError(errno.EAGAIN, "full")

@@ -247,6 +247,25 @@ class HTTP2NamesTests(SynchronousTestCase):
         self.assertIs(_twisted.sslContextFactory(endpoint), factory)
 
 
+@inlineCallbacks
+def connectedPair(case):
+    """
+    Two L{AccumulatingProtocol}s connected over loopback TCP, the client
+    through an endpoint; each has a C{closedDeferred}.
+    """
+    net = Net(case)
+    server = AccumulatingProtocol()
+    server.closedDeferred = Deferred()
+    factory = Factory.forProtocol(lambda: server)
+    factory.protocolConnectionMade = None
+    port = net.listen(factory)
+    client = AccumulatingProtocol()
+    client.closedDeferred = Deferred()
+    yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+    yield poll(lambda: server.transport is not None)
+    return client, server
+
+
 class ReadIntoOneBufferTests(TestCase):
     """
     L{_twisted.readIntoOneBuffer} on real TCP connections: what is sent
@@ -258,16 +277,8 @@ class ReadIntoOneBufferTests(TestCase):
 
     @inlineCallbacks
     def test_bothEnds(self):
-        net = Net(self)
-        server = AccumulatingProtocol()
-        server.closedDeferred = serverClosed = Deferred()
-        factory = Factory.forProtocol(lambda: server)
-        factory.protocolConnectionMade = None
-        port = net.listen(factory)
-        client = AccumulatingProtocol()
-        client.closedDeferred = clientClosed = Deferred()
-        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
-        yield poll(lambda: server.transport is not None)
+        client, server = yield connectedPair(self)
+        clientClosed, serverClosed = client.closedDeferred, server.closedDeferred
         for end in (client, server):
             self.assertTrue(_twisted.readIntoOneBuffer(end.transport))
         # More than one read's worth, so that the buffer is reused.
@@ -308,15 +319,8 @@ class ReadDirectTests(TestCase):
 
     @inlineCallbacks
     def connected(self, read):
-        net = Net(self)
-        server = AccumulatingProtocol()
-        factory = Factory.forProtocol(lambda: server)
-        factory.protocolConnectionMade = None
-        port = net.listen(factory)
-        client = AccumulatingProtocol()
-        client.closedDeferred = clientClosed = Deferred()
-        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
-        yield poll(lambda: server.transport is not None)
+        client, server = yield connectedPair(self)
+        clientClosed = client.closedDeferred
         wrapper = client.transport.protocol
         self.assertIsNot(wrapper, client)
         wrapped = []
