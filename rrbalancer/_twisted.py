@@ -237,8 +237,8 @@ def readDirect(transport, receive) -> bool:
     Twisted's read goes through two more calls before it reaches the
     protocol: the connection's C{_dataReceived}, and the C{dataReceived}
     of the wrapper an endpoint puts around the protocol, which only passes
-    the bytes on.  A health check is one read, and those two calls were a
-    fiftieth of what it cost.
+    the bytes on.  A health check is one read, and those two calls were
+    about a hundredth of its instructions.
 
     @return: whether it could (a plain TCP connection).
     """

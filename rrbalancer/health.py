@@ -318,8 +318,8 @@ class HealthChecker:
         # own.
         self._inFlight: Deque[_Check] = deque()
         self._call = None
-        # Each backend's check request, made once: at ten thousand
-        # backends, making it anew was a check's every fortieth microsecond.
+        # Each backend's check request, made once: made anew, it was about
+        # a fiftieth of a check's time in the profile.
         self._heads: Dict[Backend, bytes] = {}
 
     # Lateness is logged at most this often (seconds): when it strikes, it
