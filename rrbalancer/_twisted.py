@@ -50,6 +50,7 @@ __all__ = [
     "sslContextFactory",
     "streamConnection",
     "takeBuffered",
+    "tcpUnder",
     "waitingForTransport",
     "writeNow",
 ]
@@ -207,7 +208,7 @@ def readIntoOneBuffer(transport, receive=None) -> bool:
 
     @return: whether it could (a TCP connection, possibly under TLS).
     """
-    connection = _tcpUnder(transport)
+    connection = tcpUnder(transport)
     if connection is None:
         return False
     recvInto = connection.socket.recv_into
@@ -282,7 +283,7 @@ def _receiver(connection, transport, receive):
     return dataReceived
 
 
-def _tcpUnder(transport):
+def tcpUnder(transport):
     """
     The TCP connection C{transport} is, or the one a TLS transport runs
     over; or None.
@@ -324,7 +325,7 @@ def readStamped(transport, arrived, receive=None) -> bool:
     @return: whether it could (Linux, a TCP connection, possibly under
         TLS); if not, the connection reads as it did.
     """
-    connection = _tcpUnder(transport)
+    connection = tcpUnder(transport)
     if connection is None or not sys.platform.startswith("linux") or not _STAMP_SPACE:
         return False
     sock = connection.socket

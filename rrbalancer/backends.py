@@ -49,6 +49,7 @@ from zope.interface import implementer
 
 from ._ejection import MAX_EJECTION, Ejection, Ejector
 from ._slowstart import SlowStart
+from ._unread import UnreadAnswers
 from .config import BackendConfig, HealthConfig
 from .interfaces import IPicker, IUpstream
 from .policies import RoundRobin
@@ -279,6 +280,22 @@ class Backend:
         the figures.
         """
         return self._active + (len(self._openTunnels) if self._openTunnels else 0)
+
+    @property
+    def unanswered(self) -> int:
+        """
+        The load less the requests whose answer has reached this host and
+        waits to be read: what the backend itself has yet to answer, free
+        of the balancer's own delay in reading, as of the pick under way
+        (see L{rrbalancer._unread}).
+        Known while the policy times answers (see
+        L{rrbalancer.policies.IBalancingPolicy}); the load otherwise.
+        """
+        load = self.load
+        group = self._group
+        if group is None or group._unread is None or not load:
+            return load
+        return load - group._unread.waiting(self.pool)
 
     @property
     def idle(self) -> bool:
@@ -591,6 +608,9 @@ class BackendGroup:
         self._enabledPrimaries: Candidates[Backend] = Candidates(_addedOrder)
         self.panicking = False
         self.panics = 0
+        # Answers waiting unread, counted at each pick while the policy
+        # times answers.
+        self._unread: Optional[UnreadAnswers] = None
 
     def __iter__(self) -> Iterator[Backend]:
         return iter(list(self._backends.values()))
@@ -671,12 +691,17 @@ class BackendGroup:
 
     def _timeArrivals(self, backend: Backend) -> None:
         """
-        Have C{backend}'s new connections stamp arrivals when the policy
-        times answers (see L{rrbalancer.policies.IBalancingPolicy}).
+        Have C{backend}'s new connections stamp arrivals, and be watched
+        for answers waiting unread, when the policy times answers (see
+        L{rrbalancer.policies.IBalancingPolicy}).
         """
         pool = backend.pool
         if pool is not None:
-            pool.stampArrivals = bool(getattr(self.policy, "timesLatency", False))
+            timed = bool(getattr(self.policy, "timesLatency", False))
+            if timed and self._unread is None:
+                self._unread = UnreadAnswers()
+            pool.stampArrivals = timed
+            pool.unread = self._unread if timed else None
 
     @property
     def nextID(self) -> int:
@@ -714,6 +739,8 @@ class BackendGroup:
         are kept up to date as backends change (see L{_place}).
         """
         policy = self.policy
+        if self._unread is not None:
+            self._unread.refresh()
         if self.panicking:
             choice = policy.pick(self._enabledPrimaries, exclude, request)
         else:
@@ -988,6 +1015,9 @@ class BackendGroup:
         is dropped, ejections and ramps under way run their course.
         """
         self.policy = policy
+        if not getattr(policy, "timesLatency", False) and self._unread is not None:
+            self._unread.close()
+            self._unread = None
         for backend in self._backends.values():
             self._timeArrivals(backend)
         self._ejector.settings = ejection
@@ -1009,6 +1039,9 @@ class BackendGroup:
         self._slowStart.stop()
         if self.requestQueue is not None:
             self.requestQueue.clear()
+        if self._unread is not None:
+            self._unread.close()
+            self._unread = None
         self._ejector.stop(self._backends.values())
         for backend in self._backends.values():
             self._stopClosingTunnels(backend)

@@ -256,6 +256,8 @@ class BackendConnection(Protocol):
     _timeout: Optional[float] = None
     _upgrade = None
     _tunnel = None
+    _inLoad = False
+    _unread = None
 
     def __init__(self, pool: "ConnectionPool", clock: IReactorTime) -> None:
         self.pool = pool
@@ -274,8 +276,12 @@ class BackendConnection(Protocol):
         # The endpoint's wrapper around this protocol only passes bytes on:
         # reads skip it.
         receive = self.dataReceived
-        if not (self.pool.stampArrivals and readStamped(transport, self._arrival, receive)):
+        pool = self.pool
+        if not (pool.stampArrivals and readStamped(transport, self._arrival, receive)):
             readLightly(transport, receive)
+        unread = self._unread = pool.unread
+        if unread is not None:
+            unread.watch(self)
 
     def _arrival(self, seconds: float) -> None:
         """
@@ -298,6 +304,8 @@ class BackendConnection(Protocol):
             return
         if not self._responseStarted:
             self._responseStarted = True
+            if self._unread is not None:
+                self._unread.settled(self)
             now = self._clock.seconds()
             # A stamp is trusted only on the clock's own scale.
             self.responseArrived = (
@@ -314,6 +322,8 @@ class BackendConnection(Protocol):
     def connectionLost(self, reason=ConnectionDone) -> None:
         self._open = False
         self.pool.lost(self)
+        if self._unread is not None:
+            self._unread.forget(self)
         if self._receiver is None:
             self._cancelTimeout()
             tunnel, self._tunnel = self._tunnel, None
@@ -387,6 +397,14 @@ class BackendConnection(Protocol):
     def isOpen(self) -> bool:
         return self._open
 
+    @property
+    def awaitingAnswer(self) -> bool:
+        """
+        An exchange that counts in its backend's load waits for its
+        answer's first bytes (see L{rrbalancer._unread}).
+        """
+        return self._inLoad and self._receiver is not None and not self._responseStarted
+
     def request(
         self,
         head: bytes,
@@ -396,6 +414,7 @@ class BackendConnection(Protocol):
         receiver,
         timeout: Optional[float],
         upgrade: Optional[bytes] = None,
+        inLoad: bool = False,
     ) -> None:
         """
         Send a request and hand its response to C{receiver}.
@@ -412,8 +431,11 @@ class BackendConnection(Protocol):
             a protocol switch, not an error, and the connection is closed
             after any other answer rather than kept (a backend may take an
             upgrade it refused as the end of its connection's HTTP).
+        @param inLoad: the exchange counts in its backend's load (a
+            client's request, not a health check).
         """
         self._receiver = receiver
+        self._inLoad = inLoad
         self._isHead = isHead
         self._decoder = None
         self._buffer = b""
@@ -459,6 +481,8 @@ class BackendConnection(Protocol):
         be reused, since the rest of the response would still arrive on it.
         """
         self._receiver = None
+        if self._unread is not None:
+            self._unread.settled(self)
         self._cancelTimeout()
         self._stopBody()
         if self._open:
@@ -801,9 +825,13 @@ class ConnectionPool:
         balancing policy that times answers: a busy balancer reads an
         answer a turn of its loop or more after it came, and timed when
         read, every backend would look as slow as the balancer is busy.
+    @ivar unread: the L{rrbalancer._unread.UnreadAnswers} that connections
+        opened from now on join, for a policy that weighs the load free of
+        the balancer's own delay in reading; or None.
     """
 
     stampArrivals = False
+    unread = None
 
     def __init__(
         self,

@@ -257,6 +257,7 @@ class _Copy:
             self.isHead,
             self,
             self.backend.upstream.timeout,
+            inLoad=True,
         )
 
     def _connectFailed(self, failure: Failure) -> None:

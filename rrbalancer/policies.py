@@ -34,7 +34,9 @@ class IBalancingPolicy(Interface):
     A policy whose choices follow the backends' latency says so with a
     true C{timesLatency} attribute (optional): the balancer then times
     each answer by the kernel's stamp of its arrival, which costs a few
-    per cent of a request, rather than by when it was read.
+    per cent of a request, rather than by when it was read; and a
+    backend's C{unanswered} leaves out, at each pick, the requests whose
+    answers wait unread.
     """
 
     def pick(candidates, exclude, request):
@@ -195,7 +197,11 @@ class PowerOfTwoChoices:
     """
     Two backends at random, and the one with the lower cost: its EWMA
     latency times its load (requests in flight and tunnels open) plus one
-    (as Finagle and Linkerd do, without their peak rule).  The average weighs the answers by time,
+    (as Finagle and Linkerd do, without their peak rule).  The load leaves
+    out the requests whose answer already waits unread
+    (L{rrbalancer.backends.Backend.unanswered}): the backend is done with
+    them, and counted in, they make the backends look alike by as many as
+    the balancer is slow to read.  The average weighs the answers by time,
     with C{decay} seconds' time constant, so that a backend that got slow
     gets less traffic while it is slow, and some still, to learn when it is
     fast again; but each answer moves it at least a C{SAMPLE_WEIGHT} of the
@@ -233,7 +239,7 @@ class PowerOfTwoChoices:
 
     def cost(self, backend, weight: int) -> float:
         latency = self.latency(backend)
-        return latency * (backend.load + 1) / weight
+        return latency * (backend.unanswered + 1) / weight
 
     def latency(self, backend) -> float:
         """

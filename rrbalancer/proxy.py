@@ -476,6 +476,7 @@ class _Attempt:
             self,
             upstream.timeout,
             self.forwarding.upgrade,
+            inLoad=True,
         )
 
     def _connectFailed(self, failure: Failure) -> None:

@@ -813,6 +813,27 @@ class _SynchronousResolver:
         return resolution
 
 
+class RecordingUnread:
+    """
+    Stands in for an L{rrbalancer._unread.UnreadAnswers} as a connection
+    pool's C{unread}: records what the connections tell it.
+    """
+
+    def __init__(self) -> None:
+        self.watched: list = []
+        self.forgotten: list = []
+        self.answered: list = []
+
+    def watch(self, connection) -> None:
+        self.watched.append(connection)
+
+    def forget(self, connection) -> None:
+        self.forgotten.append(connection)
+
+    def settled(self, connection) -> None:
+        self.answered.append(connection)
+
+
 def memoryReactor() -> MemoryReactorClock:
     """
     A L{MemoryReactorClock} whose name resolution is synchronous whatever

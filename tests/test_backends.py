@@ -4,6 +4,7 @@ rise/fall rule that takes backends down and brings them back.
 """
 
 from collections import Counter
+from types import SimpleNamespace
 
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -20,6 +21,7 @@ from rrbalancer.backends import (
     Ejection,
 )
 from rrbalancer.config import BackendConfig, HealthConfig
+from rrbalancer.policies import PowerOfTwoChoices, RoundRobin
 from rrbalancer.tunnel import Tunnel
 
 
@@ -891,3 +893,90 @@ class PanicTests(GroupMixin, TestCase):
         self.down(b["b"])
         self.assertFalse(group.panicking)
         self.assertIsNone(group.pick())
+
+
+class _Unread:
+    """
+    The answers waiting unread, as an L{rrbalancer._unread.UnreadAnswers}
+    would count them at the next refresh.
+    """
+
+    def __init__(self):
+        self.next = {}
+        self.counts = {}
+        self.refreshes = 0
+
+    def refresh(self):
+        self.refreshes += 1
+        self.counts = dict(self.next)
+
+    def waiting(self, pool):
+        return self.counts.get(pool, 0)
+
+    def close(self):
+        pass
+
+
+class _Pool:
+    """
+    What the group sets on a backend's connection pool.
+    """
+
+    stampArrivals = False
+    unread = None
+
+
+class UnansweredTests(GroupMixin, TestCase):
+    """
+    A backend's load less the answers waiting unread, for a policy that
+    times answers; the watch the group keeps for it.
+    """
+
+    def makeTimedGroup(self, *specs):
+        group, backends = self.makeGroup(
+            *specs,
+            policy=PowerOfTwoChoices(Clock()),
+            upstream=lambda config: SimpleNamespace(pool=_Pool()),
+        )
+        self.addCleanup(group.stop)
+        return group, backends
+
+    def test_poolsShareTheWatch(self):
+        """
+        The group's one watch is every pool's while the policy times
+        answers, and none's (closed) once it does not.
+        """
+        group, backends = self.makeTimedGroup("a", "b")
+        a, b = backends["a"], backends["b"]
+        self.assertIsNotNone(a.pool.unread)
+        self.assertIs(a.pool.unread, b.pool.unread)
+        watch = a.pool.unread
+        group.rebalance(RoundRobin(), Ejection(), slowStart=0, panicThreshold=0)
+        self.assertEqual((a.pool.unread, b.pool.unread), (None, None))
+        self.assertIsNone(watch._epoll)
+
+    def test_countedAtEachPick(self):
+        """
+        Each pick counts again, and a backend's C{unanswered} is its load
+        less its answers waiting, as of that count.
+        """
+        group, backends = self.makeTimedGroup("a", "b")
+        a = backends["a"]
+        unread = group._unread = _Unread()
+        a.active = 6
+        unread.next = {a.pool: 5}
+        self.assertEqual(a.unanswered, 6)
+        group.pick()
+        self.assertEqual((unread.refreshes, a.unanswered, a.load), (1, 1, 6))
+        unread.next = {}
+        group.pick()
+        self.assertEqual((unread.refreshes, a.unanswered), (2, 6))
+
+    def test_loadWithoutTiming(self):
+        """
+        Under a policy that does not time answers, nothing is counted.
+        """
+        group, backends = self.makeGroup("a")
+        backends["a"].active = 3
+        group.pick()
+        self.assertEqual((group._unread, backends["a"].unanswered), (None, 3))

@@ -41,6 +41,8 @@ from rrbalancer.client import (
     writeNow,
 )
 
+from .support import RecordingUnread
+
 HEAD = b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
 DONE = Failure(ConnectionDone())
 RESET = Failure(ConnectionLost())
@@ -500,6 +502,60 @@ class ArrivalTests(_Base):
         self.pool.connect()
         [arrived] = stamped
         self.assertEqual(arrived, self.opened[-1][0]._arrival)
+
+
+class UnreadTests(_Base):
+    """
+    What a connection tells the pool's watch of answers waiting unread,
+    and which of its exchanges that watch counts.
+    """
+
+    def test_awaitingAnswer(self):
+        """
+        Only an exchange in the load awaits its answer, and only until its
+        first bytes are read.
+        """
+        connection = self.connection()
+        self.assertFalse(connection.awaitingAnswer)
+        connection.request(HEAD, None, 0, False, Receiver(), 1000.0)
+        self.assertFalse(connection.awaitingAnswer)
+        connection.request(HEAD, None, 0, False, Receiver(), 1000.0, inLoad=True)
+        self.assertTrue(connection.awaitingAnswer)
+        connection.dataReceived(b"HTTP/1.1 200 OK\r\n")
+        self.assertFalse(connection.awaitingAnswer)
+        connection.dataReceived(b"Content-Length: 0\r\n\r\n")
+        self.assertFalse(connection.awaitingAnswer)
+
+    def test_watchedWhenAsked(self):
+        """
+        Connections opened while the pool has a watch join it, and leave
+        the watch they joined as they close, even after the pool has
+        changed its own.
+        """
+        before = self.connection()
+        watch = self.pool.unread = RecordingUnread()
+        self.pool.connect()
+        watched = self.opened[-1][0]
+        self.assertEqual(watch.watched, [watched])
+        self.pool.unread = None
+        watched.connectionLost(Failure(ConnectionDone()))
+        before.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(watch.forgotten, [watched])
+
+    def test_settled(self):
+        """
+        The watch hears that an answer no longer waits when its first
+        bytes are read, and when the exchange is given up.
+        """
+        watch = self.pool.unread = RecordingUnread()
+        read, _ = self.exchange()
+        read.dataReceived(b"HTTP/1.1 200 OK\r\n")
+        read.dataReceived(b"Content-Length: 0\r\n\r\n")
+        self.assertEqual(watch.answered, [read])
+        self.pool.connect()
+        given, _ = self.exchange(connection=self.opened[-1][0])
+        given.abort()
+        self.assertEqual(watch.answered, [read, given])
 
 
 class TimeoutTests(_Base):

@@ -297,6 +297,21 @@ class PowerOfTwoChoicesTests(SynchronousTestCase):
         self.assertGreater(policy.latency(a), 0.040)
         self.assertEqual({g.pick() for _ in range(20)}, {b})
 
+    def test_answersWaitingUnreadLeftOut(self):
+        """
+        The load weighed is what the backend has yet to answer: six in
+        flight of which five wait unread cost less than three unanswered.
+        """
+        clock = Clock()
+        policy = PowerOfTwoChoices(clock, random=random.Random(5).random)
+        g, (a, b) = group(policy, 1, 1, clock=clock)
+        for backend in (a, b):
+            policy.finished(backend, 0.004, False)
+        a.active, b.active = 6, 3
+        self.assertEqual({g.pick() for _ in range(20)}, {b})
+        self.patch(type(a), "unanswered", property(lambda self: 1 if self is a else self.load))
+        self.assertEqual({g.pick() for _ in range(20)}, {a})
+
     def test_loadCounts(self):
         clock = Clock()
         policy = PowerOfTwoChoices(clock, random=random.Random(5).random)

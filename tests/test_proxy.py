@@ -23,6 +23,7 @@ from .support import (
     FramingError,
     MemoryBalancer,
     Net,
+    RecordingUnread,
     ScriptedBackend,
     closeWithoutAnswer,
     connectClient,
@@ -1170,7 +1171,7 @@ class LatencyTests(_InMemory):
         has the backends' new connections stamped.
         """
         from rrbalancer.backends import Ejection
-        from rrbalancer.policies import PowerOfTwoChoices
+        from rrbalancer.policies import PowerOfTwoChoices, RoundRobin
 
         balancer = MemoryBalancer()
         [backend] = balancer.backends
@@ -1179,6 +1180,27 @@ class LatencyTests(_InMemory):
             PowerOfTwoChoices(balancer.clock), Ejection(), slowStart=0, panicThreshold=0
         )
         self.assertTrue(backend.pool.stampArrivals)
+        self.assertIsNotNone(backend.pool.unread)
+        balancer.group.rebalance(RoundRobin(), Ejection(), slowStart=0, panicThreshold=0)
+        self.assertEqual((backend.pool.stampArrivals, backend.pool.unread), (False, None))
+
+    def test_clientRequestsAwaitAnswers(self):
+        """
+        A client's request counts in the load: its connection awaits the
+        answer until the first bytes are read, in the watch of answers
+        waiting unread that p2c's pools share.
+        """
+        balancer = MemoryBalancer(balance="p2c")
+        [backend] = balancer.backends
+        self.assertIs(backend.pool.unread, balancer.group._unread)
+        watch = backend.pool.unread = RecordingUnread()
+        channel, transport = self.request(balancer)
+        protocol, _ = balancer.backendConnection()
+        [connection] = watch.watched
+        self.assertTrue(connection.awaitingAnswer)
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertFalse(connection.awaitingAnswer)
+        self.assertEqual(watch.answered, [connection])
 
 
 class UpgradeMemoryTests(_InMemory):
