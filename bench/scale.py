@@ -13,6 +13,7 @@ backend to core 1.  Everything it starts is stopped on exit.
     python bench/scale.py --counts 3,1000 --targets rrbalancer
     python bench/scale.py --duration 4 --idle 3    # quicker
     python bench/scale.py --rounds 3               # medians of three runs (the machine is shared)
+    python bench/scale.py --counts 3,1000 --interval 0   # no health checks: their cost, by difference
 
 rrbalancer runs from this work tree (`twistd -n rrbalancer --config FILE`
 with PYTHONPATH set to it), with the Python that runs this script.
@@ -155,7 +156,8 @@ def writeRRBalancer(out: str, addrs, interval: float) -> str:
     with open(path, "w") as f:
         f.write(
             f'port = "tcp:{PORTS["rrbalancer"]}:interface=127.0.0.1"\nadmin = "none"\n'
-            f'[health]\npath = "/"\ninterval = {interval:g}\n'
+            + (f'[health]\npath = "/"\ninterval = {interval:g}\n' if interval
+               else "[health]\nenabled = false\n")
         )
         f.writelines(f'[[backend]]\nurl = "http://{a}"\n' for a in addrs)
     return path
@@ -170,8 +172,8 @@ def writeHAProxy(out: str, addrs, interval: float) -> str:
             f" bind 127.0.0.1:{PORTS['haproxy']}\n default_backend b\nbackend b\n"
             " balance roundrobin\n option httpchk GET /\n http-reuse always\n"
         )
-        ms = int(interval * 1000)
-        f.writelines(f" server s{i} {a} check inter {ms}ms\n" for i, a in enumerate(addrs))
+        check = f" check inter {int(interval * 1000)}ms" if interval else ""
+        f.writelines(f" server s{i} {a}{check}\n" for i, a in enumerate(addrs))
     return path
 
 
@@ -260,7 +262,10 @@ def main():
     parser.add_argument("--duration", type=float, default=8.0, help="wrk seconds")
     parser.add_argument("--idle", type=float, default=5.0, help="seconds of idle CPU measured")
     parser.add_argument("--settle", type=float, default=5.0, help="seconds after start before measuring")
-    parser.add_argument("--interval", type=float, default=1.0, help="health check interval")
+    parser.add_argument(
+        "--interval", type=float, default=1.0,
+        help="health check interval; 0 for no checks (what they cost, by difference)",
+    )
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument(
         "--rounds", type=int, default=1,
@@ -272,6 +277,8 @@ def main():
         "--tree", default=ROOT, help="the rrbalancer source tree to run (default: this one)"
     )
     args = parser.parse_args()
+    if args.interval < 0:
+        parser.error("--interval must be 0 (no checks) or more")
     counts = [int(c) for c in args.counts.split(",")]
     targets = [t for t in args.targets.split(",") if t]
     for t in list(targets):
