@@ -9,7 +9,7 @@ under load on CPython, a fast backend that holds a dozen requests looks
 as if it held twenty-five, and a backend ten times slower, holding few,
 looks cheap.  The kernel knows better.  One C{epoll} set holds the
 backend connections; polled without waiting, it names those with bytes
-waiting, and among them the ones whose request has its answer: the load
+come, and among them the ones whose request has its answer: the load
 less those is what the backends themselves still have to answer.
 
 The set is edge-triggered: a poll names only the connections that
