@@ -25,6 +25,7 @@ samples (with matplotlib, when it is installed).
     python bench/soak.py --minutes 30 --plot docs/soak-cpython.png
     pypy3 bench/soak.py --minutes 30 --warmup 60    # needs twistd beside pypy3
     python bench/soak.py --minutes 2 --check        # as CI runs it
+    python bench/soak.py --minutes 5 --balance p2c  # another policy
 """
 
 import argparse
@@ -162,11 +163,14 @@ def slope(points) -> float:
     return sum((x - mx) * (y - my) for x, y in points) / den if den else 0.0
 
 
-def writeConfig(path: str, port: int, adminPort: int, backends, weight: int) -> None:
+def writeConfig(
+    path: str, port: int, adminPort: int, backends, weight: int, balance: str = "round-robin"
+) -> None:
     with open(path, "w") as f:
         f.write(
             f'port = "tcp:{port}:interface=127.0.0.1"\n'
             f'admin = "tcp:{adminPort}:interface=127.0.0.1"\n'
+            f'balance = "{balance}"\n'
             "[health]\ninterval = 1\ntimeout = 1\nrise = 1\nfall = 2\n"
         )
         for n, backend in enumerate(backends):
@@ -188,6 +192,8 @@ def main() -> int:
     parser.add_argument("--plot-from", metavar="JSON",
                         help="only draw the samples a run wrote with --json (into --plot)")
     parser.add_argument("--tree", default=ROOT, help="the rrbalancer tree to run")
+    parser.add_argument("--balance", default="round-robin",
+                        help="the balancing policy (default round-robin)")
     args = parser.parse_args()
     if args.plot_from:
         with open(args.plot_from) as f:
@@ -210,7 +216,7 @@ def main() -> int:
         port, adminPort = freePort(), freePort()
         config = os.path.join(out, "soak.toml")
         weight = 1
-        writeConfig(config, port, adminPort, backends, weight)
+        writeConfig(config, port, adminPort, backends, weight, args.balance)
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         if not os.path.exists(twistd):
             twistd = shutil.which("twistd") or "twistd"
@@ -234,7 +240,7 @@ def main() -> int:
                  "-u", f"http://127.0.0.1:{port}/"],
                 LOAD_CPU, os.path.join(out, "slowhttptest.log"),
             )
-        print(f"soak: {sys.implementation.name} {sys.version.split()[0]}, "
+        print(f"soak: {sys.implementation.name} {sys.version.split()[0]}, {args.balance}, "
               f"{args.minutes:g} min after {args.warmup:g} s of warm-up; "
               f"slow clients: {'slowhttptest' if slow else 'none (slowhttptest not installed)'}; "
               f"files in {out}", flush=True)
@@ -262,7 +268,7 @@ def main() -> int:
                     admin(adminPort, "DELETE", f"/api/backends/{found[0]['id']}")
             if time.monotonic() - lastHangup >= 30:
                 weight = 3 - weight
-                writeConfig(config, port, adminPort, backends, weight)
+                writeConfig(config, port, adminPort, backends, weight, args.balance)
                 os.kill(balancer.pid, signal.SIGHUP)
                 lastHangup = time.monotonic()
                 action += "+HUP"
