@@ -77,7 +77,14 @@ class UnreadAnswers:
         """
         if connection in self._ready:
             self._ready.discard(connection)
-            self._counts[connection.pool] -= 1
+            pool = connection.pool
+            left = self._counts[pool] - 1
+            if left:
+                self._counts[pool] = left
+            else:
+                # Nothing kept of a pool with no answer waiting: it may be
+                # a removed backend's.
+                del self._counts[pool]
 
     def refresh(self) -> None:
         """

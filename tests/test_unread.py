@@ -4,7 +4,9 @@ kernel holds unread is counted for the pool whose request it answers, and
 nothing else is.
 """
 
+import gc
 import select
+import weakref
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.testing import StringTransport
@@ -70,6 +72,27 @@ class UnreadAnswersTests(TestCase):
         self.assertEqual(self.unread.waiting("pool"), 0)
         self.unread.settled(exchange)
         self.assertEqual(self.count(), 0)
+
+    @inlineCallbacks
+    def test_nothingKeptOfAPool(self):
+        """
+        Once a pool's answers are all read, the count keeps no reference
+        to it (a removed backend's pool goes).
+        """
+
+        class _Pool:
+            pass
+
+        pool = _Pool()
+        gone = weakref.ref(pool)
+        exchange, client, server = yield self.held(pool)
+        server.transport.write(b"HTTP/1.1 200 OK\r\n")
+        yield poll(lambda: self.count(pool) == 1)
+        self.unread.settled(exchange)
+        self.unread.forget(exchange)
+        del exchange, pool
+        gc.collect()
+        self.assertIsNone(gone())
 
     @inlineCallbacks
     def test_readBeforeCounted(self):
