@@ -962,6 +962,7 @@ class UnansweredTests(GroupMixin, TestCase):
         """
         group, backends = self.makeTimedGroup("a", "b")
         a = backends["a"]
+        group._unread.close()
         unread = group._unread = _Unread()
         a.active = 6
         unread.next = {a.pool: 5}
