@@ -1020,6 +1020,8 @@ class BackendGroup:
             self._unread = None
         for backend in self._backends.values():
             self._timeArrivals(backend)
+            if backend.pool is not None:
+                backend.pool.readAsAsked()
         self._ejector.settings = ejection
         self._slowStart.seconds = slowStart
         if panicThreshold != self.panicThreshold:

@@ -273,15 +273,27 @@ class BackendConnection(Protocol):
         transport = self.transport
         if ITCPTransport.providedBy(transport):
             transport.setTcpNoDelay(True)
+        self.readAsAsked()
+
+    def readAsAsked(self) -> None:
+        """
+        Read as the pool asks now: with the kernel's stamps or not, and
+        watched for answers waiting unread or not (see L{ConnectionPool}).
+        """
+        transport = self.transport
         # The endpoint's wrapper around this protocol only passes bytes on:
         # reads skip it.
         receive = self.dataReceived
         pool = self.pool
         if not (pool.stampArrivals and readStamped(transport, self._arrival, receive)):
             readLightly(transport, receive)
-        unread = self._unread = pool.unread
-        if unread is not None:
-            unread.watch(self)
+        unread = pool.unread
+        if unread is not self._unread:
+            if self._unread is not None:
+                self._unread.forget(self)
+            self._unread = unread
+            if unread is not None:
+                unread.watch(self)
 
     def _arrival(self, seconds: float) -> None:
         """
@@ -819,14 +831,15 @@ class ConnectionPool:
     @param connect: opens a new connection; fires with a connected
         L{BackendConnection} made by L{buildProtocol}.
 
-    @ivar stampArrivals: whether connections opened from now on read with
+    @ivar stampArrivals: whether connections opened from now on (and
+        those open, after L{readAsAsked}) read with
         the kernel's stamp of each read's arrival (Linux's
         C{SO_TIMESTAMPNS}, see L{rrbalancer._twisted.readStamped}), for a
         balancing policy that times answers: a busy balancer reads an
         answer a turn of its loop or more after it came, and timed when
         read, every backend would look as slow as the balancer is busy.
     @ivar unread: the L{rrbalancer._unread.UnreadAnswers} that connections
-        opened from now on join, for a policy that weighs the load free of
+        opened from now on join (and those open, after L{readAsAsked}), for a policy that weighs the load free of
         the balancer's own delay in reading; or None.
     """
 
@@ -1000,6 +1013,15 @@ class ConnectionPool:
         self._idle.append(connection)
         if self._sweepCall is None:
             self._sweepCall = self._clock.callLater(self.idleTimeout, self._sweep)
+
+    def readAsAsked(self) -> None:
+        """
+        Have the connections open now read as those opened from now on
+        will (C{stampArrivals}, C{unread}): a reload to a policy that
+        times answers reaches the connections it keeps.
+        """
+        for connection in list(self._open):
+            connection.readAsAsked()
 
     def lost(self, connection: BackendConnection) -> None:
         self._open.discard(connection)

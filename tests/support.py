@@ -833,6 +833,15 @@ class RecordingUnread:
     def settled(self, connection) -> None:
         self.answered.append(connection)
 
+    def refresh(self) -> None:
+        pass
+
+    def waiting(self, pool) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
 
 def memoryReactor() -> MemoryReactorClock:
     """

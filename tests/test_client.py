@@ -542,6 +542,32 @@ class UnreadTests(_Base):
         before.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(watch.forgotten, [watched])
 
+    def test_openConnectionsReadAsAsked(self):
+        """
+        Asked to, the connections open read as the pool asks now: a reload
+        to a policy that times answers reaches the connections it keeps,
+        and one away from it takes them out of the watch.
+        """
+        stamped = []
+        original = client.readStamped
+
+        def readStamped(transport, arrived, receive=None):
+            stamped.append(arrived)
+            return original(transport, arrived, receive)
+
+        self.patch(client, "readStamped", readStamped)
+        connection = self.connection()
+        self.assertEqual(stamped, [])
+        watch = self.pool.unread = RecordingUnread()
+        self.pool.stampArrivals = True
+        self.pool.readAsAsked()
+        self.assertEqual((stamped, watch.watched), ([connection._arrival], [connection]))
+        self.pool.readAsAsked()
+        self.assertEqual(watch.watched, [connection])
+        self.pool.unread = None
+        self.pool.readAsAsked()
+        self.assertEqual(watch.forgotten, [connection])
+
     def test_settled(self):
         """
         The watch hears that an answer no longer waits when its first

@@ -1173,14 +1173,21 @@ class LatencyTests(_InMemory):
         from rrbalancer.backends import Ejection
         from rrbalancer.policies import PowerOfTwoChoices, RoundRobin
 
+        from rrbalancer import backends
+
+        self.patch(backends, "UnreadAnswers", RecordingUnread)
         balancer = MemoryBalancer()
         [backend] = balancer.backends
         self.assertFalse(backend.pool.stampArrivals)
+        channel, transport = self.request(balancer)
+        protocol, _ = balancer.backendConnection()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
         balancer.group.rebalance(
             PowerOfTwoChoices(balancer.clock), Ejection(), slowStart=0, panicThreshold=0
         )
         self.assertTrue(backend.pool.stampArrivals)
-        self.assertIsNotNone(backend.pool.unread)
+        # The connection kept joins the watch, as new ones will.
+        self.assertEqual(len(backend.pool.unread.watched), 1)
         balancer.group.rebalance(RoundRobin(), Ejection(), slowStart=0, panicThreshold=0)
         self.assertEqual((backend.pool.stampArrivals, backend.pool.unread), (False, None))
 
