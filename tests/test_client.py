@@ -82,6 +82,21 @@ class Receiver:
 
 
 class _Base(unittest.SynchronousTestCase):
+    def recordStamping(self):
+        """
+        The C{arrived} callbacks of the connections set to read with the
+        kernel's stamps from now on, in order.
+        """
+        stamped = []
+        original = client.readStamped
+
+        def readStamped(transport, arrived, receive=None):
+            stamped.append(arrived)
+            return original(transport, arrived, receive)
+
+        self.patch(client, "readStamped", readStamped)
+        return stamped
+
     def setUp(self):
         self.clock = Clock()
         self.opened = []
@@ -488,14 +503,7 @@ class ArrivalTests(_Base):
         A connection reads with the kernel's stamps only when its pool
         asks it to, when it is made.
         """
-        stamped = []
-        original = client.readStamped
-
-        def readStamped(transport, arrived, receive=None):
-            stamped.append(arrived)
-            return original(transport, arrived, receive)
-
-        self.patch(client, "readStamped", readStamped)
+        stamped = self.recordStamping()
         self.connection()
         self.assertEqual(stamped, [])
         self.pool.stampArrivals = True
@@ -548,14 +556,7 @@ class UnreadTests(_Base):
         to a policy that times answers reaches the connections it keeps,
         and one away from it takes them out of the watch.
         """
-        stamped = []
-        original = client.readStamped
-
-        def readStamped(transport, arrived, receive=None):
-            stamped.append(arrived)
-            return original(transport, arrived, receive)
-
-        self.patch(client, "readStamped", readStamped)
+        stamped = self.recordStamping()
         connection = self.connection()
         self.assertEqual(stamped, [])
         watch = self.pool.unread = RecordingUnread()
