@@ -16,7 +16,7 @@ discovery source still lists it.  Every other setting needs a restart; a change 
 reported and not applied.  A file that does not validate changes nothing.
 """
 
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 from twisted.logger import Logger
@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from .backends import CONFIG, Backend, BackendGroup, Ejection
 from .config import RELOADABLE, Config, ConfigError, loadConfig
 from .policies import policyFor
+from .settings import isMadeVia
 
 # The settings that make the group's balancing: a change to any of them
 # gives the group a new policy and parameters.
@@ -120,6 +121,9 @@ class Reloader:
         return result
 
     def apply(self, new: Config, who: str = "reload") -> Dict[str, List]:
+        if new.via == "auto" and isMadeVia(self.config.via):
+            # The name auto stood for when the balancer started stays.
+            new = replace(new, via=self.config.via)
         group = self.group
         reason = f"reload ({who})"
         added, removed, changed = applyBackends(group, new.backends, reason, self.onAdded)

@@ -4,7 +4,6 @@ reactor.  The twistd plugin and C{balancer.tac} are thin layers over
 L{makeService}.
 """
 
-import secrets
 from dataclasses import replace
 from typing import List, Optional
 
@@ -24,7 +23,7 @@ from .memory import collectorWatch, heapGuard, settleMemory
 from .metrics import Metrics
 from .pools import Pools
 from .reload import Reloader
-from .settings import readAdminToken
+from .settings import madeVia, readAdminToken
 from .signals import SignalHandlers
 from .site import BalancerSite
 from .tls import CertificateStore, offerProtocols, tlsEndpoint
@@ -331,7 +330,7 @@ def makeService(config: Config, reactor, listeners=None):
     if config.via == "auto":
         # One name for the whole balancer, its workers included, so that a
         # request coming back through any of them is known.
-        config = replace(config, via="rrbalancer-" + secrets.token_hex(4))
+        config = replace(config, via=madeVia())
     if config.workers > 1:
         parent = MultiService()
         pool = WorkerPool(config, reactor, config.workers)

@@ -16,6 +16,8 @@ the operator.
 
 import ipaddress
 import os
+import re
+import secrets
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Tuple
 
@@ -196,6 +198,25 @@ def parsePools(value: Any, name: str = "pool") -> tuple:
     """
     health = {s.name: s for s in settingsIn("health")}
     return poolconfig.parsePools(value, name, health, parsePolicy)
+
+
+def madeVia() -> str:
+    """
+    The name C{via = "auto"} stands for: one per balancer, made as it
+    starts.
+    """
+    return "rrbalancer-" + secrets.token_hex(4)
+
+
+def isMadeVia(name: Optional[str]) -> bool:
+    """
+    Whether C{name} looks like one L{madeVia} made: a running balancer
+    whose file still says C{auto} has not changed its name.
+    """
+    return name is not None and _MADE_VIA.fullmatch(name) is not None
+
+
+_MADE_VIA = re.compile(r"rrbalancer-[0-9a-f]{8}")
 
 
 def parseVia(value: Any, name: str) -> Optional[str]:

@@ -5,6 +5,7 @@ validate, change nothing.
 """
 
 import os
+from dataclasses import replace
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
@@ -18,6 +19,7 @@ from rrbalancer.backends import DRAINING, UP, BackendGroup
 from rrbalancer.config import BackendConfig, ConfigError, HealthConfig, loadConfig
 from rrbalancer.reload import Reloader
 from rrbalancer.service import makeService
+from rrbalancer.settings import madeVia
 from rrbalancer.tap import Options
 
 from .test_admin import (
@@ -206,6 +208,19 @@ class ReloaderTests(SynchronousTestCase):
         result = self.reloader.reload()
         self.assertEqual(sorted(result["ignored"]), ["backendTimeout", "ports"])
         self.assertIn("needs a restart", formatEvent(self.events[-1]))
+
+    def test_madeNameKept(self):
+        """
+        A file that still says C{via = "auto"} leaves the name the balancer
+        made for it as it started: no change, nothing to restart for.  A
+        name of one's own going back to auto is a change.
+        """
+        self.reloader.config = replace(self.config, via=madeVia())
+        result = self.reloader.reload()
+        self.assertEqual(result["ignored"], [])
+        self.assertNotIn("needs a restart", formatEvent(self.events[-1]))
+        self.reloader.config = replace(self.config, via="edge-1")
+        self.assertEqual(self.reloader.reload()["ignored"], ["via"])
 
     def test_balancingSettings(self):
         """
