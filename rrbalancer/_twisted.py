@@ -40,6 +40,7 @@ __all__ = [
     "IOpenSSLTrustRoot",
     "h2WriteControlData",
     "handlingRequest",
+    "leaveFormsUnparsed",
     "readDirect",
     "readIntoOneBuffer",
     "readStamped",
@@ -62,6 +63,23 @@ def handlingRequest(channel: http.HTTPChannel) -> bool:
     belong to the next one, and are buffered)?
     """
     return channel._handlingRequest
+
+
+def leaveFormsUnparsed(request: http.Request) -> None:
+    """
+    Have C{request.requestReceived} leave a POST's body as it is, when it
+    is called next.
+
+    It would parse a form body into C{args}: every urlencoded or multipart
+    body read whole into memory, and a multipart body it cannot parse
+    answered 400, where a proxy passes bodies on for the backend to judge.
+    Twisted from 25 on takes C{parsePOSTFormSubmission=False} for this,
+    24 does not; every version parses only a body whose length, which it
+    reads as the position of C{content}, is not 0 (and rewinds C{content}
+    itself before reading it).
+    """
+    if request.content is not None:
+        request.content.seek(0, 0)
 
 
 def headSoFar(channel: http.HTTPChannel):

@@ -53,6 +53,12 @@ class BalancerRequest(Request):
     def _limit(self) -> int:
         return self.channel.site.maxBodySize
 
+    def requestReceived(self, command, path, version):
+        # Bodies go to the backend as they came, forms included; the admin
+        # API reads JSON.
+        _twisted.leaveFormsUnparsed(self)
+        Request.requestReceived(self, command, path, version)
+
     def gotLength(self, length):
         limit = self._limit()
         if limit and length is not None and length > limit:

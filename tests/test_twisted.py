@@ -50,6 +50,34 @@ class PrivateNamesTests(SynchronousTestCase):
         channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertTrue(_twisted.handlingRequest(channel))
 
+    def test_leaveFormsUnparsed(self):
+        """
+        A request told so before its body is handed on leaves a form body
+        unparsed, however it is written, and still reads its query.
+        """
+        for contentType, body in (
+            (b"application/x-www-form-urlencoded", b"a=1&b=2"),
+            (b"multipart/form-data", b"no boundary"),
+        ):
+            channel = self.channel()
+            seen = []
+
+            class Told(Request):
+                def requestReceived(self, command, path, version):
+                    _twisted.leaveFormsUnparsed(self)
+                    Request.requestReceived(self, command, path, version)
+
+                def process(self):
+                    seen.append((self.args, self.content.read()))
+                    self.finish()
+
+            channel.requestFactory = Told
+            channel.dataReceived(
+                b"POST /?q=1 HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (contentType, len(body), body)
+            )
+            self.assertEqual(seen, [({b"q": [b"1"]}, body)], contentType)
+
     def test_headSoFar(self):
         channel = self.channel()
         self.assertEqual(_twisted.headSoFar(channel), (0, 0))
