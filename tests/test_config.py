@@ -4,6 +4,7 @@ one-line L{ConfigError} that names the setting when it does not.
 """
 
 import os
+from urllib.parse import urlsplit
 
 from twisted.trial.unittest import TestCase
 
@@ -136,6 +137,24 @@ class BackendSpecTests(ConfigErrorMixin, TestCase):
             parseBackendSpec("http://127.0.0.1:8081"),
             BackendConfig(url="http://127.0.0.1:8081", weight=1, backup=False),
         )
+
+    def test_urlReadOnce(self):
+        """
+        A backend's URL is split once, however often its server, host and
+        port are asked for, and what is kept of it is no part of its
+        equality.
+        """
+        from rrbalancer import values
+
+        splits = []
+        self.patch(values, "urlsplit", lambda url: splits.append(url) or urlsplit(url))
+        backend = BackendConfig(url="http://a")
+        for _ in range(3):
+            self.assertEqual(backend.server, ("http", "a", 80))
+            self.assertEqual((backend.scheme, backend.host, backend.port), ("http", "a", 80))
+        self.assertEqual(splits, ["http://a"])
+        self.assertEqual(backend, BackendConfig(url="http://a"))
+        self.assertEqual(hash(backend), hash(BackendConfig(url="http://a")))
 
     def test_weightAndBackup(self):
         """
