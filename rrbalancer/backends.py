@@ -386,9 +386,12 @@ class Backend:
         self._awaitingFirstPass = True
         self._changed(reason)
 
-    def setAdminState(self, state: str, reason: str) -> None:
+    def setAdminState(self, state: str, reason: str, log: bool = True) -> None:
         """
         Drain, disable or enable this backend.
+
+        @param log: log the change (a caller that logs it its own way
+            does not).
         """
         if state not in ADMIN_STATES:
             raise ValueError(f"unknown state {state!r}")
@@ -405,6 +408,8 @@ class Backend:
             self.awaitFirstCheck(reason)
         else:
             self._changed(reason)
+        if not log:
+            return
         self.log.info(
             "backend {url} is {state} (was {previous}): {reason}",
             url=self.url,
@@ -927,15 +932,17 @@ class BackendGroup:
         if not backend.removing:
             backend.removing = True
             if backend.adminState != DRAINING:
-                backend.setAdminState(DRAINING, reason)
-            self.log.info(
-                "backend {url} is being removed ({n} in flight, {t} tunnels): {reason}",
-                url=backend.url,
-                n=backend.active,
-                t=backend.tunnels.open,
-                reason=reason,
-            )
+                # Said by the line its removal logs: one line a backend, and
+                # not three, when thousands are removed in one call.
+                backend.setAdminState(DRAINING, reason, log=False)
             if not backend.idle:
+                self.log.info(
+                    "backend {url} is being removed ({n} in flight, {t} tunnels): {reason}",
+                    url=backend.url,
+                    n=backend.active,
+                    t=backend.tunnels.open,
+                    reason=reason,
+                )
                 # A request in flight may still become a tunnel: whatever is
                 # open when the grace is over is closed.
                 backend._closingTunnels = self._clock.callLater(
@@ -945,7 +952,7 @@ class BackendGroup:
         def forget(_):
             if backend.removing and self._backends.get(backend.id) is backend:
                 self.remove(backend)
-                self.log.info("backend {url} removed", url=backend.url)
+                self.log.info("backend {url} removed: {reason}", url=backend.url, reason=reason)
             return backend
 
         return backend.whenIdle().addCallback(forget)

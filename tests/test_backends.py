@@ -255,6 +255,28 @@ class OwnerTests(GroupMixin, TestCase):
         self.assertEqual((backend.owners, backend.removing), (("api",), False))
         self.assertIs(group.byURL("http://a"), backend)
 
+    def test_removalLogLines(self):
+        """
+        A backend removed at once logs one line, with the reason; one that
+        drains first, when it starts and when it ends: never a line of its
+        own for the draining (thousands are removed in one bulk call).
+        """
+        events = captureStateLogs(self)
+        group, b = self.makeGroup("a", "b")
+        group.retire(b["a"], "deleted by 127.0.0.1")
+        self.assertEqual([text for _, text in events], ["backend http://a removed: deleted by 127.0.0.1"])
+        del events[:]
+        b["b"].active = 1
+        group.retire(b["b"], "bulk change by 127.0.0.1")
+        b["b"].active = 0
+        self.assertEqual(
+            [text for _, text in events],
+            [
+                "backend http://b is being removed (1 in flight, 0 tunnels): bulk change by 127.0.0.1",
+                "backend http://b removed: bulk change by 127.0.0.1",
+            ],
+        )
+
     def test_releaseWhileRemoving(self):
         """
         A backend already on its way out (deleted through the API) is not
