@@ -175,11 +175,12 @@ class Balancer(MultiService):
 
     def checkNow(self, backend) -> None:
         """
-        Check a backend at once rather than at the next interval (one added
-        at run time then takes traffic as soon as it can).
+        Check a backend soon rather than at the next interval (one added
+        at run time then takes traffic as soon as it can): at once, or
+        paced when many come at once (see L{HealthChecker.checkSoon}).
         """
         if self.healthChecker is not None:
-            self.healthChecker.check(backend)
+            self.healthChecker.checkSoon(backend)
 
     def resource(self) -> BalancerResource:
         """

@@ -321,6 +321,11 @@ class HealthChecker:
         # Each backend's check request, made once: made anew, it was about
         # a fiftieth of a check's time in the profile.
         self._heads: Dict[Backend, bytes] = {}
+        # Backends to check soon (see checkSoon), and how many such checks
+        # the current tick has started.
+        self._soon: Deque[Backend] = deque()
+        self._soonTick = -1
+        self._soonStarted = 0
 
     # Lateness is logged at most this often (seconds): when it strikes, it
     # strikes thousands of checks at once.
@@ -376,6 +381,7 @@ class HealthChecker:
             self.lagMonitor.stop()
         self._schedule = []
         self._heads = {}
+        self._soon.clear()
         # The checks under way are given up: their results would come from
         # a checker that no longer runs.
         inFlight, self._inFlight = self._inFlight, deque()
@@ -420,6 +426,10 @@ class HealthChecker:
             due = self._schedule[0][0]
             if wake is None or due < wake:
                 wake = due
+        if self._soon:
+            due = (self._tickOf(self._clock.seconds()) + 1) * self.tick
+            if wake is None or due < wake:
+                wake = due
         call = self._call
         if call is not None and call.active():
             if wake is not None and call.getTime() <= wake:
@@ -447,6 +457,8 @@ class HealthChecker:
                         self.log.failure(
                             "health check of {url} could not end", url=check.backend.url
                         )
+            if self._soon:
+                self._startSoon(now)
             if self.running:
                 self._startDue(now)
         except Exception:
@@ -488,6 +500,63 @@ class HealthChecker:
                 self._run(backend, None, arm=False)
             except Exception:
                 self.log.failure("health check of {url} could not start", url=backend.url)
+
+    def checkSoon(self, backend: Backend) -> None:
+        """
+        Check C{backend} as soon as the checker's pace allows: at once,
+        unless this tick has already started as many such checks as it
+        starts scheduled ones (the backends' number times the tick over the
+        interval, and at least one), in which case at a later tick, in
+        turn.
+
+        This is how a backend added at run time gets its first check (it
+        takes no traffic before): one added alone is checked at once, and
+        ten thousand added in one call over about an interval, rather than
+        in one turn of the loop: opening ten thousand connections at once
+        held the loop for seconds, every client waiting.  It never raises.
+        """
+        if not self._soon and self._soonBudget(self._clock.seconds()):
+            self._checkSoon(backend, arm=True)
+        else:
+            self._soon.append(backend)
+            self._arm()
+
+    def _soonBudget(self, now: float) -> bool:
+        """
+        May one more check asked for by L{checkSoon} start in this tick?
+        (Counted as started if so.)
+        """
+        tick = self._tickOf(now)
+        if tick != self._soonTick:
+            self._soonTick = tick
+            self._soonStarted = 0
+        budget = max(1, math.ceil(len(self._group) * self.tick / self._config.interval))
+        if self._soonStarted >= budget:
+            return False
+        self._soonStarted += 1
+        return True
+
+    def _tickOf(self, when: float) -> int:
+        # Rounded, so that the tick a wake is armed for is the tick it finds
+        # itself in (0.03 / 0.01 is 2.9999999999999996).
+        return math.floor(when / self.tick + 1e-6)
+
+    def _startSoon(self, now: float) -> None:
+        soon = self._soon
+        while soon and self._soonBudget(now):
+            self._checkSoon(soon.popleft(), arm=False)
+
+    def _checkSoon(self, backend: Backend, arm: bool) -> None:
+        if (
+            backend._group is not self._group
+            or backend.adminState == DISABLED
+            or backend in self._pending
+        ):
+            return
+        try:
+            self._run(backend, None, arm=arm)
+        except Exception:
+            self.log.failure("health check of {url} could not start", url=backend.url)
 
     def checkAll(self) -> None:
         """

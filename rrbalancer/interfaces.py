@@ -92,6 +92,12 @@ class IHealthChecker(Interface):
             whether it passed; it never fails.
         """
 
+    def checkSoon(backend):
+        """
+        Check one backend as soon as the checker's pace allows: at once,
+        unless many were asked for together.
+        """
+
 
 class IUpstream(Interface):
     """

@@ -15,7 +15,7 @@ import json
 import os
 
 from twisted.internet import reactor, tcp
-from twisted.internet.defer import inlineCallbacks, succeed
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -55,15 +55,15 @@ CONTRACT_FIELDS = {
 
 class FakeChecker:
     """
-    Stands for the L{HealthChecker}: records which backends were checked.
+    Stands for the L{HealthChecker}: records which backends were to be
+    checked soon.
     """
 
     def __init__(self) -> None:
         self.checked = []
 
-    def check(self, backend):
+    def checkSoon(self, backend):
         self.checked.append(backend)
-        return succeed(None)
 
 
 class InMemoryAdmin:

@@ -801,6 +801,70 @@ class ScheduleTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 2)
 
 
+class CheckSoonTests(SynchronousTestCase):
+    """
+    A backend added at run time is checked soon: at once when it comes
+    alone, and at the checker's own pace when thousands come in one call,
+    rather than all in one turn of the loop.
+    """
+
+    def added(self, n):
+        checker, group, [first], clock, server = makeChecker()
+        backends = [group.add(BackendConfig(url=f"http://127.0.0.2:{9000 + i}")) for i in range(n)]
+        return checker, group, backends, clock, server
+
+    def sent(self, server):
+        # Each first check opens the backend's first connection.
+        return [url for url, _ in server.attempts]
+
+    def test_aloneAtOnce(self):
+        checker, group, [backend], clock, server = self.added(1)
+        checker.checkSoon(backend)
+        self.assertEqual(self.sent(server), [backend.url])
+
+    def test_manyPaced(self):
+        """
+        Each tick starts as many as it starts scheduled checks (here 401
+        backends at 2 s: 3 in each tick of 10 ms), in the order asked, the
+        last within the interval.
+        """
+        checker, group, backends, clock, server = self.added(400)
+        for backend in backends:
+            checker.checkSoon(backend)
+        self.assertEqual(self.sent(server), [b.url for b in backends[:3]])
+        step(clock, 0.01, server, by=0.01)
+        self.assertEqual(self.sent(server), [b.url for b in backends[:6]])
+        step(clock, 1.9, server, by=0.01)
+        self.assertEqual(self.sent(server), [b.url for b in backends])
+        self.assertEqual(len(checker._soon), 0)
+
+    def test_goneOrDisabledSkipped(self):
+        """
+        A backend removed or disabled while it waited is not checked, nor
+        is one whose check is already under way checked twice.
+        """
+        checker, group, backends, clock, server = self.added(5)
+        checker.check(backends[4])
+        for backend in backends:
+            checker.checkSoon(backend)
+        group.remove(backends[1])
+        backends[2].adminState = DISABLED
+        step(clock, 0.05, server, by=0.01)
+        self.assertEqual(
+            self.sent(server), [backends[4].url, backends[0].url, backends[3].url]
+        )
+
+    def test_stopForgets(self):
+        checker, group, backends, clock, server = self.added(5)
+        checker.start()
+        for backend in backends:
+            checker.checkSoon(backend)
+        checker.stop()
+        attempts = len(server.attempts)
+        step(clock, 0.1, server, by=0.01)
+        self.assertEqual(len(server.attempts), attempts)
+
+
 class RealSocketTests(TestCase):
     """
     Checks over real connections to loopback backends.

@@ -213,12 +213,13 @@ class AdminAPI:
 
     def checkNow(self, backend: Backend) -> None:
         """
-        Check a backend at once rather than at the next interval (a new
-        backend then takes traffic as soon as it can).
+        Check a backend soon rather than at the next interval (a new
+        backend then takes traffic as soon as it can): at once, or paced
+        when many come at once (see L{HealthChecker.checkSoon}).
         """
         checker = self.healthChecker
         if checker is not None and self.group.health.enabled:
-            checker.check(backend)
+            checker.checkSoon(backend)
 
     def _backend(self, backendID: str) -> Backend:
         backend = self.group.get(backendID)
