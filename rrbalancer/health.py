@@ -31,7 +31,7 @@ import math
 import random as _random
 from collections import deque
 from itertools import count
-from typing import Callable, Deque, Dict, List, Optional, Set
+from typing import Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ConnectingCancelledError
@@ -323,7 +323,8 @@ class HealthChecker:
         self._heads: Dict[Backend, bytes] = {}
         # Backends to check soon (see checkSoon), and how many such checks
         # the current tick has started.
-        self._soon: Deque[Backend] = deque()
+        self._soon: Deque[Tuple[Backend, bool]] = deque()
+        self._soonAsked: Set[Backend] = set()
         self._soonTick = -1
         self._soonStarted = 0
 
@@ -382,6 +383,7 @@ class HealthChecker:
         self._schedule = []
         self._heads = {}
         self._soon.clear()
+        self._soonAsked.clear()
         # The checks under way are given up: their results would come from
         # a checker that no longer runs.
         inFlight, self._inFlight = self._inFlight, deque()
@@ -406,12 +408,11 @@ class HealthChecker:
 
     def _added(self, backend: Backend) -> None:
         """
-        A backend added at run time is first checked at a random point of
-        the next interval, so that many added at once do not come due
-        together.
+        A backend added at run time is checked soon (L{checkSoon}), and from
+        then on once an interval: ten thousand added in one call come due
+        as they were first checked, spread over an interval.
         """
-        self._push(self._clock.seconds() + self._random() * self._config.interval, backend)
-        self._arm()
+        self._askSoon(backend, True)
 
     def _arm(self) -> None:
         """
@@ -513,12 +514,24 @@ class HealthChecker:
         takes no traffic before): one added alone is checked at once, and
         ten thousand added in one call over about an interval, rather than
         in one turn of the loop: opening ten thousand connections at once
-        held the loop for seconds, every client waiting.  It never raises.
+        held the loop for seconds, every client waiting.  A backend waiting
+        for such a check, or being checked, is not asked for twice.  It
+        never raises.
+        """
+        if backend in self._soonAsked or backend in self._pending:
+            return  # it will be checked soon, or is being checked
+        self._askSoon(backend, False)
+
+    def _askSoon(self, backend: Backend, added: bool) -> None:
+        """
+        @param added: C{backend} has just been added, and is put on the
+            schedule when this check starts.
         """
         if not self._soon and self._soonBudget(self._clock.seconds()):
-            self._checkSoon(backend, arm=True)
+            self._checkSoon(backend, added, arm=True)
         else:
-            self._soon.append(backend)
+            self._soon.append((backend, added))
+            self._soonAsked.add(backend)
             self._arm()
 
     def _soonBudget(self, now: float) -> bool:
@@ -544,14 +557,18 @@ class HealthChecker:
     def _startSoon(self, now: float) -> None:
         soon = self._soon
         while soon and self._soonBudget(now):
-            self._checkSoon(soon.popleft(), arm=False)
+            backend, added = soon.popleft()
+            self._soonAsked.discard(backend)
+            self._checkSoon(backend, added, arm=False)
 
-    def _checkSoon(self, backend: Backend, arm: bool) -> None:
-        if (
-            backend._group is not self._group
-            or backend.adminState == DISABLED
-            or backend in self._pending
-        ):
+    def _checkSoon(self, backend: Backend, added: bool, arm: bool) -> None:
+        if backend._group is not self._group:
+            return
+        if added and self.running:
+            interval = self._config.interval
+            factor = 1.0 + self.jitter * (2.0 * self._random() - 1.0)
+            self._push(self._clock.seconds() + interval * factor, backend)
+        if backend.adminState == DISABLED or backend in self._pending:
             return
         try:
             self._run(backend, None, arm=arm)

@@ -854,6 +854,26 @@ class CheckSoonTests(SynchronousTestCase):
             self.sent(server), [backends[4].url, backends[0].url, backends[3].url]
         )
 
+    def test_addedOnceAnInterval(self):
+        """
+        Backends added while the checker runs are checked soon, each once
+        (asking for it again while it waits, or while it is checked, adds
+        nothing), and from then on once an interval: not a second time
+        in their first interval.
+        """
+        checker, group, [first], clock, server = makeChecker()
+        checker.start()
+        self.addCleanup(checker.stop)
+        backends = [group.add(BackendConfig(url=f"http://127.0.0.2:{9000 + i}")) for i in range(400)]
+        for backend in backends:
+            checker.checkSoon(backend)
+        step(clock, 1.9, server, by=0.01)
+        sent = [url for url, _ in server.requests]
+        self.assertEqual([sent.count(b.url) for b in backends], [1] * 400)
+        step(clock, 2.0, server, by=0.01)
+        sent = [url for url, _ in server.requests]
+        self.assertEqual([sent.count(b.url) for b in backends], [2] * 400)
+
     def test_stopForgets(self):
         checker, group, backends, clock, server = self.added(5)
         checker.start()
