@@ -480,8 +480,13 @@ class HealthChecker:
         push = heapq.heappush
         pop = heapq.heappop
         sequence = self._sequence
+        # At most twice a tick's share start in one wake: a loop that fell
+        # behind catches up over its next turns, serving clients between
+        # them, not in one turn as long as it was late.
+        limit = 2 * self._perTick()
+        started = 0
         for _ in range(len(schedule)):
-            if not schedule or schedule[0][0] > horizon:
+            if not schedule or schedule[0][0] > horizon or started >= limit:
                 break
             due, _, backend = pop(schedule)
             if backend._group is not group:
@@ -497,10 +502,18 @@ class HealthChecker:
             )
             if backend.adminState == DISABLED or backend in pending:
                 continue
+            started += 1
             try:
                 self._run(backend, None, arm=False)
             except Exception:
                 self.log.failure("health check of {url} could not start", url=backend.url)
+
+    def _perTick(self) -> int:
+        """
+        How many checks a tick starts at the interval: the backends' number
+        times the tick over the interval, and at least one.
+        """
+        return max(1, math.ceil(len(self._group) * self.tick / self._config.interval))
 
     def checkSoon(self, backend: Backend) -> None:
         """
@@ -543,8 +556,7 @@ class HealthChecker:
         if tick != self._soonTick:
             self._soonTick = tick
             self._soonStarted = 0
-        budget = max(1, math.ceil(len(self._group) * self.tick / self._config.interval))
-        if self._soonStarted >= budget:
+        if self._soonStarted >= self._perTick():
             return False
         self._soonStarted += 1
         return True

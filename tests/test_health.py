@@ -684,6 +684,27 @@ class ScheduleTests(SynchronousTestCase):
         self.assertEqual(len(server.requests), 3)
         self.assertEqual(sorted(entry[0] for entry in checker._schedule), [11.0, 12.0])
 
+    def test_lateLoopCatchesUpInTurns(self):
+        """
+        Checks a late loop finds due start at most twice a tick's share in
+        one wake (here 401 backends at 2 s: 3 a tick, so 6), the rest in
+        the turns that follow, none missed.
+        """
+        urls = [f"http://127.0.0.2:{9000 + i}" for i in range(401)]
+        checker, group, backends, clock, server = makeChecker(urls=urls)
+        checker.start()
+        self.addCleanup(checker.stop)
+        attempts = len(server.attempts)
+        clock.rightNow += 1.0  # late: the timer has not fired
+        checker._wake()
+        self.assertEqual(len(server.attempts) - attempts, 6)
+        checker._wake()
+        self.assertEqual(len(server.attempts) - attempts, 12)
+        clock.advance(0)  # the turns that follow
+        # Every backend due by then (one each 2/401 s, a tick ahead).
+        due = [i for i in range(401) if i * 2.0 / 401 <= 1.0 + checker.tick]
+        self.assertEqual(len({url for url, _ in server.attempts}), len(due))
+
     def test_poolErrorsKeepTheScheduleGoing(self):
         health = HealthConfig(interval=1.0, timeout=0.5, rise=1, fall=2)
         urls = ["http://127.0.0.1:8081", "http://127.0.0.1:8082"]
