@@ -12,15 +12,31 @@ Bytes are shown as text, never as C{b'...'}.
 (Twisted's own C{jsonFileLogObserver} needs a file argument, which
 C{--logger} cannot give, and writes Twisted's serialization format rather
 than flat fields.)
+
+And what a line says of many backends at once (L{inBrief}).
 """
 
 import json
 import sys
 from datetime import datetime, timezone
-from typing import IO, Any, Callable, Dict
+from typing import IO, Any, Callable, Dict, List
 
 from twisted.logger import ILogObserver, formatEvent
 from zope.interface import provider
+
+
+def inBrief(urls: List[str], shown: int = 5) -> str:
+    """
+    The backends a change touched, for its one summary line: all of them
+    when they are few, the first C{shown} and how many more otherwise.  A
+    reload or a discovery answer of ten thousand backends made one line of
+    half a megabyte; each backend's own lines name them all.
+    """
+    if not urls:
+        return "none"
+    if len(urls) <= shown:
+        return repr(urls)
+    return f"{urls[:shown]!r} and {len(urls) - shown:,} more"
 
 
 def _plain(value: Any) -> Any:

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 
 from .backends import CONFIG, Backend, BackendGroup, Ejection
 from .config import RELOADABLE, Config, ConfigError, loadConfig
+from .logs import inBrief
 from .policies import policyFor
 from .settings import isMadeVia
 
@@ -109,9 +110,12 @@ class Reloader:
             "reload ({who}): added {added}, removed {removed}, changed "
             "{changed}{ignored}",
             who=who,
-            added=result["added"] or "none",
-            removed=result["removed"] or "none",
-            changed=result["changed"] or "none",
+            added=inBrief(result["added"]),
+            removed=inBrief(result["removed"]),
+            changed=inBrief(result["changed"]),
+            addedCount=len(result["added"]),
+            removedCount=len(result["removed"]),
+            changedCount=len(result["changed"]),
             ignored=(
                 "; needs a restart, not applied: " + ", ".join(result["ignored"])
                 if result["ignored"]

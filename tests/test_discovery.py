@@ -392,6 +392,20 @@ class FeedTests(SynchronousTestCase):
         self.feed.apply(frozenset(backends("b")))
         self.assertEqual(self.events, [])
 
+    def test_manyNamedInBrief(self):
+        """
+        An answer that adds many backends names the first five in its line,
+        and says how many more; the event carries the counts.
+        """
+        names = "abcdefgh"
+        self.feed.apply(frozenset(backends(*names)))
+        event = self.events[-1]
+        text = formatEvent(event)
+        self.assertTrue(text.startswith("discovery dns+a://web.example.com:80: 8 backends; added ['"), text)
+        self.assertIn("'] and 3 more, removed none, changed none", text)
+        self.assertEqual(text.count("http://"), 5)
+        self.assertEqual((event["addedCount"], event["removedCount"]), (8, 0))
+
     def test_emptySet(self):
         """
         An answer with no backend (the name has none now) drains them all.

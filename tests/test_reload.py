@@ -111,6 +111,23 @@ class ReloaderTests(SynchronousTestCase):
         text = formatEvent(self.events[-1])
         self.assertIn("added ['http://127.0.0.1:8084']", text)
 
+    def test_manyNamedInBrief(self):
+        """
+        A reload that adds many backends names the first five in its line,
+        and says how many more; the event carries the counts.
+        """
+        urls = [f"http://127.0.0.1:{9000 + i}" for i in range(8)]
+        self.file.write(toml([(url, {}) for url in urls], HEADER))
+        self.reloader.reload()
+        event = self.events[-1]
+        self.assertEqual(
+            formatEvent(event),
+            f"reload (SIGHUP): added {urls[:5]!r} and 3 more, removed "
+            "['http://127.0.0.1:8081', 'http://127.0.0.1:8082', 'http://127.0.0.1:8083'], "
+            "changed none",
+        )
+        self.assertEqual((event["addedCount"], event["removedCount"], event["changedCount"]), (8, 3, 0))
+
     def test_unchanged(self):
         before = self.state()
         result = self.reloader.reload()

@@ -11,6 +11,7 @@ from twisted.internet.defer import DeferredList, maybeDeferred
 from twisted.logger import Logger
 
 from ..backends import DISABLED, UP, Backend, BackendGroup
+from ..logs import inBrief
 from ..values import BackendConfig
 from . import IDiscoverySource
 
@@ -105,9 +106,12 @@ class SourceFeed:
                 "changed {changed}",
                 url=owner,
                 n=len(wanted),
-                added=added or "none",
-                removed=removed or "none",
-                changed=changed or "none",
+                added=inBrief(added),
+                removed=inBrief(removed),
+                changed=inBrief(changed),
+                addedCount=len(added),
+                removedCount=len(removed),
+                changedCount=len(changed),
             )
         return {"added": added, "removed": removed, "changed": changed}
 
