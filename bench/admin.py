@@ -1,12 +1,17 @@
 """
-What the admin API does with a large set of backends, while clients are
-served.
+What a file, a reload and the admin API do with a large set of backends,
+while clients are served.
 
-The shape of `bench/scale.py`: one nginx backend listens on N + 1 loopback
-addresses 127.2.x.y:PORT, the balancer (pinned to core 0) starts with the
-first of them, health-checked once a second, and `wrk -t1 -c64` (on core
-1) runs through it from start to end.  Through the admin API, this script
-(on core 1 too) then:
+The shape of `bench/scale.py`: one nginx backend listens on loopback
+addresses 127.2.x.y:PORT, and the balancer (pinned to core 0) checks each
+of its backends once a second.  This script (on core 1):
+
+0. starts the balancer from a file of N + 1 backends, and times it to
+   serving; sends it SIGHUP with a tenth of them swapped for others, and
+   checks that a backend that stays keeps its id, state and history; then
+   SIGHUP with the file down to one backend;
+
+Then, through the admin API:
 
 1. adds the other N backends one call at a time (`POST /api/backends`, on
    one kept-alive connection), and waits for their first checks to pass;
@@ -46,6 +51,7 @@ import sys
 import tempfile
 import threading
 import time
+from urllib.parse import quote
 
 from scale import (
     LB_CPU,
@@ -115,15 +121,14 @@ class Admin:
             time.sleep(0.2)
 
 
-def writeConfig(out: str, first: str) -> str:
-    path = os.path.join(out, "rr.toml")
+def writeConfig(path: str, backends) -> str:
     with open(path, "w") as f:
         f.write(
             f'port = "tcp:{PORT}:interface=127.0.0.1"\n'
             f'admin = "tcp:{ADMIN}:interface=127.0.0.1"\n'
             '[health]\npath = "/"\ninterval = 1\n'
-            f'[[backend]]\nurl = "http://{first}"\n'
         )
+        f.writelines(f'[[backend]]\nurl = "http://{a}"\n' for a in backends)
     return path
 
 
@@ -269,9 +274,13 @@ def main():
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupted)
-    addrs = addresses(args.count + 1, args.backend_port)
-    first, rest = addrs[0], addrs[1:]
+    n = args.count
+    # A tenth of the file's backends are swapped for others in the reload.
+    swap = max(n // 10, 1)
+    addrs = addresses(n + 1 + swap, args.backend_port)
+    first, rest, others = addrs[0], addrs[1 : n + 1], addrs[n + 1 :]
     urls = [f"http://{a}" for a in rest]
+    config = os.path.join(out, "rr.toml")
     wrk = probe = None
     wrkLog = os.path.join(out, "wrk.log")
     results = []
@@ -283,21 +292,56 @@ def main():
             sys.exit(f"the backend did not start (see {out}/backend.err)")
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         lbLog = os.path.join(out, "rrbalancer.log")
+        writeConfig(config, [first] + rest)
+        started = time.monotonic()
         lb = procs.start(
-            [twistd, "-n", "--pidfile=", "rrbalancer", "--config", writeConfig(out, first)],
+            [twistd, "-n", "--pidfile=", "rrbalancer", "--config", config],
             LB_CPU, lbLog, env=dict(os.environ, PYTHONPATH=args.tree),
         )
         if not waitServing(PORT, lb, args.start_timeout):
             sys.exit(f"the balancer did not serve (see {lbLog})")
+        startup = time.monotonic() - started
         admin = Admin(ADMIN)
         probe = Probe(PORT, args.probe_rate)
         probe.start()
         if args.load:
             wrk = startWrk(args.load, 3600, wrkLog)
-        time.sleep(2)
-        n = args.count
         allUp = lambda total, counts: total == n + 1 and counts.get("up") == n + 1  # noqa: E731
         print(HEADER)
+        probe.mark()
+
+        # The file, read at start and again on SIGHUP.
+        results.append(row(probe, f"start with {n + 1:,} backends in the file, to serving",
+                           startup, 2.0, "twistd's own start included"))
+        row(probe, "  until all pass their first check", admin.waitFor("start", allUp, 60))
+        time.sleep(2)
+        stays = f"http://{rest[-1]}"
+        before = admin.expect(200, "GET", f"/api/backends?q={quote(stays)}")[0]["backends"][0]
+        writeConfig(config, [first] + rest[swap:] + others)
+        started = time.monotonic()
+        os.kill(lb.pid, signal.SIGHUP)
+
+        def swapped(total, counts):
+            if not allUp(total, counts):
+                return False
+            found = admin.expect(200, "GET", f"/api/backends?q={quote('http://' + others[-1])}&limit=1")[0]
+            return found["matched"] == 1
+
+        admin.waitFor("reload", swapped, 60)
+        after = admin.expect(200, "GET", f"/api/backends?q={quote(stays)}")[0]["backends"][0]
+        kept = (after["id"], after["state"], after["last_change"]) == (
+            before["id"], "up", before["last_change"]
+        )
+        results.append(kept)
+        row(probe, f"SIGHUP swapping {swap:,} of them, until all are up", time.monotonic() - started,
+            None, "a backend that stays keeps its id, state and history: "
+            + ("yes" if kept else f"NO ({before} -> {after})"))
+        writeConfig(config, [first])
+        started = time.monotonic()
+        os.kill(lb.pid, signal.SIGHUP)
+        admin.waitFor("emptying", lambda total, counts: total == 1, 60)
+        row(probe, f"SIGHUP leaving one: {n:,} removed", time.monotonic() - started)
+        time.sleep(2)
         probe.mark()
 
         slowest = 0.0
