@@ -324,8 +324,8 @@ def main():
         def swapped(total, counts):
             if not allUp(total, counts):
                 return False
-            found = admin.expect(200, "GET", f"/api/backends?q={quote('http://' + others[-1])}&limit=1")[0]
-            return found["matched"] == 1
+            path = f"/api/backends?q={quote('http://' + others[-1])}&limit=1"
+            return admin.expect(200, "GET", path)[0]["matched"] == 1
 
         admin.waitFor("reload", swapped, 60)
         after = admin.expect(200, "GET", f"/api/backends?q={quote(stays)}")[0]["backends"][0]
@@ -333,8 +333,9 @@ def main():
             before["id"], "up", before["last_change"]
         )
         results.append(kept)
-        row(probe, f"SIGHUP swapping {swap:,} of them, until all are up", time.monotonic() - started,
-            None, "a backend that stays keeps its id, state and history: "
+        row(probe, f"SIGHUP swapping {swap:,} of them, until all are up",
+            time.monotonic() - started, None,
+            "a backend that stays keeps its id, state and history: "
             + ("yes" if kept else f"NO ({before} -> {after})"))
         writeConfig(config, [first])
         started = time.monotonic()

@@ -832,15 +832,16 @@ class ConnectionPool:
         L{BackendConnection} made by L{buildProtocol}.
 
     @ivar stampArrivals: whether connections opened from now on (and
-        those open, after L{readAsAsked}) read with
-        the kernel's stamp of each read's arrival (Linux's
-        C{SO_TIMESTAMPNS}, see L{rrbalancer._twisted.readStamped}), for a
-        balancing policy that times answers: a busy balancer reads an
-        answer a turn of its loop or more after it came, and timed when
-        read, every backend would look as slow as the balancer is busy.
+        those open, after L{readAsAsked}) read with the kernel's stamp of
+        each read's arrival (Linux's C{SO_TIMESTAMPNS}, see
+        L{rrbalancer._twisted.readStamped}), for a balancing policy that
+        times answers: a busy balancer reads an answer a turn of its loop
+        or more after it came, and timed when read, every backend would
+        look as slow as the balancer is busy.
     @ivar unread: the L{rrbalancer._unread.UnreadAnswers} that connections
-        opened from now on join (and those open, after L{readAsAsked}), for a policy that weighs the load free of
-        the balancer's own delay in reading; or None.
+        opened from now on join (and those open, after L{readAsAsked}),
+        for a policy that weighs the load free of the balancer's own delay
+        in reading; or None.
     """
 
     stampArrivals = False

@@ -13,7 +13,7 @@ Bytes are shown as text, never as C{b'...'}.
 C{--logger} cannot give, and writes Twisted's serialization format rather
 than flat fields.)
 
-And what a line says of many backends at once (L{inBrief}).
+And what a line says of many backends at once (L{changesInBrief}).
 """
 
 import json
@@ -37,6 +37,22 @@ def inBrief(urls: List[str], shown: int = 5) -> str:
     if len(urls) <= shown:
         return repr(urls)
     return f"{urls[:shown]!r} and {len(urls) - shown:,} more"
+
+
+def changesInBrief(added: List[str], removed: List[str], changed: List[str]) -> Dict[str, Any]:
+    """
+    The fields of a line that sums up a change to the set of backends:
+    C{added}, C{removed} and C{changed} in brief (L{inBrief}), and their
+    counts as C{addedCount}, C{removedCount} and C{changedCount}.
+    """
+    return {
+        "added": inBrief(added),
+        "removed": inBrief(removed),
+        "changed": inBrief(changed),
+        "addedCount": len(added),
+        "removedCount": len(removed),
+        "changedCount": len(changed),
+    }
 
 
 def _plain(value: Any) -> Any:

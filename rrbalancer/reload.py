@@ -23,7 +23,7 @@ from twisted.logger import Logger
 
 from .backends import CONFIG, Backend, BackendGroup, Ejection
 from .config import RELOADABLE, Config, ConfigError, loadConfig
-from .logs import inBrief
+from .logs import changesInBrief
 from .policies import policyFor
 from .settings import isMadeVia
 
@@ -110,12 +110,7 @@ class Reloader:
             "reload ({who}): added {added}, removed {removed}, changed "
             "{changed}{ignored}",
             who=who,
-            added=inBrief(result["added"]),
-            removed=inBrief(result["removed"]),
-            changed=inBrief(result["changed"]),
-            addedCount=len(result["added"]),
-            removedCount=len(result["removed"]),
-            changedCount=len(result["changed"]),
+            **changesInBrief(result["added"], result["removed"], result["changed"]),
             ignored=(
                 "; needs a restart, not applied: " + ", ".join(result["ignored"])
                 if result["ignored"]

@@ -11,7 +11,7 @@ from twisted.internet.defer import DeferredList, maybeDeferred
 from twisted.logger import Logger
 
 from ..backends import DISABLED, UP, Backend, BackendGroup
-from ..logs import inBrief
+from ..logs import changesInBrief
 from ..values import BackendConfig
 from . import IDiscoverySource
 
@@ -106,12 +106,7 @@ class SourceFeed:
                 "changed {changed}",
                 url=owner,
                 n=len(wanted),
-                added=inBrief(added),
-                removed=inBrief(removed),
-                changed=inBrief(changed),
-                addedCount=len(added),
-                removedCount=len(removed),
-                changedCount=len(changed),
+                **changesInBrief(added, removed, changed),
             )
         return {"added": added, "removed": removed, "changed": changed}
 
