@@ -318,6 +318,7 @@ class HealthChecker:
         # own.
         self._inFlight: Deque[_Check] = deque()
         self._call = None
+        self._wakeAt = 0.0
         # Each backend's check request, made once: made anew, it was about
         # a fiftieth of a check's time in the profile.
         self._heads: Dict[Backend, bytes] = {}
@@ -433,11 +434,16 @@ class HealthChecker:
                 wake = due
         call = self._call
         if call is not None and call.active():
-            if wake is not None and call.getTime() <= wake:
+            # Compared with the time asked for, not the call's: the reactor
+            # adds the delay to its own later reading of the clock, so the
+            # call's time is a little past the wake, and every backend
+            # added in one call replaced the timer.
+            if wake is not None and self._wakeAt <= wake:
                 return
             call.cancel()
         self._call = None
         if wake is not None:
+            self._wakeAt = wake
             self._call = self._clock.callLater(max(wake - self._clock.seconds(), 0.0), self._wake)
 
     def _wake(self) -> None:

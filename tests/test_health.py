@@ -859,6 +859,28 @@ class CheckSoonTests(SynchronousTestCase):
         self.assertEqual(self.sent(server), [b.url for b in backends])
         self.assertEqual(len(checker._soon), 0)
 
+    def test_timerArmedOnce(self):
+        """
+        Backends asked for in one call while others wait arm the timer for
+        the next tick once, not once each.  A real clock moves between the
+        checker's reading of it and the reactor's, so that the timer's own
+        time is always a little past the tick it was armed for.
+        """
+        checker, group, backends, clock, server = self.added(400)
+
+        def moving():
+            clock.rightNow += 0.000001
+            return clock.rightNow
+
+        clock.seconds = moving
+        armed = []
+        callLater = clock.callLater
+        clock.callLater = lambda *a: armed.append(a) or callLater(*a)
+        for backend in backends:
+            checker.checkSoon(backend)
+        # Once for the first checks' deadline, once for the next tick.
+        self.assertEqual(len([a for a in armed if a[1] == checker._wake]), 2)
+
     def test_goneOrDisabledSkipped(self):
         """
         A backend removed or disabled while it waited is not checked, nor
