@@ -14,6 +14,7 @@ backend to core 1.  Everything it starts is stopped on exit.
     python bench/scale.py --duration 4 --idle 3    # quicker
     python bench/scale.py --rounds 3               # medians of three runs (the machine is shared)
     python bench/scale.py --counts 3,1000 --interval 0   # no health checks: their cost, by difference
+    pypy3 bench/scale.py --warmup 60 --duration 30       # PyPy, measured after its JIT warmed up
 
 rrbalancer runs from this work tree (`twistd -n rrbalancer --config FILE`
 with PYTHONPATH set to it), with the Python that runs this script.
@@ -218,6 +219,10 @@ def measure(procs, target, n, addrs, args, out):
         if not waitServing(port, p, args.start_timeout):
             return {"error": f"did not serve (see {log})"}
         time.sleep(args.settle)
+        if args.warmup:
+            # PyPy's JIT compiles under load: what comes before is not its speed.
+            runWrk(port, args.warmup, args.connections)
+            time.sleep(args.settle)
         before = cpuSeconds(p.pid)
         time.sleep(args.idle)
         idle = (cpuSeconds(p.pid) - before) / args.idle * 100
@@ -263,6 +268,10 @@ def main():
     parser.add_argument("--idle", type=float, default=5.0, help="seconds of idle CPU measured")
     parser.add_argument("--settle", type=float, default=5.0, help="seconds after start before measuring")
     parser.add_argument(
+        "--warmup", type=float, default=0.0,
+        help="seconds of wrk load, not measured, before the idle CPU and the measured run (PyPy: 60)",
+    )
+    parser.add_argument(
         "--interval", type=float, default=1.0,
         help="health check interval; 0 for no checks (what they cost, by difference)",
     )
@@ -279,6 +288,8 @@ def main():
     args = parser.parse_args()
     if args.interval < 0:
         parser.error("--interval must be 0 (no checks) or more")
+    if args.warmup < 0:
+        parser.error("--warmup must be 0 (none) or more")
     counts = [int(c) for c in args.counts.split(",")]
     targets = [t for t in args.targets.split(",") if t]
     for t in list(targets):
