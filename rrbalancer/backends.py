@@ -292,10 +292,11 @@ class Backend:
         L{rrbalancer.policies.IBalancingPolicy}); the load otherwise.
         """
         load = self.load
-        group = self._group
-        if group is None or group._unread is None or not load:
+        pool = self.pool
+        unread = pool.unread if pool is not None else None
+        if unread is None or not load:
             return load
-        return load - group._unread.waiting(self.pool)
+        return load - unread.waiting(pool)
 
     @property
     def idle(self) -> bool:

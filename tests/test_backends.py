@@ -988,7 +988,7 @@ class UnansweredTests(GroupMixin, TestCase):
         group, backends = self.makeTimedGroup("a", "b")
         a = backends["a"]
         group._unread.close()
-        unread = group._unread = _Unread()
+        unread = group._unread = a.pool.unread = backends["b"].pool.unread = _Unread()
         a.active = 6
         unread.next = {a.pool: 5}
         self.assertEqual(a.unanswered, 6)
