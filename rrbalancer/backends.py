@@ -50,6 +50,7 @@ from zope.interface import implementer
 from ._ejection import MAX_EJECTION, Ejection, Ejector
 from ._slowstart import SlowStart
 from ._unread import UnreadAnswers
+from .client import PacedCloser
 from .config import BackendConfig, HealthConfig
 from .interfaces import IPicker, IUpstream
 from .policies import RoundRobin
@@ -617,6 +618,8 @@ class BackendGroup:
         # Answers waiting unread, counted at each pick while the policy
         # times answers.
         self._unread: Optional[UnreadAnswers] = None
+        # Closes removed backends' kept connections.
+        self._closer = PacedCloser(clock)
 
     def __iter__(self) -> Iterator[Backend]:
         return iter(list(self._backends.values()))
@@ -987,7 +990,7 @@ class BackendGroup:
             self._judgePanic()
         self.policy.forget(backend)
         if backend.pool is not None:
-            backend.pool.retire()
+            backend.pool.retire(self._closer.close)
 
     def _closeTunnels(self, backend: Backend) -> None:
         backend._closingTunnels = None
@@ -1055,6 +1058,7 @@ class BackendGroup:
         self._ejector.stop(self._backends.values())
         for backend in self._backends.values():
             self._stopClosingTunnels(backend)
+        self._closer.closeAll()
 
 
 def _addedOrder(backend: Backend) -> int:

@@ -1044,30 +1044,88 @@ class ConnectionPool:
                 max(oldest + self.idleTimeout - self._clock.seconds(), 0.01), self._sweep
             )
 
-    def closeIdle(self) -> None:
+    def closeIdle(self, close: Optional[Callable[[List[BackendConnection]], None]] = None) -> None:
         """
         Close every kept connection (the backend is being removed, or the
-        balancer is stopping).
+        balancer is stopping): at once, or by C{close} (a
+        L{PacedCloser.close}).
         """
         idle, self._idle = self._idle, []
-        for connection in idle:
-            connection.abort()
+        if close is not None:
+            close(idle)
+        else:
+            for connection in idle:
+                connection.abort()
         if self._sweepCall is not None and self._sweepCall.active():
             self._sweepCall.cancel()
         self._sweepCall = None
 
-    def retire(self) -> None:
+    def retire(self, close: Optional[Callable[[List[BackendConnection]], None]] = None) -> None:
         """
-        The backend left the group: close what is kept, and from now on
-        every connection an exchange gives back (a request or a check that
-        was still running).
+        The backend left the group: close what is kept (at once, or by
+        C{close}), and from now on every connection an exchange gives back
+        (a request or a check that was still running).
         """
         self._retired = True
-        self.closeIdle()
+        self.closeIdle(close)
 
     @property
     def idleCount(self) -> int:
         return len(self._idle)
+
+
+class PacedCloser:
+    """
+    Closes connections a batch per turn of the reactor's loop.
+
+    Removing ten thousand backends in one call would otherwise close their
+    kept connections in one turn, and each closed connection's loss is
+    handled in the next: a second in which no client is served.  The first
+    C{perTurn} asked for in a turn close at once (one backend's removal is
+    not delayed); the rest wait for the turns after, in order.
+    """
+
+    def __init__(self, clock: IReactorTime, perTurn: int = 200) -> None:
+        self._clock = clock
+        self.perTurn = perTurn
+        self._waiting: Deque[BackendConnection] = deque()
+        self._left = 0
+        self._turn = None
+
+    def close(self, connections) -> None:
+        self._waiting.extend(connections)
+        if self._turn is None:
+            self._nextTurn()
+        else:
+            self._closeSome()
+
+    def _nextTurn(self) -> None:
+        self._turn = None
+        if self._waiting:
+            self._left = self.perTurn
+            self._turn = self._clock.callLater(0, self._nextTurn)
+            self._closeSome()
+
+    def _closeSome(self) -> None:
+        waiting = self._waiting
+        while waiting and self._left > 0:
+            self._left -= 1
+            waiting.popleft().abort()
+
+    def closeAll(self) -> None:
+        """
+        Close every connection still waiting, now (the balancer is
+        stopping).
+        """
+        if self._turn is not None and self._turn.active():
+            self._turn.cancel()
+        self._turn = None
+        waiting, self._waiting = self._waiting, deque()
+        for connection in waiting:
+            connection.abort()
+
+    def __len__(self) -> int:
+        return len(self._waiting)
 
 
 class _PoolFactory(Factory):

@@ -277,6 +277,31 @@ class OwnerTests(GroupMixin, TestCase):
             ],
         )
 
+    def test_removedConnectionsCloseInTurns(self):
+        """
+        The kept connections of backends removed together close a batch
+        per turn of the loop, not all in the turn that removed them; and
+        what still waits closes when the group stops.
+        """
+        closed = []
+        connection = lambda: SimpleNamespace(abort=lambda: closed.append(1))
+
+        class Pool(_Pool):
+            def retire(self, close):
+                close([connection(), connection()])
+
+        group, b = self.makeGroup(upstream=lambda config: SimpleNamespace(pool=Pool()))
+        backends = [group.add(BackendConfig(url=f"http://b{i}")) for i in range(150)]
+        for backend in backends:
+            group.retire(backend, "deleted")
+        self.assertEqual(len(closed), 200)
+        self.clock.advance(0)
+        self.assertEqual(len(closed), 300)
+        for backend in [group.add(BackendConfig(url=f"http://c{i}")) for i in range(150)]:
+            group.retire(backend, "deleted")
+        group.stop()
+        self.assertEqual((len(closed), self.clock.getDelayedCalls()), (600, []))
+
     def test_releaseWhileRemoving(self):
         """
         A backend already on its way out (deleted through the API) is not

@@ -33,6 +33,7 @@ from rrbalancer.client import (
     BackendError,
     ConnectError,
     ConnectionPool,
+    PacedCloser,
     ProtocolError,
     ResponseTimeout,
     _parseHead,
@@ -863,10 +864,119 @@ class PoolTests(_Base):
         self.assertEqual(self.pool.idleCount, 0)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_retireByCloser(self):
+        """
+        A retired pool hands what it kept to the closer it is given, and
+        keeps nothing.
+        """
+        a, r = self.exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        handed = []
+        self.pool.retire(handed.extend)
+        self.assertEqual((handed, self.pool.idleCount), ([a], 0))
+        self.assertFalse(a.transport.disconnecting)
+        a.abort()
+        # No sweep left for what the pool no longer keeps.
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_connectFailure(self):
         pool = ConnectionPool(lambda pool: fail(ConnectionRefusedError()), self.clock)
         error = self.failureResultOf(pool.acquire(), ConnectError).value
         self.assertFalse(error.requestSent)
+
+
+class _Closable:
+    def __init__(self, closed):
+        self._closed = closed
+
+    def abort(self):
+        self._closed.append(self)
+
+
+class _Turns:
+    """
+    A loop's turns, one at a time: what C{callLater(0, ...)} asks for in a
+    turn runs in the next.  (L{Clock.advance} would run it in the same.)
+    """
+
+    def __init__(self):
+        self.calls = []
+
+    def callLater(self, delay, f, *args):
+        call = Clock().callLater(delay, f, *args)
+        self.calls.append(call)
+        return call
+
+    def seconds(self):
+        return 0.0
+
+    def getDelayedCalls(self):
+        return [call for call in self.calls if call.active()]
+
+    def advance(self, seconds):
+        """
+        One turn.
+        """
+        calls, self.calls = self.getDelayedCalls(), []
+        for call in calls:
+            call.called = 1
+            call.func(*call.args, **call.kw)
+
+
+class PacedCloserTests(unittest.SynchronousTestCase):
+    """
+    Connections closed a batch per turn of the loop, in order.
+    """
+
+    def setUp(self):
+        self.clock = _Turns()
+        self.closed = []
+        self.closer = PacedCloser(self.clock, perTurn=3)
+
+    def connections(self, n):
+        return [_Closable(self.closed) for _ in range(n)]
+
+    def test_fewCloseAtOnce(self):
+        """
+        As many as a turn's batch close at once: one backend's removal is
+        not delayed.
+        """
+        a = self.connections(3)
+        self.closer.close(a)
+        self.assertEqual(self.closed, a)
+        self.clock.advance(0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_manyCloseInTurns(self):
+        """
+        Asked for in one turn, a thousand close a batch at a time, over the
+        turns that follow, whether asked for in one call or in many.
+        """
+        a = self.connections(4)
+        b = self.connections(4)
+        self.closer.close(a)
+        for connection in b:
+            self.closer.close([connection])
+        self.assertEqual((self.closed, len(self.closer)), (a[:3], 5))
+        self.clock.advance(0)
+        self.assertEqual(self.closed, a + b[:2])
+        self.clock.advance(0)
+        self.assertEqual(self.closed, a + b)
+        self.clock.advance(0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        # A turn of its own again: a fresh batch closes at once.
+        c = self.connections(3)
+        self.closer.close(c)
+        self.assertEqual(self.closed, a + b + c)
+
+    def test_closeAll(self):
+        """
+        Stopping closes what waits, now, and leaves no timer.
+        """
+        a = self.connections(7)
+        self.closer.close(a)
+        self.closer.closeAll()
+        self.assertEqual((self.closed, len(self.closer)), (a, 0))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
 class ConnectorTests(unittest.SynchronousTestCase):
