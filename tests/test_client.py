@@ -892,34 +892,20 @@ class _Closable:
         self._closed.append(self)
 
 
-class _Turns:
+class _Turns(Clock):
     """
-    A loop's turns, one at a time: what C{callLater(0, ...)} asks for in a
-    turn runs in the next.  (L{Clock.advance} would run it in the same.)
+    A clock whose C{advance} is one turn of a loop: the calls due as it
+    starts run, and what they ask for with C{callLater(0, ...)} waits for
+    the next turn.  (L{Clock.advance} would run it in the same.)
     """
 
-    def __init__(self):
-        self.calls = []
-
-    def callLater(self, delay, f, *args):
-        call = Clock().callLater(delay, f, *args)
-        self.calls.append(call)
-        return call
-
-    def seconds(self):
-        return 0.0
-
-    def getDelayedCalls(self):
-        return [call for call in self.calls if call.active()]
-
-    def advance(self, seconds):
-        """
-        One turn.
-        """
-        calls, self.calls = self.getDelayedCalls(), []
-        for call in calls:
-            call.called = 1
-            call.func(*call.args, **call.kw)
+    def advance(self, amount):
+        self.rightNow += amount
+        for call in [c for c in self.calls if c.getTime() <= self.seconds()]:
+            if call in self.calls:  # not cancelled by one run before it
+                self.calls.remove(call)
+                call.called = 1
+                call.func(*call.args, **call.kw)
 
 
 class PacedCloserTests(unittest.SynchronousTestCase):
