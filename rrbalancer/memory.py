@@ -44,13 +44,11 @@ CHECK_INTERVAL = 1.0
 # collection left (or what the balancer held at start, if more).
 GROWTH = 2.0
 # On CPython, a full collection longer than this means the long-lived
-# objects made since memory was last settled are worth settling again;
-# with a few backends one takes well under a millisecond.
+# objects made since memory was last settled are worth freezing; with a
+# few backends one takes well under a millisecond.
 SLOW_COLLECTION = 0.005
-# Settling is a collection itself: at least this far apart.
-SETTLE_SPACING = 10.0
-# Settles in between freeze only what is new; one this often thaws and
-# collects everything, so that cycles which died frozen are freed.
+# A settle that thaws and collects everything, so that cycles which died
+# frozen are freed: at most this often.
 FULL_SETTLE_SPACING = 600.0
 # A major collection is a few dozen steps with a nursery of a megabyte (a
 # step marks about twice the nursery); this many means something is wrong.
@@ -95,41 +93,41 @@ def settleMemory() -> None:
         gc.freeze()
 
 
-def freezeSurvivors() -> None:
+def freezeTracked() -> None:
     """
-    Collect what is not frozen, and freeze what survives: L{settleMemory}
-    without thawing first, so that it costs one collection of the objects
-    made since the last freeze rather than of everything.  Cycles among
-    frozen objects that died meanwhile stay until the next full settle.
+    Freeze every object the collector tracks: as a full collection ends,
+    what survived it.
     """
     if hasattr(gc, "freeze"):
-        gc.collect()
         gc.freeze()
 
 
 class CollectorWatch(Service):
     """
-    Settles memory again (L{settleMemory}) when a full collection of
-    CPython's cycle collector has become slow.
+    Freezes what a full collection of CPython's cycle collector found
+    alive, when that collection was slow.
 
     Settling once at start freezes what the balancer built, but not what
     it makes afterwards and keeps: its connections to the backends, opened
     when the checks and the traffic first reach each one.  With a thousand
     backends that is tens of thousands of objects, and every full
-    collection walks them all: a pause of 10 to 20 ms, several a second
-    under load, which is the p99 of every request it falls on.  Settled
-    again, those objects are out of the way, and a full collection costs
-    what the requests in flight leave, a fraction of a millisecond.
-    A settle is one collection itself, so they are at least C{spacing}
-    seconds apart.
+    collection walks them all: a pause of 5 to 20 ms, one every second or
+    two under load, which is the p99 of every request it falls on.  Frozen,
+    they are out of the way, and a full collection costs what the requests
+    in flight leave, a fraction of a millisecond.
 
-    Most settles only freeze what is new (L{freezeSurvivors}): thawing
-    and collecting everything takes a third of a second at ten thousand
-    backends, a pause every client would see at each settle.  One every
-    C{fullSpacing} seconds does (C{settle}, L{settleMemory}), to free the
-    cycles that died frozen, such as a backend removed since.
+    The freeze is done in the collector's own callback, as the slow
+    collection ends: what is tracked then is exactly what survived it, and
+    freezing it only relinks the collector's lists.  (Left to the event
+    loop, it needed a collection of its own first, to tell survivors from
+    garbage made since: a second pause as long as the slow one.)  Cycles
+    among frozen objects that die later stay until a full settle
+    (C{settle}, L{settleMemory}), which thaws and collects everything: a
+    third of a second at ten thousand backends, a pause every client
+    sees, so it runs from the event loop, after a slow collection at least
+    C{fullSpacing} seconds after the last.
 
-    @ivar settles: how many times the watch settled memory.
+    @ivar settles: how many times the watch froze or settled memory.
     """
 
     settles = 0
@@ -141,8 +139,7 @@ class CollectorWatch(Service):
         settle: Callable[[], None] = settleMemory,
         timer: Callable[[], float] = time.perf_counter,
         slow: float = SLOW_COLLECTION,
-        spacing: float = SETTLE_SPACING,
-        freeze: Callable[[], None] = freezeSurvivors,
+        freeze: Callable[[], None] = freezeTracked,
         fullSpacing: float = FULL_SETTLE_SPACING,
     ) -> None:
         self._clock = clock
@@ -151,17 +148,15 @@ class CollectorWatch(Service):
         self._freeze = freeze
         self._timer = timer
         self.slow = slow
-        self.spacing = spacing
         self.fullSpacing = fullSpacing
         self._began = 0.0
-        self._last: Optional[float] = None
         self._lastFull: Optional[float] = None
         self._pending: Optional[IDelayedCall] = None
 
     def startService(self) -> None:
         Service.startService(self)
         # The service settles fully as it starts.
-        self._last = self._lastFull = self._clock.seconds()
+        self._lastFull = self._clock.seconds()
         self._callbacks.append(self._observe)
 
     def stopService(self):
@@ -174,8 +169,8 @@ class CollectorWatch(Service):
 
     def _observe(self, phase: str, info: dict) -> None:
         # Called by the collector itself, in the middle of whatever code
-        # allocated: only notes the time, and leaves the settling to the
-        # event loop.
+        # allocated: a freeze is safe there (the collection is over, and it
+        # allocates nothing), a collection is not.
         if phase == "start":
             self._began = self._timer()
             return
@@ -184,19 +179,17 @@ class CollectorWatch(Service):
         if self._timer() - self._began < self.slow:
             return
         now = self._clock.seconds()
-        if self._last is not None and now - self._last < self.spacing:
-            return
-        self._pending = self._clock.callLater(0, self._settleNow)
-
-    def _settleNow(self) -> None:
-        self._pending = None
-        now = self._last = self._clock.seconds()
-        self.settles += 1
         if self._lastFull is None or now - self._lastFull >= self.fullSpacing:
-            self._lastFull = now
-            self._settle()
-        else:
-            self._freeze()
+            self._pending = self._clock.callLater(0, self._settleFully)
+            return
+        self.settles += 1
+        self._freeze()
+
+    def _settleFully(self) -> None:
+        self._pending = None
+        self._lastFull = self._clock.seconds()
+        self.settles += 1
+        self._settle()
 
 
 def collectorWatch(clock: IReactorTime, gcModule=gc) -> Optional[CollectorWatch]:

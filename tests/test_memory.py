@@ -7,6 +7,7 @@ fed the collections CPython's collector reports.
 
 import gc
 import platform
+import weakref
 from types import SimpleNamespace
 
 from twisted.internet.task import Clock
@@ -306,6 +307,10 @@ class PyPyBindingTests(SynchronousTestCase):
 MAX_TEST_STEPS = 100_000
 
 
+class _Node:
+    other = None
+
+
 class CollectorWatchTests(SynchronousTestCase):
     """
     L{CollectorWatch} on a L{Clock}, fed collections as CPython's
@@ -327,7 +332,6 @@ class CollectorWatchTests(SynchronousTestCase):
             freeze=lambda: self.settled.append(self.clock.seconds()),
             timer=lambda: self.now,
             slow=0.005,
-            spacing=60,
             fullSpacing=600,
         )
         self.watch.startService()
@@ -361,47 +365,40 @@ class CollectorWatchTests(SynchronousTestCase):
 
     def test_slowFullCollection(self):
         """
-        A slow full collection settles memory once, from the event loop
-        rather than inside the collector's callback.
+        A slow full collection freezes what survived it as it ends, inside
+        the collector's callback: a turn of the event loop later, the
+        traffic of that turn would be frozen with it.
         """
         self.clock.advance(120)
         self.collect(2, 0.02)
-        self.assertEqual(self.settled, [])
-        self.collect(2, 0.02)
-        self.clock.advance(0)
         self.assertEqual(self.settled, [1120])
         self.assertEqual(self.watch.settles, 1)
+        self.clock.advance(0)
+        self.assertEqual(self.settled, [1120])
+        self.assertEqual(self.full, [])
 
-    def test_spacing(self):
+    def test_everySlowCollection(self):
         """
-        Settles are at least C{spacing} seconds apart, counted from the
-        start too: settling is a full collection itself.
+        A freeze costs no collection of its own, so none waits for
+        another: each slow full collection freezes what is new since.
         """
         self.collect(2, 0.02)
-        self.clock.advance(0)
-        self.assertEqual(self.settled, [])
-        self.clock.advance(60)
+        self.clock.advance(1)
         self.collect(2, 0.02)
-        self.clock.advance(0)
-        self.clock.advance(30)
-        self.collect(2, 0.02)
-        self.clock.advance(0)
-        self.clock.advance(30)
-        self.collect(2, 0.02)
-        self.clock.advance(0)
-        self.assertEqual(self.settled, [1060, 1120])
+        self.collect(2, 0.001)
+        self.assertEqual(self.settled, [1000, 1001])
 
     def test_stop(self):
         """
         Stopped, the watch leaves the collector's callbacks and settles
         nothing it had planned.
         """
-        self.clock.advance(120)
+        self.clock.advance(600)
         self.collect(2, 0.02)
         self.watch.stopService()
         self.clock.advance(0)
         self.assertEqual(self.callbacks, [])
-        self.assertEqual(self.settled, [])
+        self.assertEqual(self.full, [])
 
     def test_thisInterpreter(self):
         """
@@ -412,20 +409,34 @@ class CollectorWatchTests(SynchronousTestCase):
         if platform.python_implementation() == "PyPy":
             self.assertIsNone(watch)
             return
+        watch.slow = 0.0  # every full collection counts as slow
+        gc.unfreeze()
+        self.addCleanup(gc.unfreeze)
         watch.startService()
         try:
             self.assertIn(watch._observe, gc.callbacks)
+            kept, dead = [_Node()], _Node()
+            kept[0].other = kept
+            dead.other = dead
+            dead = weakref.ref(dead)
             gc.collect()
+            frozen = gc.get_freeze_count()
         finally:
             watch.stopService()
         self.assertNotIn(watch._observe, gc.callbacks)
+        # Frozen from the collector's callback: what lived, not what the
+        # collection freed.
+        self.assertGreaterEqual(watch.settles, 1)
+        self.assertGreater(frozen, 0)
+        self.assertIsNone(dead())
         self.assertIsNone(collectorWatch(self.clock, SimpleNamespace(callbacks=[])))
 
     def test_fullSettleSpacing(self):
         """
-        Settles freeze only what is new, but one at least C{fullSpacing}
-        seconds after the last full one (the service's own at start
-        counting) thaws and collects everything.
+        Slow collections freeze what is new, but one at least
+        C{fullSpacing} seconds after the last full settle (the service's
+        own at start counting) has the event loop thaw and collect
+        everything instead.
         """
         for _ in range(12):
             self.clock.advance(60)
