@@ -121,6 +121,22 @@ class Backend:
 
     log = Logger()
 
+    # Ten thousand of them are held for the life of the process: a dict of
+    # their 47 attributes was 1.6 KB each, and filling it a fifth of a
+    # bulk addition's time.
+    __slots__ = (
+        "id", "config", "url", "_weight", "_backup", "_group", "upstream",
+        "_health", "_clock", "_healthy", "_adminState", "_active",
+        "_idleWaiters", "_openTunnels", "_closingTunnels", "removing",
+        "owners", "requests", "failures", "protocolErrors", "peakActive",
+        "timesDown", "downSince", "_downtime", "lastCheckCode",
+        "lastCheckDuration", "checksPassed", "checksFailed", "lastCheck",
+        "lastError", "lastChange", "lastChangeReason", "stats", "tunnels",
+        "_passes", "_fails", "_awaitingFirstPass", "stickyID",
+        "consecutiveFailures", "ejections", "ejectedUntil", "_ejectionEnded",
+        "_readmission", "rampStart", "_full", "_placed", "_rampOnJoin",
+    )
+
     def __init__(
         self,
         backendID: str,

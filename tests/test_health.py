@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from rrbalancer import health
-from rrbalancer.backends import DISABLED, DOWN, DRAINING, UP, BackendGroup
+from rrbalancer.backends import DISABLED, DOWN, DRAINING, UP, Backend, BackendGroup
 from rrbalancer.client import ConnectionPool, connectorFor
 from rrbalancer.config import BackendConfig, HealthConfig
 from rrbalancer.health import USER_AGENT, HealthChecker, describeFailure
@@ -521,7 +521,7 @@ class ScheduleTests(SynchronousTestCase):
             jitter=0.1, random=lambda: next(randoms)
         )
         times = []
-        group.get(backend.id).recordCheck = lambda ok, reason, **details: times.append(clock.seconds())
+        checker.observer = lambda *result: times.append(clock.seconds())
         checker.start()
         self.addCleanup(checker.stop)
         server.flush()
@@ -735,10 +735,14 @@ class ScheduleTests(SynchronousTestCase):
         checker, group, [bad, good], clock, server = makeChecker(health, urls=urls)
         server.answer = None
 
-        def broken(ok, reason, **details):
-            raise ValueError("recording failed")
+        recordCheck = Backend.recordCheck
 
-        bad.recordCheck = broken
+        def sometimesBroken(backend, ok, reason, **details):
+            if backend is bad:
+                raise ValueError("recording failed")
+            recordCheck(backend, ok, reason, **details)
+
+        self.patch(Backend, "recordCheck", sometimesBroken)
         checker.start()
         self.addCleanup(checker.stop)
         step(clock, 3.0, server)
