@@ -521,6 +521,7 @@ class IdleBackendTests(GroupMixin, TestCase):
         self.assertEqual((stats._slots, stats._samples), ((), ()))
         self.assertIsNone(b["a"]._idleWaiters)
         self.assertFalse(hasattr(stats, "__dict__"))
+        self.assertFalse(hasattr(b["a"], "__dict__"))
         self.assertEqual(list(stats.buckets), [0] * 16)
         self.assertEqual(stats.requestsPerSecond(), 0)
         self.assertEqual(stats.latency(), {"p50": None, "p99": None})
