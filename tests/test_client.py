@@ -7,6 +7,7 @@ L{ConnectionPool} that keeps such connections.
 import errno
 import socket
 import random
+import signal
 from io import BytesIO
 
 from twisted.internet.address import IPv4Address
@@ -1437,6 +1438,35 @@ class ParseHeadTests(unittest.SynchronousTestCase):
             self.assertEqual(
                 _outcome(_parseHead, head), _outcome(_referenceParseHead, head), head
             )
+
+    def test_refusedInOnePass(self):
+        """
+        Heads that a backend could once stall the balancer with: many
+        well-formed lines before a malformed one (each blank after a colon
+        doubled the tries), and long runs of blanks inside a value (a time
+        quadratic in the run).  Each is parsed as the reference parses it;
+        on the patterns that allowed those tries the first one did not end
+        for hours, which the alarm turns into a failure.
+        """
+        heads = [
+            b"HTTP/1.1 200 OK\r\n" + b"X: a\r\n" * 64 + b"malformed",
+            b"HTTP/1.1 200 OK\r\n" + b"X:  a  b  \r\n" * 64 + b"Y: x\x00",
+            b"HTTP/1.1 200 OK\r\nX: a" + b" " * 100_000 + b"b\r\nY: z",
+            b"HTTP/1.1 200 OK\r\nX: a" + b" \t" * 50_000 + b"\r\nY: z",
+        ]
+
+        def stalled(signum, frame):
+            raise self.failureException("parsing one head took more than 10 s")
+
+        previous = signal.signal(signal.SIGALRM, stalled)
+        self.addCleanup(signal.signal, signal.SIGALRM, previous)
+        for head in heads:
+            signal.setitimer(signal.ITIMER_REAL, 10.0)
+            try:
+                outcome = _outcome(_parseHead, head)
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            self.assertEqual(outcome, _outcome(_referenceParseHead, head))
 
     def test_agreesOnAnyHead(self):
         """
