@@ -120,13 +120,10 @@ Headers = List[Tuple[bytes, bytes]]
 # hours), and a value with a long run of blanks inside took a time
 # quadratic in the run: anything that answers as a backend could stall the
 # balancer with one head.
+_NAME = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _VALUE = rb"(?:[^ \t\r\n\x00]+(?:[ \t]+[^ \t\r\n\x00]+)*)?"
-_HEADER_LINES = re.compile(
-    rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[ \t]*(?:[^ \t\r\n\x00][^\r\n\x00]*)?\r\n)*"
-)
-_HEADER_LINE = re.compile(
-    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*(" + _VALUE + rb")[ \t]*\r\n"
-)
+_HEADER_LINES = re.compile(rb"(?:" + _NAME + rb":[ \t]*" + _VALUE + rb"[ \t]*\r\n)*")
+_HEADER_LINE = re.compile(rb"(" + _NAME + rb"):[ \t]*(" + _VALUE + rb")[ \t]*\r\n")
 _BAD_REASON = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
