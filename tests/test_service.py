@@ -26,6 +26,7 @@ from twisted.internet.error import (
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransportWithDisconnection, MemoryReactorClock, StringTransport
+from twisted.logger import Logger, formatEvent
 from twisted.protocols.policies import WrappingFactory
 from twisted.python import log as legacyLog
 from twisted.python.failure import Failure
@@ -513,6 +514,46 @@ class MakeServiceTests(SynchronousTestCase):
         backends[1].pool.connect()
         [(host, port, factory, timeout, bind)] = memory.tcpClients
         self.assertEqual((host, port, timeout), ("127.0.0.1", 8082, 2.5))
+
+    def startLines(self, backends) -> List[str]:
+        """
+        What a service over C{backends} logs as it starts.
+        """
+        events = []
+        service = makeService(config(backends=backends), MemoryReactorClock())
+        service.log = Logger(observer=events.append)
+        service.startService()
+        self.addCleanup(service.stopService)
+        return [formatEvent(event) for event in events]
+
+    def test_fewBackendsListedAtStart(self):
+        """
+        A start names each backend of a small set, its weight, and whether
+        it is a backup.
+        """
+        lines = self.startLines((
+            BackendConfig(url="http://127.0.0.1:8081"),
+            BackendConfig(url="http://127.0.0.1:8082", weight=3, backup=True),
+        ))
+        self.assertIn("backend http://127.0.0.1:8081 weight 1", lines)
+        self.assertIn("backend http://127.0.0.1:8082 weight 3 (backup)", lines)
+
+    def test_manyBackendsInBriefAtStart(self):
+        """
+        Beyond L{BalancerService.LISTED_AT_START} backends, a start says
+        them in one line, the first few and how many more, rather than a
+        line each.
+        """
+        many = BalancerService.LISTED_AT_START + 1
+        backends = tuple(
+            BackendConfig(url=f"http://127.0.0.{i + 1}:8080", backup=i == 0) for i in range(many)
+        )
+        lines = self.startLines(backends)
+        self.assertEqual([line for line in lines if line.startswith("backend ")], [])
+        [brief] = [line for line in lines if line.startswith("backends: ")]
+        self.assertIn("'http://127.0.0.1:8080'", brief)
+        self.assertIn(f"and {many - 5} more (1 of them backup)", brief)
+        self.assertNotIn(f"http://127.0.0.{many}:8080", brief)
 
     def test_siteSettings(self):
         conf = config(maxBodySize=1234, clientTimeout=7.0, accessLog=None)
