@@ -46,7 +46,11 @@ X_FORWARDED = "x-forwarded"
 FORWARDED = "forwarded"
 BOTH = "both"
 
-_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+# A token's characters (RFC 9110 section 5.6.2): as bytes, for
+# C{text.translate(None, TOKEN_CHARS)} (what is left is not token), and as
+# a set.
+TOKEN_CHARS = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_TOKEN = frozenset(TOKEN_CHARS)
 
 
 def _quoted(value: bytes) -> bytes:
