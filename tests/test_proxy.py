@@ -17,6 +17,7 @@ from twisted.trial import unittest
 from twisted.web.resource import Resource
 
 from rrbalancer.client import INLINE_BODY_SIZE
+from rrbalancer.proxy import _RandomIDs
 
 from .support import (
     CountingSite,
@@ -1520,3 +1521,30 @@ class UpgradeMemoryTests(_InMemory):
         channel.connectionLost(Failure(ConnectionDone()))
         balancer.clock.advance(0.1)
         self.successResultOf(stopped)
+
+
+class RandomIDsTests(unittest.SynchronousTestCase):
+    def test_cutFromOneRead(self):
+        """
+        Each id is 16 bytes of one read, as 32 hex digits, in turn; the
+        next read comes when a read is used up.
+        """
+        reads = []
+
+        def urandom(n):
+            reads.append(n)
+            return bytes(range(len(reads), len(reads) + n))
+
+        ids = _RandomIDs(urandom, batch=2)
+        self.assertEqual(
+            [ids(), ids(), ids()],
+            [bytes(range(1, 17)).hex().encode(), bytes(range(17, 33)).hex().encode(),
+             bytes(range(2, 18)).hex().encode()],
+        )
+        self.assertEqual(reads, [32, 32])
+
+    def test_distinct(self):
+        ids = _RandomIDs()
+        made = [ids() for _ in range(1000)]
+        self.assertEqual(len(set(made)), 1000)
+        self.assertTrue(all(len(i) == 32 and int(i, 16) >= 0 for i in made))
